@@ -1,0 +1,1 @@
+"""Benchmarks that regenerate the tables in benchmarks/results/ (each has a make target)."""
