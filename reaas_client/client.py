@@ -1,0 +1,229 @@
+"""EncoderClient: a thin typed client over the generated reaas.v1 stubs, with per-input query accounting.
+
+Every image sent is recorded in a QueryLedger under its input id, with its share of the request and response
+bytes, so a pipeline can state exactly what each certified input cost. Several server addresses are spread
+with gRPC's own ``round_robin`` policy; UNAVAILABLE is retried by gRPC's retry policy (service config), and
+each call carries a deadline.
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import json
+from collections.abc import Iterable, Iterator, Sequence
+
+import grpc
+import numpy as np
+import torch
+
+from reaas.v1 import encoder_service_pb2 as pb
+from reaas.v1 import encoder_service_pb2_grpc as pb_grpc
+from reaas_client.ledger import UNLABELLED, QueryLedger
+from reaas_client.replies import EncoderInfo, F2IReply, UsageReport
+from reaas_client.wire import as_numpy, decode_tensor, encode_tensor
+
+API_KEY_HEADER = "x-api-key"
+_SERVICE = "reaas.v1.EncoderService"
+_MESSAGE_HEADROOM = 0.9  # leave room for the message's non-pixel fields
+
+ImageBatch = np.ndarray | torch.Tensor
+
+
+class ServiceError(RuntimeError):
+    """A call the server (or the channel) refused; ``code`` is the gRPC status, ``details`` its message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+def _service_config(max_attempts: int) -> str:
+    return json.dumps(
+        {
+            "loadBalancingConfig": [{"round_robin": {}}],
+            "methodConfig": [
+                {
+                    "name": [{"service": _SERVICE}],
+                    "retryPolicy": {
+                        "maxAttempts": max_attempts,
+                        "initialBackoff": "0.1s",
+                        "maxBackoff": "2s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            ],
+        }
+    )
+
+
+def channel_target(addresses: str | Sequence[str]) -> str:
+    """One gRPC target for one address, or an ``ipv4:``/``ipv6:`` list that round_robin spreads over."""
+    if isinstance(addresses, str):
+        addresses = [a for a in addresses.split(",") if a]
+    if not addresses:
+        raise ValueError("no server address given")
+    if len(addresses) == 1:
+        return addresses[0]
+    families = set()
+    for address in addresses:
+        host = address.rsplit(":", 1)[0].strip("[]")
+        try:
+            families.add(ipaddress.ip_address(host).version)
+        except ValueError:
+            raise ValueError(
+                f"several addresses must be IP literals (host:port), got {address!r}; for a DNS name that "
+                "resolves to several replicas pass that one name"
+            ) from None
+    if len(families) != 1:
+        raise ValueError("several addresses must all be IPv4 or all IPv6")
+    return f"ipv{families.pop()}:" + ",".join(addresses)
+
+
+def _ids_for(input_ids: Sequence[str] | None, count: int) -> list[str]:
+    if input_ids is None:
+        return [UNLABELLED] * count
+    ids = [str(i) for i in input_ids]
+    if len(ids) != count:
+        raise ValueError(f"{len(ids)} input ids for {count} images; give one id per image")
+    return ids
+
+
+class EncoderClient:
+    """Typed access to one REaaS / SEaaS deployment (one or several replicas). Use as a context manager."""
+
+    def __init__(
+        self,
+        addresses: str | Sequence[str],
+        *,
+        api_key: str | None = None,
+        timeout_s: float = 60.0,
+        ledger: QueryLedger | None = None,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        max_attempts: int = 4,
+    ) -> None:
+        self.ledger = ledger if ledger is not None else QueryLedger()
+        self.timeout_s = timeout_s
+        self._metadata = ((API_KEY_HEADER, api_key),) if api_key else ()
+        self._channel = grpc.insecure_channel(
+            channel_target(addresses),
+            options=[
+                ("grpc.service_config", _service_config(max_attempts)),
+                ("grpc.enable_retries", 1),
+                ("grpc.max_receive_message_length", -1),
+                ("grpc.max_send_message_length", max_message_bytes),
+            ],
+        )
+        self._stub = pb_grpc.EncoderServiceStub(self._channel)
+        self._info: EncoderInfo | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> EncoderClient:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _call(self, method, request, **kwargs):
+        try:
+            return method(request, timeout=self.timeout_s, metadata=self._metadata, **kwargs)
+        except grpc.RpcError as error:
+            raise ServiceError(error.code(), error.details() or "") from error
+
+    # -- RPCs ---------------------------------------------------------------------------------------------
+    def info(self) -> EncoderInfo:
+        """The served encoder's description (cached; costs no queries)."""
+        if self._info is None:
+            self._info = EncoderInfo.from_proto(
+                self._call(self._stub.GetEncoderInfo, pb.EncoderInfoRequest())
+            )
+        return self._info
+
+    def usage(self) -> UsageReport:
+        """The server's count of what it served this API key (costs no queries)."""
+        return UsageReport.from_proto(self._call(self._stub.GetUsage, pb.UsageRequest()))
+
+    def _chunk_size(self, images: np.ndarray) -> int:
+        info = self.info()
+        per_image = max(1, images[0].nbytes if len(images) else 1)
+        by_bytes = int(min(info.max_message_bytes, 2**31) * _MESSAGE_HEADROOM) // per_image
+        return max(1, min(info.max_batch_size, by_bytes))
+
+    def features(self, images: ImageBatch, *, input_ids: Sequence[str] | None = None) -> np.ndarray:
+        """f(x) for images [batch, C, H, W] (float32/float16 in the declared range, or uint8) → [batch, D].
+
+        Batches larger than the server's limit are split; each image costs one query.
+        """
+        array = as_numpy(images)
+        ids = _ids_for(input_ids, len(array))
+        step = self._chunk_size(array)
+        parts = []
+        for start in range(0, len(array), step):
+            request = pb.FeatureRequest(images=encode_tensor(array[start : start + step]))
+            reply = self._call(self._stub.Feature, request)
+            self.ledger.record("Feature", ids[start : start + step], request.ByteSize(), reply.ByteSize())
+            parts.append(decode_tensor(reply.features, name="features"))
+        return np.concatenate(parts) if parts else np.zeros((0, self.info().feature_dim), np.float32)
+
+    def stream_features(
+        self, batches: Iterable[tuple[ImageBatch, Sequence[str] | None]]
+    ) -> Iterator[np.ndarray]:
+        """Features of each batch over one StreamFeatures call, in order, one array per batch.
+
+        Batches are produced lazily: gRPC's flow control pulls the next one only as the server keeps up, so a
+        generator of 10^5 noisy images never sits in memory at once.
+        """
+        in_flight: collections.deque[tuple[list[str], int]] = collections.deque()
+
+        def requests() -> Iterator[pb.FeatureRequest]:
+            for images, input_ids in batches:
+                array = as_numpy(images)
+                request = pb.FeatureRequest(images=encode_tensor(array))
+                in_flight.append((_ids_for(input_ids, len(array)), request.ByteSize()))
+                yield request
+
+        responses = self._stub.StreamFeatures(requests(), timeout=self.timeout_s, metadata=self._metadata)
+        try:
+            for reply in responses:
+                ids, request_bytes = in_flight.popleft()
+                self.ledger.record("StreamFeatures", ids, request_bytes, reply.ByteSize())
+                yield decode_tensor(reply.features, name="features")
+        except grpc.RpcError as error:
+            raise ServiceError(error.code(), error.details() or "") from error
+        finally:
+            responses.cancel()  # a consumer that stops early stops the server's work too
+
+    def f2i_perturb(
+        self,
+        images: ImageBatch,
+        feature_radii: Sequence[float] | np.ndarray | torch.Tensor,
+        *,
+        input_ids: Sequence[str] | None = None,
+        bound: str = "",
+    ) -> F2IReply:
+        """Image-space certified radius R per image from its feature-space radius R_F (REaaS only).
+
+        Guarantee (the server's): ||f(x + d) - f(x)||_2 < R_F for every ||d||_2 < R. Each image is one query.
+        """
+        array = as_numpy(images)
+        radii = np.asarray(as_numpy(torch.as_tensor(feature_radii)), dtype=np.float64).reshape(-1)
+        if len(radii) != len(array):
+            raise ValueError(f"{len(radii)} feature radii for {len(array)} images; give one R_F per image")
+        ids = _ids_for(input_ids, len(array))
+        step = self._chunk_size(array)
+        parts = []
+        for start in range(0, len(array), step):
+            request = pb.F2IPerturbRequest(
+                images=encode_tensor(array[start : start + step]),
+                feature_radii=radii[start : start + step].tolist(),
+                bound=bound,
+            )
+            reply = self._call(self._stub.F2IPerturb, request)
+            self.ledger.record("F2IPerturb", ids[start : start + step], request.ByteSize(), reply.ByteSize())
+            parts.append(F2IReply.from_proto(reply))
+        return F2IReply.concatenate(parts)

@@ -1,0 +1,102 @@
+"""Typed views of the service's replies (frozen dataclasses), decoupled from the generated protobuf classes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from reaas.v1 import encoder_service_pb2 as pb
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    input_shape: tuple[int, int, int]  # [channels, height, width]
+    accepted_dtypes: tuple[str, ...]
+    value_min: float
+    value_max: float
+    normalization: str
+    feature_dim: int
+    model_id: str
+    model_sha256: str
+    lipschitz_upper: float
+    f2i_perturb_offered: bool
+    mode: str
+    max_batch_size: int
+    description: str
+    bounds_offered: tuple[str, ...]
+    default_bound: str
+    max_message_bytes: int
+    device: str
+
+    @classmethod
+    def from_proto(cls, info: pb.EncoderInfo) -> EncoderInfo:
+        return cls(
+            input_shape=tuple(int(d) for d in info.input_shape),
+            accepted_dtypes=tuple(pb.DType.Name(d) for d in info.accepted_dtypes),
+            value_min=info.value_min,
+            value_max=info.value_max,
+            normalization=info.normalization,
+            feature_dim=int(info.feature_dim),
+            model_id=info.model_id,
+            model_sha256=info.model_sha256,
+            lipschitz_upper=info.lipschitz_upper,
+            f2i_perturb_offered=info.f2i_perturb_offered,
+            mode=info.mode,
+            max_batch_size=int(info.max_batch_size),
+            description=info.description,
+            bounds_offered=tuple(info.bounds_offered),
+            default_bound=info.default_bound,
+            max_message_bytes=int(info.max_message_bytes),
+            device=info.device,
+        )
+
+
+@dataclass(frozen=True)
+class F2IReply:
+    """Image-space certified radii for a batch, in request order."""
+
+    image_radius: np.ndarray  # [batch] float64
+    bound: tuple[str, ...]  # the bound that decided each radius
+    search_steps: np.ndarray  # [batch] int64
+
+    @classmethod
+    def concatenate(cls, parts: list[F2IReply]) -> F2IReply:
+        return cls(
+            image_radius=np.concatenate([p.image_radius for p in parts]),
+            bound=tuple(name for p in parts for name in p.bound),
+            search_steps=np.concatenate([p.search_steps for p in parts]),
+        )
+
+    @classmethod
+    def from_proto(cls, reply: pb.F2IPerturbResponse) -> F2IReply:
+        return cls(
+            image_radius=np.array([r.image_radius for r in reply.radii], dtype=np.float64),
+            bound=tuple(r.bound for r in reply.radii),
+            search_steps=np.array([r.search_steps for r in reply.radii], dtype=np.int64),
+        )
+
+
+@dataclass(frozen=True)
+class RpcUsage:
+    rpc: str
+    calls: int
+    queries: int
+    request_bytes: int
+    response_bytes: int
+
+
+@dataclass(frozen=True)
+class UsageReport:
+    """What the server says it served this API key (compare with the client's own QueryLedger)."""
+
+    api_key: str
+    rpcs: dict[str, RpcUsage]
+    total_queries: int
+
+    @classmethod
+    def from_proto(cls, report: pb.UsageReport) -> UsageReport:
+        rpcs = {
+            u.rpc: RpcUsage(u.rpc, u.calls, u.queries, u.request_bytes, u.response_bytes) for u in report.rpcs
+        }
+        return cls(api_key=report.api_key, rpcs=rpcs, total_queries=report.total_queries)

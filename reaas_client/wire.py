@@ -1,0 +1,77 @@
+"""The one tensor codec of REaaS: numpy / torch arrays ⇄ ``reaas.v1.Tensor`` (raw little-endian bytes).
+
+Server and client both use this module, so the two sides cannot disagree about byte order, dtype names or
+shapes. Decoding validates everything a remote peer could get wrong and raises :class:`TensorDecodeError`
+with a message a person can act on; the server turns that into ``INVALID_ARGUMENT``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from reaas.v1 import encoder_service_pb2 as pb
+
+# Wire dtype -> numpy dtype, always little-endian on the wire whatever the host's byte order.
+NUMPY_DTYPES: dict[int, np.dtype] = {
+    pb.FLOAT32: np.dtype("<f4"),
+    pb.FLOAT16: np.dtype("<f2"),
+    pb.UINT8: np.dtype("u1"),
+}
+_WIRE_DTYPES: dict[np.dtype, int] = {
+    np.dtype(np.float32): pb.FLOAT32,
+    np.dtype(np.float16): pb.FLOAT16,
+    np.dtype(np.uint8): pb.UINT8,
+}
+
+
+class TensorDecodeError(ValueError):
+    """A ``reaas.v1.Tensor`` whose bytes, shape or dtype do not describe a valid array."""
+
+
+def dtype_name(wire_dtype: int) -> str:
+    return pb.DType.Name(wire_dtype) if wire_dtype in pb.DType.values() else f"<unknown dtype {wire_dtype}>"
+
+
+def as_numpy(array: np.ndarray | torch.Tensor) -> np.ndarray:
+    """A C-ordered numpy view of a numpy array or a (CPU or CUDA) torch tensor."""
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu().numpy()
+    return np.ascontiguousarray(array)
+
+
+def encode_tensor(array: np.ndarray | torch.Tensor) -> pb.Tensor:
+    """Encode a float32 / float16 / uint8 array as raw little-endian bytes; float64 is sent as float32."""
+    values = as_numpy(array)
+    if values.dtype == np.float64:
+        values = values.astype(np.float32)
+    native = values.dtype.newbyteorder("=")
+    if native not in _WIRE_DTYPES:
+        raise TypeError(f"cannot send dtype {values.dtype}; use float32, float16 or uint8")
+    wire_dtype = _WIRE_DTYPES[native]
+    little_endian = values.astype(NUMPY_DTYPES[wire_dtype], copy=False)
+    return pb.Tensor(dtype=wire_dtype, shape=list(values.shape), raw_data=little_endian.tobytes())
+
+
+def decode_tensor(tensor: pb.Tensor, *, name: str = "tensor") -> np.ndarray:
+    """Decode a ``reaas.v1.Tensor`` into a numpy array of its own dtype (native byte order).
+
+    Raises TensorDecodeError when the dtype is unknown, a dimension is negative, or the byte length is not
+    ``prod(shape) * itemsize``.
+    """
+    if tensor.dtype not in NUMPY_DTYPES:
+        accepted = ", ".join(pb.DType.Name(d) for d in NUMPY_DTYPES)
+        raise TensorDecodeError(
+            f"{name}: dtype {dtype_name(tensor.dtype)} is not supported; send one of {accepted}"
+        )
+    shape = tuple(int(d) for d in tensor.shape)
+    if any(d < 0 for d in shape):
+        raise TensorDecodeError(f"{name}: shape {list(shape)} has a negative dimension")
+    dtype = NUMPY_DTYPES[tensor.dtype]
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(tensor.raw_data) != expected:
+        raise TensorDecodeError(
+            f"{name}: raw_data has {len(tensor.raw_data)} bytes but shape {list(shape)} of "
+            f"{dtype_name(tensor.dtype)} needs {expected}"
+        )
+    return np.frombuffer(tensor.raw_data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
