@@ -1,0 +1,167 @@
+"""Encoder checkpoints: safetensors weights + a JSON sidecar; the format the server loads.
+
+``<path>.safetensors`` holds the encoder's ``state_dict`` (no pickle). ``<path>.json`` holds the
+``CheckpointMetadata``: the architecture config (so the checkpoint rebuilds its own model), input shape,
+value range and normalisation, a *sound* global Lipschitz upper bound (``bounds.global_lipschitz_upper``,
+never a power-iteration estimate), the sha256 of the weights file, and the training data and
+hyper-parameters. ``load_checkpoint`` verifies the hash before it trusts a byte of the weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+from torch import nn
+
+from bounds import fold_batchnorm, global_lipschitz_upper
+from robust_pretrain.architectures import EncoderConfig, build_encoder
+
+FORMAT_VERSION = 1
+VALUE_RANGE: tuple[float, float] = (0.0, 1.0)
+#: Encoders take images as they are; any normalisation would be a layer inside the model.
+NORMALIZATION = "none: float32 pixels in [0, 1] fed to the encoder as they are"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, or does not match its sidecar."""
+
+
+@dataclass(frozen=True)
+class CheckpointMetadata:
+    """The JSON sidecar. ``sha256`` is of the .safetensors file's bytes; ``lipschitz_upper`` is sound."""
+
+    model_id: str
+    sha256: str
+    config: EncoderConfig
+    input_shape: tuple[int, int, int]
+    value_range: tuple[float, float]
+    normalization: str
+    feature_dim: int
+    lipschitz_upper: float
+    description: str
+    training: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["config"] = self.config.to_dict()
+        data["format_version"] = FORMAT_VERSION
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CheckpointMetadata:
+        data = dict(data)
+        version = data.pop("format_version", None)
+        if version != FORMAT_VERSION:
+            raise CheckpointError(f"checkpoint format_version {version!r}, this code reads {FORMAT_VERSION}")
+        data["config"] = EncoderConfig.from_dict(data["config"])
+        data["input_shape"] = tuple(data["input_shape"])
+        data["value_range"] = tuple(data["value_range"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class LoadedEncoder:
+    """``model``: eval mode, batch norm folded, on CPU, gradients off; ``metadata`` from the sidecar."""
+
+    model: nn.Module
+    metadata: CheckpointMetadata
+
+
+def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
+    """(weights, sidecar) for ``path`` given with or without the .safetensors / .json suffix."""
+    path = Path(path)
+    if path.suffix in (".safetensors", ".json"):
+        path = path.with_suffix("")
+    return path.with_name(path.name + ".safetensors"), path.with_name(path.name + ".json")
+
+
+def serving_model(model: nn.Module) -> nn.Module:
+    """The model as it is served and bounded: a CPU copy, eval mode, batch norm folded, no gradients."""
+    served = fold_batchnorm(copy.deepcopy(model).cpu().eval()).eval()
+    for parameter in served.parameters():
+        parameter.requires_grad_(False)
+    return served
+
+
+def encoder_weights_bytes(model: nn.Module) -> bytes:
+    """The safetensors serialisation of ``model``'s state_dict (contiguous CPU float tensors)."""
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    return save_safetensors_bytes(state)
+
+
+def save_checkpoint(
+    model: nn.Module,
+    config: EncoderConfig,
+    path: str | Path,
+    *,
+    model_id: str,
+    description: str,
+    training: dict,
+) -> CheckpointMetadata:
+    """Write ``<path>.safetensors`` and ``<path>.json``; return the metadata written.
+
+    The Lipschitz bound is computed here, on the served (folded, eval) model, so it always matches the
+    weights in the file.
+    """
+    weights_path, sidecar_path = checkpoint_paths(path)
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    payload = encoder_weights_bytes(model)
+    metadata = describe_encoder(model, config, payload, model_id=model_id, description=description,
+                                training=training)
+    weights_path.write_bytes(payload)
+    sidecar_path.write_text(json.dumps(metadata.to_dict(), indent=2, sort_keys=True) + "\n")
+    return metadata
+
+
+def describe_encoder(model: nn.Module, config: EncoderConfig, payload: bytes, *, model_id: str,
+                     description: str, training: dict) -> CheckpointMetadata:
+    """Metadata for ``model`` whose serialised weights are ``payload``; the Lipschitz bound is sound."""
+    return CheckpointMetadata(
+        model_id=model_id,
+        sha256=hashlib.sha256(payload).hexdigest(),
+        config=config,
+        input_shape=config.input_shape,
+        value_range=VALUE_RANGE,
+        normalization=NORMALIZATION,
+        feature_dim=config.feature_dim,
+        lipschitz_upper=float(global_lipschitz_upper(serving_model(model), config.input_shape)),
+        description=description,
+        training=dict(training),
+    )
+
+
+def load_checkpoint(path: str | Path) -> LoadedEncoder:
+    """Read a checkpoint written by ``save_checkpoint``; raise ``CheckpointError`` if anything is off.
+
+    Checks: both files exist, the sidecar parses, the weights' sha256 matches the sidecar, and the
+    weights fit the architecture the sidecar describes (strict ``load_state_dict``).
+    """
+    weights_path, sidecar_path = checkpoint_paths(path)
+    for needed in (weights_path, sidecar_path):
+        if not needed.is_file():
+            raise CheckpointError(f"checkpoint file missing: {needed}")
+    try:
+        metadata = CheckpointMetadata.from_dict(json.loads(sidecar_path.read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"corrupt checkpoint sidecar {sidecar_path}: {error}") from error
+    payload = weights_path.read_bytes()
+    digest = hashlib.sha256(payload).hexdigest()
+    if digest != metadata.sha256:
+        raise CheckpointError(f"sha256 mismatch for {weights_path}: file {digest}, sidecar {metadata.sha256}")
+    try:
+        state = load_safetensors_bytes(payload)
+    except SafetensorError as error:
+        raise CheckpointError(f"corrupt safetensors file {weights_path}: {error}") from error
+    model = build_encoder(metadata.config)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"weights in {weights_path} do not fit {metadata.config}: {error}") from error
+    return LoadedEncoder(model=serving_model(model), metadata=metadata)
