@@ -1,0 +1,173 @@
+"""The client's side of training: features fetched once through the service, and the downstream MLP h.
+
+h is a fully connected network (Linear/ReLU only, as in the paper), so `bounds.certify_feature_radius` can
+bound it exactly as it is. For SC, h is trained with Gaussian noise added *in feature space*, the
+distribution Cohen's CERTIFY will query it on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+from reaas_client.seaas import noisy_copies
+
+if TYPE_CHECKING:
+    from reaas_client import EncoderClient
+
+DEFAULT_CACHE_DIR = Path("runs") / "feature_cache"
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """f(x) of a labelled data set as the service returned it.
+
+    `features` [N, feature_dim] float32, `labels` [N] int64. `queries_per_input` is what obtaining these
+    features cost when they were fetched (1 for REaaS training, also when they now come from the cache,
+    in which case `from_cache` is True and this run sent nothing).
+    """
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    queries_per_input: float
+    from_cache: bool
+    cache_path: Path | None
+
+
+def input_ids(prefix: str, count: int, start: int = 0) -> list[str]:
+    """Ledger ids "<prefix>-<i>", one per input: how queries are attributed to inputs."""
+    return [f"{prefix}-{i}" for i in range(start, start + count)]
+
+
+def stratified_subset(labels: torch.Tensor, count: int, seed: int = 0) -> torch.Tensor:
+    """Indices of `count` inputs (all when count <= 0) taken round-robin over the classes in a seeded order,
+    so any prefix is class-balanced even when the data set is sorted by class."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(labels.shape[0], generator=generator)
+    rank = torch.empty_like(order)
+    for label in labels.unique():
+        members = order[labels[order] == label]
+        rank[members] = torch.arange(members.shape[0])
+    interleaved = order[torch.argsort(rank[order] * (int(labels.max()) + 1) + labels[order], stable=True)]
+    return interleaved if count <= 0 else interleaved[:count]
+
+
+def _dataset_digest(images: torch.Tensor) -> str:
+    return hashlib.sha256(images.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def fetch_features(
+    client: EncoderClient,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    dataset: str,
+    id_prefix: str = "train",
+    cache_dir: Path | None = DEFAULT_CACHE_DIR,
+    copies: int = 1,
+    noise_sigma: float = 0.0,
+    seed: int = 0,
+) -> FeatureSet:
+    """f(x) for every image [N, C, H, W] through StreamFeatures, `copies` queries per image, cached on disk.
+
+    REaaS training: `copies=1, noise_sigma=0` (1 query per training input). SEaaS training: `copies=25`
+    noisy copies clip(x + e) of each image (seeded by `seed`), features [N * copies, feature_dim] with
+    labels repeated. The cache key is the served model's sha256 plus the data set's name, content hash and
+    the noise settings, so a different encoder or different images never reuse stale features.
+    `cache_dir=None` disables the cache.
+    """
+    info = client.info()
+    noise = "clean" if noise_sigma == 0 and copies == 1 else f"x{copies}-s{noise_sigma:g}-seed{seed}"
+    key = f"{info.model_sha256[:16]}-{dataset}-{id_prefix}-{_dataset_digest(images)}-{noise}"
+    path = None if cache_dir is None else Path(cache_dir) / f"{key}.npz"
+    labels = labels.repeat_interleave(copies)
+    if path is not None and path.exists():
+        cached = np.load(path)
+        meta = json.loads(str(cached["meta"]))
+        return FeatureSet(torch.from_numpy(cached["features"]), labels, meta["queries_per_input"], True, path)
+    ids = input_ids(id_prefix, images.shape[0])
+    before = sum(client.ledger.queries(i) for i in ids)
+    generator = torch.Generator().manual_seed(seed)
+    per_request = max(1, info.max_batch_size // copies)
+
+    def batches():
+        for start in range(0, images.shape[0], per_request):
+            chunk = images[start:start + per_request].repeat_interleave(copies, dim=0)
+            if noise_sigma > 0:
+                chunk = noisy_copies(chunk, noise_sigma, generator, (info.value_min, info.value_max))
+            yield chunk.contiguous(), [i for i in ids[start:start + per_request] for _ in range(copies)]
+
+    features = np.concatenate(list(client.stream_features(batches())))
+    spent = (sum(client.ledger.queries(i) for i in ids) - before) / images.shape[0]
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"model_sha256": info.model_sha256, "dataset": dataset, "queries_per_input": spent}
+        np.savez(path, features=features, meta=json.dumps(meta))
+    return FeatureSet(torch.from_numpy(features), labels, spent, False, path)
+
+
+def build_mlp(feature_dim: int, num_classes: int, hidden: tuple[int, ...] = (256, 256)) -> nn.Sequential:
+    """The downstream classifier h: Linear/ReLU layers only (what feature-space bounds support)."""
+    layers: list[nn.Module] = []
+    width = feature_dim
+    for size in hidden:
+        layers += [nn.Linear(width, size), nn.ReLU()]
+        width = size
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How h is trained. `noise_sigma` > 0 adds N(0, sigma^2 I) to each feature vector at every step."""
+
+    hidden: tuple[int, ...] = (256, 256)
+    epochs: int = 60
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    noise_sigma: float = 0.0
+    seed: int = 0
+
+
+def train_classifier(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                     config: TrainConfig = TrainConfig()) -> nn.Sequential:
+    """Train h on `features` [N, feature_dim] with cross-entropy (Adam, cosine schedule).
+
+    Runs on CUDA when available; returns h on the CPU in eval mode.
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    model = build_mlp(features.shape[1], num_classes, config.hidden).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = max(1, -(-features.shape[0] // config.batch_size))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs * steps_per_epoch)
+    features = features.to(torch.float32)
+    model.train()
+    for _ in range(config.epochs):
+        order = torch.randperm(features.shape[0], generator=generator)
+        for start in range(0, features.shape[0], config.batch_size):
+            batch = order[start:start + config.batch_size]
+            inputs = features[batch]
+            if config.noise_sigma > 0:
+                inputs = inputs + config.noise_sigma * torch.randn(inputs.shape, generator=generator)
+            loss = nn.functional.cross_entropy(model(inputs.to(device)), labels[batch].to(device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return model.cpu().eval()
+
+
+def accuracy(model: nn.Module, features: torch.Tensor, labels: torch.Tensor) -> float:
+    """Clean accuracy of h on features [N, feature_dim]."""
+    with torch.no_grad():
+        return float((model(features.to(torch.float32)).argmax(1) == labels).float().mean())

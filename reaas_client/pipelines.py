@@ -1,0 +1,290 @@
+"""The three certification paths the paper compares, end to end over the service.
+
+| path      | training queries / input | test queries / input | certificate                                    |
+|-----------|--------------------------|----------------------|------------------------------------------------|
+| reaas-bc  | 1                        | 2                    | CROWN/IBP on h at f(x) -> R_F; F2IPerturb -> R |
+| reaas-sc  | 1                        | 2                    | Cohen CERTIFY on h around f(x) -> R_F; F2I -> R |
+| seaas-sc  | 25 (noisy copies)        | n0 + n               | Cohen CERTIFY on h(f(.)) around x, streamed    |
+
+Every query goes through the `EncoderClient`, whose ledger gives each `InputRecord` its exact cost.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from bounds import certify_feature_radius
+from reaas_client.downstream import (
+    DEFAULT_CACHE_DIR,
+    FeatureSet,
+    TrainConfig,
+    accuracy,
+    fetch_features,
+    input_ids,
+)
+from reaas_client.downstream import train_classifier as _train_mlp
+from reaas_client.metrics import InputRecord, RunSummary, summarize
+from reaas_client.seaas import StreamedImageSamples
+from reaas_client.smoothing import GaussianFeatureSamples, Smooth, label_classifier
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from reaas_client import EncoderClient, QueryLedger
+
+PATHS: tuple[str, ...] = ("reaas-bc", "reaas-sc", "seaas-sc")
+SERVICE_NAMES = {"reaas-bc": "REaaS-BC", "reaas-sc": "REaaS-SC", "seaas-sc": "SEaaS-SC"}
+SEAAS_TRAIN_COPIES = 25
+"""Noise-augmented copies of each training input the SEaaS client sends (the paper's count)."""
+
+
+@dataclass(frozen=True)
+class SmoothingConfig:
+    """Cohen et al.'s CERTIFY parameters (the paper's defaults); `seed` makes every certificate replayable."""
+
+    sigma: float
+    n0: int = 100
+    n: int = 100_000
+    alpha: float = 0.001
+    seed: int = 0
+    batch_size: int = 10_000
+
+
+@dataclass(frozen=True)
+class TrainedClassifier:
+    """h and what training it cost: `queries_per_input` training queries per training input."""
+
+    model: nn.Sequential
+    features: FeatureSet = field(repr=False)
+    queries_per_input: float
+
+
+def train_downstream(
+    path: str,
+    client: EncoderClient,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    dataset: str,
+    sigma: float = 0.0,
+    config: TrainConfig | None = None,
+    cache_dir: Path | None = DEFAULT_CACHE_DIR,
+) -> TrainedClassifier:
+    """Train h for `path`: reaas-bc on clean features; reaas-sc with N(0, sigma^2) added to the features;
+    seaas-sc on the features of 25 noisy copies clip(x + e) per training image (noise in image space)."""
+    _check_path(path)
+    config = config or TrainConfig()
+    if path == "seaas-sc":
+        fetched = fetch_features(client, images, labels, dataset=dataset, cache_dir=cache_dir,
+                                 copies=SEAAS_TRAIN_COPIES, noise_sigma=sigma, seed=config.seed)
+        config = replace(config, noise_sigma=0.0)
+    else:
+        fetched = fetch_features(client, images, labels, dataset=dataset, cache_dir=cache_dir)
+        noise = sigma if path == "reaas-sc" else 0.0
+        config = replace(config, noise_sigma=noise)
+    model = _train_mlp(fetched.features, fetched.labels, num_classes, config)
+    return TrainedClassifier(model, fetched, fetched.queries_per_input)
+
+
+def certify_reaas_bc(client: EncoderClient, h: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
+                     method: str = "crown", bound: str = "", id_prefix: str = "reaas-bc-test",
+                     batch_size: int = 256, progress: bool = False) -> list[InputRecord]:
+    """REaaS-BC: Feature -> f(x); R_F of h at f(x) by `method` ("crown" or "ibp"); F2IPerturb -> R.
+
+    Exactly 2 queries per test input. Sound: h(f(x + d)) = h(f(x)) for every ||d||_2 < R.
+    """
+    records: list[InputRecord] = []
+    with tqdm(total=images.shape[0], desc="REaaS-BC", disable=not progress) as bar:
+        for start in range(0, images.shape[0], batch_size):
+            batch, ids, started, before = _begin_batch(client, images, start, batch_size, id_prefix)
+            features = torch.from_numpy(client.features(batch, input_ids=ids))
+            certificate = certify_feature_radius(h, features, method=method)
+            feature_radius = certificate.feature_radius.to(torch.float64)
+            reply = client.f2i_perturb(batch, feature_radius.numpy(), input_ids=ids, bound=bound)
+            records += _records(client.ledger, ids, before, labels[start:start + len(ids)],
+                                certificate.prediction.tolist(), reply.image_radius.tolist(),
+                                feature_radius.tolist(), started)
+            bar.update(len(ids))
+    return records
+
+
+def certify_reaas_sc(client: EncoderClient, h: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                     smoothing: SmoothingConfig, *, bound: str = "", id_prefix: str = "reaas-sc-test",
+                     batch_size: int = 256, progress: bool = False) -> list[InputRecord]:
+    """REaaS-SC: Feature -> f(x); Cohen CERTIFY of h with noise added to f(x) locally -> R_F; F2I -> R.
+
+    Exactly 2 queries per test input (the n0 + n samples never leave the client). With probability at
+    least 1 - alpha per input, a non-abstained prediction is certified on the image-space ball of radius R.
+    """
+    smooth = Smooth(label_classifier(h), _num_classes(h), smoothing.sigma)
+    records: list[InputRecord] = []
+    with tqdm(total=images.shape[0], desc=f"REaaS-SC sigma={smoothing.sigma:g}", disable=not progress) as bar:
+        for start in range(0, images.shape[0], batch_size):
+            batch, ids, started, before = _begin_batch(client, images, start, batch_size, id_prefix)
+            features = torch.from_numpy(client.features(batch, input_ids=ids))
+            certificates = []
+            for offset, feature in enumerate(features):
+                source = GaussianFeatureSamples(feature, smoothing.sigma, smoothing.batch_size)
+                certificates.append(smooth.certify(source, smoothing.n0, smoothing.n, smoothing.alpha,
+                                                   _generator(smoothing.seed, start + offset)))
+                bar.update(1)
+            feature_radius = np.array([c.radius for c in certificates], dtype=np.float64)
+            reply = client.f2i_perturb(batch, feature_radius, input_ids=ids, bound=bound)
+            records += _records(client.ledger, ids, before, labels[start:start + len(ids)],
+                                [c.prediction for c in certificates], reply.image_radius.tolist(),
+                                feature_radius.tolist(), started)
+    return records
+
+
+def certify_seaas_sc(client: EncoderClient, h: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                     smoothing: SmoothingConfig, *, id_prefix: str = "seaas-sc-test", stream_batch_size: int = 0,
+                     progress: bool = False) -> list[InputRecord]:
+    """SEaaS-SC: Cohen CERTIFY of h(f(clip(.))) around x; the n0 + n noisy images of every test input are
+    streamed through StreamFeatures in batches (`stream_batch_size`, 0 = the server's max batch size).
+
+    Exactly n0 + n queries per test input. With probability at least 1 - alpha per input, a non-abstained
+    prediction is certified on the image-space ball of radius sigma * Phi^-1(p_A_lower).
+    """
+    info = client.info()
+    per_request = stream_batch_size or info.max_batch_size
+    smooth = Smooth(label_classifier(h), _num_classes(h), smoothing.sigma)
+    records: list[InputRecord] = []
+    for index in tqdm(range(images.shape[0]), desc=f"SEaaS-SC sigma={smoothing.sigma:g}", disable=not progress):
+        batch, ids, started, before = _begin_batch(client, images, index, 1, id_prefix)
+        source = StreamedImageSamples(client, batch[0], ids[0], smoothing.sigma, per_request,
+                                      (info.value_min, info.value_max))
+        certificate = smooth.certify(source, smoothing.n0, smoothing.n, smoothing.alpha,
+                                     _generator(smoothing.seed, index))
+        records += _records(client.ledger, ids, before, labels[index:index + 1], [certificate.prediction],
+                            [certificate.radius], [float("nan")], started)
+    return records
+
+
+def _check_path(path: str) -> None:
+    if path not in PATHS:
+        raise ValueError(f"unknown certification path {path!r}; choose one of {', '.join(PATHS)}")
+
+
+def _num_classes(h: nn.Module) -> int:
+    return [m for m in h.modules() if isinstance(m, nn.Linear)][-1].out_features
+
+
+def _generator(seed: int, index: int) -> torch.Generator:
+    """One generator per test input, so a certificate does not depend on batching or on other inputs."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + index)
+
+
+_Cost = dict[str, tuple[dict[str, int], int, int]]
+
+
+def _costs(ledger: QueryLedger, ids: Sequence[str]) -> _Cost:
+    """Per id: (queries per RPC, bytes up, bytes down) as the ledger has them now."""
+    wanted = set(ids)
+    costs: _Cost = {i: ({}, 0, 0) for i in wanted}
+    for row in ledger.rows():
+        if row.input_id in wanted:
+            queries, up, down = costs[row.input_id]
+            queries[row.rpc] = row.queries
+            costs[row.input_id] = (queries, up + row.request_bytes, down + row.response_bytes)
+    return costs
+
+
+def _begin_batch(client: EncoderClient, images: torch.Tensor, start: int, size: int,
+                 id_prefix: str) -> tuple[torch.Tensor, list[str], float, _Cost]:
+    batch = images[start:start + size].to(torch.float32).contiguous()
+    ids = input_ids(id_prefix, batch.shape[0], start)
+    return batch, ids, time.perf_counter(), _costs(client.ledger, ids)
+
+
+def _records(ledger: QueryLedger, ids: list[str], before: _Cost, labels: torch.Tensor, predictions: list[int],
+             image_radii: list[float], feature_radii: list[float], started: float) -> list[InputRecord]:
+    """Records for one batch: costs are ledger differences, so repeated runs on one client never mix."""
+    wall = (time.perf_counter() - started) / len(ids)
+    after = _costs(ledger, ids)
+    records = []
+    for i, input_id in enumerate(ids):
+        (q0, up0, down0), (q1, up1, down1) = before[input_id], after[input_id]
+        queries = {rpc: q1[rpc] - q0.get(rpc, 0) for rpc in q1 if q1[rpc] != q0.get(rpc, 0)}
+        records.append(InputRecord(input_id, int(labels[i]), int(predictions[i]), float(image_radii[i]),
+                                   float(feature_radii[i]), queries, up1 - up0, down1 - down0, wall))
+    return records
+
+
+@dataclass(frozen=True)
+class PathConfig:
+    """One certification run: which path and its knobs (what the CLI, demo and benchmark configure).
+
+    `sigma`: SC noise level, in feature-space units for reaas-sc and in pixel units for seaas-sc (ignored by
+    reaas-bc). `method`: feature-space bound for reaas-bc ("crown" or "ibp"). `bound`: the F2IPerturb bound
+    ("" for the server's default).
+    """
+
+    path: str
+    sigma: float = 0.25
+    n0: int = 100
+    n: int = 100_000
+    alpha: float = 0.001
+    method: str = "crown"
+    bound: str = ""
+    seed: int = 0
+    batch_size: int = 256
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _check_path(self.path)
+
+    @property
+    def smoothing(self) -> SmoothingConfig:
+        return SmoothingConfig(self.sigma, self.n0, self.n, self.alpha, self.seed)
+
+
+@dataclass(frozen=True)
+class PathResult:
+    """A run's table row, its per-input records, and h's accuracy on the features it was trained on
+    (the noisy copies' features for seaas-sc)."""
+
+    summary: RunSummary
+    records: list[InputRecord]
+    train_accuracy: float
+
+
+def run_path(config: PathConfig, client: EncoderClient, train_images: torch.Tensor, train_labels: torch.Tensor,
+             test_images: torch.Tensor, test_labels: torch.Tensor, num_classes: int, *, dataset: str,
+             cache_dir: Path | None = DEFAULT_CACHE_DIR, progress: bool = False, note: str = "") -> PathResult:
+    """Train h for `config.path` over the service, certify every test input, summarise."""
+    started = time.perf_counter()
+    trained = train_downstream(config.path, client, train_images, train_labels, num_classes, dataset=dataset,
+                               sigma=config.sigma, config=replace(config.train, seed=config.seed),
+                               cache_dir=cache_dir)
+    train_wall = time.perf_counter() - started
+    started = time.perf_counter()
+    tag = "" if config.path == "reaas-bc" else f"-s{config.sigma:g}"
+    prefix = f"{config.path}{tag}-test"
+    if config.path == "reaas-bc":
+        records = certify_reaas_bc(client, trained.model, test_images, test_labels, method=config.method,
+                                   bound=config.bound, id_prefix=prefix, batch_size=config.batch_size,
+                                   progress=progress)
+    elif config.path == "reaas-sc":
+        records = certify_reaas_sc(client, trained.model, test_images, test_labels, config.smoothing,
+                                   bound=config.bound, id_prefix=prefix, batch_size=config.batch_size,
+                                   progress=progress)
+    else:
+        records = certify_seaas_sc(client, trained.model, test_images, test_labels, config.smoothing,
+                                   id_prefix=prefix, progress=progress)
+    summary = summarize(records, service=SERVICE_NAMES[config.path], dataset=dataset,
+                        queries_per_train_input=trained.queries_per_input,
+                        wall_s=time.perf_counter() - started, train_wall_s=train_wall, note=note,
+                        extra={"sigma": "" if config.path == "reaas-bc" else f"{config.sigma:g}",
+                               "method": config.method if config.path == "reaas-bc" else "cohen",
+                               "n": "" if config.path == "reaas-bc" else str(config.n)})
+    return PathResult(summary, records, accuracy(trained.model, trained.features.features,
+                                                 trained.features.labels))
