@@ -1,0 +1,41 @@
+"""Sound bounds on networks for REaaS: IBP and CROWN bound propagation, sound spectral-norm / Lipschitz upper
+bounds, the batched F2I binary search (feature radius -> certified image radius), and feature-space
+certification of a downstream classifier. Depends only on torch / numpy / scipy.
+
+Supported layers (anything else raises UnsupportedLayerError): nn.Sequential, nn.Linear, nn.Conv2d (zero padding,
+any stride), nn.ReLU, nn.Flatten, nn.AvgPool2d, nn.Identity, Residual, nn.BatchNorm1d/2d (eval mode).
+"""
+
+from bounds.attack import pgd_feature_distance
+from bounds.batchnorm import fold_batchnorm
+from bounds.f2i import BOUNDS_OFFERED, DEFAULT_BOUND, SAFETY_MARGIN, F2IResult, f2i_radius
+from bounds.feature_certification import CERTIFY_METHODS, FeatureCertificate, certify_feature_radius
+from bounds.feature_distance import feature_distance_upper
+from bounds.graph import BoundGraph, build_graph
+from bounds.layers import Residual, UnsupportedLayerError
+from bounds.propagation import InputBall, compute_bounds, concretize, crown_backward
+from bounds.spectral import global_lipschitz_upper, operator_norm_upper
+
+__all__ = [
+    "BOUNDS_OFFERED",
+    "CERTIFY_METHODS",
+    "DEFAULT_BOUND",
+    "SAFETY_MARGIN",
+    "BoundGraph",
+    "F2IResult",
+    "FeatureCertificate",
+    "InputBall",
+    "Residual",
+    "UnsupportedLayerError",
+    "build_graph",
+    "certify_feature_radius",
+    "compute_bounds",
+    "concretize",
+    "crown_backward",
+    "f2i_radius",
+    "feature_distance_upper",
+    "fold_batchnorm",
+    "global_lipschitz_upper",
+    "operator_norm_upper",
+    "pgd_feature_distance",
+]
