@@ -1,0 +1,92 @@
+"""Run `reaas-server` as a background subprocess on a free loopback port (demo and benchmarks).
+
+The client never imports the server: it starts the server's CLI in a child process, reads the port from the
+CLI's handshake line ("reaas-server listening on HOST:PORT ..."), waits for grpc.health.v1 SERVING, and
+always stops the child (SIGTERM, then SIGKILL) when the `with` block ends, on error or Ctrl-C too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+_HANDSHAKE = re.compile(r"listening on (\S+):(\d+)")
+
+
+class ServerStartError(RuntimeError):
+    """The background server exited or did not become healthy in time (its log path is in the message)."""
+
+
+@contextlib.contextmanager
+def background_server(mode: str = "reaas", *, checkpoint: Path | None = None, log_path: Path | None = None,
+                      startup_timeout_s: float = 120.0, extra_args: tuple[str, ...] = ()) -> Iterator[str]:
+    """Yield "127.0.0.1:PORT" of a healthy `reaas-server --mode MODE` child; stop it on exit."""
+    command = [sys.executable, "-m", "reaas_server.cli", "--host", "127.0.0.1", "--port", "0", "--mode", mode,
+               "--grace", "2", *extra_args]
+    if checkpoint is not None:
+        command += ["--checkpoint", str(checkpoint)]
+    log = open(log_path, "w") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        address = _wait_for_handshake(process, startup_timeout_s, log_path)
+        _wait_for_serving(address, process, startup_timeout_s, log_path)
+        yield address
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+        if log is not subprocess.DEVNULL:
+            log.close()
+
+
+def _wait_for_handshake(process: subprocess.Popen, timeout_s: float, log_path: Path | None) -> str:
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:  # readline blocks; a thread lets the deadline apply
+        for line in process.stdout:
+            lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            match = _HANDSHAKE.search(lines.get(timeout=0.5))
+        except queue.Empty:
+            if process.poll() is not None:
+                raise ServerStartError(f"reaas-server exited with {process.returncode}; log: {log_path}") from None
+            continue
+        if match:
+            return f"127.0.0.1:{match.group(2)}"
+    raise ServerStartError(f"reaas-server printed no port within {timeout_s:.0f} s; log: {log_path}")
+
+
+def _wait_for_serving(address: str, process: subprocess.Popen, timeout_s: float, log_path: Path | None) -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise ServerStartError(f"reaas-server exited with {process.returncode}; log: {log_path}")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise ServerStartError(f"reaas-server at {address} not SERVING within {timeout_s:.0f} s; log: {log_path}")
