@@ -1,0 +1,137 @@
+"""``reaas-server``: serve one encoder over gRPC until SIGTERM / Ctrl-C, then drain in-flight calls."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from pathlib import Path
+
+from reaas_server.app import start_server
+from reaas_server.config import MODES, ServerConfig
+
+
+def parse_args(argv: list[str] | None = None) -> ServerConfig:
+    defaults = ServerConfig()
+    parser = argparse.ArgumentParser(
+        prog="reaas-server",
+        description="Serve a pre-trained encoder over gRPC (reaas.v1.EncoderService). In 'reaas' mode the "
+        "server also answers F2IPerturb: it turns each client's feature-space certified radius into an "
+        "image-space one. Health (grpc.health.v1) and server reflection are always on.",
+    )
+    parser.add_argument("--host", default=defaults.host, help="address to bind (default: %(default)s)")
+    parser.add_argument(
+        "--port", type=int, default=defaults.port, help="port; 0 picks a free one (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="encoder checkpoint written by reaas-pretrain (PATH.safetensors + PATH.json); "
+        "default: the spectral-norm demo encoder shipped with robust_pretrain",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default=defaults.mode,
+        help="reaas: Feature + F2IPerturb; seaas: a standard encoder service, Feature only (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=defaults.max_batch_size,
+        help="images per request; larger requests get RESOURCE_EXHAUSTED (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-message-mb",
+        type=float,
+        default=defaults.max_message_bytes / 2**20,
+        help="largest request in MiB (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--api-keys-file",
+        type=Path,
+        default=None,
+        help="file with one accepted API key per line; without it every caller is accepted and "
+        "counted under its x-api-key metadata ('anonymous' when absent)",
+    )
+    parser.add_argument(
+        "--default-bound",
+        default=None,
+        help="bound F2IPerturb uses when a request names none (default: the tightest offered)",
+    )
+    parser.add_argument(
+        "--f2i-memory-budget-mb",
+        type=float,
+        default=defaults.f2i_memory_budget_bytes / 2**20,
+        help="working-set cap of one bound computation in MiB; larger batches are chunked "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=defaults.workers, help="gRPC handler threads (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=defaults.grace_s,
+        help="seconds in-flight calls get to finish after SIGTERM (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cuda if available)"
+    )
+    parser.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    api_keys = None
+    if args.api_keys_file is not None:
+        keys = [line.strip() for line in args.api_keys_file.read_text().splitlines() if line.strip()]
+        if not keys:
+            parser.error(f"{args.api_keys_file} holds no API key")
+        api_keys = frozenset(keys)
+    try:
+        return ServerConfig(
+            host=args.host,
+            port=args.port,
+            mode=args.mode,
+            checkpoint=args.checkpoint,
+            max_batch_size=args.max_batch_size,
+            max_message_bytes=int(args.max_message_mb * 2**20),
+            api_keys=api_keys,
+            default_bound=args.default_bound,
+            f2i_memory_budget_bytes=int(args.f2i_memory_budget_mb * 2**20),
+            workers=args.workers,
+            grace_s=args.grace,
+            device=args.device,
+        )
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_args(argv)
+    running = start_server(config)
+    # The port line is the machine-readable handshake scripts wait for (with --port 0 it is the only way).
+    print(
+        f"reaas-server listening on {config.host}:{running.port} mode={config.mode} "
+        f"model={running.encoder.metadata.model_id} device={running.encoder.device}",
+        flush=True,
+    )
+    stopping = threading.Event()
+
+    def request_stop(signum, _frame) -> None:
+        logging.getLogger(__name__).info(
+            "signal %d: draining in-flight calls (grace %.1f s)", signum, config.grace_s
+        )
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    stopping.wait()
+    running.stop(config.grace_s)
+
+
+if __name__ == "__main__":
+    main()

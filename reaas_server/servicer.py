@@ -1,0 +1,159 @@
+"""EncoderServicer: translates between reaas.v1 messages and the served encoder, and nothing else.
+
+Each RPC: validate (validation.py) → compute (encoder_host.py, which calls bounds/) → encode (the shared
+codec). Precise exceptions become gRPC statuses here, at the edge, and only here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import grpc
+
+import bounds
+from reaas.v1 import encoder_service_pb2 as pb
+from reaas.v1 import encoder_service_pb2_grpc as pb_grpc
+from reaas_client.wire import NUMPY_DTYPES, encode_tensor
+from reaas_server.config import ServerConfig
+from reaas_server.encoder_host import ServedEncoder
+from reaas_server.interceptors import api_key_of
+from reaas_server.usage import UsageBook
+from reaas_server.validation import ImageSpec, RequestError, decode_feature_radii, decode_images
+
+log = logging.getLogger(__name__)
+
+
+def _still_wanted(context: grpc.ServicerContext) -> bool:
+    """False once the client cancelled or its deadline passed: work for it should stop."""
+    remaining = context.time_remaining()
+    return context.is_active() and (remaining is None or remaining > 0)
+
+
+class EncoderServicer(pb_grpc.EncoderServiceServicer):
+    def __init__(self, encoder: ServedEncoder, config: ServerConfig, usage: UsageBook) -> None:
+        self._encoder = encoder
+        self._config = config
+        self._usage = usage
+        meta = encoder.metadata
+        self._spec = ImageSpec(
+            input_shape=tuple(meta.input_shape),
+            value_min=float(meta.value_range[0]),
+            value_max=float(meta.value_range[1]),
+            max_batch_size=config.max_batch_size,
+        )
+        self._bounds_offered = tuple(bounds.BOUNDS_OFFERED) if config.mode == "reaas" else ()
+        self._default_bound = config.default_bound or bounds.DEFAULT_BOUND
+        if config.mode == "reaas" and self._default_bound not in self._bounds_offered:
+            raise ValueError(f"default bound {self._default_bound!r} is not one of {self._bounds_offered}")
+
+    # -- descriptions -------------------------------------------------------------------------------------
+    def GetEncoderInfo(self, request, context):
+        meta = self._encoder.metadata
+        return pb.EncoderInfo(
+            input_shape=list(meta.input_shape),
+            accepted_dtypes=list(NUMPY_DTYPES),
+            value_min=self._spec.value_min,
+            value_max=self._spec.value_max,
+            normalization=meta.normalization,
+            feature_dim=meta.feature_dim,
+            model_id=meta.model_id,
+            model_sha256=meta.sha256,
+            lipschitz_upper=meta.lipschitz_upper,
+            f2i_perturb_offered=self._config.mode == "reaas",
+            mode=self._config.mode,
+            max_batch_size=self._config.max_batch_size,
+            description=meta.description,
+            bounds_offered=list(self._bounds_offered),
+            default_bound=self._default_bound if self._bounds_offered else "",
+            max_message_bytes=self._config.max_message_bytes,
+            device=str(self._encoder.device),
+        )
+
+    def GetUsage(self, request, context):
+        key = api_key_of(context.invocation_metadata())
+        rpcs = [
+            pb.RpcUsage(
+                rpc=u.rpc,
+                calls=u.calls,
+                queries=u.queries,
+                request_bytes=u.request_bytes,
+                response_bytes=u.response_bytes,
+            )
+            for u in self._usage.report(key)
+        ]
+        return pb.UsageReport(api_key=key, rpcs=rpcs, total_queries=sum(u.queries for u in rpcs))
+
+    # -- features -----------------------------------------------------------------------------------------
+    def _feature_response(self, request: pb.FeatureRequest, context) -> pb.FeatureResponse:
+        images = decode_images(request.images, self._spec)
+        if not _still_wanted(context):
+            raise RequestError(grpc.StatusCode.CANCELLED, "the call was cancelled or its deadline passed")
+        return pb.FeatureResponse(features=encode_tensor(self._encoder.features(images)))
+
+    def Feature(self, request, context):
+        with _status_on_error(context):
+            return self._feature_response(request, context)
+
+    def StreamFeatures(self, request_iterator, context) -> Iterator[pb.FeatureResponse]:
+        with _status_on_error(context):
+            for request in request_iterator:
+                yield self._feature_response(request, context)
+
+    # -- image-space radii --------------------------------------------------------------------------------
+    def _f2i_response(self, request: pb.F2IPerturbRequest, context) -> pb.F2IPerturbResponse:
+        if self._config.mode != "reaas":
+            raise RequestError(
+                grpc.StatusCode.UNIMPLEMENTED,
+                "F2IPerturb is not offered: this is a standard encoder service (SEaaS, --mode seaas) that "
+                "serves features only; certify by smoothing in image space, or use a REaaS deployment",
+            )
+        bound = request.bound or self._default_bound
+        if bound not in self._bounds_offered:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"unknown bound {bound!r}; this server offers {', '.join(self._bounds_offered)}",
+            )
+        images = decode_images(request.images, self._spec)
+        feature_radii = decode_feature_radii(request.feature_radii, images.shape[0])
+        result = self._encoder.image_radii(
+            images,
+            feature_radii,
+            bound=bound,
+            chunk_size=self._config.f2i_chunk_size,
+            memory_budget_bytes=self._config.f2i_memory_budget_bytes,
+            still_wanted=lambda: _still_wanted(context),
+        )
+        if result is None:
+            raise RequestError(grpc.StatusCode.CANCELLED, "the call was cancelled or its deadline passed")
+        radii = [
+            pb.ImageRadius(image_radius=float(r), bound=name, search_steps=int(s))
+            for r, name, s in zip(
+                result.image_radius.tolist(), result.bound, result.search_steps.tolist(), strict=True
+            )
+        ]
+        return pb.F2IPerturbResponse(radii=radii)
+
+    def F2IPerturb(self, request, context):
+        with _status_on_error(context):
+            return self._f2i_response(request, context)
+
+    def StreamF2IPerturb(self, request_iterator, context):
+        with _status_on_error(context):
+            for request in request_iterator:
+                yield self._f2i_response(request, context)
+
+
+@contextlib.contextmanager
+def _status_on_error(context: grpc.ServicerContext) -> Iterator[None]:
+    """RequestError → its status; anything unexpected → INTERNAL (logged). The server stays up either way."""
+    try:
+        yield
+    except RequestError as error:
+        context.abort(error.code, error.message)
+    except grpc.RpcError:
+        raise  # the client went away mid-stream: nothing left to answer
+    except Exception as error:
+        log.exception("internal error while serving a request")
+        context.abort(grpc.StatusCode.INTERNAL, f"internal server error: {type(error).__name__}: {error}")

@@ -1,0 +1,95 @@
+"""Request validation: everything a client can get wrong is rejected before any compute, with a message a
+person can act on. Raises RequestError; the servicer turns it into the gRPC status it carries."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+import torch
+
+from reaas.v1 import encoder_service_pb2 as pb
+from reaas_client.wire import TensorDecodeError, decode_tensor
+
+
+class RequestError(Exception):
+    """A request the server refuses; ``code`` is the gRPC status to answer with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What the served encoder accepts: [channels, height, width] and the declared pixel range."""
+
+    input_shape: tuple[int, int, int]
+    value_min: float
+    value_max: float
+    max_batch_size: int
+
+
+def decode_images(tensor: pb.Tensor, spec: ImageSpec) -> torch.Tensor:
+    """A validated float32 batch [batch, channels, height, width] on the CPU.
+
+    UINT8 pixels v are mapped to value_min + v / 255 * (value_max - value_min); float pixels must already lie
+    in [value_min, value_max] and be finite.
+    """
+    try:
+        array = decode_tensor(tensor, name="images")
+    except TensorDecodeError as error:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+    expected = list(spec.input_shape)
+    if array.ndim != 4 or list(array.shape[1:]) != expected:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"images must have shape [batch, {', '.join(map(str, expected))}] (rank 4), got {list(array.shape)}",
+        )
+    batch = array.shape[0]
+    if batch == 0:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT, "images is an empty batch; send at least one image"
+        )
+    if batch > spec.max_batch_size:
+        raise RequestError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"batch of {batch} images exceeds this server's max_batch_size {spec.max_batch_size}; "
+            "split it into smaller requests (EncoderInfo.max_batch_size)",
+        )
+    if array.dtype == np.uint8:
+        scale = (spec.value_max - spec.value_min) / 255.0
+        return torch.from_numpy(array).to(torch.float32).mul_(scale).add_(spec.value_min)
+    images = torch.from_numpy(array).to(torch.float32)
+    finite = torch.isfinite(images)
+    if not bool(finite.all()):
+        first = int((~finite).flatten(1).any(1).nonzero()[0, 0])
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"images[{first}] contains NaN or Inf")
+    low, high = float(images.min()), float(images.max())
+    if low < spec.value_min or high > spec.value_max:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"pixel values must lie in [{spec.value_min}, {spec.value_max}] (EncoderInfo.value_min/max); "
+            f"got values in [{low:.6g}, {high:.6g}]",
+        )
+    return images
+
+
+def decode_feature_radii(values: Sequence[float], batch: int) -> torch.Tensor:
+    """Feature-space radii R_F, one per image, finite and >= 0, as float64 [batch]."""
+    if len(values) != batch:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"feature_radii has {len(values)} values for {batch} images; send exactly one R_F per image",
+        )
+    for index, value in enumerate(values):
+        if not math.isfinite(value) or value < 0:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"feature_radii[{index}] = {value} is not a finite radius >= 0",
+            )
+    return torch.tensor(list(values), dtype=torch.float64)

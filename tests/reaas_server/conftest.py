@@ -1,0 +1,53 @@
+"""Fixtures: in-process servers on ephemeral loopback ports, serving the shipped demo encoder."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import torch
+
+from reaas_client import EncoderClient
+from reaas_server import ServedEncoder, ServerConfig, run_server
+
+
+@pytest.fixture(scope="session")
+def demo_encoder() -> ServedEncoder:
+    return ServedEncoder.load(None, "cpu")
+
+
+@pytest.fixture(scope="module")
+def reaas_address(demo_encoder):
+    with run_server(ServerConfig(port=0, mode="reaas", max_batch_size=64), demo_encoder) as (_, port):
+        yield f"127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def seaas_address(demo_encoder):
+    with run_server(ServerConfig(port=0, mode="seaas", max_batch_size=64), demo_encoder) as (_, port):
+        yield f"127.0.0.1:{port}"
+
+
+@pytest.fixture()
+def client(reaas_address):
+    with EncoderClient(reaas_address, timeout_s=60) as encoder_client:
+        yield encoder_client
+
+
+@pytest.fixture()
+def raw_stub(reaas_address):
+    """The generated stub, for requests the typed client would never build."""
+    from reaas.v1 import encoder_service_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(reaas_address) as channel:
+        yield pb_grpc.EncoderServiceStub(channel)
+
+
+@pytest.fixture()
+def make_images(demo_encoder):
+    """Factory: uniform pixels in [0, 1], [count, C, H, W] float32, seeded."""
+
+    def make(count: int, seed: int = 0) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return torch.rand((count, *demo_encoder.metadata.input_shape), generator=generator)
+
+    return make

@@ -1,0 +1,49 @@
+"""F2IPerturb over the wire: radii the server returns are verified by the bound it names."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from reaas_client import ServiceError
+
+
+def test_lipschitz_radius_is_verified_and_grows_with_feature_radius(client, make_images):
+    images = make_images(3).repeat(3, 1, 1, 1)
+    feature_radii = np.repeat([0.1, 0.5, 1.0], 3)
+    reply = client.f2i_perturb(images, feature_radii, bound="lipschitz")
+    lipschitz = client.info().lipschitz_upper
+    assert reply.bound == ("lipschitz",) * 9
+    assert np.all(reply.image_radius > 0)
+    assert np.all(lipschitz * reply.image_radius < feature_radii)  # verified: L * R < R_F
+    per_radius = reply.image_radius.reshape(3, 3)
+    assert np.all(np.diff(per_radius, axis=0) > 0)  # larger R_F, larger R
+    assert np.all(reply.search_steps >= 0)  # the Lipschitz bound may be solved in closed form
+
+
+def test_default_bound_is_never_looser_than_lipschitz(client, make_images):
+    images = make_images(2, seed=3)
+    radii = np.full(2, 0.5)
+    client.timeout_s = 600  # the default bound runs CROWN: seconds per image on a loaded CPU
+    best = client.f2i_perturb(images, radii)
+    lipschitz = client.f2i_perturb(images, radii, bound="lipschitz")
+    assert set(best.bound) <= set(client.info().bounds_offered)
+    assert np.all(best.image_radius >= lipschitz.image_radius * (1 - 1e-6))
+
+
+def test_zero_feature_radius_certifies_nothing(client, make_images):
+    reply = client.f2i_perturb(make_images(2), [0.0, 0.0], bound="lipschitz")
+    assert np.all(reply.image_radius == 0)
+
+
+def test_seaas_deployment_refuses_f2i_with_unimplemented(seaas_address, make_images):
+    from reaas_client import EncoderClient
+
+    with EncoderClient(seaas_address) as seaas:
+        info = seaas.info()
+        assert info.mode == "seaas" and not info.f2i_perturb_offered and info.bounds_offered == ()
+        assert seaas.features(make_images(2)).shape[0] == 2
+        with pytest.raises(ServiceError) as raised:
+            seaas.f2i_perturb(make_images(2), [0.5, 0.5])
+    assert raised.value.code.name == "UNIMPLEMENTED"
+    assert "SEaaS" in raised.value.details

@@ -1,0 +1,72 @@
+"""Feature RPCs: what travels over gRPC equals a local forward pass, whatever the path or dtype."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from reaas_client import EncoderClient
+
+
+def local_features(demo_encoder, images: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return demo_encoder.model(images).numpy()
+
+
+def test_info_describes_the_served_encoder(client, demo_encoder):
+    info = client.info()
+    meta = demo_encoder.metadata
+    assert info.input_shape == tuple(meta.input_shape)
+    assert info.feature_dim == meta.feature_dim
+    assert info.model_sha256 == meta.sha256 and len(info.model_sha256) == 64
+    assert info.lipschitz_upper == meta.lipschitz_upper > 0
+    assert info.f2i_perturb_offered and info.mode == "reaas"
+    assert set(info.accepted_dtypes) == {"FLOAT32", "FLOAT16", "UINT8"}
+    assert info.default_bound in info.bounds_offered
+    assert (info.value_min, info.value_max) == (0.0, 1.0)
+
+
+def test_unary_features_equal_local_forward(client, demo_encoder, make_images):
+    images = make_images(10)
+    remote = client.features(images)
+    assert remote.shape == (10, demo_encoder.metadata.feature_dim) and remote.dtype == np.float32
+    np.testing.assert_allclose(remote, local_features(demo_encoder, images), rtol=1e-5, atol=1e-5)
+
+
+def test_batches_over_the_server_limit_are_split_by_the_client(client, demo_encoder, make_images):
+    images = make_images(150)  # the test server's max_batch_size is 64
+    remote = client.features(images, input_ids=[f"x{i}" for i in range(150)])
+    np.testing.assert_allclose(remote, local_features(demo_encoder, images), rtol=1e-5, atol=1e-5)
+    assert client.ledger.queries("x149", "Feature") == 1
+
+
+def test_streaming_equals_unary(client, make_images):
+    batches = [make_images(n, seed=n) for n in (1, 7, 32)]
+    streamed = list(client.stream_features((b, None) for b in batches))
+    assert len(streamed) == 3
+    for batch, features in zip(batches, streamed, strict=True):
+        np.testing.assert_array_equal(features, client.features(batch))
+
+
+def test_uint8_and_float16_decode_onto_the_declared_range(client, make_images):
+    pixels = (make_images(4) * 255).round().to(torch.uint8)
+    as_float = pixels.float() / 255
+    np.testing.assert_allclose(client.features(pixels), client.features(as_float), rtol=1e-5, atol=1e-6)
+    half = as_float.half()
+    np.testing.assert_allclose(client.features(half), client.features(half.float()), rtol=1e-5, atol=1e-6)
+
+
+def test_round_robin_spreads_calls_over_replicas(demo_encoder, make_images):
+    from reaas_server import ServerConfig, start_server
+
+    replicas = [start_server(ServerConfig(port=0), demo_encoder) for _ in range(2)]
+    try:
+        addresses = [f"127.0.0.1:{r.port}" for r in replicas]
+        with EncoderClient(addresses) as spread:
+            for _ in range(8):
+                spread.features(make_images(1))
+        served = [sum(u.queries for u in r.usage.report("anonymous")) for r in replicas]
+        assert sum(served) == 8 and min(served) >= 1, served
+    finally:
+        for replica in replicas:
+            replica.stop(grace_s=0)
