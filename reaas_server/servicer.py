@@ -73,16 +73,7 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
 
     def GetUsage(self, request, context):
         key = api_key_of(context.invocation_metadata())
-        rpcs = [
-            pb.RpcUsage(
-                rpc=u.rpc,
-                calls=u.calls,
-                queries=u.queries,
-                request_bytes=u.request_bytes,
-                response_bytes=u.response_bytes,
-            )
-            for u in self._usage.report(key)
-        ]
+        rpcs = self._usage.report(key)
         return pb.UsageReport(api_key=key, rpcs=rpcs, total_queries=sum(u.queries for u in rpcs))
 
     # -- features -----------------------------------------------------------------------------------------

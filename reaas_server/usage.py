@@ -4,16 +4,8 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from dataclasses import dataclass
 
-
-@dataclass(frozen=True)
-class RpcUsage:
-    rpc: str
-    calls: int
-    queries: int
-    request_bytes: int
-    response_bytes: int
+from reaas.v1 import encoder_service_pb2 as pb
 
 
 class UsageBook:
@@ -33,10 +25,11 @@ class UsageBook:
             counts[2] += request_bytes
             counts[3] += response_bytes
 
-    def report(self, api_key: str) -> list[RpcUsage]:
+    def report(self, api_key: str) -> list[pb.RpcUsage]:
+        """What ``api_key`` was served, one entry per RPC, as the wire message GetUsage returns."""
         with self._lock:
-            return [
-                RpcUsage(rpc, *counts)
-                for (key, rpc), counts in sorted(self._counts.items())
-                if key == api_key
-            ]
+            items = sorted((rpc, counts) for (key, rpc), counts in self._counts.items() if key == api_key)
+        return [
+            pb.RpcUsage(rpc=rpc, calls=c, queries=q, request_bytes=up, response_bytes=down)
+            for rpc, (c, q, up, down) in items
+        ]

@@ -47,3 +47,19 @@ def test_seaas_deployment_refuses_f2i_with_unimplemented(seaas_address, make_ima
             seaas.f2i_perturb(make_images(2), [0.5, 0.5])
     assert raised.value.code.name == "UNIMPLEMENTED"
     assert "SEaaS" in raised.value.details
+
+
+def test_streaming_f2i_equals_unary(raw_stub, client, make_images):
+    from reaas.v1 import encoder_service_pb2 as pb
+    from reaas_client import encode_tensor
+
+    batches = [make_images(2, seed=s).numpy() for s in range(3)]
+    requests = [
+        pb.F2IPerturbRequest(images=encode_tensor(b), feature_radii=[0.3, 0.6], bound="ibp") for b in batches
+    ]
+    streamed = list(raw_stub.StreamF2IPerturb(iter(requests), timeout=300))
+    assert len(streamed) == 3
+    for batch, reply in zip(batches, streamed, strict=True):
+        unary = client.f2i_perturb(batch, [0.3, 0.6], bound="ibp")
+        assert [r.image_radius for r in reply.radii] == unary.image_radius.tolist()
+        assert all(r.bound == "ibp" for r in reply.radii)
