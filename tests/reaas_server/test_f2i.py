@@ -61,5 +61,6 @@ def test_streaming_f2i_equals_unary(raw_stub, client, make_images):
     assert len(streamed) == 3
     for batch, reply in zip(batches, streamed, strict=True):
         unary = client.f2i_perturb(batch, [0.3, 0.6], bound="ibp")
-        assert [r.image_radius for r in reply.radii] == unary.image_radius.tolist()
+        # the same verified search on the same images; float32 rounding may differ between worker threads
+        np.testing.assert_allclose([r.image_radius for r in reply.radii], unary.image_radius, rtol=1e-5)
         assert all(r.bound == "ibp" for r in reply.radii)
