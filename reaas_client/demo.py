@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n", type=int, default=100_000, help="REaaS-SC N (local, costs no queries)")
     parser.add_argument("--feature-sigma", type=float, default=0.5, help="REaaS-SC noise in feature space")
     parser.add_argument("--image-sigma", type=float, default=0.25, help="SEaaS-SC noise in pixel units")
+    parser.add_argument("--bound", default="",
+                        help="F2IPerturb bound for both REaaS paths (empty: the server's default, the tightest)")
     parser.add_argument("--epochs", type=int, default=40, help="epochs of the downstream MLP")
     parser.add_argument("--seed", type=int, default=0, help="seed of subsets, training and noise")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -62,9 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     seaas_idx = test_idx[: args.seaas_test_size]
     train_config = TrainConfig(epochs=args.epochs)
     runs = [
-        (PathConfig("reaas-bc", seed=args.seed, train=train_config), test_idx, "reaas", ""),
-        (PathConfig("reaas-sc", sigma=args.feature_sigma, n=args.n, seed=args.seed, train=train_config),
-         test_idx, "reaas", f"sigma_F={args.feature_sigma:g}, N={args.n}"),
+        (PathConfig("reaas-bc", bound=args.bound, seed=args.seed, train=train_config), test_idx, "reaas",
+         f"CROWN on h, F2I bound {args.bound or 'server default'}"),
+        (PathConfig("reaas-sc", sigma=args.feature_sigma, n=args.n, bound=args.bound, seed=args.seed,
+                    train=train_config),
+         test_idx, "reaas", f"sigma_F={args.feature_sigma:g}, N={args.n}, F2I bound {args.bound or 'default'}"),
         (PathConfig("seaas-sc", sigma=args.image_sigma, n=args.seaas_n, seed=args.seed, train=train_config),
          seaas_idx, "seaas", f"sigma={args.image_sigma:g}, N REDUCED to {args.seaas_n} (paper: 100 000; "
                              "see make bench-certify)"),

@@ -113,6 +113,13 @@ def fetch_features(
     return FeatureSet(torch.from_numpy(features), labels, spent, False, path)
 
 
+def feature_spread(features: torch.Tensor) -> float:
+    """RMS l2 distance of features [N, feature_dim] to their mean: the scale feature-space noise is set in,
+    so a sigma given as a fraction of it means the same for encoders whose features differ in scale."""
+    centred = features.to(torch.float64) - features.to(torch.float64).mean(dim=0)
+    return float(centred.pow(2).sum(dim=1).mean().sqrt())
+
+
 def build_mlp(feature_dim: int, num_classes: int, hidden: tuple[int, ...] = (256, 256)) -> nn.Sequential:
     """The downstream classifier h: Linear/ReLU layers only (what feature-space bounds support)."""
     layers: list[nn.Module] = []
@@ -130,7 +137,7 @@ class TrainConfig:
 
     hidden: tuple[int, ...] = (256, 256)
     epochs: int = 60
-    batch_size: int = 128
+    batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 1e-4
     noise_sigma: float = 0.0
@@ -141,16 +148,20 @@ def train_classifier(features: torch.Tensor, labels: torch.Tensor, num_classes: 
                      config: TrainConfig = TrainConfig()) -> nn.Sequential:
     """Train h on `features` [N, feature_dim] with cross-entropy (Adam, cosine schedule).
 
-    Runs on CUDA when available; returns h on the CPU in eval mode.
+    Features are centred and scaled by their spread while training (encoders' feature scales differ by
+    orders of magnitude); the affine map is then folded into h's first Linear, so the returned h takes raw
+    features and is still Linear/ReLU only. Runs on CUDA when available; returns h on the CPU in eval mode.
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
+    features = features.to(torch.float32)
+    mean = features.mean(dim=0)
+    scale = max(feature_spread(features), 1e-12) / features.shape[1] ** 0.5  # unit variance per coordinate
     model = build_mlp(features.shape[1], num_classes, config.hidden).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = max(1, -(-features.shape[0] // config.batch_size))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs * steps_per_epoch)
-    features = features.to(torch.float32)
     model.train()
     for _ in range(config.epochs):
         order = torch.randperm(features.shape[0], generator=generator)
@@ -159,12 +170,18 @@ def train_classifier(features: torch.Tensor, labels: torch.Tensor, num_classes: 
             inputs = features[batch]
             if config.noise_sigma > 0:
                 inputs = inputs + config.noise_sigma * torch.randn(inputs.shape, generator=generator)
-            loss = nn.functional.cross_entropy(model(inputs.to(device)), labels[batch].to(device))
+            logits = model(((inputs - mean) / scale).to(device))
+            loss = nn.functional.cross_entropy(logits, labels[batch].to(device))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             schedule.step()
-    return model.cpu().eval()
+    model = model.cpu().eval()
+    first = model[0]
+    with torch.no_grad():  # h(z) = g((z - mean) / scale): fold into the first layer, W' = W / s, b' = b - W' mean
+        first.weight.div_(scale)
+        first.bias.sub_(first.weight @ mean)
+    return model
 
 
 def accuracy(model: nn.Module, features: torch.Tensor, labels: torch.Tensor) -> float:

@@ -80,13 +80,16 @@ def train_downstream(
     cache_dir: Path | None = DEFAULT_CACHE_DIR,
 ) -> TrainedClassifier:
     """Train h for `path`: reaas-bc on clean features; reaas-sc with N(0, sigma^2) added to the features;
-    seaas-sc on the features of 25 noisy copies clip(x + e) per training image (noise in image space)."""
+    seaas-sc on the features of 25 noisy copies clip(x + e) per training image (noise in image space,
+    Gaussian data augmentation through the API; epochs divided by 25, see below)."""
     _check_path(path)
     config = config or TrainConfig()
     if path == "seaas-sc":
         fetched = fetch_features(client, images, labels, dataset=dataset, cache_dir=cache_dir,
                                  copies=SEAAS_TRAIN_COPIES, noise_sigma=sigma, seed=config.seed)
-        config = replace(config, noise_sigma=0.0)
+        # Each noisy copy is a fresh view of its input: 25 copies per pass is 25 epochs of augmentation, so
+        # the pass count is divided by 25 to give h the same number of optimiser steps as on the REaaS paths.
+        config = replace(config, noise_sigma=0.0, epochs=max(1, -(-config.epochs // SEAAS_TRAIN_COPIES)))
     else:
         fetched = fetch_features(client, images, labels, dataset=dataset, cache_dir=cache_dir)
         noise = sigma if path == "reaas-sc" else 0.0

@@ -45,3 +45,17 @@ def test_stratified_subset_prefixes_are_class_balanced() -> None:
     assert torch.bincount(labels[subset], minlength=10).tolist() == [3] * 10
     everything = stratified_subset(labels, 0, seed=1)
     assert sorted(everything.tolist()) == list(range(500))
+
+
+def test_training_is_invariant_to_the_feature_scale() -> None:
+    """Encoders' feature scales differ by orders of magnitude; h trains in normalised units and the
+    normalisation is folded into its first layer, so raw features of any scale classify alike."""
+    train, labels = blobs(300, 0)
+    test, test_labels = blobs(300, 1)
+    config = TrainConfig(hidden=(32,), epochs=20, lr=1e-2)
+    small = train_classifier(1e-3 * train, labels, 3, config)
+    large = train_classifier(train, labels, 3, config)
+    assert accuracy(small, 1e-3 * test, test_labels) > 0.95
+    with torch.no_grad():
+        agreement = (small(1e-3 * test).argmax(1) == large(test).argmax(1)).float().mean()
+    assert agreement > 0.98  # same training up to float rounding
