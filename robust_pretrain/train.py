@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -77,6 +78,7 @@ class PretrainConfig:
 
 @dataclass(frozen=True)
 class PretrainResult:
+    encoder: nn.Module  # this process's trained query encoder (identical in every process), train mode
     metadata: CheckpointMetadata  # of the written encoder checkpoint (sound Lipschitz bound included)
     checkpoint: Path  # <out_dir>/encoder (.safetensors + .json)
     history: tuple[dict, ...]  # one log record per epoch
@@ -176,7 +178,7 @@ def pretrain(config: PretrainConfig, data: ImageSet, probe: tuple[ImageSet, Imag
         from robust_pretrain.checkpoint import load_checkpoint
 
         metadata = load_checkpoint(out_dir / "encoder").metadata
-    return PretrainResult(metadata=metadata, checkpoint=out_dir / "encoder", history=tuple(history),
+    return PretrainResult(encoder=moco.encoder_q, metadata=metadata, checkpoint=out_dir / "encoder", history=tuple(history),
                           train_seconds=train_seconds)
 
 

@@ -53,7 +53,7 @@ def test_forward_repeats_keys_for_extra_query_views():
     logits, labels, queries, product = moco(view, keys)
     assert logits.shape == (4, 7) and labels.tolist() == [0, 0, 0, 0] and queries.shape == (4, 4)
     assert torch.allclose(logits[2:, 0], F.cosine_similarity(queries[2:], keys) / 0.5, atol=1e-6)
-    assert product.requires_grad and float(product) > 0
+    assert product.requires_grad and product.item() > 0
 
 
 @pytest.mark.parametrize("epsilon", [0.3, 1.0])
