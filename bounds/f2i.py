@@ -24,6 +24,7 @@ SAFETY_MARGIN = 1e-4
 BOUNDS_OFFERED: tuple[str, ...] = (*FEATURE_BOUNDS, "best")
 DEFAULT_BOUND = "best"
 DEFAULT_MEMORY_BUDGET_BYTES = 1 << 30
+_LINEAR_IN_RADIUS = ("lipschitz", "local_lipschitz")  # UB = K·r with K valid on the whole ball of radius r
 _BYTES_FACTOR = 8  # live [batch, spec, *node] tensors during a CROWN backward step: lA, uA and temporaries
 
 
@@ -82,10 +83,15 @@ def _search_chunk(
         point = InputBall(images, torch.zeros(batch, dtype=images.dtype, device=images.device))
         jacobian_norm = local_jacobian_norm(graph, compute_bounds(graph, point, intermediate="ibp")).cpu()
         upper = radii_f / jacobian_norm.clamp(min=1e-12)
+        if lipschitz_upper > 0:
+            # sound bounds rarely certify far beyond the global-Lipschitz radius: start the bracket near it
+            upper = torch.minimum(upper, 2 * radii_f / lipschitz_upper)
         upper = torch.where(torch.isfinite(upper), upper, 2 * lower + 1.0)
     upper = torch.where(radii_f > 0, torch.maximum(upper, lower), lower)
 
-    def certify(radius: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    current = lower.tolist()  # the largest radius certified so far per image (to track the deciding bound)
+
+    def certify(radius: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
         device_index = index.to(images.device)
         values = feature_distance_upper(
             graph, images[device_index], radius.to(images.device, images.dtype), names,
@@ -93,11 +99,27 @@ def _search_chunk(
         )
         stacked = torch.stack([values[n].cpu() for n in names], dim=1)
         best, which = stacked.min(dim=1)
-        verified = best * (1 + SAFETY_MARGIN) < radii_f[index]
+        score = best * (1 + SAFETY_MARGIN) / radii_f[index]
+        verified = score < 1
+        # A Lipschitz constant K valid on the whole probed ball certifies R_F / (K (1 + m)) if that is smaller.
+        certified = torch.zeros_like(score)
+        certified_by = [None] * len(index)
+        for name in _LINEAR_IN_RADIUS:
+            if name in values:
+                constant = values[name].cpu() / radius.cpu().clamp(min=1e-300)
+                candidate = torch.minimum(radii_f[index] / (constant * (1 + SAFETY_MARGIN)) * (1 - 1e-9), radius.cpu())
+                better = candidate > certified
+                certified = torch.where(better, candidate, certified)
+                certified_by = [name if b else c for b, c in zip(better.tolist(), certified_by, strict=True)]
         for position, image in enumerate(index.tolist()):
             if verified[position]:
                 decider[image] = names[int(which[position])]
-        return verified
+            elif certified_by[position] is not None and certified[position] > current[image]:
+                decider[image] = certified_by[position]
+                current[image] = float(certified[position])
+            if verified[position]:
+                current[image] = max(current[image], float(radius[position]))
+        return verified, score, certified
 
     radius, steps = batched_binary_search(certify, lower, upper, tolerance=tolerance, max_steps=max_steps)
     return radius, decider, steps
@@ -130,7 +152,7 @@ def f2i_radius(
         raise ValueError(f"{images.shape[0]} images but {feature_radii.shape[0]} feature radii")
     if bool((feature_radii < 0).any()) or not bool(torch.isfinite(feature_radii).all()):
         raise ValueError("feature radii must be finite and >= 0")
-    if lipschitz_upper is None and "lipschitz" in names:
+    if lipschitz_upper is None:
         lipschitz_upper = global_lipschitz_upper(model, tuple(images.shape[1:]))
     device = next(model.parameters()).device if any(True for _ in model.parameters()) else images.device
     graph = build_graph(model, tuple(images.shape[1:]), dtype=torch.float32, device=device)

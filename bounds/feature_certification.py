@@ -93,12 +93,16 @@ def certify_feature_radius(
         if not any(isinstance(node.op, ReLUOperator) for node in graph.nodes[1:]):
             return FeatureCertificate(prediction.cpu(), linearised * (1 - SAFETY_MARGIN))
         lipschitz = global_lipschitz_upper(classifier, (features.shape[1],))
-        lower = margins.clamp(min=0).min(dim=1).values / (math.sqrt(2.0) * max(lipschitz, 1e-30))
+        smallest_margin = margins.clamp(min=0).min(dim=1).values
+        lower = smallest_margin / (math.sqrt(2.0) * max(lipschitz, 1e-30))
 
         def certify(radius: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
             device_index = index.to(device)
             bounds = _margin_lower_bounds(graph, z[device_index], radius.to(device), spec[device_index], method)
-            return (bounds > 0).all(dim=1).cpu()
+            worst = bounds.min(dim=1).values.cpu().to(torch.float64)
+            # score 0 at the centre, 1 where the worst margin's lower bound reaches 0
+            score = 1 - worst / smallest_margin[index].clamp(min=1e-30)
+            return worst > 0, score
 
         radius, _ = batched_binary_search(
             certify, lower, torch.maximum(linearised, lower), tolerance=tolerance, max_steps=max_steps

@@ -10,18 +10,19 @@ Write g(d) = f(x + d) - f(x) (g(0) = 0) and B = {d : ||d||_2 <= r}. Each bound b
 * `crown_spectral`: CROWN also yields matrices with `lA·d + bL <= g(d) <= uA·d + bU` on B (bL, bU absorb
   f(x)). Write g(d) = M·d + m + w(d) with M = (uA + lA)/2, m = (bU + bL)/2; then |w_i(d)| <= h_i(d) with
   h(d) = D·d + e, D = (uA - lA)/2, e = (bU - bL)/2, so by the triangle inequality
-  ||g(d)|| <= ||M||_2·r + ||m|| + ||D||_2·r + ||e||, with exact (float64 SVD) spectral norms. When every ReLU is
+  ||g(d)|| <= ||M||_2·r + ||m|| + ||D||_2·r + ||e||, with exact (float64) spectral norms. When every ReLU is
   stable on B, f is affine there: lA = uA = J, bL = bU = 0 and the bound is the exact ||J||_2·r.
 * `local_lipschitz`: by Lebourg's mean value theorem, g(d) lies in the convex hull of {J·d : J a Clarke
   Jacobian of f at a point of B}. Every such J = W_L·S_{L-1}·...·S_1·W_1 (residual adds summing branches) with
   S_k diagonal, entries 1 on stably active, 0 on stably inactive and in [0, 1] on unstable neurons (from the
   intermediate bounds on B). Interval arithmetic backward through that product gives |J - C| <= R elementwise,
-  so ||J||_2 <= min(||C||_2 + ||R||_2, || |C| + R ||_2) and UB = that·r; when every ReLU is stable, R = 0 and
-  it is the exact ||J||_2·r.
+  so ||J||_2 <= min(||C||_2 + ||R||_2, || |C| + R ||_2). For chains (no residual add) the midpoint expansion
+  of bounds.midpoint_lipschitz gives a second sound bound of the same sup; UB = the smaller one times r. When
+  every ReLU is stable, both are the exact ||J||_2·r.
 * `best`: the minimum of all of the above, each sound, so the minimum is.
 
 Intermediate bounds come from bounds.propagation (`intermediate="crown"` by default, or "ibp"); the bounds that
-need them share one pass. Spectral norms are float64 SVDs inflated by bounds.spectral.SPECTRAL_SAFETY.
+need them share one pass. Spectral norms are exact float64 values inflated by bounds.spectral.SPECTRAL_SAFETY.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from bounds.graph import BoundGraph
+from bounds.midpoint_lipschitz import is_chain, midpoint_lipschitz_upper
 from bounds.operators import Box
 from bounds.propagation import InputBall, compute_bounds, crown_backward
 from bounds.spectral import matrix_norm_upper
@@ -69,12 +71,15 @@ def jacobian_interval(graph: BoundGraph, boxes: list[Box]) -> tuple[torch.Tensor
     return c.reshape(batch, c.shape[1], -1), r.reshape(batch, r.shape[1], -1)
 
 
-def local_jacobian_norm(graph: BoundGraph, boxes: list[Box]) -> torch.Tensor:
+def local_jacobian_norm(graph: BoundGraph, boxes: list[Box], *, spec_chunk: int = 1024) -> torch.Tensor:
     """Sound upper bound [batch] of ||J||_2 over every Clarke Jacobian J on the set the boxes describe."""
     c, r = jacobian_interval(graph, boxes)
     split = matrix_norm_upper(c) + matrix_norm_upper(r)
     joint = matrix_norm_upper(c.abs() + r)
-    return torch.minimum(split, joint)
+    bound = torch.minimum(split, joint)
+    if is_chain(graph) and bool((r > 0).any()):
+        bound = torch.minimum(bound, midpoint_lipschitz_upper(graph, boxes, spec_chunk=spec_chunk))
+    return bound
 
 
 def feature_distance_upper(
@@ -133,5 +138,5 @@ def feature_distance_upper(
                 + offset_mid.norm(dim=1) + offset_gap.norm(dim=1)
             )
     if "local_lipschitz" in names:
-        result["local_lipschitz"] = local_jacobian_norm(graph, boxes) * radius64
+        result["local_lipschitz"] = local_jacobian_norm(graph, boxes, spec_chunk=spec_chunk) * radius64
     return result

@@ -78,7 +78,8 @@ def test_memory_budget_chunks_without_changing_results():
     radii = torch.full((5,), 0.5)
     whole = f2i_radius(model, images, radii, bound="crown")
     chunked = f2i_radius(model, images, radii, bound="crown", memory_budget_bytes=1)
-    torch.testing.assert_close(whole.image_radius, chunked.image_radius, rtol=1e-9, atol=0)
+    # float32 batched kernels differ in the last bits with the batch layout; the radii agree to rounding
+    torch.testing.assert_close(whole.image_radius, chunked.image_radius, rtol=1e-5, atol=0)
 
 
 def test_unknown_bound_lists_the_valid_ones():

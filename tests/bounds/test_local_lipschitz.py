@@ -1,0 +1,46 @@
+"""Local Lipschitz bounds dominate the Jacobian norm anywhere in the ball and are exact when nothing is unstable."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from bounds_models import ENCODERS
+
+from bounds import InputBall, build_graph, compute_bounds, global_lipschitz_upper
+from bounds.feature_distance import local_jacobian_norm
+from bounds.midpoint_lipschitz import midpoint_lipschitz_upper
+
+
+def _jacobian_norm(model, point: torch.Tensor) -> float:
+    jacobian = torch.autograd.functional.jacobian(lambda z: model(z.unsqueeze(0)).squeeze(0), point)
+    return float(torch.linalg.matrix_norm(jacobian.reshape(jacobian.shape[0], -1).double(), ord=2))
+
+
+@pytest.mark.parametrize("radius", [0.05, 0.3, 3.0])
+@pytest.mark.parametrize("encoder_name", sorted(ENCODERS))
+def test_local_bound_dominates_jacobians_in_the_ball(encoder_name, radius):
+    build, shape = ENCODERS[encoder_name]
+    model = build(11)
+    generator = torch.Generator().manual_seed(11)
+    center = torch.rand(1, *shape, generator=generator)
+    graph = build_graph(model, shape)
+    boxes = compute_bounds(graph, InputBall(center, torch.tensor([radius])))
+    bound = float(local_jacobian_norm(graph, boxes)[0])
+    for _ in range(8):
+        direction = torch.randn(shape, generator=generator)
+        point = center[0] + radius * float(torch.rand(1, generator=generator)) * direction / direction.norm()
+        assert _jacobian_norm(model, point) <= bound
+
+
+@pytest.mark.parametrize("encoder_name", ["toy", "mnist_cnn"])
+def test_midpoint_bound_is_exact_at_a_point_and_never_above_the_layer_product(encoder_name):
+    build, shape = ENCODERS[encoder_name]
+    model = build(12)
+    center = torch.rand(2, *shape, generator=torch.Generator().manual_seed(12))
+    graph = build_graph(model, shape)
+    at_point = midpoint_lipschitz_upper(graph, compute_bounds(graph, InputBall(center, torch.zeros(2))))
+    for b in range(2):
+        exact = _jacobian_norm(model, center[b])
+        assert exact <= float(at_point[b]) <= exact * (1 + 1e-4)
+    everywhere = midpoint_lipschitz_upper(graph, compute_bounds(graph, InputBall(center, torch.full((2,), 1e4))))
+    assert (everywhere <= global_lipschitz_upper(model, shape) * (1 + 1e-5)).all()
