@@ -33,7 +33,7 @@ from reaas_client.downstream import (
 from reaas_client.downstream import train_classifier as _train_mlp
 from reaas_client.metrics import InputRecord, RunSummary, summarize
 from reaas_client.seaas import StreamedImageSamples
-from reaas_client.smoothing import GaussianFeatureSamples, Smooth, label_classifier
+from reaas_client.smoothing import GaussianFeatureSamples, Smooth, SmoothCertificate, label_classifier
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -128,24 +128,32 @@ def certify_reaas_sc(client: EncoderClient, h: nn.Module, images: torch.Tensor, 
     Exactly 2 queries per test input (the n0 + n samples never leave the client). With probability at
     least 1 - alpha per input, a non-abstained prediction is certified on the image-space ball of radius R.
     """
-    smooth = Smooth(label_classifier(h), _num_classes(h), smoothing.sigma)
     records: list[InputRecord] = []
     with tqdm(total=images.shape[0], desc=f"REaaS-SC sigma={smoothing.sigma:g}", disable=not progress) as bar:
         for start in range(0, images.shape[0], batch_size):
             batch, ids, started, before = _begin_batch(client, images, start, batch_size, id_prefix)
             features = torch.from_numpy(client.features(batch, input_ids=ids))
-            certificates = []
-            for offset, feature in enumerate(features):
-                source = GaussianFeatureSamples(feature, smoothing.sigma, smoothing.batch_size)
-                certificates.append(smooth.certify(source, smoothing.n0, smoothing.n, smoothing.alpha,
-                                                   _generator(smoothing.seed, start + offset)))
-                bar.update(1)
+            certificates = certify_features(h, features, smoothing, first_index=start)
+            bar.update(len(ids))
             feature_radius = np.array([c.radius for c in certificates], dtype=np.float64)
             reply = client.f2i_perturb(batch, feature_radius, input_ids=ids, bound=bound)
             records += _records(client.ledger, ids, before, labels[start:start + len(ids)],
                                 [c.prediction for c in certificates], reply.image_radius.tolist(),
                                 feature_radius.tolist(), started)
     return records
+
+
+def certify_features(h: nn.Module, features: torch.Tensor, smoothing: SmoothingConfig, *,
+                     first_index: int = 0) -> list[SmoothCertificate]:
+    """Cohen CERTIFY of h around each feature vector [batch, feature_dim], locally (no query).
+
+    The feature-space half of REaaS-SC; input i uses the generator of test index `first_index + i`, so a
+    certificate is the same whether computed here alone or inside `certify_reaas_sc`.
+    """
+    smooth = Smooth(label_classifier(h), _num_classes(h), smoothing.sigma)
+    return [smooth.certify(GaussianFeatureSamples(feature, smoothing.sigma, smoothing.batch_size), smoothing.n0,
+                           smoothing.n, smoothing.alpha, _generator(smoothing.seed, first_index + offset))
+            for offset, feature in enumerate(features)]
 
 
 def certify_seaas_sc(client: EncoderClient, h: nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -252,12 +260,13 @@ class PathConfig:
 
 @dataclass(frozen=True)
 class PathResult:
-    """A run's table row, its per-input records, and h's accuracy on the features it was trained on
-    (the noisy copies' features for seaas-sc)."""
+    """A run's table row, its per-input records, the trained h, and h's accuracy on the features it was
+    trained on (the noisy copies' features for seaas-sc)."""
 
     summary: RunSummary
     records: list[InputRecord]
     train_accuracy: float
+    classifier: nn.Sequential = field(repr=False)
 
 
 def run_path(config: PathConfig, client: EncoderClient, train_images: torch.Tensor, train_labels: torch.Tensor,
@@ -290,4 +299,4 @@ def run_path(config: PathConfig, client: EncoderClient, train_images: torch.Tens
                                "method": config.method if config.path == "reaas-bc" else "cohen",
                                "n": "" if config.path == "reaas-bc" else str(config.n)})
     return PathResult(summary, records, accuracy(trained.model, trained.features.features,
-                                                 trained.features.labels))
+                                                 trained.features.labels), trained.model)
