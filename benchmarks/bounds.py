@@ -48,11 +48,11 @@ def _cifar_encoder(seed: int = 0) -> nn.Module:
     penalised pre-training; default init alone makes the net so contractive that R_atk dwarfs the image)."""
     torch.manual_seed(seed)
     model = nn.Sequential(
-        nn.Conv2d(3, 16, 4, stride=2, padding=1), nn.ReLU(),  # 16x16
-        nn.Conv2d(16, 32, 4, stride=2, padding=1), nn.ReLU(),  # 8x8
-        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),  # 8x8
-        nn.Conv2d(32, 64, 4, stride=2, padding=1), nn.ReLU(),  # 4x4
-        nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, 64),
+        nn.Conv2d(3, 8, 4, stride=2, padding=1), nn.ReLU(),  # 16x16
+        nn.Conv2d(8, 16, 4, stride=2, padding=1), nn.ReLU(),  # 8x8
+        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),  # 8x8
+        nn.Conv2d(16, 32, 4, stride=2, padding=1), nn.ReLU(),  # 4x4
+        nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 32),
     ).eval()
     graph = bounds.build_graph(model, (3, 32, 32), dtype=torch.float64)
     layers = [m for m in model if isinstance(m, nn.Conv2d | nn.Linear)]
@@ -132,7 +132,7 @@ def attack_limit(model: nn.Module, images: torch.Tensor, feature_radius: float, 
 
 
 def run(encoders: list[str], inputs: int, feature_radii: list[float], device: torch.device,
-        memory_budget: int) -> tuple[list[Row], list[str]]:
+        memory_budget: int, tolerance: float, bound_names: tuple[str, ...]) -> tuple[list[Row], list[str]]:
     rows, notes = [], []
     for name, model, images in _encoders(encoders, inputs):
         model = model.to(device)
@@ -143,11 +143,11 @@ def run(encoders: list[str], inputs: int, feature_radii: list[float], device: to
         for feature_radius in feature_radii:
             radii = torch.full((images.shape[0],), feature_radius)
             results = {}
-            for bound in BOUNDS:
+            for bound in bound_names:
                 with _PeakMemory(device) as memory:
                     start = time.perf_counter()
                     result = bounds.f2i_radius(model, images, radii, bound=bound, lipschitz_upper=lipschitz,
-                                               memory_budget_bytes=memory_budget)
+                                               memory_budget_bytes=memory_budget, tolerance=tolerance)
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
                     elapsed = time.perf_counter() - start
@@ -234,6 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--encoders", default="demo,cifar", help="comma-separated subset of demo,cifar")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     parser.add_argument("--memory-budget-mib", type=int, default=1024, help="F2I memory budget (MiB)")
+    parser.add_argument("--tolerance", type=float, default=1e-3, help="relative tolerance of every radius search")
+    parser.add_argument("--bounds", default=",".join(BOUNDS), help="comma-separated bounds (must include crown, best)")
     parser.add_argument("--output", default="benchmarks/results/bounds.md", help="Markdown report path")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     command = "python -m benchmarks.bounds " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"{command}\n{machine()}\ndevice {device}", flush=True)
     rows, notes = run(args.encoders.split(","), args.inputs, [float(v) for v in args.feature_radii.split(",")],
-                      device, args.memory_budget_mib * 2**20)
+                      device, args.memory_budget_mib * 2**20, args.tolerance, tuple(args.bounds.split(",")))
     text = report(rows, notes, command.strip(), device, args.inputs)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(text)
