@@ -30,7 +30,7 @@ from tqdm import tqdm
 from robust_pretrain.adversarial import instance_adversary
 from robust_pretrain.architectures import EncoderConfig, build_encoder, small_cnn_config
 from robust_pretrain.augment import AugmentConfig, random_view
-from robust_pretrain.checkpoint import CheckpointMetadata, save_checkpoint
+from robust_pretrain.checkpoint import CheckpointMetadata, load_checkpoint, save_checkpoint
 from robust_pretrain.datasets import ImageSet
 from robust_pretrain.moco import MoCo, contrastive_loss, spectral_penalty
 from robust_pretrain.probe import linear_probe
@@ -118,15 +118,15 @@ def pretrain(config: PretrainConfig, data: ImageSet, probe: tuple[ImageSet, Imag
     local_batch = config.batch_size // world_size
     started = time.perf_counter()
     for epoch in range(start_epoch, config.epochs):
+        # every process draws the same order and takes its slice of each global batch
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
         views = torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + epoch * 1_009 + rank)
-        totals = {"contrastive_loss": 0.0, "penalty": 0.0, "feature_spread": 0.0}
+        totals = torch.zeros(3, device=device)  # contrastive loss, penalty, feature spread (summed over steps)
         bar = tqdm(range(steps_per_epoch), desc=f"{config.method} epoch {epoch + 1}/{config.epochs}",
                    disable=not progress or rank != 0, leave=False)
         for step in bar:
-            for group in optimizer.param_groups:  # cosine schedule, per step
-                group["lr"] = config.learning_rate * 0.5 * (1 + math.cos(math.pi * (epoch * steps_per_epoch + step)
-                                                                        / total_steps))
+            for group in optimizer.param_groups:
+                group["lr"] = _cosine_learning_rate(config.learning_rate, epoch * steps_per_epoch + step, total_steps)
             batch = order[step * config.batch_size:(step + 1) * config.batch_size]
             images = data.images[batch[rank * local_batch:(rank + 1) * local_batch]].to(device)
             view_q = random_view(images, views, config.augment)
@@ -143,14 +143,15 @@ def pretrain(config: PretrainConfig, data: ImageSet, probe: tuple[ImageSet, Imag
             (loss_contrastive + penalty).backward()
             optimizer.step()
             moco.enqueue(keys)
-            totals["contrastive_loss"] += loss_contrastive.item()
-            totals["penalty"] += penalty.item()
-            totals["feature_spread"] += _feature_spread(queries[:local_batch].detach())
-            bar.set_postfix(loss=f"{loss_contrastive.item():.3f}", lip=f"{lipschitz_product.item():.3g}")
+            # accumulated on the device: no host sync per step (progress bars read values only when shown)
+            totals += torch.stack([loss_contrastive.detach(), penalty.detach(),
+                                   _feature_spread(queries[:local_batch].detach())])
+            if progress and rank == 0:
+                bar.set_postfix(loss=f"{loss_contrastive.item():.3f}", lip=f"{lipschitz_product.item():.3g}")
 
-        record = {key: value / steps_per_epoch for key, value in totals.items()}
-        record.update(epoch=epoch + 1, lipschitz_product=lipschitz_product.item(),
-                      seconds=time.perf_counter() - started)
+        means = (totals / steps_per_epoch).tolist()
+        record = {"epoch": epoch + 1, "contrastive_loss": means[0], "penalty": means[1], "feature_spread": means[2],
+                  "lipschitz_product": lipschitz_product.item(), "seconds": time.perf_counter() - started}
         record["relative_lipschitz"] = record["lipschitz_product"] / max(record["feature_spread"], 1e-12)
         if rank == 0 and probe is not None and config.probe_every and (epoch + 1) % config.probe_every == 0:
             record["probe_accuracy"] = linear_probe(moco.encoder_q, *probe).accuracy
@@ -174,17 +175,20 @@ def pretrain(config: PretrainConfig, data: ImageSet, probe: tuple[ImageSet, Imag
     if world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
-    if metadata is None:  # non-zero ranks read what rank 0 wrote
-        from robust_pretrain.checkpoint import load_checkpoint
-
+    if metadata is None:  # the other processes read what rank 0 wrote
         metadata = load_checkpoint(out_dir / "encoder").metadata
-    return PretrainResult(encoder=moco.encoder_q, metadata=metadata, checkpoint=out_dir / "encoder", history=tuple(history),
-                          train_seconds=train_seconds)
+    return PretrainResult(encoder=moco.encoder_q, metadata=metadata, checkpoint=out_dir / "encoder",
+                          history=tuple(history), train_seconds=train_seconds)
 
 
-def _feature_spread(features: torch.Tensor) -> float:
+def _cosine_learning_rate(peak: float, step: int, total_steps: int) -> float:
+    """MoCo v2's schedule: cosine decay from ``peak`` to 0 over the run, set every step."""
+    return peak * 0.5 * (1 + math.cos(math.pi * step / total_steps))
+
+
+def _feature_spread(features: torch.Tensor) -> torch.Tensor:
     """Mean l2 distance of the features [batch, dim] from their batch mean: the scale the product acts on."""
-    return (features - features.mean(dim=0, keepdim=True)).norm(dim=1).mean().item()
+    return (features - features.mean(dim=0, keepdim=True)).norm(dim=1).mean()
 
 
 def _init_distributed(requested: str) -> tuple[int, int, torch.device]:
