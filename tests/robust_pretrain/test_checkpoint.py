@@ -95,3 +95,16 @@ def test_demo_loader_prefers_the_asset_file(tmp_path, monkeypatch):
     save_checkpoint(build_encoder(config), config, tmp_path / "demo_nonrobust", model_id="trained",
                     description="trained", training={})
     assert load_demo_encoder("nonrobust").metadata.model_id == "trained"
+
+
+def test_shipped_demo_encoders_load_verified_with_their_sound_bounds():
+    from bounds import global_lipschitz_upper
+
+    loaded = {kind: load_demo_encoder(kind) for kind in ("spectral", "nonrobust", "adversarial")}
+    for kind, encoder in loaded.items():
+        assert encoder.metadata.model_id == f"demo-{kind}", "asset missing: run `make pretrain-demo`"
+        assert "NOT pre-trained" not in encoder.metadata.description
+        recomputed = global_lipschitz_upper(encoder.model, encoder.metadata.input_shape)
+        assert recomputed == pytest.approx(encoder.metadata.lipschitz_upper, rel=1e-6)
+    # what the spectral penalty is for: a much smaller sound bound than the non-robust twin's
+    assert loaded["spectral"].metadata.lipschitz_upper * 10 < loaded["nonrobust"].metadata.lipschitz_upper
