@@ -61,7 +61,8 @@ def load_data(args: argparse.Namespace) -> Data:
 
 def run(config: PathConfig, client: EncoderClient, data: Data, count: int, note: str = "") -> PathResult:
     """One path on the first `count` test inputs (a class-balanced prefix)."""
-    print(f"  {config.path} sigma={config.sigma:g} n={config.n} on {count} test inputs", flush=True)
+    knobs = "" if config.path == "reaas-bc" else f" sigma={config.sigma:.4g} n={config.n}"
+    print(f"  {config.path}{knobs} on {count} test inputs", flush=True)
     return run_path(config, client, data.train_images, data.train_labels, data.test_images[:count],
                     data.test_labels[:count], data.num_classes, dataset=data.name, cache_dir=CACHE_DIR,
                     progress=True, note=note)

@@ -133,8 +133,11 @@ def certify_reaas_sc(client: EncoderClient, h: nn.Module, images: torch.Tensor, 
         for start in range(0, images.shape[0], batch_size):
             batch, ids, started, before = _begin_batch(client, images, start, batch_size, id_prefix)
             features = torch.from_numpy(client.features(batch, input_ids=ids))
-            certificates = certify_features(h, features, smoothing, first_index=start)
-            bar.update(len(ids))
+            certificates = []
+            for offset in range(len(ids)):  # one at a time, so the progress bar moves per input
+                certificates += certify_features(h, features[offset:offset + 1], smoothing,
+                                                 first_index=start + offset)
+                bar.update(1)
             feature_radius = np.array([c.radius for c in certificates], dtype=np.float64)
             reply = client.f2i_perturb(batch, feature_radius, input_ids=ids, bound=bound)
             records += _records(client.ledger, ids, before, labels[start:start + len(ids)],
