@@ -2,6 +2,12 @@
 bounds, the batched F2I binary search (feature radius -> certified image radius), and feature-space
 certification of a downstream classifier. Depends only on torch / numpy / scipy.
 
+F2I bounds (`BOUNDS_OFFERED`; each a sound upper bound of max_{||d|| <= r} ||f(x + d) - f(x)||, argued in
+bounds.feature_distance): "lipschitz" (global, L·r), "ibp", "crown" (the paper's elementwise CROWN -> l2),
+"crown_spectral" (CROWN's linear bounds -> l2 through spectral norms), "local_lipschitz" (interval Clarke
+Jacobian and midpoint expansion over the ball), "best" (their minimum, CROWN intermediate bounds) and
+"best_ibp" (their minimum, IBP intermediate bounds; DEFAULT_BOUND).
+
 Supported layers (anything else raises UnsupportedLayerError): nn.Sequential, nn.Linear, nn.Conv2d (zero padding,
 any stride), nn.ReLU, nn.Flatten, nn.AvgPool2d, nn.Identity, Residual, nn.BatchNorm1d/2d (eval mode).
 """

@@ -43,14 +43,15 @@ def test_feature_distance_bounds_dominate_attacks(encoder_name, seed):
             assert (sampled <= value).all(), (name, radius_value)
 
 
+@pytest.mark.parametrize("bound", ["best", "best_ibp"])
 @pytest.mark.parametrize("encoder_name", sorted(ENCODERS))
-def test_f2i_radius_is_sound_and_reports_the_deciding_bound(encoder_name):
+def test_f2i_radius_is_sound_and_reports_the_deciding_bound(encoder_name, bound):
     build, shape = ENCODERS[encoder_name]
     model = build(5)
     generator = torch.Generator().manual_seed(5)
     images = torch.rand(3, *shape, generator=generator)
     feature_radii = torch.tensor([0.1, 0.5, 1.0])
-    result = f2i_radius(model, images, feature_radii, bound="best")
+    result = f2i_radius(model, images, feature_radii, bound=bound)
     assert result.image_radius.dtype == torch.float64 and result.search_steps.dtype == torch.int64
     assert set(result.bound) <= set(BOUNDS_OFFERED)
     attacked, _ = pgd_feature_distance(model, images, result.image_radius.float(), steps=40, restarts=3,
