@@ -12,6 +12,7 @@ from reaas_client.downstream import TrainConfig, fetch_features, input_ids
 from reaas_client.pipelines import (
     SEAAS_TRAIN_COPIES,
     SmoothingConfig,
+    certify_features,
     certify_reaas_bc,
     certify_reaas_sc,
     certify_seaas_sc,
@@ -94,9 +95,14 @@ def test_reaas_sc_costs_two_queries_per_test_input(reaas_address, data) -> None:
     _, _, test_images, test_labels = data
     with EncoderClient(reaas_address) as client:
         h = quick("reaas-sc", client, data).model
+        features = client.features(test_images)
         records = certify_reaas_sc(client, h, test_images, test_labels, SMALL, bound=FAST_BOUND,
                                    batch_size=3)
     assert all(dict(r.queries) == {"Feature": 1, "F2IPerturb": 1} for r in records)
+    # The same certificates as the local feature-space half computes on its own: batching changes nothing.
+    local = certify_features(h, torch.from_numpy(features), SMALL)
+    assert [r.feature_radius for r in records] == [c.radius for c in local]
+    assert [r.prediction for r in records] == [c.prediction for c in local]
 
 
 def test_seaas_sc_costs_n0_plus_n_streamed_queries(seaas_address, data) -> None:
