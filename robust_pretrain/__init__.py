@@ -5,7 +5,8 @@ Public face (what the server and the client import):
 * ``EncoderConfig``, ``build_encoder`` — bound-friendly encoders described by a JSON-able config;
 * ``CheckpointMetadata``, ``LoadedEncoder``, ``save_checkpoint``, ``load_checkpoint`` — safetensors + JSON;
 * ``demo_checkpoint_path``, ``load_demo_encoder`` — the shipped demo encoders;
-* ``ImageSet``, ``EmbeddedMnistSplits``, ``load_embedded_mnist``, ``load_dataset`` — data, nothing downloaded.
+* ``ImageSet``, ``EmbeddedMnistSplits``, ``load_embedded_mnist``, ``load_dataset`` — data sets;
+  nothing is downloaded.
 """
 
 from robust_pretrain.architectures import EncoderConfig, build_encoder, resnet_config, small_cnn_config

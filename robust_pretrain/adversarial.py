@@ -13,8 +13,16 @@ import torch
 from robust_pretrain.moco import MoCo, contrastive_loss
 
 
-def instance_adversary(moco: MoCo, view_q: torch.Tensor, keys: torch.Tensor, *, epsilon: float,
-                       step_size: float, steps: int, generator: torch.Generator) -> torch.Tensor:
+def instance_adversary(
+    moco: MoCo,
+    view_q: torch.Tensor,
+    keys: torch.Tensor,
+    *,
+    epsilon: float,
+    step_size: float,
+    steps: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
     """Views within l2 distance ``epsilon`` of ``view_q`` (and in [0, 1]) that maximise the InfoNCE loss.
 
     l2 PGD from a uniform random start in the ball; each step moves ``step_size`` along the normalised
@@ -43,5 +51,7 @@ def _random_in_ball(like: torch.Tensor, radius: float, generator: torch.Generato
     """Uniform in the l2 ball of ``radius`` per sample (direction Gaussian, radius ~ U^(1/d))."""
     direction = torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
     dims = like[0].numel()
-    scale = torch.rand(like.shape[0], generator=generator, device=like.device, dtype=like.dtype) ** (1.0 / dims)
+    scale = torch.rand(like.shape[0], generator=generator, device=like.device, dtype=like.dtype) ** (
+        1.0 / dims
+    )
     return direction / _per_sample_norm(direction) * (radius * scale).view(-1, *([1] * (like.dim() - 1)))

@@ -49,7 +49,9 @@ class EncoderConfig:
             downsample = 2 ** (len(self.widths) - 1)
             _, height, width = self.input_shape
             if height % downsample or width % downsample:
-                raise ValueError(f"resnet with {len(self.widths)} stages needs H, W divisible by {downsample}")
+                raise ValueError(
+                    f"resnet with {len(self.widths)} stages needs H, W divisible by {downsample}"
+                )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,8 +76,9 @@ def small_cnn_config(feature_dim: int = 32) -> EncoderConfig:
 def resnet_config(input_shape: tuple[int, int, int] = (3, 32, 32), feature_dim: int = 64) -> EncoderConfig:
     """A ResNet-style encoder for 3x32x32 (CIFAR-10, SVHN) or 3x64x64 (Tiny-ImageNet, resized STL-10)."""
     widths = (32, 64, 128) if input_shape[1] <= 32 else (32, 64, 128, 128)
-    return EncoderConfig(arch="resnet", input_shape=input_shape, feature_dim=feature_dim, widths=widths,
-                         blocks_per_stage=1)
+    return EncoderConfig(
+        arch="resnet", input_shape=input_shape, feature_dim=feature_dim, widths=widths, blocks_per_stage=1
+    )
 
 
 def _small_cnn(config: EncoderConfig) -> nn.Sequential:

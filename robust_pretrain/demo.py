@@ -62,8 +62,10 @@ def seeded_init_encoder(kind: str = "spectral") -> LoadedEncoder:
         config,
         encoder_weights_bytes(model),
         model_id=f"demo-{kind}-seeded-init",
-        description=(f"seeded random init, NOT pre-trained (no asset file for demo kind {kind!r}; "
-                     "run `make pretrain-demo`)"),
+        description=(
+            f"seeded random init, NOT pre-trained (no asset file for demo kind {kind!r}; "
+            "run `make pretrain-demo`)"
+        ),
         training={"seed": SEEDED_INIT_SEED, "pretrained": False},
     )
     return LoadedEncoder(model=serving_model(model), metadata=metadata)

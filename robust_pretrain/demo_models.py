@@ -1,4 +1,4 @@
-"""Train the three shipped demo encoders: ``python -m robust_pretrain.demo_models`` (= ``make pretrain-demo``).
+"""Train the three shipped demo encoders: ``python -m robust_pretrain.demo_models`` (``make pretrain-demo``).
 
 Each kind is trained from scratch (a fresh temporary run folder, so nothing is resumed) on the embedded
 MNIST pre-training split (2 000 digits), with the same architecture, seed, schedule and augmentations;
@@ -27,8 +27,14 @@ DEMO_EPOCHS = 30
 
 def demo_pretrain_config(kind: str, out_dir: str, epochs: int = DEMO_EPOCHS) -> PretrainConfig:
     """The run config of demo encoder ``kind``; the three differ only in the method's own parameters."""
-    base = PretrainConfig(encoder=demo_config(), out_dir=out_dir, epochs=epochs, probe_every=epochs,
-                          model_id=f"demo-{kind}", seed=0)
+    base = PretrainConfig(
+        encoder=demo_config(),
+        out_dir=out_dir,
+        epochs=epochs,
+        probe_every=epochs,
+        model_id=f"demo-{kind}",
+        seed=0,
+    )
     methods = {
         "spectral": {"spectral_weight": DEFAULT_SPECTRAL_WEIGHT},
         "nonrobust": {},
@@ -38,10 +44,11 @@ def demo_pretrain_config(kind: str, out_dir: str, epochs: int = DEMO_EPOCHS) -> 
         "spectral": f"demo encoder: MoCo + spectral-norm product penalty (lambda={DEFAULT_SPECTRAL_WEIGHT})",
         "nonrobust": "demo encoder: MoCo without penalty (lambda=0), the non-robust baseline",
         "adversarial": f"demo encoder: MoCo + RoCL-style l2 PGD (epsilon={DEFAULT_ADVERSARIAL_EPSILON}), "
-                       "the adversarial contrastive baseline",
+        "the adversarial contrastive baseline",
     }
-    return dataclasses.replace(base, description=description[kind] + "; embedded MNIST pre-training split",
-                               **methods[kind])
+    return dataclasses.replace(
+        base, description=description[kind] + "; embedded MNIST pre-training split", **methods[kind]
+    )
 
 
 def train_demo_encoder(kind: str, epochs: int = DEMO_EPOCHS, progress: bool = True) -> PretrainResult:
@@ -49,10 +56,12 @@ def train_demo_encoder(kind: str, epochs: int = DEMO_EPOCHS, progress: bool = Tr
     splits = load_embedded_mnist()
     with tempfile.TemporaryDirectory(prefix=f"demo_{kind}_") as run_dir:
         config = demo_pretrain_config(kind, run_dir, epochs)
-        result = pretrain(config, splits.pretrain, (splits.downstream_train, splits.downstream_test),
-                          progress=progress)
-        for source, target in zip(checkpoint_paths(result.checkpoint), checkpoint_paths(demo_checkpoint_path(kind)),
-                                  strict=True):
+        result = pretrain(
+            config, splits.pretrain, (splits.downstream_train, splits.downstream_test), progress=progress
+        )
+        for source, target in zip(
+            checkpoint_paths(result.checkpoint), checkpoint_paths(demo_checkpoint_path(kind)), strict=True
+        ):
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
     return dataclasses.replace(result, checkpoint=demo_checkpoint_path(kind))
@@ -60,8 +69,13 @@ def train_demo_encoder(kind: str, epochs: int = DEMO_EPOCHS, progress: bool = Tr
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Train the demo encoders into robust_pretrain/assets/.")
-    parser.add_argument("--kinds", nargs="+", choices=DEMO_KINDS, default=list(DEMO_KINDS),
-                        help="which demo encoders to train")
+    parser.add_argument(
+        "--kinds",
+        nargs="+",
+        choices=DEMO_KINDS,
+        default=list(DEMO_KINDS),
+        help="which demo encoders to train",
+    )
     parser.add_argument("--epochs", type=int, default=DEMO_EPOCHS, help="epochs per encoder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -69,11 +83,18 @@ def main(argv: list[str] | None = None) -> int:
     for kind in args.kinds:
         kind_started = time.perf_counter()
         result = train_demo_encoder(kind, args.epochs, progress=not args.no_progress)
-        print(json.dumps({"kind": kind, "checkpoint": str(result.checkpoint),
-                          "lipschitz_upper": result.metadata.lipschitz_upper,
-                          "probe_accuracy": result.history[-1].get("probe_accuracy"),
-                          "train_seconds": round(result.train_seconds, 1),
-                          "wall_seconds": round(time.perf_counter() - kind_started, 1)}))
+        print(
+            json.dumps(
+                {
+                    "kind": kind,
+                    "checkpoint": str(result.checkpoint),
+                    "lipschitz_upper": result.metadata.lipschitz_upper,
+                    "probe_accuracy": result.history[-1].get("probe_accuracy"),
+                    "train_seconds": round(result.train_seconds, 1),
+                    "wall_seconds": round(time.perf_counter() - kind_started, 1),
+                }
+            )
+        )
     print(json.dumps({"total_wall_seconds": round(time.perf_counter() - started, 1)}))
     return 0
 

@@ -2,9 +2,10 @@
 
 * CIFAR-10 "python version": ``cifar-10-batches-py/{data_batch_1..5,test_batch}`` (pickled dicts). They are
   read with an unpickler that only admits the numpy array constructors, so a tampered file cannot run code.
-* SVHN cropped digits: ``{train,test}_32x32.mat`` (``X`` [32, 32, 3, N] uint8, ``y`` [N, 1] with 10 = digit 0).
+* SVHN cropped digits: ``{train,test}_32x32.mat`` (``X`` [32, 32, 3, N] uint8, ``y`` [N, 1], 10 = digit 0).
 * STL-10 binaries: ``stl10_binary/{train,test}_{X,y}.bin`` (uint8, images column-major 3x96x96, labels 1..10).
-* Tiny-ImageNet: ``tiny-imagenet-200/{wnids.txt,train/<wnid>/images/*.JPEG,val/images,val/val_annotations.txt}``;
+* Tiny-ImageNet: ``tiny-imagenet-200/`` with ``wnids.txt``, ``train/<wnid>/images/*.JPEG``, ``val/images`` and
+  ``val/val_annotations.txt``;
   our "test" split is the labelled ``val`` folder, classes are numbered in sorted-wnid order.
 
 ``path`` may be the folder that holds the files or its parent holding the standard folder name.
@@ -59,7 +60,9 @@ def read_stl10(path: Path, split: str) -> ImageSet:
     pixels = np.fromfile(root / f"{split}_X.bin", dtype=np.uint8)
     labels = np.fromfile(root / f"{split}_y.bin", dtype=np.uint8).astype(np.int64) - 1
     if pixels.size != labels.size * 3 * 96 * 96:
-        raise DatasetFormatError(f"stl10: {pixels.size} pixels for {labels.size} labels (expected 3x96x96 each)")
+        raise DatasetFormatError(
+            f"stl10: {pixels.size} pixels for {labels.size} labels (expected 3x96x96 each)"
+        )
     # Each image is stored column-major: channel, then column, then row.
     images = pixels.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2)
     return _image_set(images, labels, f"stl10/{split}", 10)
@@ -72,7 +75,9 @@ def read_tiny_imagenet(path: Path, split: str) -> ImageSet:
     files: list[tuple[Path, int]] = []
     if split == "train":
         for wnid in wnids:
-            files += [(file, class_of[wnid]) for file in sorted((root / "train" / wnid / "images").glob("*.JPEG"))]
+            files += [
+                (file, class_of[wnid]) for file in sorted((root / "train" / wnid / "images").glob("*.JPEG"))
+            ]
     else:
         for line in (root / "val" / "val_annotations.txt").read_text().splitlines():
             name, wnid = line.split("\t")[:2]
@@ -119,5 +124,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self._ALLOWED:
-            raise DatasetFormatError(f"CIFAR-10 batch refers to {module}.{name}, which a real batch never does")
+            raise DatasetFormatError(
+                f"CIFAR-10 batch refers to {module}.{name}, which a real batch never does"
+            )
         return super().find_class(module, name)

@@ -33,9 +33,18 @@ class MoCo(nn.Module):
     pointer, the power-iteration vectors) lives in buffers, so it is checkpointed with the weights.
     """
 
-    def __init__(self, encoder: nn.Module, input_shape: tuple[int, int, int], feature_dim: int, *,
-                 queue_size: int = 4096, momentum: float = 0.99, temperature: float = 0.2,
-                 power_iterations: int = 1, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        encoder: nn.Module,
+        input_shape: tuple[int, int, int],
+        feature_dim: int,
+        *,
+        queue_size: int = 4096,
+        momentum: float = 0.99,
+        temperature: float = 0.2,
+        power_iterations: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__()
         self.momentum = momentum
         self.temperature = temperature
@@ -55,8 +64,9 @@ class MoCo(nn.Module):
             param_k.mul_(self.momentum).add_(param_q.detach(), alpha=1.0 - self.momentum)
         return self.encoder_k(view_k)
 
-    def forward(self, view_q: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
-                                                                         torch.Tensor, torch.Tensor]:
+    def forward(
+        self, view_q: torch.Tensor, keys: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """InfoNCE logits for the queries against their keys and the queue, plus what the penalty needs.
 
         ``view_q`` [r * batch, C, H, W] (r >= 1 query views per key, e.g. clean and adversarial),

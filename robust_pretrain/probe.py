@@ -17,7 +17,7 @@ from robust_pretrain.datasets import ImageSet
 
 @dataclass(frozen=True)
 class LinearProbe:
-    """``classifier`` maps raw features [batch, dim] -> logits [batch, classes]; ``accuracy`` on the test set."""
+    """``classifier``: raw features [batch, dim] -> logits [batch, classes]; ``accuracy``: on the test set."""
 
     classifier: nn.Linear
     accuracy: float
@@ -35,8 +35,9 @@ def encode(model: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> to
         model.train(was_training)
 
 
-def linear_probe(model: nn.Module, train: ImageSet, test: ImageSet, *, l2: float = 1e-4,
-                 max_iterations: int = 200) -> LinearProbe:
+def linear_probe(
+    model: nn.Module, train: ImageSet, test: ImageSet, *, l2: float = 1e-4, max_iterations: int = 200
+) -> LinearProbe:
     """Fit a linear classifier on ``model``'s features of ``train``; report its accuracy on ``test``.
 
     Features are standardised with the training mean and std (folded back into the returned layer, so the

@@ -30,8 +30,13 @@ class SpectralNormProduct(nn.Module):
     stored, so its parameters are not registered twice (MoCo's query encoder is the one to pass).
     """
 
-    def __init__(self, encoder: nn.Module, input_shape: tuple[int, int, int], power_iterations: int = 1,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        encoder: nn.Module,
+        input_shape: tuple[int, int, int],
+        power_iterations: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__()
         self.power_iterations = power_iterations
         self._conv_input_hw: dict[str, tuple[int, int]] = {}
@@ -104,10 +109,13 @@ def _conv_operator(conv: nn.Conv2d, input_hw: tuple[int, int]):
     def adjoint(y: torch.Tensor) -> torch.Tensor:
         # output_padding recovers the input size that the strided conv rounded away.
         output_padding = tuple(
-            input_hw[i] - ((y.shape[-2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (kernel[i] - 1) + 1)
+            input_hw[i]
+            - ((y.shape[-2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (kernel[i] - 1) + 1)
             for i in range(2)
         )
-        return F.conv_transpose2d(y, conv.weight, None, stride, padding, output_padding, conv.groups, dilation)
+        return F.conv_transpose2d(
+            y, conv.weight, None, stride, padding, output_padding, conv.groups, dilation
+        )
 
     return forward, adjoint
 

@@ -85,8 +85,13 @@ class PretrainResult:
     train_seconds: float  # wall time of the epochs run by this call (not of resumed ones)
 
 
-def pretrain(config: PretrainConfig, data: ImageSet, probe: tuple[ImageSet, ImageSet] | None = None, *,
-             progress: bool = True) -> PretrainResult:
+def pretrain(
+    config: PretrainConfig,
+    data: ImageSet,
+    probe: tuple[ImageSet, ImageSet] | None = None,
+    *,
+    progress: bool = True,
+) -> PretrainResult:
     """Train an encoder on ``data`` (labels unused) and write ``<out_dir>/encoder``; resume if possible.
 
     ``probe``: (train, test) labelled sets for the per-epoch linear-probe accuracy (rank 0 only).
@@ -101,14 +106,27 @@ def pretrain(config: PretrainConfig, data: ImageSet, probe: tuple[ImageSet, Imag
         raise ValueError(f"data {data.input_shape} does not fit encoder input {config.encoder.input_shape}")
 
     torch.manual_seed(config.seed)  # the same initial weights in every process
-    moco = MoCo(build_encoder(config.encoder), config.encoder.input_shape, config.encoder.feature_dim,
-                queue_size=config.queue_size, momentum=config.moco_momentum, temperature=config.temperature,
-                power_iterations=config.power_iterations).to(device)
-    optimizer = torch.optim.SGD(moco.encoder_q.parameters(), lr=config.learning_rate,
-                                momentum=config.sgd_momentum, weight_decay=config.weight_decay)
+    moco = MoCo(
+        build_encoder(config.encoder),
+        config.encoder.input_shape,
+        config.encoder.feature_dim,
+        queue_size=config.queue_size,
+        momentum=config.moco_momentum,
+        temperature=config.temperature,
+        power_iterations=config.power_iterations,
+    ).to(device)
+    optimizer = torch.optim.SGD(
+        moco.encoder_q.parameters(),
+        lr=config.learning_rate,
+        momentum=config.sgd_momentum,
+        weight_decay=config.weight_decay,
+    )
     start_epoch, history = _resume(out_dir / "resume.pt", config, moco, optimizer, device)
-    model = moco if world_size == 1 else DistributedDataParallel(
-        moco, device_ids=[device.index] if device.type == "cuda" else None)
+    model = (
+        moco
+        if world_size == 1
+        else DistributedDataParallel(moco, device_ids=[device.index] if device.type == "cuda" else None)
+    )
 
     steps_per_epoch = len(data) // config.batch_size
     if steps_per_epoch == 0:
@@ -119,22 +137,38 @@ def pretrain(config: PretrainConfig, data: ImageSet, probe: tuple[ImageSet, Imag
     started = time.perf_counter()
     for epoch in range(start_epoch, config.epochs):
         # every process draws the same order and takes its slice of each global batch
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
+        order = torch.randperm(
+            len(data), generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+        )
         views = torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + epoch * 1_009 + rank)
-        totals = torch.zeros(3, device=device)  # contrastive loss, penalty, feature spread (summed over steps)
-        bar = tqdm(range(steps_per_epoch), desc=f"{config.method} epoch {epoch + 1}/{config.epochs}",
-                   disable=not progress or rank != 0, leave=False)
+        totals = torch.zeros(
+            3, device=device
+        )  # contrastive loss, penalty, feature spread (summed over steps)
+        bar = tqdm(
+            range(steps_per_epoch),
+            desc=f"{config.method} epoch {epoch + 1}/{config.epochs}",
+            disable=not progress or rank != 0,
+            leave=False,
+        )
         for step in bar:
             for group in optimizer.param_groups:
-                group["lr"] = _cosine_learning_rate(config.learning_rate, epoch * steps_per_epoch + step, total_steps)
-            batch = order[step * config.batch_size:(step + 1) * config.batch_size]
-            images = data.images[batch[rank * local_batch:(rank + 1) * local_batch]].to(device)
+                group["lr"] = _cosine_learning_rate(
+                    config.learning_rate, epoch * steps_per_epoch + step, total_steps
+                )
+            batch = order[step * config.batch_size : (step + 1) * config.batch_size]
+            images = data.images[batch[rank * local_batch : (rank + 1) * local_batch]].to(device)
             view_q = random_view(images, views, config.augment)
             keys = moco.encode_keys(random_view(images, views, config.augment))
             if config.adversarial_epsilon > 0:
-                attacked = instance_adversary(moco, view_q, keys, epsilon=config.adversarial_epsilon,
-                                              step_size=attack_step, steps=config.adversarial_steps,
-                                              generator=views)
+                attacked = instance_adversary(
+                    moco,
+                    view_q,
+                    keys,
+                    epsilon=config.adversarial_epsilon,
+                    step_size=attack_step,
+                    steps=config.adversarial_steps,
+                    generator=views,
+                )
                 view_q = torch.cat([view_q, attacked])
             logits, labels, queries, lipschitz_product = model(view_q, keys)
             loss_contrastive = contrastive_loss(logits, labels)
@@ -144,14 +178,21 @@ def pretrain(config: PretrainConfig, data: ImageSet, probe: tuple[ImageSet, Imag
             optimizer.step()
             moco.enqueue(keys)
             # accumulated on the device: no host sync per step (progress bars read values only when shown)
-            totals += torch.stack([loss_contrastive.detach(), penalty.detach(),
-                                   _feature_spread(queries[:local_batch].detach())])
+            totals += torch.stack(
+                [loss_contrastive.detach(), penalty.detach(), _feature_spread(queries[:local_batch].detach())]
+            )
             if progress and rank == 0:
                 bar.set_postfix(loss=f"{loss_contrastive.item():.3f}", lip=f"{lipschitz_product.item():.3g}")
 
         means = (totals / steps_per_epoch).tolist()
-        record = {"epoch": epoch + 1, "contrastive_loss": means[0], "penalty": means[1], "feature_spread": means[2],
-                  "lipschitz_product": lipschitz_product.item(), "seconds": time.perf_counter() - started}
+        record = {
+            "epoch": epoch + 1,
+            "contrastive_loss": means[0],
+            "penalty": means[1],
+            "feature_spread": means[2],
+            "lipschitz_product": lipschitz_product.item(),
+            "seconds": time.perf_counter() - started,
+        }
         record["relative_lipschitz"] = record["lipschitz_product"] / max(record["feature_spread"], 1e-12)
         if rank == 0 and probe is not None and config.probe_every and (epoch + 1) % config.probe_every == 0:
             record["probe_accuracy"] = linear_probe(moco.encoder_q, *probe).accuracy
@@ -161,13 +202,17 @@ def pretrain(config: PretrainConfig, data: ImageSet, probe: tuple[ImageSet, Imag
             with open(out_dir / "log.jsonl", "a") as log:
                 log.write(json.dumps(record) + "\n")
             if progress:
-                tqdm.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}))
+                tqdm.write(
+                    json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()})
+                )
     train_seconds = time.perf_counter() - started
 
     metadata = None
     if rank == 0:
         metadata = save_checkpoint(
-            moco.encoder_q, config.encoder, out_dir / "encoder",
+            moco.encoder_q,
+            config.encoder,
+            out_dir / "encoder",
             model_id=config.model_id or f"pretrain-{config.method}",
             description=config.description or f"MoCo pre-training, method {config.method}, on {data.name}",
             training=_training_record(config, data, history, world_size, device, train_seconds),
@@ -177,8 +222,13 @@ def pretrain(config: PretrainConfig, data: ImageSet, probe: tuple[ImageSet, Imag
         dist.destroy_process_group()
     if metadata is None:  # the other processes read what rank 0 wrote
         metadata = load_checkpoint(out_dir / "encoder").metadata
-    return PretrainResult(encoder=moco.encoder_q, metadata=metadata, checkpoint=out_dir / "encoder",
-                          history=tuple(history), train_seconds=train_seconds)
+    return PretrainResult(
+        encoder=moco.encoder_q,
+        metadata=metadata,
+        checkpoint=out_dir / "encoder",
+        history=tuple(history),
+        train_seconds=train_seconds,
+    )
 
 
 def _cosine_learning_rate(peak: float, step: int, total_steps: int) -> float:
@@ -208,8 +258,9 @@ def _init_distributed(requested: str) -> tuple[int, int, torch.device]:
     return dist.get_rank(), world_size, device
 
 
-def _resume(path: Path, config: PretrainConfig, moco: MoCo, optimizer: torch.optim.Optimizer,
-            device: torch.device) -> tuple[int, list[dict]]:
+def _resume(
+    path: Path, config: PretrainConfig, moco: MoCo, optimizer: torch.optim.Optimizer, device: torch.device
+) -> tuple[int, list[dict]]:
     """(first epoch to run, history so far). Refuses a state written by a different config."""
     if not path.is_file():
         return 0, []
@@ -225,10 +276,21 @@ def _resume(path: Path, config: PretrainConfig, moco: MoCo, optimizer: torch.opt
     return int(state["epoch"]), list(state["history"])
 
 
-def _save_resume(out_dir: Path, config: PretrainConfig, moco: MoCo, optimizer: torch.optim.Optimizer,
-                 epoch: int, history: list[dict]) -> None:
-    state = {"config": _plain(config.to_dict()), "moco": moco.state_dict(), "optimizer": optimizer.state_dict(),
-             "epoch": epoch, "history": history}
+def _save_resume(
+    out_dir: Path,
+    config: PretrainConfig,
+    moco: MoCo,
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    history: list[dict],
+) -> None:
+    state = {
+        "config": _plain(config.to_dict()),
+        "moco": moco.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "history": history,
+    }
     temporary = out_dir / "resume.pt.tmp"
     torch.save(state, temporary)
     temporary.replace(out_dir / "resume.pt")  # atomic: a crash never leaves half a state
@@ -239,8 +301,14 @@ def _plain(data: dict) -> dict:
     return json.loads(json.dumps(data))
 
 
-def _training_record(config: PretrainConfig, data: ImageSet, history: list[dict], world_size: int,
-                     device: torch.device, train_seconds: float) -> dict:
+def _training_record(
+    config: PretrainConfig,
+    data: ImageSet,
+    history: list[dict],
+    world_size: int,
+    device: torch.device,
+    train_seconds: float,
+) -> dict:
     return {
         "method": config.method,
         "config": _plain(config.to_dict()),

@@ -2,8 +2,14 @@ import torch
 
 from robust_pretrain.augment import AugmentConfig, random_view
 
-IDENTITY = AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), max_rotation_deg=0.0, brightness=0.0,
-                         contrast=0.0, noise_std=0.0)
+IDENTITY = AugmentConfig(
+    crop_scale=(1.0, 1.0),
+    crop_ratio=(1.0, 1.0),
+    max_rotation_deg=0.0,
+    brightness=0.0,
+    contrast=0.0,
+    noise_std=0.0,
+)
 
 
 def _images():
@@ -38,8 +44,14 @@ def test_crop_zooms_in():
     """
     images = torch.zeros(256, 1, 28, 28)
     images[..., 7:21, 7:21] = 1.0
-    zoom = AugmentConfig(crop_scale=(0.25, 0.25), crop_ratio=(1.0, 1.0), max_rotation_deg=0.0, brightness=0.0,
-                         contrast=0.0, noise_std=0.0)
+    zoom = AugmentConfig(
+        crop_scale=(0.25, 0.25),
+        crop_ratio=(1.0, 1.0),
+        max_rotation_deg=0.0,
+        brightness=0.0,
+        contrast=0.0,
+        noise_std=0.0,
+    )
     white = random_view(images, torch.Generator().manual_seed(0), zoom).mean(dim=(1, 2, 3))
     assert 0.50 < float(white.mean()) < 0.62
     assert float(white.max()) > 0.9

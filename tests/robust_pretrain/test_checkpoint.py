@@ -19,8 +19,9 @@ from robust_pretrain import demo as demo_module
 def _saved(tmp_path, config):
     torch.manual_seed(1)
     model = build_encoder(config)
-    metadata = save_checkpoint(model, config, tmp_path / "enc", model_id="test-enc", description="unit test",
-                               training={"epochs": 0})
+    metadata = save_checkpoint(
+        model, config, tmp_path / "enc", model_id="test-enc", description="unit test", training={"epochs": 0}
+    )
     return model, metadata
 
 
@@ -92,8 +93,14 @@ def test_demo_fallback_is_labelled_and_deterministic(tmp_path, monkeypatch):
 def test_demo_loader_prefers_the_asset_file(tmp_path, monkeypatch):
     monkeypatch.setattr(demo_module, "ASSETS_DIR", tmp_path)
     config = demo_module.demo_config()
-    save_checkpoint(build_encoder(config), config, tmp_path / "demo_nonrobust", model_id="trained",
-                    description="trained", training={})
+    save_checkpoint(
+        build_encoder(config),
+        config,
+        tmp_path / "demo_nonrobust",
+        model_id="trained",
+        description="trained",
+        training={},
+    )
     assert load_demo_encoder("nonrobust").metadata.model_id == "trained"
 
 

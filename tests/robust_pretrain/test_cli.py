@@ -5,14 +5,31 @@ import pytest
 from robust_pretrain import load_checkpoint
 from robust_pretrain.cli import DEFAULT_SPECTRAL_WEIGHT, build_parser, main
 
-TINY = ["--data", "mnist-embedded", "--max-images", "128", "--widths", "4", "8", "--hidden-dim", "16",
-        "--feature-dim", "8", "--epochs", "1", "--batch-size", "32", "--queue-size", "64", "--no-progress"]
+TINY = [
+    "--data",
+    "mnist-embedded",
+    "--max-images",
+    "128",
+    "--widths",
+    "4",
+    "8",
+    "--hidden-dim",
+    "16",
+    "--feature-dim",
+    "8",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "32",
+    "--queue-size",
+    "64",
+    "--no-progress",
+]
 
 
 def test_every_flag_is_explained_in_help():
     parser = build_parser()
-    unexplained = [action.dest for action in parser._actions
-                   if action.help in (None, "", argparse.SUPPRESS)]
+    unexplained = [action.dest for action in parser._actions if action.help in (None, "", argparse.SUPPRESS)]
     assert unexplained == []
     assert "--spectral-weight" in parser.format_help()
 
@@ -27,9 +44,14 @@ def test_cli_trains_the_requested_method_into_a_checkpoint(tmp_path):
     assert 0.0 <= training["final_epoch"]["probe_accuracy"] <= 1.0
 
 
-@pytest.mark.parametrize("flags", [["--method", "nonrobust", "--spectral-weight", "0.5"],
-                                   ["--method", "spectral", "--adversarial-epsilon", "0.5"],
-                                   ["--method", "spectral", "--spectral-weight", "0"]])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--method", "nonrobust", "--spectral-weight", "0.5"],
+        ["--method", "spectral", "--adversarial-epsilon", "0.5"],
+        ["--method", "spectral", "--spectral-weight", "0"],
+    ],
+)
 def test_flags_that_contradict_the_method_are_refused(tmp_path, flags):
     with pytest.raises(SystemExit):
         main([*TINY, "--out-dir", str(tmp_path), *flags])

@@ -20,8 +20,19 @@ def _free_port() -> int:
 def test_two_processes_end_with_identical_weights_and_one_checkpoint(tmp_path):
     """Each process sees other images and other random views; only gradient averaging keeps them equal."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[2]))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-               "127.0.0.1", "--master_port", str(_free_port()), str(WORKER), str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(WORKER),
+        str(tmp_path),
+    ]
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
     digests = {path.name: path.read_text() for path in tmp_path.glob("*.sha256")}

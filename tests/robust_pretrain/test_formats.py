@@ -27,8 +27,12 @@ def test_cifar10_python_batches(tmp_path):
     written = {}
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         pixels, labels = _pixels(rng, 3, 3, 32), rng.integers(0, 10, 3).tolist()
-        batch = {b"batch_label": name.encode(), b"labels": labels, b"data": pixels.reshape(3, 3072),
-                 b"filenames": [b"a.png", b"b.png", b"c.png"]}
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": labels,
+            b"data": pixels.reshape(3, 3072),
+            b"filenames": [b"a.png", b"b.png", b"c.png"],
+        }
         (root / name).write_bytes(pickle.dumps(batch, protocol=2))
         written[name] = (pixels, labels)
     train = load_dataset("cifar10", tmp_path, "train")  # parent folder works too

@@ -61,8 +61,15 @@ def test_instance_adversary_stays_in_the_ball_and_raises_the_loss(epsilon):
     moco = _moco()
     views = torch.rand(16, 1, 4, 4, generator=torch.Generator().manual_seed(1))
     keys = moco.encode_keys(views)
-    attacked = instance_adversary(moco, views, keys, epsilon=epsilon, step_size=epsilon / 2, steps=10,
-                                  generator=torch.Generator().manual_seed(2))
+    attacked = instance_adversary(
+        moco,
+        views,
+        keys,
+        epsilon=epsilon,
+        step_size=epsilon / 2,
+        steps=10,
+        generator=torch.Generator().manual_seed(2),
+    )
     assert (attacked - views).flatten(1).norm(dim=1).max() <= epsilon + 1e-5
     assert attacked.min() >= 0.0 and attacked.max() <= 1.0
     labels = torch.zeros(16, dtype=torch.long)

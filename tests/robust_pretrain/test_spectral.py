@@ -12,7 +12,10 @@ def _dense_norm(layer: nn.Module, input_shape) -> float:
     size = int(torch.tensor(input_shape).prod())
 
     def linear_part(x):
-        return layer(x.view(1, *input_shape)).flatten() - layer(torch.zeros(1, *input_shape, dtype=x.dtype)).flatten()
+        return (
+            layer(x.view(1, *input_shape)).flatten()
+            - layer(torch.zeros(1, *input_shape, dtype=x.dtype)).flatten()
+        )
 
     jacobian = torch.autograd.functional.jacobian(linear_part, torch.zeros(size, dtype=torch.float64))
     return float(torch.linalg.matrix_norm(jacobian, ord=2))
@@ -64,5 +67,7 @@ def test_estimate_is_differentiable_and_below_the_sound_bound(config):
     product = SpectralNormProduct(model, config.input_shape, power_iterations=50)
     value = product(model)
     value.backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "weight" in n)
-    assert 0 < float(value) <= global_lipschitz_upper(model, config.input_shape)
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "weight" in n
+    )
+    assert 0 < value.item() <= global_lipschitz_upper(model, config.input_shape)

@@ -8,7 +8,9 @@ from robust_pretrain import EncoderConfig, ImageSet, load_checkpoint
 from robust_pretrain import train as train_module
 from robust_pretrain.train import PretrainConfig, pretrain
 
-TINY_ENCODER = EncoderConfig(arch="small_cnn", input_shape=(1, 12, 12), feature_dim=8, widths=(4, 8), hidden_dim=16)
+TINY_ENCODER = EncoderConfig(
+    arch="small_cnn", input_shape=(1, 12, 12), feature_dim=8, widths=(4, 8), hidden_dim=16
+)
 
 
 def _blobs(count: int = 128, seed: int = 0) -> ImageSet:
@@ -22,8 +24,15 @@ def _blobs(count: int = 128, seed: int = 0) -> ImageSet:
 
 
 def _config(tmp_path, **changes) -> PretrainConfig:
-    base = PretrainConfig(encoder=TINY_ENCODER, out_dir=str(tmp_path / "run"), epochs=2, batch_size=32,
-                          queue_size=64, probe_every=0, learning_rate=0.05)
+    base = PretrainConfig(
+        encoder=TINY_ENCODER,
+        out_dir=str(tmp_path / "run"),
+        epochs=2,
+        batch_size=32,
+        queue_size=64,
+        probe_every=0,
+        learning_rate=0.05,
+    )
     return dataclasses.replace(base, **changes)
 
 
@@ -82,8 +91,9 @@ def test_same_seed_same_weights_and_penalty_lowers_the_sound_bound(tmp_path):
 
 
 def test_adversarial_method_trains_on_attacked_views(tmp_path):
-    result = pretrain(_config(tmp_path, epochs=1, adversarial_epsilon=0.5, adversarial_steps=2), _blobs(),
-                      progress=False)
+    result = pretrain(
+        _config(tmp_path, epochs=1, adversarial_epsilon=0.5, adversarial_steps=2), _blobs(), progress=False
+    )
     assert result.metadata.training["method"] == "adversarial"
     assert torch.isfinite(torch.tensor(result.history[-1]["contrastive_loss"]))
 
