@@ -158,8 +158,8 @@ def reaas_vs_seaas(args: argparse.Namespace, data: Data, train: TrainConfig) -> 
     verdict = "holds" if sc_k >= se_k else "DIFFERS from the paper"
     sections.append(f"**Ordering** on the same {k} inputs at full N: REaaS-SC ACR {sc_k:.3f} vs SEaaS-SC "
                     f"{se_k:.3f} -> the paper's REaaS-SC >= SEaaS-SC {verdict}. REaaS-BC {rows[3].acr:.3f}.")
-    sections.append(why_section(args, data, bc, sc_best, full))
-    curves = {"REaaS-BC": bc.records, f"REaaS-SC (sigma {sc_best.summary.extra['sigma']})": sc_best.records,
+    sections.append(why_section(args, data, bc, sc_best, full, args.bound or info.default_bound))
+    curves = {"REaaS-BC": bc.records, f"REaaS-SC (sigma_F {feature_sigma:.3g})": sc_best.records,
               f"SEaaS-SC full N (sigma {sigma:g}, {k} inputs)": full.records}
     return "\n\n".join(sections), curves
 
@@ -246,7 +246,8 @@ def _pgd_fools(classify: torch.nn.Module, inputs: torch.Tensor, labels: torch.Te
     return fooled
 
 
-def why_section(args: argparse.Namespace, data: Data, bc: PathResult, sc: PathResult, full: PathResult) -> str:
+def why_section(args: argparse.Namespace, data: Data, bc: PathResult, sc: PathResult, full: PathResult,
+                bound: str) -> str:
     """Certified radii next to attacks' upper bounds of the true radii, stage by stage, on the full-N subset."""
     from robust_pretrain import load_checkpoint, load_demo_encoder
 
@@ -269,7 +270,7 @@ def why_section(args: argparse.Namespace, data: Data, bc: PathResult, sc: PathRe
     rows = [
         ["feature space: R_F of h at f(x)", f"{bc_feature:.4f} (CROWN)", f"{feature_attack:.4f}",
          f"{bc_feature / max(feature_attack, 1e-12):.2f}"],
-        ["image space: R of h(f(.))", f"{bc_image:.4f} (CROWN + F2I `{args.bound or 'default'}`)",
+        ["image space: R of h(f(.))", f"{bc_image:.4f} (CROWN + F2I `{bound}`)",
          f"{image_attack:.4f}", f"{bc_image / max(image_attack, 1e-12):.2f}"],
         ["image space: R of REaaS-SC (h smoothed in feature space)", f"{mean_certified(sc):.4f}", "", ""],
         ["image space: R of SEaaS-SC (h(f(.)) smoothed in image space)", f"{se_image:.4f}", "", ""],
