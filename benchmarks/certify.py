@@ -331,7 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.dataset != "mnist-embedded" and (args.data is None or args.checkpoint is None):
+        parser.error(f"--dataset {args.dataset} needs --data (its files) and --checkpoint (an encoder pre-trained "
+                     "for its input shape; the shipped demo encoders take 1x28x28 digits)")
     args.log_dir = Path("runs") / "bench-certify"
     args.log_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # the client's work is small; the server subprocess gets the other core
