@@ -1,25 +1,74 @@
 """reaas_client: the client side of REaaS.
 
-Public face: ``EncoderClient`` (typed gRPC client with per-input query accounting), ``QueryLedger``, the reply
-dataclasses, ``ServiceError``, and the tensor codec used by both client and server (``reaas_client.wire``).
-Certification pipelines (REaaS-BC, REaaS-SC, SEaaS-SC) build on these.
+Public face:
+
+* the service: ``EncoderClient`` (typed gRPC client with per-input query accounting), ``QueryLedger``, the reply
+  dataclasses, ``ServiceError``, and the one tensor codec shared with the server (``encode_tensor`` /
+  ``decode_tensor``);
+* the downstream classifier: ``fetch_features`` (1 query per training input, cached), ``train_classifier``;
+* smoothing: ``Smooth`` (Cohen et al. PREDICT / CERTIFY), with ``GaussianFeatureSamples`` (REaaS-SC, noise on
+  f(x) locally) or ``StreamedImageSamples`` (SEaaS-SC, noisy images through StreamFeatures) as sample source;
+* the certification paths: ``certify_reaas_bc``, ``certify_reaas_sc``, ``certify_seaas_sc``, ``run_path``;
+* metrics: ``InputRecord``, ``RunSummary``, ``average_certified_radius``, ``certified_accuracy``.
 """
 
 from reaas_client.client import EncoderClient, ServiceError, channel_target
+from reaas_client.downstream import FeatureSet, TrainConfig, fetch_features, train_classifier
 from reaas_client.ledger import LedgerRow, QueryLedger
+from reaas_client.metrics import InputRecord, RunSummary, average_certified_radius, certified_accuracy
+from reaas_client.pipelines import (
+    PathConfig,
+    PathResult,
+    SmoothingConfig,
+    certify_features,
+    certify_reaas_bc,
+    certify_reaas_sc,
+    certify_seaas_sc,
+    run_path,
+)
 from reaas_client.replies import EncoderInfo, F2IReply, RpcUsage, UsageReport
+from reaas_client.seaas import StreamedImageSamples
+from reaas_client.smoothing import (
+    ABSTAIN,
+    GaussianFeatureSamples,
+    Smooth,
+    SmoothCertificate,
+    SmoothPrediction,
+)
 from reaas_client.wire import decode_tensor, encode_tensor
 
 __all__ = [
+    "ABSTAIN",
     "EncoderClient",
     "EncoderInfo",
     "F2IReply",
+    "FeatureSet",
+    "GaussianFeatureSamples",
+    "InputRecord",
     "LedgerRow",
+    "PathConfig",
+    "PathResult",
     "QueryLedger",
     "RpcUsage",
+    "RunSummary",
     "ServiceError",
+    "Smooth",
+    "SmoothCertificate",
+    "SmoothPrediction",
+    "SmoothingConfig",
+    "StreamedImageSamples",
+    "TrainConfig",
     "UsageReport",
+    "average_certified_radius",
+    "certified_accuracy",
+    "certify_features",
+    "certify_reaas_bc",
+    "certify_reaas_sc",
+    "certify_seaas_sc",
     "channel_target",
     "decode_tensor",
     "encode_tensor",
+    "fetch_features",
+    "run_path",
+    "train_classifier",
 ]

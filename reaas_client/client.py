@@ -171,12 +171,16 @@ class EncoderClient:
         return np.concatenate(parts) if parts else np.zeros((0, self.info().feature_dim), np.float32)
 
     def stream_features(
-        self, batches: Iterable[tuple[ImageBatch, Sequence[str] | None]]
+        self,
+        batches: Iterable[tuple[ImageBatch, Sequence[str] | None]],
+        *,
+        timeout_s: float | None = None,
     ) -> Iterator[np.ndarray]:
         """Features of each batch over one StreamFeatures call, in order, one array per batch.
 
         Batches are produced lazily: gRPC's flow control pulls the next one only as the server keeps up, so a
-        generator of 10^5 noisy images never sits in memory at once.
+        generator of 10^5 noisy images never sits in memory at once. ``timeout_s`` is the deadline of the
+        *whole* stream (default: the client's ``timeout_s``); give long streams a long one.
         """
         in_flight: collections.deque[tuple[list[str], int]] = collections.deque()
 
@@ -187,7 +191,8 @@ class EncoderClient:
                 in_flight.append((_ids_for(input_ids, len(array)), request.ByteSize()))
                 yield request
 
-        responses = self._stub.StreamFeatures(requests(), timeout=self.timeout_s, metadata=self._metadata)
+        deadline = self.timeout_s if timeout_s is None else timeout_s
+        responses = self._stub.StreamFeatures(requests(), timeout=deadline, metadata=self._metadata)
         try:
             for reply in responses:
                 ids, request_bytes = in_flight.popleft()
