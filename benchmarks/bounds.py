@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -24,6 +22,7 @@ import torch
 from torch import nn
 
 import bounds
+from benchmarks.environment import machine_summary
 from bounds.search import batched_binary_search
 
 BOUNDS = ("lipschitz", "ibp", "crown", "crown_spectral", "local_lipschitz", "best", "best_ibp")
@@ -176,22 +175,8 @@ def run(encoders: list[str], inputs: int, feature_radii: list[float], device: to
     return rows, notes
 
 
-def machine() -> str:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return (f"{platform.platform()}; CPU {cpu} ({os.cpu_count()} cores visible); GPU {gpu}; torch {torch.__version__}; "
-            f"torch threads {torch.get_num_threads()}; python {platform.python_version()}")
-
-
 def report(rows: list[Row], notes: list[str], command: str, device: torch.device, inputs: int) -> str:
-    lines = ["# F2I bounds benchmark", "", f"Command: `{command}`", "", f"Machine: {machine()}",
+    lines = ["# F2I bounds benchmark", "", f"Command: `{command}`", "", f"Machine: {machine_summary()}",
              f"Bounds computed on: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
                                                 else ""),
              f"Inputs per encoder: {inputs}", "",
@@ -241,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     command = "python -m benchmarks.bounds " + " ".join(sys.argv[1:] if argv is None else argv)
-    print(f"{command}\n{machine()}\ndevice {device}", flush=True)
+    print(f"{command}\n{machine_summary()}\ndevice {device}", flush=True)
     rows, notes = run(args.encoders.split(","), args.inputs, [float(v) for v in args.feature_radii.split(",")],
                       device, args.memory_budget_mib * 2**20, args.tolerance, tuple(args.bounds.split(",")))
     text = report(rows, notes, command.strip(), device, args.inputs)

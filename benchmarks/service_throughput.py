@@ -117,9 +117,10 @@ def main(argv: list[str] | None = None) -> None:
         + (
             ""
             if goal_met
-            else "What limits it here: client and server share the machine's cores, so every image is encoded, "
-            "copied through the loopback and decoded on the same CPUs that run the forward pass; at batch 1 "
-            "the per-message cost of gRPC (~0.1–0.5 ms) dominates.\n"
+            else "Not profiled yet. Client and server share this machine's cores, so encoding, the loopback copy, "
+            "protobuf (de)serialisation and validation (isfinite/min/max passes) run on the CPUs that also run "
+            "the forward pass; at batch 1 the fixed per-message cost of gRPC dominates (unary and stream both "
+            "far below in-process).\n"
         )
         + "\n## F2IPerturb (images/s, R_F = 0.5)\n\n"
         + markdown_table(["bound", "images per call", "images/s"], f2i_rows)
