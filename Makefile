@@ -15,11 +15,11 @@ PROTO_PY := $(patsubst protos/%.proto,%_pb2.py,$(PROTOS))
 setup: $(STAMP) $(PROTO_PY)
 
 # torch is pinned to the CPU build that lies on disk; a bare `torch` would pull a multi-GB CUDA build.
+# The editable install uses compat mode, which puts the repo root on sys.path, so the generated package
+# reaas.v1 (made after this install, by `make proto`) imports from anywhere.
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON3) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "torch==2.13.0"
-	# compat mode puts the repo root on sys.path, so the generated package reaas.v1 (made after this
-	# install, by `make proto`) imports from anywhere.
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]" --config-settings editable_mode=compat
 	touch $@
 
