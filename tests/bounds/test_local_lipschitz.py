@@ -44,3 +44,16 @@ def test_midpoint_bound_is_exact_at_a_point_and_never_above_the_layer_product(en
         assert exact <= float(at_point[b]) <= exact * (1 + 1e-4)
     everywhere = midpoint_lipschitz_upper(graph, compute_bounds(graph, InputBall(center, torch.full((2,), 1e4))))
     assert (everywhere <= global_lipschitz_upper(model, shape) * (1 + 1e-5)).all()
+
+
+def test_large_matrix_fallback_stays_above_the_exact_norm(monkeypatch):
+    """Past EXACT_NORM_COST the norm falls back to min(Frobenius, Hölder): looser, never below the exact value."""
+    import bounds.midpoint_lipschitz as midpoint
+
+    generator = torch.Generator().manual_seed(13)
+    matrices = torch.randn(3, 40, 70, generator=generator) * torch.rand(3, 1, 70, generator=generator)
+    exact = torch.linalg.matrix_norm(matrices.double(), ord=2)
+    assert torch.allclose(midpoint.spectral_upper(matrices), exact, rtol=1e-5)
+    monkeypatch.setattr(midpoint, "EXACT_NORM_COST", 0)
+    fallback = midpoint.spectral_upper(matrices)
+    assert (fallback >= exact).all() and (fallback > exact * 1.05).any()
