@@ -54,6 +54,7 @@ bench-bounds: setup
 		--output benchmarks/results/bounds.md
 	$(PY) -m benchmarks.bounds --encoders cifar --tolerance 1e-2 --bounds lipschitz,ibp,crown,best_ibp \
 		--output benchmarks/results/bounds_cifar.md
+	$(PY) -m benchmarks.jacobian_limit
 
 bench-certify: setup
 	$(PY) -m benchmarks.certify

@@ -62,7 +62,7 @@ def _cifar_encoder(seed: int = 0) -> nn.Module:
     return model
 
 
-def _encoders(names: list[str], inputs: int) -> list[tuple[str, nn.Module, torch.Tensor]]:
+def encoders_under_test(names: list[str], inputs: int) -> list[tuple[str, nn.Module, torch.Tensor]]:
     from robust_pretrain import load_demo_encoder, load_embedded_mnist
 
     digits = load_embedded_mnist().downstream_test
@@ -133,7 +133,7 @@ def attack_limit(model: nn.Module, images: torch.Tensor, feature_radius: float, 
 def run(encoders: list[str], inputs: int, feature_radii: list[float], device: torch.device,
         memory_budget: int, tolerance: float, bound_names: tuple[str, ...]) -> tuple[list[Row], list[str]]:
     rows, notes = [], []
-    for name, model, images in _encoders(encoders, inputs):
+    for name, model, images in encoders_under_test(encoders, inputs):
         model = model.to(device)
         images = images.to(device)
         shape = tuple(images.shape[1:])
