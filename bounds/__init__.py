@@ -19,8 +19,9 @@ from bounds.feature_certification import CERTIFY_METHODS, FeatureCertificate, ce
 from bounds.feature_distance import feature_distance_upper
 from bounds.graph import BoundGraph, build_graph
 from bounds.layers import Residual, UnsupportedLayerError
+from bounds.lipschitz import global_lipschitz_upper
 from bounds.propagation import InputBall, compute_bounds, concretize, crown_backward
-from bounds.spectral import global_lipschitz_upper, operator_norm_upper
+from bounds.spectral import layer_product_lipschitz_upper, operator_norm_upper
 
 __all__ = [
     "BOUNDS_OFFERED",
@@ -42,6 +43,7 @@ __all__ = [
     "feature_distance_upper",
     "fold_batchnorm",
     "global_lipschitz_upper",
+    "layer_product_lipschitz_upper",
     "operator_norm_upper",
     "pgd_feature_distance",
 ]

@@ -16,9 +16,10 @@ from torch import nn
 
 from bounds.feature_distance import FEATURE_BOUNDS, feature_distance_upper, local_jacobian_norm
 from bounds.graph import BoundGraph, build_graph
+from bounds.lipschitz import global_lipschitz_upper
+from bounds.midpoint_lipschitz import DEFAULT_MEMORY_BUDGET_BYTES
 from bounds.propagation import InputBall, compute_bounds
 from bounds.search import batched_binary_search
-from bounds.spectral import global_lipschitz_upper
 
 SAFETY_MARGIN = 1e-4
 # "best": the minimum of every bound, intermediate bounds by CROWN (largest radii); "best_ibp": the same minimum
@@ -27,7 +28,6 @@ BOUNDS_OFFERED: tuple[str, ...] = (*FEATURE_BOUNDS, "best", "best_ibp")
 # The service default favours latency: on the demo encoder best_ibp certifies ~0.9x the radius of "best" in
 # ~0.4x its time (benchmarks/results/bounds.md); clients that want the largest radius ask for "best".
 DEFAULT_BOUND = "best_ibp"
-DEFAULT_MEMORY_BUDGET_BYTES = 1 << 30
 _LINEAR_IN_RADIUS = ("lipschitz", "local_lipschitz")  # UB = K·r with K valid on the whole ball of radius r
 _BYTES_FACTOR = 8  # live [batch, spec, *node] tensors during a CROWN backward step: lA, uA and temporaries
 
@@ -70,6 +70,7 @@ def _search_chunk(
     max_steps: int,
     spec_chunk: int,
     intermediate: str,
+    memory_budget_bytes: int,
 ) -> tuple[torch.Tensor, list[str], torch.Tensor]:
     radii_f = feature_radii.to(torch.float64).cpu()
     batch = images.shape[0]
@@ -100,6 +101,7 @@ def _search_chunk(
         values = feature_distance_upper(
             graph, images[device_index], radius.to(images.device, images.dtype), names,
             lipschitz_upper=lipschitz_upper, intermediate=intermediate, spec_chunk=spec_chunk,
+            memory_budget_bytes=memory_budget_bytes,
         )
         stacked = torch.stack([values[n].cpu() for n in names], dim=1)
         best, which = stacked.min(dim=1)
@@ -171,7 +173,7 @@ def f2i_radius(
             radius, decider, step = _search_chunk(
                 graph, images[start:start + per_chunk], feature_radii[start:start + per_chunk], names,
                 lipschitz_upper=float(lipschitz_upper or 0.0), tolerance=tolerance, max_steps=max_steps,
-                spec_chunk=spec_chunk, intermediate=intermediate,
+                spec_chunk=spec_chunk, intermediate=intermediate, memory_budget_bytes=budget,
             )
             radii.append(radius)
             deciders.extend(decider)

@@ -18,10 +18,10 @@ from torch import nn
 
 from bounds.f2i import SAFETY_MARGIN
 from bounds.graph import BoundGraph, build_graph
+from bounds.lipschitz import global_lipschitz_upper
 from bounds.operators import ReLUOperator
 from bounds.propagation import InputBall, compute_bounds, concretize, crown_backward
 from bounds.search import batched_binary_search
-from bounds.spectral import global_lipschitz_upper
 
 CERTIFY_METHODS = ("crown", "ibp")
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from bounds.graph import BoundGraph
-from bounds.midpoint_lipschitz import is_chain, midpoint_lipschitz_upper
+from bounds.midpoint_lipschitz import DEFAULT_MEMORY_BUDGET_BYTES, is_chain, midpoint_lipschitz_upper
 from bounds.operators import Box
 from bounds.propagation import InputBall, compute_bounds, crown_backward
 from bounds.spectral import matrix_norm_upper
@@ -71,14 +71,16 @@ def jacobian_interval(graph: BoundGraph, boxes: list[Box]) -> tuple[torch.Tensor
     return c.reshape(batch, c.shape[1], -1), r.reshape(batch, r.shape[1], -1)
 
 
-def local_jacobian_norm(graph: BoundGraph, boxes: list[Box], *, spec_chunk: int = 1024) -> torch.Tensor:
+def local_jacobian_norm(
+    graph: BoundGraph, boxes: list[Box], *, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES
+) -> torch.Tensor:
     """Sound upper bound [batch] of ||J||_2 over every Clarke Jacobian J on the set the boxes describe."""
     c, r = jacobian_interval(graph, boxes)
     split = matrix_norm_upper(c) + matrix_norm_upper(r)
     joint = matrix_norm_upper(c.abs() + r)
     bound = torch.minimum(split, joint)
     if is_chain(graph) and bool((r > 0).any()):
-        bound = torch.minimum(bound, midpoint_lipschitz_upper(graph, boxes, spec_chunk=spec_chunk))
+        bound = torch.minimum(bound, midpoint_lipschitz_upper(graph, boxes, memory_budget_bytes=memory_budget_bytes))
     return bound
 
 
@@ -91,9 +93,11 @@ def feature_distance_upper(
     lipschitz_upper: float | None = None,
     intermediate: str = "crown",
     spec_chunk: int = 1024,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
 ) -> dict[str, torch.Tensor]:
     """UB(x, r) [batch] float64 for each requested name in FEATURE_BOUNDS; `images` [batch, C, H, W], `radius`
-    [batch] (l2). `lipschitz_upper` is required for "lipschitz"."""
+    [batch] (l2). `lipschitz_upper` is required for "lipschitz". CROWN handles `spec_chunk` specification rows at
+    a time; the local Lipschitz bound keeps its explicit matrices within `memory_budget_bytes`."""
     unknown = set(names) - set(FEATURE_BOUNDS)
     if unknown:
         raise ValueError(f"unknown feature-distance bounds {sorted(unknown)}; valid: {FEATURE_BOUNDS}")
@@ -138,5 +142,5 @@ def feature_distance_upper(
                 + offset_mid.norm(dim=1) + offset_gap.norm(dim=1)
             )
     if "local_lipschitz" in names:
-        result["local_lipschitz"] = local_jacobian_norm(graph, boxes, spec_chunk=spec_chunk) * radius64
+        result["local_lipschitz"] = local_jacobian_norm(graph, boxes, memory_budget_bytes=memory_budget_bytes) * radius64
     return result

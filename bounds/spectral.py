@@ -1,4 +1,4 @@
-"""Sound spectral-norm (l2 operator norm) upper bounds per layer, and the global Lipschitz upper bound.
+"""Sound spectral-norm (l2 operator norm) upper bounds per layer, and their product: a global Lipschitz bound.
 
 Why each number is an upper bound (never a power-iteration estimate):
 
@@ -101,8 +101,9 @@ def operator_norm_upper(op: AffineOperator) -> float:
     raise TypeError(f"no spectral bound for {type(op).__name__}")
 
 
-def global_lipschitz_upper(model: nn.Module, input_shape: tuple[int, ...]) -> float:
-    """A sound upper bound of the model's global l2 Lipschitz constant on inputs of shape `input_shape`.
+def layer_product_lipschitz_upper(model: nn.Module, input_shape: tuple[int, ...]) -> float:
+    """A sound upper bound of the model's global l2 Lipschitz constant on inputs of shape `input_shape` (the
+    layer-norm product; bounds.lipschitz.global_lipschitz_upper takes the smaller of it and a tighter bound).
 
     Propagated over the layer graph: Lip(node) = ||W||·Lip(input) for affine layers, Lip(input) for ReLU,
     Lip(a) + Lip(b) for a residual add (so a Residual with identity shortcut gets 1 + ||body||).

@@ -6,9 +6,15 @@ import pytest
 import torch
 from bounds_models import ENCODERS
 
-from bounds import BOUNDS_OFFERED, DEFAULT_BOUND, f2i_radius, feature_distance_upper, pgd_feature_distance
+from bounds import (
+    BOUNDS_OFFERED,
+    DEFAULT_BOUND,
+    f2i_radius,
+    feature_distance_upper,
+    global_lipschitz_upper,
+    pgd_feature_distance,
+)
 from bounds.graph import build_graph
-from bounds.spectral import global_lipschitz_upper
 
 
 def _random_distances(model, images, radius, samples, generator):

@@ -6,9 +6,10 @@ import pytest
 import torch
 from bounds_models import ENCODERS
 
-from bounds import InputBall, build_graph, compute_bounds, global_lipschitz_upper
+from bounds import InputBall, build_graph, compute_bounds, global_lipschitz_upper, pgd_feature_distance
 from bounds.feature_distance import local_jacobian_norm
 from bounds.midpoint_lipschitz import midpoint_lipschitz_upper
+from bounds.operators import Box
 
 
 def _jacobian_norm(model, point: torch.Tensor) -> float:
@@ -57,3 +58,29 @@ def test_large_matrix_fallback_stays_above_the_exact_norm(monkeypatch):
     monkeypatch.setattr(midpoint, "EXACT_NORM_COST", 0)
     fallback = midpoint.spectral_upper(matrices)
     assert (fallback >= exact).all() and (fallback > exact * 1.05).any()
+
+
+@pytest.mark.parametrize("encoder_name", ["toy", "mnist_cnn"])
+def test_global_midpoint_bound_dominates_every_slope_pattern_and_difference_quotient(encoder_name):
+    """The all-unstable midpoint expansion is a global Lipschitz bound: it must stay above the best slope pattern
+    the ascent finds (admissible everywhere), above PGD on ||f(x) - f(y)|| / ||x - y||, and below the product."""
+    from bounds.midpoint_lipschitz import global_midpoint_upper
+    from bounds.slope_ascent import slope_ascent_lower
+    from bounds.spectral import layer_product_lipschitz_upper
+
+    build, shape = ENCODERS[encoder_name]
+    model = build(14)
+    graph = build_graph(model, shape)
+    bound = global_midpoint_upper(graph)
+    assert bound == pytest.approx(global_lipschitz_upper(model, shape))
+    assert bound <= layer_product_lipschitz_upper(model, shape) * (1 + 1e-6)
+    images = torch.rand(4, *shape, generator=torch.Generator().manual_seed(14))
+    everywhere = [Box(torch.full((4, *n.shape), -1.0), torch.full((4, *n.shape), 1.0)) for n in graph.nodes]
+    ascent = slope_ascent_lower(graph, images, everywhere, restarts=6, iterations=60)
+    assert float(ascent.max()) <= bound
+    # the ascent is no strawman: it beats the Jacobian at the images themselves (one admissible pattern)
+    assert float(ascent.min()) >= max(_jacobian_norm(model, x) for x in images) * (1 - 1e-5)
+    for radius in (0.01, 1.0, 10.0):
+        distance, _ = pgd_feature_distance(model, images, torch.full((4,), radius), steps=40, restarts=2,
+                                           generator=torch.Generator().manual_seed(15))
+        assert float(distance.max()) / radius <= bound

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from bounds import Residual, global_lipschitz_upper
+from bounds import Residual, layer_product_lipschitz_upper
 from robust_pretrain import build_encoder, resnet_config, small_cnn_config
 from robust_pretrain.spectral import SpectralNormProduct, average_pool_norm
 
@@ -70,4 +70,4 @@ def test_estimate_is_differentiable_and_below_the_sound_bound(config):
     assert all(
         p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "weight" in n
     )
-    assert 0 < value.item() <= global_lipschitz_upper(model, config.input_shape)
+    assert 0 < value.item() <= layer_product_lipschitz_upper(model, config.input_shape)
