@@ -3,7 +3,8 @@ bounds, the batched F2I binary search (feature radius -> certified image radius)
 certification of a downstream classifier. Depends only on torch / numpy / scipy.
 
 F2I bounds (`BOUNDS_OFFERED`; each a sound upper bound of max_{||d|| <= r} ||f(x + d) - f(x)||, argued in
-bounds.feature_distance): "lipschitz" (global, L·r), "ibp", "crown" (the paper's elementwise CROWN -> l2),
+bounds.feature_distance): "lipschitz" (global, L·r, L = global_lipschitz_upper: min of the layer-norm product and
+the midpoint expansion with every ReLU unstable), "ibp", "crown" (the paper's elementwise CROWN -> l2),
 "crown_spectral" (CROWN's linear bounds -> l2 through spectral norms), "local_lipschitz" (interval Clarke
 Jacobian and midpoint expansion over the ball), "best" (their minimum, CROWN intermediate bounds) and
 "best_ibp" (their minimum, IBP intermediate bounds; DEFAULT_BOUND).

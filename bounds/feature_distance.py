@@ -2,7 +2,8 @@
 
 Write g(d) = f(x + d) - f(x) (g(0) = 0) and B = {d : ||d||_2 <= r}. Each bound below is >= max_B ||g||_2:
 
-* `lipschitz`: L·r with L a sound global Lipschitz upper bound (bounds.spectral): ||g(d)|| <= L·||d||.
+* `lipschitz`: L·r with L a sound global Lipschitz upper bound (bounds.lipschitz: the smaller of the layer-norm
+  product and the midpoint expansion with every ReLU unstable): ||g(d)|| <= L·||d||.
 * `ibp`: elementwise interval bounds l <= f(x + d) <= u on B give |g_i| <= max(u_i - f_i(x), f_i(x) - l_i),
   and the l2 norm of that vector bounds ||g||.
 * `crown`: the same elementwise-to-l2 step with CROWN bounds of f (the paper's method). It loses up to
