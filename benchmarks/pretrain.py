@@ -188,9 +188,10 @@ def to_markdown(
         f"bound='{f2i_bound}')` (sound, local, slower) over {f2i_count} test digits spread over all classes. "
         "This is a check "
         "of what the certificates can use, not the certification benchmark (benchmarks/results/certify.md "
-        "trains the downstream classifiers of the paper's pipelines). The sound Lipschitz bound is a "
-        "product of sound per-layer bounds and is looser than the power-iteration product, which is only a "
-        "lower estimate. Training time: wall clock of `pretrain()` with one torch thread (for --from-assets, "
+        "trains the downstream classifiers of the paper's pipelines). The sound Lipschitz bound is "
+        "`bounds.global_lipschitz_upper`: the smaller of the product of sound per-layer norms and the midpoint "
+        "expansion with every ReLU unstable; it can lie below the power-iteration product, which estimates "
+        "the layer-norm product (what the penalty trains), not the Lipschitz constant. Training time: wall clock of `pretrain()` with one torch thread (for --from-assets, "
         "as recorded in each checkpoint's sidecar by `make pretrain-demo`).",
         "",
     ]
