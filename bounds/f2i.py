@@ -25,8 +25,8 @@ SAFETY_MARGIN = 1e-4
 # "best": the minimum of every bound, intermediate bounds by CROWN (largest radii); "best_ibp": the same minimum
 # with IBP intermediate bounds (about half the time of a CROWN-only search, somewhat smaller radii).
 BOUNDS_OFFERED: tuple[str, ...] = (*FEATURE_BOUNDS, "best", "best_ibp")
-# The service default favours latency: on the demo encoder best_ibp certifies ~0.9x the radius of "best" in
-# ~0.4x its time (benchmarks/results/bounds.md); clients that want the largest radius ask for "best".
+# The service default favours latency: on the demo encoder best_ibp certifies the radius of "best" (within 0.1%)
+# in ~0.7x its time (benchmarks/results/bounds.md); clients that want the largest radius ask for "best".
 DEFAULT_BOUND = "best_ibp"
 _LINEAR_IN_RADIUS = ("lipschitz", "local_lipschitz")  # UB = K·r with K valid on the whole ball of radius r
 _BYTES_FACTOR = 8  # live [batch, spec, *node] tensors during a CROWN backward step: lA, uA and temporaries
