@@ -71,8 +71,7 @@ def midpoint_lipschitz_upper(
     relus = [i for i, node in enumerate(graph.nodes) if isinstance(node.op, ReLUOperator)]
     batch = boxes[0].lower.shape[0]
     rows = max([int(torch.tensor(graph.nodes[-1].shape).prod())]
-               + [int(((boxes[graph.nodes[i].inputs[0]].lower < 0) & (boxes[graph.nodes[i].inputs[0]].upper > 0))
-                      .flatten(1).any(dim=0).sum()) for i in relus])
+               + [int(boxes[graph.nodes[i].inputs[0]].crosses_zero.flatten(1).any(dim=0).sum()) for i in relus])
     # per row of an explicit matrix: the float32 backward state and its temporaries, plus float64 copies for norms
     row_bytes = graph.max_numel() * (4 * boxes[0].lower.element_size() + 2 * 8)
     group = max(1, min(batch, memory_budget_bytes // max(1, rows * row_bytes)))
@@ -92,8 +91,8 @@ def _midpoint_group(graph: BoundGraph, boxes: list[Box], spec_chunk: int) -> tor
     midpoint, unstable, midpoint_norm = {}, {}, {}
     for i in relus:
         box = boxes[graph.nodes[i].inputs[0]]
-        lower, upper = box.lower.reshape(batch, -1), box.upper.reshape(batch, -1)
-        unstable[i] = (lower < 0) & (upper > 0)
+        lower = box.lower.reshape(batch, -1)
+        unstable[i] = box.crosses_zero.reshape(batch, -1)
         midpoint[i] = torch.where(unstable[i], torch.full_like(lower, 0.5), (lower >= 0).to(lower.dtype))
         midpoint_norm[i] = midpoint[i].max(dim=1).values.to(torch.float64)
     totals: dict[int, torch.Tensor] = {}

@@ -38,6 +38,11 @@ class Box:
     def radius(self) -> torch.Tensor:
         return (self.upper - self.lower) / 2
 
+    @property
+    def crosses_zero(self) -> torch.Tensor:
+        """Where lower < 0 < upper: the ReLU inputs that are unstable on the set the box describes."""
+        return (self.lower < 0) & (self.upper > 0)
+
 
 Coefficients = tuple[torch.Tensor | None, torch.Tensor | None]
 
@@ -272,7 +277,7 @@ class ReLUOperator(Operator):
         lower_slope·z <= relu(z) <= upper_slope·z + upper_intercept for l <= z <= u."""
         lower, upper = box.lower, box.upper
         active = lower >= 0
-        unstable = (lower < 0) & (upper > 0)
+        unstable = box.crosses_zero
         width = torch.where(unstable, upper - lower, torch.ones_like(upper))
         upper_slope = torch.where(unstable, upper / width, active.to(upper.dtype))
         upper_intercept = torch.where(unstable, -upper_slope * lower, torch.zeros_like(upper))

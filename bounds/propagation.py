@@ -121,7 +121,7 @@ def _refine_with_crown(graph: BoundGraph, boxes: list[Box], ball: InputBall, tar
     batch = box.lower.shape[0]
     lower = box.lower.reshape(batch, -1).clone()
     upper = box.upper.reshape(batch, -1).clone()
-    unstable = ((lower < 0) & (upper > 0)).any(dim=0).nonzero().squeeze(1)
+    unstable = box.crosses_zero.reshape(batch, -1).any(dim=0).nonzero().squeeze(1)
     numel = lower.shape[1]
     for start in range(0, unstable.numel(), spec_chunk):
         neurons = unstable[start:start + spec_chunk]

@@ -23,7 +23,7 @@ def slope_sets(graph: BoundGraph, boxes: list[Box]) -> dict[int, tuple[torch.Ten
     for index, node in enumerate(graph.nodes):
         if isinstance(node.op, ReLUOperator):
             box = boxes[node.inputs[0]]
-            unstable = (box.lower < 0) & (box.upper > 0)
+            unstable = box.crosses_zero
             sets[index] = ((box.lower >= 0).to(box.lower.dtype), unstable)
     return sets
 
