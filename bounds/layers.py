@@ -1,4 +1,4 @@
-"""The bound-friendly layer vocabulary's one custom module, and the error for everything outside it."""
+"""The bound-friendly layer vocabulary's custom modules, and the error for everything outside it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ class UnsupportedLayerError(TypeError):
     """A module outside the vocabulary that bounds/ can propagate bounds through.
 
     The vocabulary: nn.Sequential, nn.Linear, nn.Conv2d (zero padding, any stride/dilation/groups), nn.ReLU,
-    nn.Flatten, nn.AvgPool2d (floor mode), nn.Identity, nn.BatchNorm1d/2d (eval-mode statistics), Residual.
+    nn.Flatten, nn.AvgPool2d (floor mode), nn.PixelUnshuffle, nn.Identity, nn.BatchNorm1d/2d (eval-mode
+    statistics), Residual, MaxMin.
     """
 
 
@@ -27,3 +28,20 @@ class Residual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x) + (x if self.shortcut is None else self.shortcut(x))
+
+
+class MaxMin(nn.Module):
+    """MaxMin (GroupSort of group size 2, Anil et al. 2019): the channels split into halves a, b (dim 1) and
+    `y = cat(max(a, b), min(a, b))`.
+
+    Why it is the activation of our Lipschitz encoders: on each pair it is a permutation of its inputs, so it is
+    1-Lipschitz in l2 *and* keeps the norm of every gradient (a ReLU halves it on average), and every Clarke
+    Jacobian is block-diagonal with 2x2 blocks [[t, 1 - t], [1 - t, t]], t in [0, 1]. Works on [batch, C] and
+    [batch, C, H, W]; C must be even.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] % 2:
+            raise ValueError(f"MaxMin needs an even number of channels, got {x.shape[1]}")
+        a, b = x.chunk(2, dim=1)
+        return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=1)
