@@ -1,8 +1,9 @@
 """Encoder architectures built only from the bounds vocabulary, described by a plain config.
 
-Every encoder is an ``nn.Sequential`` of Conv2d / Linear / ReLU / Flatten / AvgPool2d / ``bounds.Residual``
-(no batch norm), so the served model is exactly the trained one and every layer has a sound bound in
-``bounds/``. A checkpoint stores the ``EncoderConfig`` as JSON and rebuilds its own model from it.
+Every encoder is an ``nn.Sequential`` of Conv2d / Linear / ReLU / MaxMin / Flatten / PixelUnshuffle / AvgPool2d /
+``bounds.Residual`` (no batch norm), so the served model is exactly the trained one and every layer has a sound
+bound in ``bounds/``. A checkpoint stores the ``EncoderConfig`` as JSON and rebuilds its own model from it.
+The Lipschitz-by-construction family and the reference encoders live in ``lipschitz_encoders``.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ import torch
 from torch import nn
 
 from bounds import Residual
+from robust_pretrain.lipschitz_encoders import identity_encoder, lipschitz_conv, lipschitz_mlp, pca_encoder
 
-ARCHITECTURES: tuple[str, ...] = ("small_cnn", "resnet")
+ARCHITECTURES: tuple[str, ...] = ("small_cnn", "resnet", "identity", "pca", "lipschitz_mlp", "lipschitz_conv")
+#: Architectures whose Linear / Conv2d layers train as AOL layers (1-Lipschitz by construction).
+LIPSCHITZ_ARCHITECTURES: tuple[str, ...] = ("lipschitz_mlp", "lipschitz_conv")
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,10 @@ class EncoderConfig:
     * ``resnet``: 3x3 stem conv to ``widths[0]``; one stage per width, each ``blocks_per_stage`` residual
       blocks (conv-ReLU-conv + shortcut, then ReLU), stages after the first halve the resolution;
       global average pooling and Linear(-> ``feature_dim``). For 3x32x32 and 3x64x64 inputs.
+    * ``identity``: Flatten (``feature_dim`` = C·H·W); ``pca``: Flatten + Linear with orthonormal rows.
+    * ``lipschitz_mlp``: Linear -> MaxMin per hidden width in ``widths``, then Linear -> ``feature_dim``.
+    * ``lipschitz_conv``: 3x3 conv -> MaxMin per stage width in ``widths``, stages joined by PixelUnshuffle(2),
+      then Linear(-> ``hidden_dim``) -> MaxMin -> Linear(-> ``feature_dim``).
     """
 
     arch: str = "small_cnn"
@@ -45,6 +53,19 @@ class EncoderConfig:
             raise ValueError(f"input_shape must be (C, H, W), got {self.input_shape}")
         if self.arch == "small_cnn" and len(self.widths) != 2:
             raise ValueError(f"small_cnn needs exactly 2 widths, got {self.widths}")
+        channels, height, width = self.input_shape
+        if self.arch == "identity" and self.feature_dim != channels * height * width:
+            raise ValueError(f"identity needs feature_dim = C*H*W = {channels * height * width}")
+        if self.arch == "pca" and not 0 < self.feature_dim <= channels * height * width:
+            raise ValueError(f"pca needs 0 < feature_dim <= C*H*W = {channels * height * width}")
+        if self.arch in LIPSCHITZ_ARCHITECTURES:
+            even = (*self.widths, self.hidden_dim) if self.arch == "lipschitz_conv" else self.widths
+            if any(w <= 0 or w % 2 for w in even):
+                raise ValueError(f"{self.arch} needs positive even widths (MaxMin pairs channels), got {even}")
+        if self.arch == "lipschitz_conv":
+            downsample = 2 ** (len(self.widths) - 1)
+            if height % downsample or width % downsample:
+                raise ValueError(f"lipschitz_conv with {len(self.widths)} stages needs H, W divisible by {downsample}")
         if self.arch == "resnet":
             downsample = 2 ** (len(self.widths) - 1)
             _, height, width = self.input_shape
@@ -61,11 +82,23 @@ class EncoderConfig:
         return cls(**data)
 
 
-def build_encoder(config: EncoderConfig) -> nn.Module:
-    """Fresh encoder for ``config``: images [batch, C, H, W] in [0, 1] -> features [batch, feature_dim]."""
+def build_encoder(config: EncoderConfig, *, trainable: bool = False) -> nn.Module:
+    """Fresh encoder for ``config``: images [batch, C, H, W] in [0, 1] -> features [batch, feature_dim].
+
+    ``trainable``: for the Lipschitz architectures, AOL layers (train these, then ``bounds.materialize``);
+    otherwise the plain layers a checkpoint loads into. Other architectures ignore it."""
     if config.arch == "small_cnn":
         return _small_cnn(config)
-    return _resnet(config)
+    if config.arch == "resnet":
+        return _resnet(config)
+    if config.arch == "identity":
+        return identity_encoder()
+    if config.arch == "pca":
+        return pca_encoder(config.input_shape, config.feature_dim)
+    if config.arch == "lipschitz_mlp":
+        return lipschitz_mlp(config.input_shape, config.widths, config.feature_dim, trainable=trainable)
+    return lipschitz_conv(config.input_shape, config.widths, config.hidden_dim, config.feature_dim,
+                          trainable=trainable)
 
 
 def small_cnn_config(feature_dim: int = 32) -> EncoderConfig:

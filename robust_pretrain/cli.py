@@ -15,15 +15,21 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from robust_pretrain.architectures import ARCHITECTURES, EncoderConfig
+from robust_pretrain.architectures import ARCHITECTURES, LIPSCHITZ_ARCHITECTURES, EncoderConfig
 from robust_pretrain.augment import AugmentConfig
+from robust_pretrain.checkpoint import save_checkpoint
 from robust_pretrain.datasets import DATASETS, ImageSet, load_dataset
+from robust_pretrain.lipschitz_encoders import REFERENCE_KINDS, reference_encoder
 from robust_pretrain.train import METHODS, PretrainConfig, pretrain
 
 #: lambda of the "spectral" method when --spectral-weight is not given (chosen on the demo data).
 DEFAULT_SPECTRAL_WEIGHT = 0.3
 #: l2 radius of the "adversarial" method's attack when --adversarial-epsilon is not given (28x28 digits).
 DEFAULT_ADVERSARIAL_EPSILON = 0.5
+#: InfoNCE temperature on squared l2 distances (--method lipschitz): digits' squared distances are ~10-100.
+DEFAULT_DISTANCE_TEMPERATURE = 10.0
+#: Every --method: the trained ones, then the reference encoders that are fitted, not trained.
+ALL_METHODS: tuple[str, ...] = (*METHODS, *REFERENCE_KINDS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     augment = AugmentConfig()
     parser = argparse.ArgumentParser(
         prog="reaas-pretrain",
-        description="Contrastive (MoCo) pre-training of an image encoder for REaaS, robust by construction "
-        "with the spectral-norm product penalty, or one of the two baselines. Writes "
+        description="Pre-training of an image encoder for REaaS: a 1-Lipschitz-by-construction encoder (MaxMin "
+        "+ AOL layers, MoCo on feature distances), the paper's MoCo + spectral-norm product penalty, its two "
+        "baselines, or a reference encoder (identity, PCA) that is fitted rather than trained. Writes "
         "<out-dir>/encoder.safetensors + .json (with a sound global Lipschitz bound) and "
         "<out-dir>/resume.pt, log.jsonl. Nothing is downloaded.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -67,10 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     method = parser.add_argument_group("method")
     method.add_argument(
         "--method",
-        choices=METHODS,
+        choices=ALL_METHODS,
         default="spectral",
         help="spectral: MoCo + lambda * prod ||T_j||_s; nonrobust: lambda = 0; "
-        "adversarial: RoCL-style PGD on the instance-discrimination loss",
+        "adversarial: RoCL-style PGD on the instance-discrimination loss; lipschitz: a MaxMin/AOL encoder "
+        "(arch lipschitz_mlp or lipschitz_conv), 1-Lipschitz by construction, InfoNCE on squared distances; "
+        "pca: orthonormal projection on the top --feature-dim principal directions (L = 1); identity: Flatten",
     )
     method.add_argument(
         "--spectral-weight",
@@ -103,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--arch",
         choices=ARCHITECTURES,
         default=None,
-        help="small_cnn (two strided convs + two linears) or resnet "
-        "(default: small_cnn for 28x28 inputs, else resnet)",
+        help="small_cnn (two strided convs + two linears), resnet, lipschitz_mlp or lipschitz_conv "
+        "(default: small_cnn for 28x28 inputs, else resnet; lipschitz_mlp for --method lipschitz; "
+        "--method pca/identity fix their own)",
     )
     model.add_argument("--feature-dim", type=int, default=None, help="feature dimension (default 32 / 64)")
     model.add_argument(
@@ -112,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         nargs="+",
         default=None,
-        help="channels per conv (small_cnn: 2 numbers) or per resnet stage",
+        help="channels per conv (small_cnn: 2 numbers), per resnet / lipschitz_conv stage, or hidden widths "
+        "of lipschitz_mlp (even: MaxMin pairs them)",
     )
     model.add_argument(
         "--hidden-dim", type=int, default=128, help="small_cnn: width of the hidden linear layer"
@@ -145,7 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--moco-momentum", type=float, default=defaults.moco_momentum, help="MoCo key-encoder momentum m"
     )
     optim.add_argument(
-        "--temperature", type=float, default=defaults.temperature, help="InfoNCE temperature T"
+        "--temperature",
+        type=float,
+        default=None,
+        help=f"InfoNCE temperature T (default {defaults.temperature} on cosines; "
+        f"{DEFAULT_DISTANCE_TEMPERATURE} on squared distances for --method lipschitz)",
     )
 
     views = parser.add_argument_group("augmentation")
@@ -224,24 +239,39 @@ def method_parameters(args: argparse.Namespace) -> tuple[float, float]:
     )
     if args.method == "spectral" and spectral_weight <= 0:
         raise SystemExit("--method spectral needs --spectral-weight > 0")
+    wanted = {"lipschitz": LIPSCHITZ_ARCHITECTURES, "pca": ("pca",), "identity": ("identity",)}
+    if args.method in wanted and args.arch is not None and args.arch not in wanted[args.method]:
+        raise SystemExit(f"--method {args.method} needs --arch {' or '.join(wanted[args.method])}")
+    if args.method not in ("lipschitz", *REFERENCE_KINDS) and args.arch in (*LIPSCHITZ_ARCHITECTURES, *REFERENCE_KINDS):
+        raise SystemExit(f"--arch {args.arch} belongs to another --method, not {args.method}")
     return spectral_weight, epsilon
 
 
 def config_from_args(args: argparse.Namespace, input_shape: tuple[int, int, int]) -> PretrainConfig:
     """The frozen run config for parsed flags; rejects flags that contradict --method."""
     spectral_weight, epsilon = method_parameters(args)
-    arch = args.arch or ("small_cnn" if input_shape[1] <= 28 else "resnet")
-    widths = (
-        tuple(args.widths)
-        if args.widths
-        else (
-            (16, 32) if arch == "small_cnn" else (32, 64, 128) if input_shape[1] <= 32 else (32, 64, 128, 128)
-        )
-    )
+    if args.method in REFERENCE_KINDS:
+        arch = args.method
+    elif args.method == "lipschitz":
+        arch = args.arch or "lipschitz_mlp"
+    else:
+        arch = args.arch or ("small_cnn" if input_shape[1] <= 28 else "resnet")
+    default_widths = {
+        "small_cnn": (16, 32),
+        "lipschitz_mlp": (1024, 1024),
+        "lipschitz_conv": (16, 32, 64),
+        "resnet": (32, 64, 128) if input_shape[1] <= 32 else (32, 64, 128, 128),
+    }
+    widths = tuple(args.widths) if args.widths else default_widths.get(arch, ())
+    pixels = input_shape[0] * input_shape[1] * input_shape[2]
+    feature_dim = pixels if arch == "identity" else args.feature_dim or (32 if arch == "small_cnn" else 64)
+    temperature = args.temperature
+    if temperature is None:
+        temperature = DEFAULT_DISTANCE_TEMPERATURE if args.method == "lipschitz" else PretrainConfig.temperature
     encoder = EncoderConfig(
         arch=arch,
         input_shape=input_shape,
-        feature_dim=args.feature_dim or (32 if arch == "small_cnn" else 64),
+        feature_dim=feature_dim,
         widths=widths,
         hidden_dim=args.hidden_dim,
         blocks_per_stage=args.blocks_per_stage,
@@ -263,7 +293,7 @@ def config_from_args(args: argparse.Namespace, input_shape: tuple[int, int, int]
         weight_decay=args.weight_decay,
         queue_size=args.queue_size,
         moco_momentum=args.moco_momentum,
-        temperature=args.temperature,
+        temperature=temperature,
         spectral_weight=spectral_weight,
         power_iterations=args.power_iterations,
         adversarial_epsilon=epsilon,
@@ -296,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         probe = tuple(
             _prepared(part, args.image_size, args.probe_images) for part in (probe_train, probe_test)
         )
+    if args.method in REFERENCE_KINDS:
+        return _write_reference_encoder(config, data)
     result = pretrain(config, data, probe, progress=not args.no_progress)
     if not args.no_progress and int(os.environ.get("RANK", "0")) == 0:
         summary = {
@@ -306,6 +338,24 @@ def main(argv: list[str] | None = None) -> int:
             "final_epoch": result.history[-1] if result.history else None,
         }
         print(json.dumps(summary, indent=2), file=sys.stderr)
+    return 0
+
+
+def _write_reference_encoder(config: PretrainConfig, data: ImageSet) -> int:
+    """Fit the reference encoder (identity or PCA: no training loop, labels unused) and write its checkpoint."""
+    kind = config.encoder.arch
+    model = reference_encoder(kind, data.images, config.encoder.feature_dim)
+    metadata = save_checkpoint(
+        model,
+        config.encoder,
+        os.path.join(config.out_dir, "encoder"),
+        model_id=config.model_id or f"reference-{kind}-{config.encoder.feature_dim}",
+        description=config.description
+        or f"reference encoder {kind} ({config.encoder.feature_dim} features) fitted on {data.name}, L = 1",
+        training={"method": kind, "data": {"name": data.name, "images": len(data)}},
+    )
+    print(json.dumps({"checkpoint": os.path.join(config.out_dir, "encoder"),
+                      "lipschitz_upper": metadata.lipschitz_upper}), file=sys.stderr)
     return 0
 
 

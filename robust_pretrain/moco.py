@@ -12,6 +12,10 @@ the product is lowered just by shrinking all features alike (which would leave R
 scale-free variant (product / feature spread) was tried on the demo data and gave smaller certified radii
 of a linear probe, or collapsed the features at larger lambda: biases and the downstream fit make the
 scale matter, and the literal product lowered the certified-radius proxy's denominator the most.
+
+For encoders that are 1-Lipschitz by construction (``similarity="distance"``) the logits are
+-||q - k||^2 / T on the raw features instead: under a fixed Lipschitz constant the scale of the features *is*
+the certified radius, and a normalised InfoNCE cannot see it. There is no penalty to compute then.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from robust_pretrain.spectral import SpectralNormProduct
+
+SIMILARITIES: tuple[str, ...] = ("cosine", "distance")
 
 
 class MoCo(nn.Module):
@@ -44,17 +50,26 @@ class MoCo(nn.Module):
         temperature: float = 0.2,
         power_iterations: int = 1,
         generator: torch.Generator | None = None,
+        similarity: str = "cosine",
     ) -> None:
         super().__init__()
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"unknown similarity {similarity!r}; valid: {SIMILARITIES}")
         self.momentum = momentum
         self.temperature = temperature
+        self.similarity = similarity
         self.encoder_q = encoder
         self.encoder_k = copy.deepcopy(encoder)
         for parameter in self.encoder_k.parameters():
             parameter.requires_grad_(False)
-        self.spectral = SpectralNormProduct(encoder, input_shape, power_iterations, generator=generator)
+        # "distance" is for encoders that are 1-Lipschitz by construction: their product is 1 by design.
+        self.spectral = (
+            SpectralNormProduct(encoder, input_shape, power_iterations, generator=generator)
+            if similarity == "cosine"
+            else None
+        )
         queue = torch.randn(feature_dim, queue_size, generator=generator)
-        self.register_buffer("queue", F.normalize(queue, dim=0))
+        self.register_buffer("queue", F.normalize(queue, dim=0) if similarity == "cosine" else queue)
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
@@ -76,19 +91,28 @@ class MoCo(nn.Module):
         queries = self.encoder_q(view_q)
         logits = self.logits(queries, keys.repeat(queries.shape[0] // keys.shape[0], 1))
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-        return logits, labels, queries, self.spectral(self.encoder_q)
+        product = self.spectral(self.encoder_q) if self.spectral is not None else queries.new_ones(())
+        return logits, labels, queries, product
 
     def logits(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """[batch, 1 + K]: cosine similarity to the own key, then to each queued key, over T."""
+        """[batch, 1 + K]: similarity to the own key, then to each queued key, over T (cosine, or minus the
+        squared l2 distance of the raw features)."""
+        queue = self.queue.clone().detach()
+        if self.similarity == "distance":
+            positive = -(queries - keys).pow(2).sum(dim=1, keepdim=True)
+            negative = -torch.cdist(queries, queue.T).pow(2)
+            return torch.cat([positive, negative], dim=1) / self.temperature
         queries, keys = F.normalize(queries, dim=1), F.normalize(keys, dim=1)
         positive = (queries * keys).sum(dim=1, keepdim=True)
-        negative = queries @ self.queue.clone().detach()
+        negative = queries @ queue
         return torch.cat([positive, negative], dim=1) / self.temperature
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
         """Replace the oldest keys by this step's keys from every process."""
-        keys = F.normalize(_gather_from_all_processes(keys), dim=1)
+        keys = _gather_from_all_processes(keys)
+        if self.similarity == "cosine":
+            keys = F.normalize(keys, dim=1)
         size = self.queue.shape[1]
         positions = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % size
         self.queue[:, positions] = keys.T

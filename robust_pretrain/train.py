@@ -1,9 +1,11 @@
 """Robust contrastive pre-training: one readable loop (nanoGPT style) around ``moco.MoCo``.
 
-One config, three methods:
+One config, four methods:
 * "spectral": MoCo + lambda * prod_j ||T_j||_s (``spectral_weight`` > 0), the paper's robust encoder;
 * "nonrobust": the same with lambda = 0;
-* "adversarial": RoCL-style PGD on the instance-discrimination loss (``adversarial_epsilon`` > 0).
+* "adversarial": RoCL-style PGD on the instance-discrimination loss (``adversarial_epsilon`` > 0);
+* "lipschitz": an encoder that is 1-Lipschitz by construction (``lipschitz_mlp`` / ``lipschitz_conv``, AOL layers
+  while training, plain layers in the checkpoint), MoCo with InfoNCE on squared distances of raw features.
 
 Data-parallel under ``torchrun`` (gloo on CPU, NCCL on GPU): every process draws the same seeded
 permutation, takes its share of each global batch, and DistributedDataParallel averages the gradients, so
@@ -27,15 +29,21 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from bounds.lipschitz_layers import materialize
 from robust_pretrain.adversarial import instance_adversary
-from robust_pretrain.architectures import EncoderConfig, build_encoder, small_cnn_config
+from robust_pretrain.architectures import (
+    LIPSCHITZ_ARCHITECTURES,
+    EncoderConfig,
+    build_encoder,
+    small_cnn_config,
+)
 from robust_pretrain.augment import AugmentConfig, random_view
 from robust_pretrain.checkpoint import CheckpointMetadata, load_checkpoint, save_checkpoint
 from robust_pretrain.datasets import ImageSet
 from robust_pretrain.moco import MoCo, contrastive_loss, spectral_penalty
 from robust_pretrain.probe import linear_probe
 
-METHODS: tuple[str, ...] = ("spectral", "nonrobust", "adversarial")
+METHODS: tuple[str, ...] = ("spectral", "nonrobust", "adversarial", "lipschitz")
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,8 @@ class PretrainConfig:
 
     @property
     def method(self) -> str:
+        if self.encoder.arch in LIPSCHITZ_ARCHITECTURES:
+            return "lipschitz"
         if self.adversarial_epsilon > 0:
             return "adversarial"
         return "spectral" if self.spectral_weight > 0 else "nonrobust"
@@ -105,15 +115,19 @@ def pretrain(
     if tuple(data.input_shape) != config.encoder.input_shape:
         raise ValueError(f"data {data.input_shape} does not fit encoder input {config.encoder.input_shape}")
 
+    lipschitz = config.method == "lipschitz"
+    if lipschitz and (config.spectral_weight > 0 or config.adversarial_epsilon > 0):
+        raise ValueError("a Lipschitz-by-construction encoder takes neither the spectral penalty nor the attack")
     torch.manual_seed(config.seed)  # the same initial weights in every process
     moco = MoCo(
-        build_encoder(config.encoder),
+        build_encoder(config.encoder, trainable=lipschitz),
         config.encoder.input_shape,
         config.encoder.feature_dim,
         queue_size=config.queue_size,
         momentum=config.moco_momentum,
         temperature=config.temperature,
         power_iterations=config.power_iterations,
+        similarity="distance" if lipschitz else "cosine",
     ).to(device)
     optimizer = torch.optim.SGD(
         moco.encoder_q.parameters(),
@@ -210,7 +224,7 @@ def pretrain(
     metadata = None
     if rank == 0:
         metadata = save_checkpoint(
-            moco.encoder_q,
+            materialize(moco.encoder_q) if lipschitz else moco.encoder_q,
             config.encoder,
             out_dir / "encoder",
             model_id=config.model_id or f"pretrain-{config.method}",
