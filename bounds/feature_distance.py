@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from bounds.graph import BoundGraph
-from bounds.midpoint_lipschitz import DEFAULT_MEMORY_BUDGET_BYTES, is_chain, midpoint_lipschitz_upper
+from bounds.midpoint_lipschitz import DEFAULT_MEMORY_BUDGET_BYTES, midpoint_applies, midpoint_lipschitz_upper
 from bounds.operators import Box
 from bounds.propagation import InputBall, compute_bounds, crown_backward
 from bounds.spectral import matrix_norm_upper
@@ -80,7 +80,7 @@ def local_jacobian_norm(
     split = matrix_norm_upper(c) + matrix_norm_upper(r)
     joint = matrix_norm_upper(c.abs() + r)
     bound = torch.minimum(split, joint)
-    if is_chain(graph) and bool((r > 0).any()):
+    if midpoint_applies(graph) and bool((r > 0).any()):
         bound = torch.minimum(bound, midpoint_lipschitz_upper(graph, boxes, memory_budget_bytes=memory_budget_bytes))
     return bound
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from bounds.graph import build_graph
-from bounds.midpoint_lipschitz import global_midpoint_upper, is_chain
+from bounds.midpoint_lipschitz import global_midpoint_upper, midpoint_applies
 from bounds.spectral import layer_product_lipschitz_upper
 
 
@@ -23,6 +23,6 @@ def global_lipschitz_upper(model: nn.Module, input_shape: tuple[int, ...]) -> fl
     """A sound upper bound of the model's global l2 Lipschitz constant on inputs of shape `input_shape`."""
     product = layer_product_lipschitz_upper(model, input_shape)
     graph = build_graph(model, input_shape, dtype=torch.float64, device="cpu")
-    if not is_chain(graph) or not any(hasattr(node.op, "weight") for node in graph.nodes[1:]):
+    if not midpoint_applies(graph) or not any(hasattr(node.op, "weight") for node in graph.nodes[1:]):
         return product
     return min(product, global_midpoint_upper(graph))

@@ -1,0 +1,132 @@
+"""MaxMin and PixelUnshuffle in bounds/: traced exactly, sound IBP / CROWN / Jacobian / Lipschitz bounds."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from bounds_models import MAXMIN_ENCODERS
+from torch import nn
+
+from bounds import (
+    InputBall,
+    MaxMin,
+    UnsupportedLayerError,
+    build_graph,
+    compute_bounds,
+    global_lipschitz_upper,
+    layer_product_lipschitz_upper,
+    operator_norm_upper,
+    pgd_feature_distance,
+)
+from bounds.operators import Box, MaxMinOperator, PixelUnshuffleOperator
+from bounds.spectral import SPECTRAL_SAFETY
+
+
+def _random_ball_points(center: torch.Tensor, radius: float, count: int, generator) -> torch.Tensor:
+    """[count, *shape]: random points of the l2 ball, half of them on its sphere."""
+    direction = torch.randn(count, *center.shape, generator=generator, dtype=center.dtype)
+    direction = direction / direction.reshape(count, -1).norm(dim=1).reshape(-1, *([1] * center.dim()))
+    scale = torch.rand(count, generator=generator, dtype=center.dtype)
+    scale[: count // 2] = 1.0
+    return center + radius * scale.reshape(-1, *([1] * center.dim())) * direction
+
+
+def _attacked_points(model, center: torch.Tensor, radius: float, generator) -> torch.Tensor:
+    """PGD perturbations (feature-distance maximisers) of `center` [1, *shape]: [1, *shape]."""
+    _, delta = pgd_feature_distance(model, center, torch.tensor([radius]), steps=100, restarts=5, generator=generator)
+    return center + delta
+
+
+@pytest.mark.parametrize("encoder_name", sorted(MAXMIN_ENCODERS))
+def test_graph_forward_matches_model(encoder_name):
+    build, shape = MAXMIN_ENCODERS[encoder_name]
+    model = build(0)
+    x = torch.rand(4, *shape, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(build_graph(model, shape).forward(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_maxmin_needs_even_channels_and_unshuffle_divisible_sizes():
+    with pytest.raises(UnsupportedLayerError, match="MaxMin"):
+        build_graph(nn.Sequential(nn.Linear(4, 5), MaxMin()), (4,))
+    with pytest.raises(UnsupportedLayerError, match="PixelUnshuffle"):
+        build_graph(nn.PixelUnshuffle(2), (1, 5, 4))
+
+
+@pytest.mark.parametrize("shape", [(6,), (4, 3, 2)])
+def test_maxmin_interval_is_exact_for_boxes(shape):
+    """The interval is attained: forward(lower corner) and forward(upper corner) are its ends, and random points
+    of the box stay inside."""
+    generator = torch.Generator().manual_seed(1)
+    op = MaxMinOperator(shape)
+    lower = torch.randn(3, *shape, generator=generator, dtype=torch.float64)
+    upper = lower + torch.rand(3, *shape, generator=generator, dtype=torch.float64)
+    out = op.interval(Box(lower, upper))
+    assert torch.equal(out.lower, op.forward(lower)) and torch.equal(out.upper, op.forward(upper))
+    for _ in range(20):
+        y = op.forward(lower + torch.rand(lower.shape, generator=generator, dtype=torch.float64) * (upper - lower))
+        assert (out.lower <= y).all() and (y <= out.upper).all()
+
+
+def test_pixel_unshuffle_is_a_permutation_with_its_exact_adjoint():
+    generator = torch.Generator().manual_seed(2)
+    (op,) = [n.op for n in build_graph(nn.PixelUnshuffle(2), (3, 4, 6), dtype=torch.float64).nodes[1:]]
+    assert isinstance(op, PixelUnshuffleOperator) and op.out_shape == (12, 2, 3)
+    x = torch.randn(5, 3, 4, 6, generator=generator, dtype=torch.float64)
+    y = torch.randn(5, 12, 2, 3, generator=generator, dtype=torch.float64)
+    torch.testing.assert_close((op.linear(x) * y).sum(), (x * op.vjp(y)).sum(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(op.linear(x), nn.PixelUnshuffle(2)(x), rtol=0, atol=0)
+    assert torch.equal(op.linear(x).reshape(5, -1).sort().values, x.reshape(5, -1).sort().values)  # a permutation
+    assert torch.equal(op.abs_linear(x.abs()), op.linear(x).abs()) and torch.equal(op.abs_vjp(y), op.vjp(y))
+    assert operator_norm_upper(op) == 1.0
+
+
+@pytest.mark.parametrize("intermediate", ["ibp", "crown"])
+@pytest.mark.parametrize("encoder_name", sorted(MAXMIN_ENCODERS))
+def test_interval_bounds_contain_random_and_attacked_points(encoder_name, intermediate):
+    build, shape = MAXMIN_ENCODERS[encoder_name]
+    model = build(3)
+    generator = torch.Generator().manual_seed(3)
+    center = torch.rand(1, *shape, generator=generator)
+    graph = build_graph(model, shape)
+    for radius in (0.1, 1.0):
+        boxes = compute_bounds(graph, InputBall(center, torch.tensor([radius])), intermediate=intermediate)
+        points = torch.cat([_random_ball_points(center[0], radius, 200, generator),
+                            _attacked_points(model, center, radius, generator)])
+        for index, value in enumerate(graph.forward_all(points)):
+            assert (value >= boxes[index].lower).all() and (value <= boxes[index].upper).all(), (index, radius)
+
+
+@pytest.mark.parametrize("encoder_name", sorted(MAXMIN_ENCODERS))
+def test_global_lipschitz_dominates_attacks_and_stays_below_the_layer_product(encoder_name):
+    build, shape = MAXMIN_ENCODERS[encoder_name]
+    model = build(4)
+    bound = global_lipschitz_upper(model, shape)
+    assert bound <= layer_product_lipschitz_upper(model, shape)
+    if encoder_name.startswith("aol"):
+        layers = sum(isinstance(m, nn.Linear | nn.Conv2d) for m in model.modules())
+        assert bound <= (1 + SPECTRAL_SAFETY) ** layers
+    generator = torch.Generator().manual_seed(4)
+    images = torch.rand(4, *shape, generator=generator)
+    for radius in (0.01, 1.0, 10.0):
+        distance, _ = pgd_feature_distance(model, images, torch.full((4,), radius), steps=100, restarts=5,
+                                           generator=generator)
+        assert float(distance.max()) / radius <= bound
+    x = images.clone().requires_grad_(True)
+    out = model(x)
+    for k in range(out.shape[1]):
+        (grad,) = torch.autograd.grad(out[:, k].sum(), x, retain_graph=True)
+        assert float(grad.reshape(4, -1).norm(dim=1).max()) <= bound
+
+
+def test_maxmin_is_exactly_one_lipschitz_in_the_layer_product():
+    # MaxMin and PixelUnshuffle have norm 1: the product is the (float32-orthogonal) weight's exact norm
+    torch.manual_seed(5)
+    linear = nn.Linear(16, 16)
+    nn.init.orthogonal_(linear.weight)
+    model = nn.Sequential(nn.PixelUnshuffle(2), nn.Flatten(), linear, MaxMin())
+    product = layer_product_lipschitz_upper(model, (1, 4, 4))
+    exact = float(torch.linalg.matrix_norm(linear.weight.detach().double(), ord=2))
+    assert exact <= product <= exact * (1.0 + 2 * SPECTRAL_SAFETY)
+    assert math.isclose(global_lipschitz_upper(model, (1, 4, 4)), product)
