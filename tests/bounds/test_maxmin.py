@@ -15,11 +15,14 @@ from bounds import (
     UnsupportedLayerError,
     build_graph,
     compute_bounds,
+    concretize,
+    crown_backward,
     global_lipschitz_upper,
     layer_product_lipschitz_upper,
     operator_norm_upper,
     pgd_feature_distance,
 )
+from bounds.feature_distance import jacobian_interval
 from bounds.operators import Box, MaxMinOperator, PixelUnshuffleOperator
 from bounds.spectral import SPECTRAL_SAFETY
 
@@ -130,3 +133,101 @@ def test_maxmin_is_exactly_one_lipschitz_in_the_layer_product():
     exact = float(torch.linalg.matrix_norm(linear.weight.detach().double(), ord=2))
     assert exact <= product <= exact * (1.0 + 2 * SPECTRAL_SAFETY)
     assert math.isclose(global_lipschitz_upper(model, (1, 4, 4)), product)
+
+
+def test_maxmin_crown_step_holds_on_every_point_of_the_box():
+    """One backward step: lA·y >= lA_in·x + lbias and uA·y <= uA_in·x + ubias at random points (and corners) of
+    boxes with stable and unstable pairs, for random signed coefficients."""
+    generator = torch.Generator().manual_seed(6)
+    shape = (8,)
+    op = MaxMinOperator(shape)
+    lower = torch.randn(4, *shape, generator=generator, dtype=torch.float64)
+    upper = lower + 2 * torch.rand(4, *shape, generator=generator, dtype=torch.float64)
+    assert op.unstable_inputs(Box(lower, upper)).any() and not op.unstable_inputs(Box(lower, upper)).all()
+    lA = torch.randn(4, 5, *shape, generator=generator, dtype=torch.float64)
+    uA = torch.randn(4, 5, *shape, generator=generator, dtype=torch.float64)
+    [(lA_in, uA_in)], lbias, ubias = op.backward(lA, uA, (Box(lower, upper),))
+    corners = torch.rand(300, 4, *shape, generator=generator, dtype=torch.float64).round()
+    fractions = torch.cat([corners, torch.rand(300, 4, *shape, generator=generator, dtype=torch.float64)])
+    for fraction in fractions:
+        x = lower + fraction * (upper - lower)
+        y = op.forward(x)
+        assert (torch.einsum("bsn,bn->bs", lA, y) >= torch.einsum("bsn,bn->bs", lA_in, x) + lbias - 1e-12).all()
+        assert (torch.einsum("bsn,bn->bs", uA, y) <= torch.einsum("bsn,bn->bs", uA_in, x) + ubias + 1e-12).all()
+
+
+def test_maxmin_crown_is_exact_where_every_pair_is_ordered():
+    op = MaxMinOperator((4,))
+    # x = (a0, a1, b0, b1) with a0 in [1, 2] >= b0 in [0, 0.5] and a1 in [-3, -2] <= b1 = -1
+    lower = torch.tensor([[1.0, -3.0, 0.0, -1.0]], dtype=torch.float64)
+    upper = torch.tensor([[2.0, -2.0, 0.5, -1.0]], dtype=torch.float64)
+    lA = torch.randn(1, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    [(lA_in, uA_in)], lbias, ubias = op.backward(lA, lA, (Box(lower, upper),))
+    # y = (a0, b1, b0, a1): the coefficients are those of that permutation (up to rounding), with no bias
+    expected = torch.stack([lA[..., 0], lA[..., 3], lA[..., 2], lA[..., 1]], dim=-1)
+    torch.testing.assert_close(lA_in, expected, rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(uA_in, expected, rtol=1e-15, atol=1e-15)
+    assert float(lbias.abs().max()) == 0.0 and float(ubias.abs().max()) == 0.0
+
+
+def _tiny_maxmin_net(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(2, 8), MaxMin(), nn.Linear(8, 8), MaxMin(), nn.Linear(8, 3)).double()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ibp_and_crown_contain_brute_force_extremes_of_a_2d_maxmin_net(seed):
+    """Dense grids of 2-D balls: every node inside its box, the output inside CROWN's bounds."""
+    model = _tiny_maxmin_net(seed)
+    graph = build_graph(model, (2,), dtype=torch.float64)
+    centers = torch.randn(3, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    radius = 0.7
+    ball = InputBall(centers, torch.full((3,), radius, dtype=torch.float64))
+    axis = torch.linspace(-radius, radius, 201, dtype=torch.float64)
+    grid = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), dim=-1).reshape(-1, 2)
+    angle = torch.linspace(0, 2 * math.pi, 800, dtype=torch.float64)
+    grid = torch.cat([grid[grid.norm(dim=1) <= radius], radius * torch.stack([angle.cos(), angle.sin()], dim=1)])
+    spec = torch.eye(3, dtype=torch.float64).expand(3, 3, 3)
+    for intermediate in ("ibp", "crown"):
+        boxes = compute_bounds(graph, ball, intermediate=intermediate)
+        crown = concretize(ball, crown_backward(graph, boxes, graph.output_index, spec, spec))
+        for b in range(3):
+            values = graph.forward_all(centers[b] + grid)
+            for index, value in enumerate(values):
+                assert (value >= boxes[index].lower[b] - 1e-9).all() and (value <= boxes[index].upper[b] + 1e-9).all()
+            assert (values[-1] >= crown.lower[b] - 1e-9).all() and (values[-1] <= crown.upper[b] + 1e-9).all()
+
+
+@pytest.mark.parametrize("encoder_name", sorted(MAXMIN_ENCODERS))
+def test_crown_output_bounds_contain_random_and_attacked_points(encoder_name):
+    build, shape = MAXMIN_ENCODERS[encoder_name]
+    model = build(8)
+    generator = torch.Generator().manual_seed(8)
+    center = torch.rand(1, *shape, generator=generator)
+    graph = build_graph(model, shape)
+    features = int(graph.nodes[-1].shape[0])
+    spec = torch.eye(features).expand(1, features, features)
+    for radius in (0.1, 1.0):
+        ball = InputBall(center, torch.tensor([radius]))
+        crown = concretize(ball, crown_backward(graph, compute_bounds(graph, ball), graph.output_index, spec, spec))
+        points = torch.cat([_random_ball_points(center[0], radius, 200, generator),
+                            _attacked_points(model, center, radius, generator)])
+        with torch.no_grad():
+            out = model(points)
+        assert (out >= crown.lower).all() and (out <= crown.upper).all(), radius
+
+
+@pytest.mark.parametrize("radius", [0.05, 0.5])
+@pytest.mark.parametrize("encoder_name", sorted(MAXMIN_ENCODERS))
+def test_jacobian_interval_contains_autograd_jacobians_in_the_ball(encoder_name, radius):
+    build, shape = MAXMIN_ENCODERS[encoder_name]
+    model = build(9).double()
+    generator = torch.Generator().manual_seed(9)
+    center = torch.rand(1, *shape, generator=generator, dtype=torch.float64)
+    graph = build_graph(model, shape, dtype=torch.float64)
+    boxes = compute_bounds(graph, InputBall(center, torch.tensor([radius], dtype=torch.float64)))
+    c, r = jacobian_interval(graph, boxes)
+    assert (r > 0).any()  # some pair flips inside the ball: the check is not only the exact-Jacobian case
+    for point in _random_ball_points(center[0], radius, 12, generator):
+        jacobian = torch.autograd.functional.jacobian(lambda z: model(z.unsqueeze(0)).squeeze(0), point)
+        assert ((jacobian.reshape(c.shape[1:]) - c[0]).abs() <= r[0] + 1e-12).all()
