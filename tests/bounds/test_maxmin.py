@@ -10,6 +10,7 @@ from bounds_models import MAXMIN_ENCODERS
 from torch import nn
 
 from bounds import (
+    BOUNDS_OFFERED,
     InputBall,
     MaxMin,
     UnsupportedLayerError,
@@ -17,12 +18,14 @@ from bounds import (
     compute_bounds,
     concretize,
     crown_backward,
+    f2i_radius,
+    feature_distance_upper,
     global_lipschitz_upper,
     layer_product_lipschitz_upper,
     operator_norm_upper,
     pgd_feature_distance,
 )
-from bounds.feature_distance import jacobian_interval
+from bounds.feature_distance import FEATURE_BOUNDS, jacobian_interval
 from bounds.operators import Box, MaxMinOperator, PixelUnshuffleOperator
 from bounds.spectral import SPECTRAL_SAFETY
 
@@ -231,3 +234,39 @@ def test_jacobian_interval_contains_autograd_jacobians_in_the_ball(encoder_name,
     for point in _random_ball_points(center[0], radius, 12, generator):
         jacobian = torch.autograd.functional.jacobian(lambda z: model(z.unsqueeze(0)).squeeze(0), point)
         assert ((jacobian.reshape(c.shape[1:]) - c[0]).abs() <= r[0] + 1e-12).all()
+
+
+@pytest.mark.parametrize("encoder_name", sorted(MAXMIN_ENCODERS))
+def test_every_feature_distance_bound_dominates_pgd_and_random_directions(encoder_name):
+    build, shape = MAXMIN_ENCODERS[encoder_name]
+    model = build(10)
+    generator = torch.Generator().manual_seed(10)
+    images = torch.rand(2, *shape, generator=generator)
+    graph = build_graph(model, shape)
+    lipschitz = global_lipschitz_upper(model, shape)
+    for radius_value in (0.05, 0.5, 2.0):
+        radius = torch.full((2,), radius_value)
+        upper = feature_distance_upper(graph, images, radius, FEATURE_BOUNDS, lipschitz_upper=lipschitz)
+        attacked, _ = pgd_feature_distance(model, images, radius, steps=100, restarts=5, generator=generator)
+        with torch.no_grad():
+            sampled = torch.stack([
+                (model(_random_ball_points(images[b], radius_value, 100, generator)) - model(images[b:b + 1]))
+                .norm(dim=1).max().double() for b in range(2)
+            ])
+        for name, value in upper.items():
+            assert (attacked <= value).all() and (sampled <= value).all(), (name, radius_value)
+
+
+@pytest.mark.parametrize("bound", BOUNDS_OFFERED)
+@pytest.mark.parametrize("encoder_name", sorted(MAXMIN_ENCODERS))
+def test_f2i_radius_survives_pgd(encoder_name, bound):
+    build, shape = MAXMIN_ENCODERS[encoder_name]
+    model = build(11)
+    generator = torch.Generator().manual_seed(11)
+    images = torch.rand(2, *shape, generator=generator)
+    feature_radii = torch.tensor([0.1, 0.5])
+    result = f2i_radius(model, images, feature_radii, bound=bound)
+    assert (result.image_radius > 0).all()
+    attacked, _ = pgd_feature_distance(model, images, result.image_radius.float(), steps=100, restarts=5,
+                                       generator=generator)
+    assert (attacked < feature_radii.double()).all(), (bound, result.image_radius)
