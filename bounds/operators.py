@@ -319,6 +319,36 @@ class ReLUOperator(Operator):
         """[batch, *shape] bool: the inputs whose activation pattern is not fixed on the set the box describes."""
         return box.crosses_zero
 
+    # Midpoint expansion (bounds.midpoint_lipschitz) in the flat per-example layout: D = M + P·E·P with P the
+    # projector on the unstable directions (here coordinates) and ||E|| <= expansion_factor.
+    expansion_factor = 0.5
+
+    def midpoint(self, box: Box) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(slopes, unstable)` [batch, numel]: the midpoint slope (1, 0, 1/2) and the unstable directions."""
+        batch = box.lower.shape[0]
+        unstable = box.crosses_zero.reshape(batch, -1)
+        lower = box.lower.reshape(batch, -1)
+        return torch.where(unstable, torch.full_like(lower, 0.5), (lower >= 0).to(lower.dtype)), unstable
+
+    @staticmethod
+    def midpoint_norm(slopes: torch.Tensor) -> torch.Tensor:
+        return slopes.max(dim=1).values.to(torch.float64)
+
+    @staticmethod
+    def midpoint_vjp(a: torch.Tensor, slopes: torch.Tensor) -> torch.Tensor:
+        """`a·M` for rows `a` [batch, rows, numel]."""
+        return a * slopes.unsqueeze(1)
+
+    @staticmethod
+    def to_directions(a: torch.Tensor) -> torch.Tensor:
+        """`a·V` [batch, rows, directions] for `a` [batch, rows, numel] (V: orthonormal direction columns)."""
+        return a
+
+    @staticmethod
+    def from_directions(c: torch.Tensor) -> torch.Tensor:
+        """`c·Vᵀ` [batch, rows, numel] for `c` [batch, rows, directions]."""
+        return c
+
     def interval(self, box):
         return Box(torch.relu(box.lower), torch.relu(box.upper))
 
@@ -406,6 +436,37 @@ class MaxMinOperator(Operator):
     def slope_range(self, box: Box) -> tuple[torch.Tensor, torch.Tensor]:
         """[t_lo, t_hi] [batch, C/2, ...] holding the weight t of a in max(a, b) in every Clarke Jacobian."""
         return ReLUOperator.slope_range(self.difference_box(box))
+
+    # Midpoint expansion in the flat per-example layout (pair p = coordinates p and p + numel/2, since the channel
+    # halves are the flat halves): J_pair = 1/2·[[1, 1], [1, 1]] + (2t - 1)·v vᵀ with v = (1, -1)/sqrt(2) and
+    # |2t - 1| <= 1, so M = the midpoint (identity if t = 1, swap if t = 0, 1/2·[[1, 1], [1, 1]] if unstable; norm
+    # 1) and D - M = P·E·P with P the projector on the v of the unstable pairs and ||E|| <= 1.
+    expansion_factor = 1.0
+
+    def midpoint(self, box: Box) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(t, unstable)` [batch, numel / 2]: the midpoint weight t (1, 0, 1/2) and the unstable pairs."""
+        batch = box.lower.shape[0]
+        t_lo, t_hi = (t.reshape(batch, -1) for t in self.slope_range(box))
+        return (t_lo + t_hi) / 2, t_lo != t_hi
+
+    @staticmethod
+    def midpoint_norm(t: torch.Tensor) -> torch.Tensor:
+        return torch.ones(t.shape[0], dtype=torch.float64, device=t.device)
+
+    @staticmethod
+    def midpoint_vjp(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        first, second = a.chunk(2, dim=2)
+        t = t.unsqueeze(1)
+        return torch.cat([t * first + (1 - t) * second, (1 - t) * first + t * second], dim=2)
+
+    @staticmethod
+    def to_directions(a: torch.Tensor) -> torch.Tensor:
+        first, second = a.chunk(2, dim=2)
+        return (first - second) * 0.5 ** 0.5
+
+    @staticmethod
+    def from_directions(c: torch.Tensor) -> torch.Tensor:
+        return torch.cat([c, -c], dim=2) * 0.5 ** 0.5
 
     def backward(self, lA, uA, boxes):
         # A·y = A2·a + A1·b + (A1 - A2)·relu(u): relu(u) relaxed by ReLUOperator, then u = a - b pulled back

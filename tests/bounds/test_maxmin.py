@@ -26,6 +26,7 @@ from bounds import (
     pgd_feature_distance,
 )
 from bounds.feature_distance import FEATURE_BOUNDS, jacobian_interval
+from bounds.midpoint_lipschitz import midpoint_lipschitz_upper
 from bounds.operators import Box, MaxMinOperator, PixelUnshuffleOperator
 from bounds.spectral import SPECTRAL_SAFETY
 
@@ -270,3 +271,30 @@ def test_f2i_radius_survives_pgd(encoder_name, bound):
     attacked, _ = pgd_feature_distance(model, images, result.image_radius.float(), steps=100, restarts=5,
                                        generator=generator)
     assert (attacked < feature_radii.double()).all(), (bound, result.image_radius)
+
+
+def _jacobian_norm(model, point: torch.Tensor) -> float:
+    jacobian = torch.autograd.functional.jacobian(lambda z: model(z.unsqueeze(0)).squeeze(0), point)
+    return float(torch.linalg.matrix_norm(jacobian.reshape(jacobian.shape[0], -1).double(), ord=2))
+
+
+@pytest.mark.parametrize("encoder_name", [*sorted(MAXMIN_ENCODERS), "ends_in_maxmin"])
+def test_midpoint_bound_is_exact_at_a_point_and_dominates_jacobians_in_the_ball(encoder_name):
+    if encoder_name == "ends_in_maxmin":  # the output node is itself an activation
+        torch.manual_seed(12)
+        model, shape = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), MaxMin(), nn.Linear(8, 6), MaxMin()), (1, 4, 4)
+    else:
+        build, shape = MAXMIN_ENCODERS[encoder_name]
+        model = build(12)
+    generator = torch.Generator().manual_seed(12)
+    center = torch.rand(2, *shape, generator=generator)
+    graph = build_graph(model, shape)
+    at_point = midpoint_lipschitz_upper(graph, compute_bounds(graph, InputBall(center, torch.zeros(2))))
+    for b in range(2):
+        exact = _jacobian_norm(model, center[b])
+        assert exact <= float(at_point[b]) <= exact * (1 + 1e-4)
+    for radius in (0.1, 1.0):
+        boxes = compute_bounds(graph, InputBall(center[:1], torch.tensor([radius])))
+        bound = float(midpoint_lipschitz_upper(graph, boxes)[0])
+        for point in _random_ball_points(center[0], radius, 10, generator):
+            assert _jacobian_norm(model, point) <= bound
