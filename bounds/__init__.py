@@ -7,7 +7,8 @@ bounds.feature_distance): "lipschitz" (global, L·r, L = global_lipschitz_upper:
 the midpoint expansion with every ReLU unstable), "ibp", "crown" (the paper's elementwise CROWN -> l2),
 "crown_spectral" (CROWN's linear bounds -> l2 through spectral norms), "local_lipschitz" (interval Clarke
 Jacobian and midpoint expansion over the ball), "best" (their minimum, CROWN intermediate bounds) and
-"best_ibp" (their minimum, IBP intermediate bounds; DEFAULT_BOUND).
+"best_ibp" (their minimum, IBP intermediate bounds) and "auto" (DEFAULT_BOUND: the closed form R_F(1 - m)/L
+where a lower bound of ||J(x)|| proves the local bounds cannot beat it by the search tolerance, best_ibp elsewhere).
 
 Supported layers (anything else raises UnsupportedLayerError): nn.Sequential, nn.Linear, nn.Conv2d (zero padding,
 any stride), nn.ReLU, nn.Flatten, nn.AvgPool2d, nn.Identity, Residual, nn.BatchNorm1d/2d (eval mode).
