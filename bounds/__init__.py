@@ -16,7 +16,16 @@ any stride), nn.ReLU, nn.Flatten, nn.AvgPool2d, nn.Identity, Residual, nn.BatchN
 
 from bounds.attack import pgd_feature_distance
 from bounds.batchnorm import fold_batchnorm
-from bounds.f2i import BOUNDS_OFFERED, DEFAULT_BOUND, SAFETY_MARGIN, F2IResult, f2i_radius
+from bounds.f2i import (
+    BOUND_DESCRIPTIONS,
+    BOUNDS_OFFERED,
+    CLOSED_FORM_BOUNDS,
+    DEFAULT_BOUND,
+    SAFETY_MARGIN,
+    F2IResult,
+    evaluate_bound_once,
+    f2i_radius,
+)
 from bounds.feature_certification import CERTIFY_METHODS, FeatureCertificate, certify_feature_radius
 from bounds.feature_distance import feature_distance_upper
 from bounds.graph import BoundGraph, build_graph
@@ -26,7 +35,9 @@ from bounds.propagation import InputBall, compute_bounds, concretize, crown_back
 from bounds.spectral import layer_product_lipschitz_upper, operator_norm_upper
 
 __all__ = [
+    "BOUND_DESCRIPTIONS",
     "BOUNDS_OFFERED",
+    "CLOSED_FORM_BOUNDS",
     "CERTIFY_METHODS",
     "DEFAULT_BOUND",
     "SAFETY_MARGIN",
@@ -41,6 +52,7 @@ __all__ = [
     "compute_bounds",
     "concretize",
     "crown_backward",
+    "evaluate_bound_once",
     "f2i_radius",
     "feature_distance_upper",
     "fold_batchnorm",

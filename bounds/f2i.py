@@ -52,6 +52,18 @@ BOUNDS_OFFERED: tuple[str, ...] = (*FEATURE_BOUNDS, "best", "best_ibp", "auto")
 # (benchmarks/results/bounds.md). Clients that want the largest radius whatever it costs ask for "best".
 DEFAULT_BOUND = "auto"
 AUTO_SEARCH = "best_ibp"  # where "auto" sends the images its test does not decide
+BOUND_DESCRIPTIONS: dict[str, str] = {
+    "lipschitz": "global Lipschitz bound L·r: R = R_F(1 - m)/L in closed form",
+    "ibp": "interval bound propagation, elementwise feature bounds -> l2",
+    "crown": "CROWN elementwise feature bounds -> l2 (the paper's method)",
+    "crown_spectral": "CROWN linear bounds -> l2 through exact spectral norms",
+    "local_lipschitz": "interval Clarke Jacobian over the ball (and midpoint expansion) times r",
+    "best": "minimum of every bound, CROWN intermediate bounds (largest radii, slowest)",
+    "best_ibp": "minimum of every bound, IBP intermediate bounds",
+    "auto": "closed form R_F(1 - m)/L where a lower bound of ||J(x)|| shows local bounds cannot beat it by the "
+            "tolerance, best_ibp search elsewhere",
+}
+CLOSED_FORM_BOUNDS = ("lipschitz",)
 _LINEAR_IN_RADIUS = ("lipschitz", "local_lipschitz")  # UB = K·r with K valid on the whole ball of radius r
 _BYTES_FACTOR = 8  # live [batch, spec, *node] tensors during a CROWN backward step: lA, uA and temporaries
 
@@ -80,6 +92,29 @@ def is_affine(model: nn.Module, input_shape: tuple[int, ...]) -> bool:
     except UnsupportedLayerError:
         return False
     return all(isinstance(node.op, AffineOperator) for node in graph.nodes[1:])
+
+
+def evaluate_bound_once(
+    model: nn.Module, images: torch.Tensor, radius: float, bound: str, *, lipschitz_upper: float,
+    tolerance: float = 1e-3,
+) -> None:
+    """One evaluation of `bound` at `radius` on `images` [batch, C, H, W] (what one search step costs; for "auto",
+    its per-image test). For timing: the values are discarded."""
+    names = _bound_names(bound)
+    with torch.no_grad():
+        if bound == "auto":
+            if not is_affine(model, tuple(images.shape[1:])):
+                with torch.enable_grad():
+                    global_radius_suffices(model, images, lipschitz_upper, tolerance)
+            return
+        radii = torch.full((images.shape[0],), radius, dtype=images.dtype, device=images.device)
+        if names == ("lipschitz",):
+            feature_distance_upper(None, images, radii, names, lipschitz_upper=lipschitz_upper)
+            return
+        graph = build_graph(model, tuple(images.shape[1:]), dtype=torch.float32, device=images.device)
+        radii = torch.full((images.shape[0],), radius, dtype=images.dtype, device=images.device)
+        feature_distance_upper(graph, images, radii, names, lipschitz_upper=lipschitz_upper,
+                               intermediate="ibp" if bound == "best_ibp" else "crown")
 
 
 def closed_form_radius(feature_radii: torch.Tensor, lipschitz_upper: float) -> torch.Tensor:
