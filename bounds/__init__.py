@@ -11,7 +11,9 @@ Jacobian and midpoint expansion over the ball), "best" (their minimum, CROWN int
 where a lower bound of ||J(x)|| proves the local bounds cannot beat it by the search tolerance, best_ibp elsewhere).
 
 Supported layers (anything else raises UnsupportedLayerError): nn.Sequential, nn.Linear, nn.Conv2d (zero padding,
-any stride), nn.ReLU, nn.Flatten, nn.AvgPool2d, nn.Identity, Residual, nn.BatchNorm1d/2d (eval mode).
+any stride), nn.ReLU, MaxMin, nn.Flatten, nn.AvgPool2d, nn.PixelUnshuffle, nn.Identity, Residual,
+nn.BatchNorm1d/2d (eval mode). AOLLinear / AOLConv2d train 1-Lipschitz layers; `materialize` turns them into
+plain nn.Linear / nn.Conv2d before bounding.
 """
 
 from bounds.attack import pgd_feature_distance
@@ -29,12 +31,15 @@ from bounds.f2i import (
 from bounds.feature_certification import CERTIFY_METHODS, FeatureCertificate, certify_feature_radius
 from bounds.feature_distance import feature_distance_upper
 from bounds.graph import BoundGraph, build_graph
-from bounds.layers import Residual, UnsupportedLayerError
+from bounds.layers import MaxMin, Residual, UnsupportedLayerError
 from bounds.lipschitz import global_lipschitz_upper
+from bounds.lipschitz_layers import AOLConv2d, AOLLinear, materialize
 from bounds.propagation import InputBall, compute_bounds, concretize, crown_backward
 from bounds.spectral import layer_product_lipschitz_upper, operator_norm_upper
 
 __all__ = [
+    "AOLConv2d",
+    "AOLLinear",
     "BOUND_DESCRIPTIONS",
     "BOUNDS_OFFERED",
     "CLOSED_FORM_BOUNDS",
@@ -45,6 +50,7 @@ __all__ = [
     "F2IResult",
     "FeatureCertificate",
     "InputBall",
+    "MaxMin",
     "Residual",
     "UnsupportedLayerError",
     "build_graph",
@@ -58,6 +64,7 @@ __all__ = [
     "fold_batchnorm",
     "global_lipschitz_upper",
     "layer_product_lipschitz_upper",
+    "materialize",
     "operator_norm_upper",
     "pgd_feature_distance",
 ]

@@ -1,8 +1,8 @@
 """Certify a downstream classifier h in feature space: the largest l2 radius R_F around f(x) keeping h's label.
 
 For the prediction y = argmax h(z), the margins m_j(z') = h_y(z') - h_j(z') (j != y) are lower-bounded on the
-ball ||z' - z||_2 <= R by CROWN (or IBP); R is certified when every lower bound is > 0. When h has no ReLU it is
-affine, CROWN is exact, and R_F = min_j m_j(z) / ||a_j||_2 (a_j the margin's gradient) in closed form. Otherwise
+ball ||z' - z||_2 <= R by CROWN (or IBP); R is certified when every lower bound is > 0. When h has no activation
+(ReLU, MaxMin) it is affine, CROWN is exact, and R_F = min_j m_j(z) / ||a_j||_2 (a_j the margin's gradient) in closed form. Otherwise
 the one batched binary search (bounds.search) runs from the sound closed-form start
 R_0 = min_j m_j(z) / (sqrt(2)·Lip(h)). Returned radii are the verified radius times (1 - SAFETY_MARGIN), which
 covers float32 rounding (~1e-6 relative) in the margin bounds.
@@ -19,7 +19,6 @@ from torch import nn
 from bounds.f2i import SAFETY_MARGIN
 from bounds.graph import BoundGraph, build_graph
 from bounds.lipschitz import global_lipschitz_upper
-from bounds.operators import ReLUOperator
 from bounds.propagation import InputBall, compute_bounds, concretize, crown_backward
 from bounds.search import batched_binary_search
 
@@ -66,7 +65,8 @@ def certify_feature_radius(
     """Prediction and certified feature-space l2 radius for each row of `features` [batch, feature_dim].
 
     Guarantee: for every z' with ||z' - z||_2 < feature_radius, argmax h(z') = prediction (the sound lower bound
-    of every margin is positive on that ball). `classifier` is a Sequential of Linear/ReLU (the bounds vocabulary).
+    of every margin is positive on that ball). `classifier` is a Sequential of Linear / ReLU / MaxMin (the bounds
+    vocabulary).
     """
     if method not in CERTIFY_METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {CERTIFY_METHODS}")
@@ -90,7 +90,7 @@ def certify_feature_radius(
         margins = concretize(InputBall(z, zero), at_point).lower.to(torch.float64).cpu()  # [batch, K-1]
         gradient_norm = at_point.lA.to(torch.float64).norm(dim=-1).cpu()
         linearised = (margins.clamp(min=0) / gradient_norm.clamp(min=1e-30)).min(dim=1).values
-        if not any(isinstance(node.op, ReLUOperator) for node in graph.nodes[1:]):
+        if not any(node.op.is_activation for node in graph.nodes[1:]):
             return FeatureCertificate(prediction.cpu(), linearised * (1 - SAFETY_MARGIN))
         lipschitz = global_lipschitz_upper(classifier, (features.shape[1],))
         smallest_margin = margins.clamp(min=0).min(dim=1).values
