@@ -2,6 +2,9 @@
 F2IPerturb, on loopback against a real ``reaas-server`` subprocess (so client and server do not share a GIL).
 
 Goal (issue 2): streaming >= 0.9 of in-process at batch 256 on CPU. Run: ``make bench-service``.
+``--checkpoint PATH`` serves a checkpoint written by robust_pretrain.save_checkpoint instead of the demo encoder
+(results then go to ``service_<checkpoint stem>.md``, not the committed table); ``--bounds auto`` measures only the
+default F2I bound.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -58,9 +62,11 @@ def server_side_costs(encoder: ServedEncoder, images: torch.Tensor, seconds: flo
     ]
 
 
-def start_server_process(mode: str = "reaas") -> tuple[subprocess.Popen, str]:
+def start_server_process(mode: str = "reaas", checkpoint: Path | None = None) -> tuple[subprocess.Popen, str]:
+    served = [] if checkpoint is None else ["--checkpoint", str(checkpoint)]
     process = subprocess.Popen(
-        [sys.executable, "-m", "reaas_server.cli", "--port", "0", "--mode", mode, "--log-level", "WARNING"],
+        [sys.executable, "-m", "reaas_server.cli", "--port", "0", "--mode", mode, "--log-level", "WARNING",
+         *served],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -84,13 +90,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--f2i-batch", type=int, default=32, help="images per F2IPerturb call (default: %(default)s)"
     )
+    parser.add_argument(
+        "--checkpoint", type=Path, default=None,
+        help="checkpoint (robust_pretrain.save_checkpoint) to serve (default: the shipped demo encoder)",
+    )
+    parser.add_argument(
+        "--bounds", default=None,
+        help="comma-separated F2I bounds to measure (default: every bound the server offers; 'auto' is the default)",
+    )
+    parser.add_argument(
+        "--f2i-radius", type=float, default=0.5, help="feature radius R_F of every F2I image (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     print(f"machine: {machine_summary()}", flush=True)
 
-    encoder = ServedEncoder.load(None)
+    encoder = ServedEncoder.load(args.checkpoint)
     shape = tuple(encoder.metadata.input_shape)
     generator = torch.Generator().manual_seed(0)
-    process, address = start_server_process()
+    process, address = start_server_process(checkpoint=args.checkpoint)
     rows, ratios = [], {}
     try:
         with EncoderClient(address, timeout_s=600) as client:
@@ -114,16 +131,19 @@ def main(argv: list[str] | None = None) -> None:
                     flush=True,
                 )
 
-            f2i_images = torch.rand((args.f2i_batch, *shape), generator=generator).numpy()
-            radii = np.full(args.f2i_batch, 0.5)
+            low, high = client.info().value_min, client.info().value_max
+            f2i_images = (low + (high - low) * torch.rand((args.f2i_batch, *shape), generator=generator)).numpy()
+            radii = np.full(args.f2i_batch, args.f2i_radius)
             f2i_rows = []
-            for bound in client.info().bounds_offered:
+            offered = client.info().bounds_offered
+            for bound in offered if args.bounds is None else args.bounds.split(","):
                 rate = images_per_second(
                     lambda b=bound: len(client.f2i_perturb(f2i_images, radii, bound=b).image_radius),
                     args.seconds,
                     min_rounds=1,
                 )
-                f2i_rows.append([bound, args.f2i_batch, f"{rate:,.1f}"])
+                deciders = client.f2i_perturb(f2i_images[:8], radii[:8], bound=bound).bound
+                f2i_rows.append([bound, args.f2i_batch, f"{rate:,.1f}", ", ".join(sorted(set(deciders)))])
                 print(f"F2IPerturb bound={bound}: {rate:,.1f} images/s", flush=True)
     finally:
         process.terminate()
@@ -132,8 +152,9 @@ def main(argv: list[str] | None = None) -> None:
     cost_rows = server_side_costs(encoder, torch.rand((256, *shape), generator=generator), args.seconds)
     goal_met = ratios[256] >= 0.9
     body = (
-        "Loopback, `reaas-server` in a subprocess serving the shipped demo encoder "
-        f"({encoder.metadata.model_id}, input {list(shape)}, float32 pixels), client in this process.\n\n"
+        "Loopback, `reaas-server` in a subprocess serving "
+        + ("the shipped demo encoder " if args.checkpoint is None else f"the checkpoint `{args.checkpoint}` ")
+        + f"({encoder.metadata.model_id}, input {list(shape)}, float32 pixels), client in this process.\n\n"
         "## Features (images/s)\n\n"
         + markdown_table(
             ["batch", "in-process forward", "Feature (unary)", "StreamFeatures", "stream / in-process"], rows
@@ -150,11 +171,13 @@ def main(argv: list[str] | None = None) -> None:
             "transport and threading, and the client process competing with the server's forward pass for "
             "the same 2 cores.\n"
         )
-        + "\n## F2IPerturb (images/s, R_F = 0.5)\n\n"
-        + markdown_table(["bound", "images per call", "images/s"], f2i_rows)
+        + f"\n## F2IPerturb (images/s, R_F = {args.f2i_radius})\n\n"
+        + markdown_table(["bound", "images per call", "images/s", "deciding bounds (first 8 images)"], f2i_rows)
         + "\n"
     )
-    path = write_results("service", "Service throughput", body, make_target="bench-service")
+    name = "service" if args.checkpoint is None else f"service_{args.checkpoint.stem}"
+    path = write_results(name, "Service throughput", body,
+                         make_target="bench-service" if args.checkpoint is None else None)
     print(f"wrote {path}")
 
 

@@ -7,7 +7,8 @@ bounds.feature_distance): "lipschitz" (global, L·r, L = global_lipschitz_upper:
 the midpoint expansion with every ReLU unstable), "ibp", "crown" (the paper's elementwise CROWN -> l2),
 "crown_spectral" (CROWN's linear bounds -> l2 through spectral norms), "local_lipschitz" (interval Clarke
 Jacobian and midpoint expansion over the ball), "best" (their minimum, CROWN intermediate bounds) and
-"best_ibp" (their minimum, IBP intermediate bounds; DEFAULT_BOUND).
+"best_ibp" (their minimum, IBP intermediate bounds) and "auto" (DEFAULT_BOUND: the closed form R_F(1 - m)/L
+where a lower bound of ||J(x)|| proves the local bounds cannot beat it by the search tolerance, best_ibp elsewhere).
 
 Supported layers (anything else raises UnsupportedLayerError): nn.Sequential, nn.Linear, nn.Conv2d (zero padding,
 any stride), nn.ReLU, MaxMin, nn.Flatten, nn.AvgPool2d, nn.PixelUnshuffle, nn.Identity, Residual,
@@ -17,7 +18,16 @@ plain nn.Linear / nn.Conv2d before bounding.
 
 from bounds.attack import pgd_feature_distance
 from bounds.batchnorm import fold_batchnorm
-from bounds.f2i import BOUNDS_OFFERED, DEFAULT_BOUND, SAFETY_MARGIN, F2IResult, f2i_radius
+from bounds.f2i import (
+    BOUND_DESCRIPTIONS,
+    BOUNDS_OFFERED,
+    CLOSED_FORM_BOUNDS,
+    DEFAULT_BOUND,
+    SAFETY_MARGIN,
+    F2IResult,
+    evaluate_bound_once,
+    f2i_radius,
+)
 from bounds.feature_certification import CERTIFY_METHODS, FeatureCertificate, certify_feature_radius
 from bounds.feature_distance import feature_distance_upper
 from bounds.graph import BoundGraph, build_graph
@@ -30,7 +40,9 @@ from bounds.spectral import layer_product_lipschitz_upper, operator_norm_upper
 __all__ = [
     "AOLConv2d",
     "AOLLinear",
+    "BOUND_DESCRIPTIONS",
     "BOUNDS_OFFERED",
+    "CLOSED_FORM_BOUNDS",
     "CERTIFY_METHODS",
     "DEFAULT_BOUND",
     "SAFETY_MARGIN",
@@ -46,6 +58,7 @@ __all__ = [
     "compute_bounds",
     "concretize",
     "crown_backward",
+    "evaluate_bound_once",
     "f2i_radius",
     "feature_distance_upper",
     "fold_batchnorm",

@@ -4,6 +4,24 @@ For each image x the result R satisfies UB(x, R) < R_F for the named sound bound
 ||f(x + d) - f(x)||_2 < R_F for every ||d||_2 <= R. Floating-point safety: a radius r counts as verified only if
 UB(x, r)·(1 + SAFETY_MARGIN) < R_F; bounds are computed in float32 (rounding ~1e-6 relative), SAFETY_MARGIN is
 1e-4. The true feature distance is monotone in r, so every radius below a verified one is certified too.
+
+"auto" (DEFAULT_BOUND) spends the expensive local bounds only where they can pay. Facts it rests on:
+
+* The closed-form radius R_F·(1 - m)/L (L a sound global Lipschitz bound, m = SAFETY_MARGIN) is always sound:
+  L·r·(1 + m) < R_F there. So *which* images get it never affects soundness, only tightness and cost.
+* Every bound of the form K·r with K >= sup over the ball of ||J|| ("lipschitz", "local_lipschitz") has
+  K >= ||J(x)||: x lies in every ball around x, and J(x) is a Clarke Jacobian there. Such a bound certifies at
+  most R_F/||J(x)||, so if ||J(x)||·(1 + tau) >= L it cannot beat R_F/L by more than tau. We test that with a
+  *lower* bound of ||J(x)|| (bounds.pointwise_jacobian, a few batched power-iteration steps), the direction the
+  implication needs. tau is the search `tolerance`: the search itself stops within tau of the crossing, so a
+  closed-form answer within tau of what a local K·r bound could give is as precise as searching would be.
+* For "ibp", "crown" and "crown_spectral" the claim "cannot beat R_F/L by more than tau when the test passes"
+  is not a theorem (a ReLU net's true distance can bend below ||J(x)||·r); it is what the benchmark measures.
+* An affine encoder (no activation in its graph: identity, PCA) has J = const and L = ||J|| up to
+  SPECTRAL_SAFETY (global_lipschitz_upper is exact there), so it gets the closed form with no per-image work.
+
+Images whose test fails go to the "best_ibp" search; each result names the bound that decided it ("lipschitz"
+with 0 search steps for a closed-form answer).
 """
 
 from __future__ import annotations
@@ -16,18 +34,36 @@ from torch import nn
 
 from bounds.feature_distance import FEATURE_BOUNDS, feature_distance_upper, local_jacobian_norm
 from bounds.graph import BoundGraph, build_graph
+from bounds.layers import UnsupportedLayerError
 from bounds.lipschitz import global_lipschitz_upper
 from bounds.midpoint_lipschitz import DEFAULT_MEMORY_BUDGET_BYTES
+from bounds.operators import AffineOperator
+from bounds.pointwise_jacobian import jacobian_norm_lower
 from bounds.propagation import InputBall, compute_bounds
 from bounds.search import batched_binary_search
 
 SAFETY_MARGIN = 1e-4
 # "best": the minimum of every bound, intermediate bounds by CROWN (largest radii); "best_ibp": the same minimum
-# with IBP intermediate bounds (about half the time of a CROWN-only search, somewhat smaller radii).
-BOUNDS_OFFERED: tuple[str, ...] = (*FEATURE_BOUNDS, "best", "best_ibp")
-# The service default favours latency: on the demo encoder best_ibp certifies the radius of "best" (within 0.1%)
-# in ~0.7x its time (benchmarks/results/bounds.md); clients that want the largest radius ask for "best".
-DEFAULT_BOUND = "best_ibp"
+# with IBP intermediate bounds (about half the time of a CROWN-only search, somewhat smaller radii); "auto": the
+# closed form where the local bounds cannot pay, best_ibp elsewhere (module docstring).
+BOUNDS_OFFERED: tuple[str, ...] = (*FEATURE_BOUNDS, "best", "best_ibp", "auto")
+# The service default: the closed form costs a few forward passes per image where local bounds cannot beat it;
+# elsewhere best_ibp, which certifies the radius of "best" (within 0.1%) on the demo encoder in ~0.7x its time
+# (benchmarks/results/bounds.md). Clients that want the largest radius whatever it costs ask for "best".
+DEFAULT_BOUND = "auto"
+AUTO_SEARCH = "best_ibp"  # where "auto" sends the images its test does not decide
+BOUND_DESCRIPTIONS: dict[str, str] = {
+    "lipschitz": "global Lipschitz bound L·r: R = R_F(1 - m)/L in closed form",
+    "ibp": "interval bound propagation, elementwise feature bounds -> l2",
+    "crown": "CROWN elementwise feature bounds -> l2 (the paper's method)",
+    "crown_spectral": "CROWN linear bounds -> l2 through exact spectral norms",
+    "local_lipschitz": "interval Clarke Jacobian over the ball (and midpoint expansion) times r",
+    "best": "minimum of every bound, CROWN intermediate bounds (largest radii, slowest)",
+    "best_ibp": "minimum of every bound, IBP intermediate bounds",
+    "auto": "closed form R_F(1 - m)/L where a lower bound of ||J(x)|| shows local bounds cannot beat it by the "
+            "tolerance, best_ibp search elsewhere",
+}
+CLOSED_FORM_BOUNDS = ("lipschitz",)
 _LINEAR_IN_RADIUS = ("lipschitz", "local_lipschitz")  # UB = K·r with K valid on the whole ball of radius r
 _BYTES_FACTOR = 8  # live [batch, spec, *node] tensors during a CROWN backward step: lA, uA and temporaries
 
@@ -45,7 +81,56 @@ class F2IResult:
 def _bound_names(bound: str) -> tuple[str, ...]:
     if bound not in BOUNDS_OFFERED:
         raise ValueError(f"unknown bound {bound!r}; valid: {BOUNDS_OFFERED}")
-    return FEATURE_BOUNDS if bound in ("best", "best_ibp") else (bound,)
+    return FEATURE_BOUNDS if bound in ("best", "best_ibp", "auto") else (bound,)
+
+
+def is_affine(model: nn.Module, input_shape: tuple[int, ...]) -> bool:
+    """True when the model traces to affine operators only (no activation): its Jacobian is one constant matrix.
+    A model outside the bounds vocabulary is not known to be affine."""
+    try:
+        graph = build_graph(model, input_shape)
+    except UnsupportedLayerError:
+        return False
+    return all(isinstance(node.op, AffineOperator) for node in graph.nodes[1:])
+
+
+def evaluate_bound_once(
+    model: nn.Module, images: torch.Tensor, radius: float, bound: str, *, lipschitz_upper: float,
+    tolerance: float = 1e-3,
+) -> None:
+    """One evaluation of `bound` at `radius` on `images` [batch, C, H, W] (what one search step costs; for "auto",
+    its per-image test). For timing: the values are discarded."""
+    names = _bound_names(bound)
+    with torch.no_grad():
+        if bound == "auto":
+            if not is_affine(model, tuple(images.shape[1:])):
+                with torch.enable_grad():
+                    global_radius_suffices(model, images, lipschitz_upper, tolerance)
+            return
+        radii = torch.full((images.shape[0],), radius, dtype=images.dtype, device=images.device)
+        if names == ("lipschitz",):
+            feature_distance_upper(None, images, radii, names, lipschitz_upper=lipschitz_upper)
+            return
+        graph = build_graph(model, tuple(images.shape[1:]), dtype=torch.float32, device=images.device)
+        radii = torch.full((images.shape[0],), radius, dtype=images.dtype, device=images.device)
+        feature_distance_upper(graph, images, radii, names, lipschitz_upper=lipschitz_upper,
+                               intermediate="ibp" if bound == "best_ibp" else "crown")
+
+
+def closed_form_radius(feature_radii: torch.Tensor, lipschitz_upper: float) -> torch.Tensor:
+    """R_F·(1 - m)/L [batch] float64: L·r·(1 + m) < R_F there, verified by construction (R_F = 0 gives 0)."""
+    return (feature_radii.to(torch.float64).cpu() * (1 - SAFETY_MARGIN) / lipschitz_upper).clamp(min=0)
+
+
+def global_radius_suffices(
+    model: nn.Module, images: torch.Tensor, lipschitz_upper: float, tolerance: float
+) -> torch.Tensor:
+    """[batch] bool: where a lower bound of ||J(x)|| proves ||J(x)||·(1 + tolerance) >= L, so no K·r bound can
+    beat R_F/L by more than `tolerance` (module docstring). Deterministic (seeded start)."""
+    threshold = lipschitz_upper / (1 + tolerance)
+    with torch.enable_grad():
+        lower = jacobian_norm_lower(model, images, target=threshold, generator=torch.Generator().manual_seed(0))
+    return (lower >= threshold).cpu()
 
 
 def _chunk_sizes(graph: BoundGraph, names: tuple[str, ...], batch: int, budget: int, itemsize: int) -> tuple[int, int]:
@@ -163,10 +248,10 @@ def f2i_radius(
     sound global bound, e.g. from the checkpoint metadata) is computed when None. The batch is processed in chunks
     whose CROWN state fits `memory_budget_bytes` (default 1 GiB), so any batch size runs. `intermediate` picks
     the intermediate bounds for the CROWN-based bounds ("crown" or "ibp"; "best_ibp" always uses "ibp").
+    `bound="auto"` answers R_F·(1 - m)/L where the local bounds cannot beat it by more than `tolerance` and
+    searches with "best_ibp" elsewhere (module docstring).
     """
-    names = _bound_names(bound)
-    if bound == "best_ibp":
-        intermediate = "ibp"
+    _bound_names(bound)
     if images.dim() != 4:
         raise ValueError(f"images must be [batch, C, H, W], got {tuple(images.shape)}")
     feature_radii = torch.as_tensor(feature_radii).reshape(-1)
@@ -176,6 +261,53 @@ def f2i_radius(
         raise ValueError("feature radii must be finite and >= 0")
     if lipschitz_upper is None:
         lipschitz_upper = global_lipschitz_upper(model, tuple(images.shape[1:]))
+    search = dict(tolerance=tolerance, max_steps=max_steps, lipschitz_upper=float(lipschitz_upper),
+                  memory_budget_bytes=memory_budget_bytes, intermediate=intermediate)
+    if bound != "auto":
+        return _search(model, images, feature_radii, bound, **search)
+    return _auto(model, images, feature_radii, **search)
+
+
+def _auto(model: nn.Module, images: torch.Tensor, feature_radii: torch.Tensor, **search) -> F2IResult:
+    """The closed form where the test of the module docstring passes, the AUTO_SEARCH search elsewhere."""
+    lipschitz_upper = search["lipschitz_upper"]
+    if lipschitz_upper <= 0:  # f is constant: nothing to decide, the search handles it as before
+        return _search(model, images, feature_radii, AUTO_SEARCH, **search)
+    radius = closed_form_radius(feature_radii, lipschitz_upper)
+    deciders = ["lipschitz"] * images.shape[0]
+    steps = torch.zeros(images.shape[0], dtype=torch.int64)
+    if is_affine(model, tuple(images.shape[1:])):
+        return F2IResult(radius, tuple(deciders), steps)
+    device = next(model.parameters()).device if any(True for _ in model.parameters()) else images.device
+    wanted = (feature_radii > 0).nonzero().squeeze(1).cpu()
+    candidates = images[wanted.to(images.device)].to(device=device, dtype=torch.float32)
+    undecided = wanted[~global_radius_suffices(model, candidates, lipschitz_upper, search["tolerance"])]
+    if undecided.numel():
+        searched = _search(model, images[undecided.to(images.device)],
+                           feature_radii[undecided.to(feature_radii.device)], AUTO_SEARCH, **search)
+        radius[undecided] = searched.image_radius
+        steps[undecided] = searched.search_steps
+        for image, name in zip(undecided.tolist(), searched.bound, strict=True):
+            deciders[image] = name
+    return F2IResult(radius, tuple(deciders), steps)
+
+
+def _search(
+    model: nn.Module,
+    images: torch.Tensor,
+    feature_radii: torch.Tensor,
+    bound: str,
+    *,
+    tolerance: float,
+    max_steps: int,
+    lipschitz_upper: float,
+    memory_budget_bytes: int | None,
+    intermediate: str,
+) -> F2IResult:
+    """The batched search with one named bound (inputs already validated)."""
+    names = _bound_names(bound)
+    if bound == "best_ibp":
+        intermediate = "ibp"
     device = next(model.parameters()).device if any(True for _ in model.parameters()) else images.device
     graph = build_graph(model, tuple(images.shape[1:]), dtype=torch.float32, device=device)
     images = images.to(device=device, dtype=torch.float32)
@@ -186,7 +318,7 @@ def f2i_radius(
         for start in range(0, images.shape[0], per_chunk):
             radius, decider, step = _search_chunk(
                 graph, images[start:start + per_chunk], feature_radii[start:start + per_chunk], names,
-                lipschitz_upper=float(lipschitz_upper or 0.0), tolerance=tolerance, max_steps=max_steps,
+                lipschitz_upper=lipschitz_upper, tolerance=tolerance, max_steps=max_steps,
                 spec_chunk=spec_chunk, intermediate=intermediate, memory_budget_bytes=budget,
             )
             radii.append(radius)

@@ -26,7 +26,7 @@ from reaas_client.pipelines import (
     certify_seaas_sc,
     run_path,
 )
-from reaas_client.replies import EncoderInfo, F2IReply, RpcUsage, UsageReport
+from reaas_client.replies import BoundCost, EncoderInfo, F2IReply, RpcUsage, UsageReport
 from reaas_client.seaas import StreamedImageSamples
 from reaas_client.smoothing import (
     ABSTAIN,
@@ -40,6 +40,7 @@ from reaas_client.wire import decode_tensor, encode_tensor
 __all__ = [
     "ABSTAIN",
     "EncoderClient",
+    "BoundCost",
     "EncoderInfo",
     "F2IReply",
     "FeatureSet",

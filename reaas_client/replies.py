@@ -10,6 +10,21 @@ from reaas.v1 import encoder_service_pb2 as pb
 
 
 @dataclass(frozen=True)
+class BoundCost:
+    """What one offered bound is and what one evaluation of it costs per image on the server (proto BoundCost)."""
+
+    name: str
+    description: str
+    closed_form: bool
+    seconds_per_image: float | None  # None when the server did not measure it
+
+    @classmethod
+    def from_proto(cls, cost: pb.BoundCost) -> BoundCost:
+        return cls(cost.name, cost.description, cost.closed_form,
+                   cost.seconds_per_image if cost.cost_measured else None)
+
+
+@dataclass(frozen=True)
 class EncoderInfo:
     input_shape: tuple[int, int, int]  # [channels, height, width]
     accepted_dtypes: tuple[str, ...]
@@ -28,6 +43,7 @@ class EncoderInfo:
     default_bound: str
     max_message_bytes: int
     device: str
+    bound_costs: tuple[BoundCost, ...] = ()  # one per bounds_offered entry (empty from older servers)
 
     @classmethod
     def from_proto(cls, info: pb.EncoderInfo) -> EncoderInfo:
@@ -49,6 +65,7 @@ class EncoderInfo:
             default_bound=info.default_bound,
             max_message_bytes=int(info.max_message_bytes),
             device=info.device,
+            bound_costs=tuple(BoundCost.from_proto(c) for c in info.bound_costs),
         )
 
 

@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+import bounds
 from reaas.v1 import encoder_service_pb2 as pb
 from reaas.v1 import encoder_service_pb2_grpc as pb_grpc
 from reaas_server.config import ServerConfig
@@ -64,7 +65,10 @@ def start_server(config: ServerConfig, encoder: ServedEncoder | None = None) -> 
             ("grpc.max_send_message_length", -1),
         ],
     )
-    pb_grpc.add_EncoderServiceServicer_to_server(EncoderServicer(encoder, config, usage), server)
+    bound_costs = ()
+    if config.mode == "reaas":
+        bound_costs = encoder.measure_bound_costs(bounds.BOUNDS_OFFERED, budget_s=config.bound_cost_budget_s)
+    pb_grpc.add_EncoderServiceServicer_to_server(EncoderServicer(encoder, config, usage, bound_costs), server)
     health_servicer = _configure_health(server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

@@ -59,7 +59,15 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument(
         "--default-bound",
         default=None,
-        help="bound F2IPerturb uses when a request names none (default: the tightest offered)",
+        help="bound F2IPerturb uses when a request names none (default: bounds.DEFAULT_BOUND, 'auto': the "
+        "closed form where local bounds cannot beat it, best_ibp elsewhere)",
+    )
+    parser.add_argument(
+        "--bound-cost-budget",
+        type=float,
+        default=defaults.bound_cost_budget_s,
+        help="seconds at start-up for measuring what one evaluation of each bound costs per image "
+        "(EncoderInfo.bound_costs; bounds left when it runs out are reported unmeasured) (default: %(default)s)",
     )
     parser.add_argument(
         "--f2i-memory-budget-mb",
@@ -102,6 +110,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             api_keys=api_keys,
             default_bound=args.default_bound,
             f2i_memory_budget_bytes=int(args.f2i_memory_budget_mb * 2**20),
+            bound_cost_budget_s=args.bound_cost_budget,
             workers=args.workers,
             grace_s=args.grace,
             device=args.device,

@@ -27,6 +27,7 @@ class ServerConfig:
     default_bound: str | None = None  # None: bounds.DEFAULT_BOUND
     f2i_memory_budget_bytes: int = 2 * 1024**3  # caps the bound computation's working set per call
     f2i_chunk_size: int = 64  # images per bound computation; cancellation is checked between chunks
+    bound_cost_budget_s: float = 5.0  # start-up time cap for measuring each bound's cost (EncoderInfo.bound_costs)
     workers: int = 8  # gRPC handler threads
     grace_s: float = 10.0  # SIGTERM: in-flight calls get this long to finish
     device: str | None = None  # None: "cuda" when available, else "cpu"

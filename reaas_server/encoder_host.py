@@ -6,6 +6,7 @@ bound); the bound math is bounds' — this module only places tensors on the rig
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,21 @@ class ImageRadii:
     search_steps: torch.Tensor  # [batch] int64
 
 
+@dataclass(frozen=True)
+class BoundCost:
+    """What one offered bound is and what one evaluation of it cost per image on this server (see the proto)."""
+
+    name: str
+    description: str
+    closed_form: bool
+    seconds_per_image: float  # 0.0 when not measured
+    probe_images: int  # 0 when not measured
+
+
+# cheapest first, so a start-up time cap leaves the expensive ones unmeasured rather than the cheap ones
+_MEASURE_ORDER = ("lipschitz", "auto", "ibp", "crown", "crown_spectral", "local_lipschitz", "best_ibp", "best")
+
+
 class ServedEncoder:
     """One encoder, read-only after construction, safe to call from many gRPC threads."""
 
@@ -41,11 +57,51 @@ class ServedEncoder:
         self.model = loaded.model.to(device).eval()
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
+        self._bound_costs: dict[tuple, tuple[BoundCost, ...]] = {}
 
     @classmethod
     def load(cls, checkpoint: Path | None, device: str | None = None) -> ServedEncoder:
         loaded = load_demo_encoder() if checkpoint is None else load_checkpoint(checkpoint)
         return cls(loaded, pick_device(device))
+
+    def probe_images(self, count: int) -> torch.Tensor:
+        """`count` seeded uniform-noise images inside the declared value range, on the serving device."""
+        low, high = (float(v) for v in self.metadata.value_range)
+        generator = torch.Generator().manual_seed(0)
+        images = low + (high - low) * torch.rand((count, *self.metadata.input_shape), generator=generator)
+        return images.to(self.device)
+
+    def measure_bound_costs(self, names: tuple[str, ...], *, probe_images: int = 2,
+                            budget_s: float = 5.0) -> tuple[BoundCost, ...]:
+        """One timed evaluation of each bound in `names` on `probe_images` in-range images at the radius where
+        L·r = 0.5, cheapest bounds first; once `budget_s` seconds are spent, the rest stay unmeasured (a running
+        evaluation is not interrupted). Returned in the order of `names`; measured once per encoder and settings
+        (servers that share this encoder reuse the numbers)."""
+        key = (names, probe_images, budget_s)
+        if key not in self._bound_costs:
+            self._bound_costs[key] = self._measure_bound_costs(names, probe_images, budget_s)
+        return self._bound_costs[key]
+
+    def _measure_bound_costs(self, names: tuple[str, ...], probe_images: int, budget_s: float
+                             ) -> tuple[BoundCost, ...]:
+        images = self.probe_images(probe_images)
+        lipschitz = float(self.metadata.lipschitz_upper)
+        radius = 0.5 / lipschitz if lipschitz > 0 else 1.0
+        measured: dict[str, float] = {}
+        spent = 0.0
+        for name in sorted(names, key=lambda n: _MEASURE_ORDER.index(n) if n in _MEASURE_ORDER else len(names)):
+            if spent >= budget_s:
+                break
+            start = time.perf_counter()
+            bounds.evaluate_bound_once(self.model, images, radius, name, lipschitz_upper=lipschitz)
+            elapsed = time.perf_counter() - start
+            spent += elapsed
+            measured[name] = elapsed / probe_images
+        return tuple(
+            BoundCost(name, bounds.BOUND_DESCRIPTIONS.get(name, ""), name in bounds.CLOSED_FORM_BOUNDS,
+                      measured.get(name, 0.0), probe_images if name in measured else 0)
+            for name in names
+        )
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """f(images): [batch, C, H, W] float32 → [batch, feature_dim] float32 on the CPU."""

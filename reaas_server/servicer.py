@@ -17,7 +17,7 @@ from reaas.v1 import encoder_service_pb2 as pb
 from reaas.v1 import encoder_service_pb2_grpc as pb_grpc
 from reaas_client.wire import NUMPY_DTYPES, encode_tensor
 from reaas_server.config import ServerConfig
-from reaas_server.encoder_host import ServedEncoder
+from reaas_server.encoder_host import BoundCost, ServedEncoder
 from reaas_server.interceptors import api_key_of
 from reaas_server.usage import UsageBook
 from reaas_server.validation import ImageSpec, RequestError, decode_feature_radii, decode_images
@@ -32,10 +32,12 @@ def _still_wanted(context: grpc.ServicerContext) -> bool:
 
 
 class EncoderServicer(pb_grpc.EncoderServiceServicer):
-    def __init__(self, encoder: ServedEncoder, config: ServerConfig, usage: UsageBook) -> None:
+    def __init__(self, encoder: ServedEncoder, config: ServerConfig, usage: UsageBook,
+                 bound_costs: tuple[BoundCost, ...] = ()) -> None:
         self._encoder = encoder
         self._config = config
         self._usage = usage
+        self._bound_costs = bound_costs
         meta = encoder.metadata
         self._spec = ImageSpec(
             input_shape=tuple(meta.input_shape),
@@ -69,6 +71,12 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
             default_bound=self._default_bound if self._bounds_offered else "",
             max_message_bytes=self._config.max_message_bytes,
             device=str(self._encoder.device),
+            bound_costs=[
+                pb.BoundCost(name=c.name, description=c.description, closed_form=c.closed_form,
+                             seconds_per_image=c.seconds_per_image, cost_measured=c.probe_images > 0,
+                             probe_images=c.probe_images)
+                for c in self._bound_costs
+            ],
         )
 
     def GetUsage(self, request, context):

@@ -9,6 +9,8 @@ from bounds_models import ENCODERS
 from bounds import (
     BOUNDS_OFFERED,
     DEFAULT_BOUND,
+    SAFETY_MARGIN,
+    UnsupportedLayerError,
     f2i_radius,
     feature_distance_upper,
     global_lipschitz_upper,
@@ -94,3 +96,117 @@ def test_unknown_bound_lists_the_valid_ones():
     with pytest.raises(ValueError, match="crown"):
         f2i_radius(build(0), torch.rand(1, *shape), torch.ones(1), bound="nope")
     assert DEFAULT_BOUND in BOUNDS_OFFERED
+
+
+# -- the "auto" default --------------------------------------------------------------------------------------------
+
+
+def _pca_like(seed: int) -> torch.nn.Module:
+    """Flatten + Linear with orthonormal rows (a PCA-16 stand-in on 1x8x8): affine, L = 1."""
+    rows = torch.linalg.qr(torch.randn(64, 16, generator=torch.Generator().manual_seed(seed))).Q.T.contiguous()
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16))
+    with torch.no_grad():
+        model[1].weight.copy_(rows)
+        model[1].bias.uniform_(-1, 1)
+    return model.eval()
+
+
+def _aol_maxmin(seed: int) -> tuple[torch.nn.Module, float]:
+    """A materialized AOL + MaxMin MLP on 1x8x8 and a sound L (the product of its layers' exact norms)."""
+    from bounds.layers import MaxMin
+    from bounds.lipschitz_layers import AOLLinear, materialize
+    from bounds.spectral import matrix_norm_upper
+
+    torch.manual_seed(seed)
+    model = materialize(torch.nn.Sequential(torch.nn.Flatten(), AOLLinear(64, 32), MaxMin(), AOLLinear(32, 32),
+                                            MaxMin(), AOLLinear(32, 8)))
+    lipschitz = 1.0
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            lipschitz *= float(matrix_norm_upper(layer.weight.detach()))
+    return model, lipschitz
+
+
+def _assert_survives_pgd(model, images, result, feature_radii, seed):
+    attacked, _ = pgd_feature_distance(model, images, result.image_radius.float(), steps=100, restarts=5,
+                                       generator=torch.Generator().manual_seed(seed))
+    assert (attacked < feature_radii.double()).all(), (attacked, feature_radii)
+
+
+def test_auto_is_the_default_and_every_old_bound_name_stays_valid():
+    assert DEFAULT_BOUND == "auto"
+    assert {"lipschitz", "ibp", "crown", "crown_spectral", "local_lipschitz", "best", "best_ibp"} < set(BOUNDS_OFFERED)
+
+
+@pytest.mark.parametrize("build", [_pca_like, lambda seed: torch.nn.Sequential(torch.nn.Flatten()).eval()])
+def test_auto_on_an_affine_encoder_is_the_closed_form_with_no_search(build):
+    model = build(0)
+    images = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    feature_radii = torch.tensor([0.0, 0.1, 0.5, 1.0, 2.0, 3.0])
+    lipschitz = global_lipschitz_upper(model, (1, 8, 8))
+    result = f2i_radius(model, images, feature_radii)
+    expected = feature_radii.double() * (1 - SAFETY_MARGIN) / lipschitz
+    assert torch.equal(result.image_radius, expected)
+    assert result.bound == ("lipschitz",) * 6 and int(result.search_steps.sum()) == 0
+    _assert_survives_pgd(model, images, result, feature_radii.clamp(min=1e-12), 0)
+
+
+def test_auto_where_local_bounds_pay_gives_the_best_ibp_radius():
+    build, shape = ENCODERS["toy"]  # untrained ReLU net: ||J(x)|| far below its global bound
+    model = build(3)
+    images = torch.rand(3, *shape, generator=torch.Generator().manual_seed(3))
+    feature_radii = torch.tensor([0.1, 0.5, 1.0])
+    auto = f2i_radius(model, images, feature_radii)
+    best_ibp = f2i_radius(model, images, feature_radii, bound="best_ibp")
+    torch.testing.assert_close(auto.image_radius, best_ibp.image_radius, rtol=1e-5, atol=0)
+    assert auto.bound == best_ibp.bound and (auto.search_steps > 0).all()
+    _assert_survives_pgd(model, images, auto, feature_radii, 3)
+
+
+def test_auto_radius_survives_pgd_on_the_demo_encoder():
+    from robust_pretrain import load_demo_encoder
+
+    demo = load_demo_encoder()
+    images = torch.rand(2, *demo.metadata.input_shape, generator=torch.Generator().manual_seed(1))
+    feature_radii = torch.tensor([0.05, 0.5])
+    result = f2i_radius(demo.model, images, feature_radii, lipschitz_upper=demo.metadata.lipschitz_upper)
+    _assert_survives_pgd(demo.model, images, result, feature_radii, 1)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_auto_closed_form_on_an_aol_maxmin_net_survives_pgd(seed):
+    model, lipschitz = _aol_maxmin(seed)
+    images = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+    feature_radii = torch.tensor([0.01, 0.1, 0.5, 1.0])
+    # a tolerance the random net's ||J(x)|| / L clears, so every image is decided without the bound graph
+    result = f2i_radius(model, images, feature_radii, lipschitz_upper=lipschitz, tolerance=0.2)
+    assert result.bound == ("lipschitz",) * 4 and int(result.search_steps.sum()) == 0
+    _assert_survives_pgd(model, images, result, feature_radii, seed)
+
+
+def test_auto_on_an_aol_maxmin_net_at_the_default_tolerance_survives_pgd():
+    model, lipschitz = _aol_maxmin(2)
+    try:
+        build_graph(model, (1, 8, 8))
+    except UnsupportedLayerError:
+        pytest.skip("MaxMin is not in the bounds vocabulary yet (branch wip-bounds)")
+    images = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    feature_radii = torch.tensor([0.01, 0.1, 0.5])
+    result = f2i_radius(model, images, feature_radii, lipschitz_upper=lipschitz)
+    assert (result.image_radius >= feature_radii.double() * (1 - SAFETY_MARGIN) / lipschitz).all()
+    _assert_survives_pgd(model, images, result, feature_radii, 2)
+
+
+def test_jacobian_norm_lower_never_exceeds_the_exact_norm():
+    from bounds.pointwise_jacobian import jacobian_norm_lower
+    from bounds.spectral import matrix_norm_upper
+
+    build, shape = ENCODERS["mnist_cnn"]
+    model = build(0)
+    images = torch.rand(3, *shape, generator=torch.Generator().manual_seed(0))
+    exact = torch.stack([
+        matrix_norm_upper(torch.autograd.functional.jacobian(model, image.unsqueeze(0)).reshape(32, -1))
+        for image in images
+    ])
+    lower = jacobian_norm_lower(model, images, max_iterations=30, generator=torch.Generator().manual_seed(0))
+    assert (lower <= exact).all() and (lower >= 0.9 * exact).all(), (lower, exact)

@@ -64,3 +64,25 @@ def test_streaming_f2i_equals_unary(raw_stub, client, make_images):
         # the same verified search on the same images; float32 rounding may differ between worker threads
         np.testing.assert_allclose([r.image_radius for r in reply.radii], unary.image_radius, rtol=1e-5)
         assert all(r.bound == "ibp" for r in reply.radii)
+
+
+def test_encoder_info_lists_each_bound_with_its_cost_and_the_auto_default(client):
+    info = client.info()
+    assert info.default_bound == "auto"
+    assert tuple(c.name for c in info.bound_costs) == info.bounds_offered
+    costs = {c.name: c for c in info.bound_costs}
+    assert costs["lipschitz"].closed_form and not costs["auto"].closed_form
+    assert all(c.description for c in info.bound_costs)
+    # the cheapest bounds are measured first, so the closed form and the auto test always get a number
+    assert costs["lipschitz"].seconds_per_image is not None and costs["auto"].seconds_per_image is not None
+    assert all(c.seconds_per_image is None or c.seconds_per_image >= 0 for c in info.bound_costs)
+
+
+def test_encoder_info_with_no_cost_budget_reports_costs_unmeasured(demo_encoder):
+    from reaas_client import EncoderClient
+    from reaas_server import ServerConfig, run_server
+
+    config = ServerConfig(port=0, mode="reaas", bound_cost_budget_s=0.0)
+    with run_server(config, demo_encoder) as (_, port), EncoderClient(f"127.0.0.1:{port}") as fresh:
+        info = fresh.info()
+    assert [c.seconds_per_image for c in info.bound_costs] == [None] * len(info.bounds_offered)
