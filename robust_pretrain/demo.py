@@ -1,8 +1,12 @@
 """The shipped demo encoders (robust_pretrain/assets/demo_<kind>.safetensors + .json).
 
-Three kinds, trained by ``python -m robust_pretrain.demo_models`` on the embedded MNIST pre-training split:
-"spectral" (MoCo + spectral-norm product penalty, the paper's robust encoder), "nonrobust" (the same with
-lambda = 0) and "adversarial" (RoCL-style PGD on the instance-discrimination loss).
+Made by ``python -m robust_pretrain.demo_models`` from the embedded MNIST pre-training split (labels unused):
+
+* "pca": the reference floor, an orthonormal projection on the top 64 principal directions (L = 1 exactly);
+* "lipschitz": the learned encoder that is 1-Lipschitz by construction (AOL + MaxMin MLP, MoCo on distances);
+* "identity": the other reference, Flatten (L = 1, 784 features);
+* "spectral" (MoCo + spectral-norm product penalty, the paper's robust encoder), "nonrobust" (the same with
+  lambda = 0) and "adversarial" (RoCL-style PGD on the instance-discrimination loss): the paper's small CNN.
 """
 
 from __future__ import annotations
@@ -20,25 +24,46 @@ from robust_pretrain.checkpoint import (
     load_checkpoint,
     serving_model,
 )
+from robust_pretrain.lipschitz_encoders import REFERENCE_KINDS
 
-DEMO_KINDS: tuple[str, ...] = ("spectral", "nonrobust", "adversarial")
+DEMO_KINDS: tuple[str, ...] = ("pca", "lipschitz", "identity", "spectral", "nonrobust", "adversarial")
+#: The paper's method and its two baselines: MoCo on the small CNN.
+PAPER_KINDS: tuple[str, ...] = ("spectral", "nonrobust", "adversarial")
+#: What the server serves and the demo certifies when no encoder is named.
+DEFAULT_DEMO_KIND = "pca"
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 SEEDED_INIT_SEED = 0
 
 
-def demo_config() -> EncoderConfig:
-    """Architecture of every demo encoder: the small CNN for 1x28x28 digits."""
+def demo_config(kind: str = DEFAULT_DEMO_KIND) -> EncoderConfig:
+    """Architecture of demo encoder ``kind`` for 1x28x28 digits."""
+    _check_kind(kind)
+    if kind == "pca":
+        return EncoderConfig(arch="pca", input_shape=(1, 28, 28), feature_dim=64)
+    if kind == "identity":
+        return EncoderConfig(arch="identity", input_shape=(1, 28, 28), feature_dim=28 * 28)
+    if kind == "lipschitz":
+        return EncoderConfig(arch="lipschitz_mlp", input_shape=(1, 28, 28), widths=(512, 512), feature_dim=64)
     return small_cnn_config(feature_dim=32)
 
 
-def demo_checkpoint_path(kind: str = "spectral") -> Path:
-    """Path (without suffix) of the shipped demo encoder of ``kind``; the files may not exist yet."""
+def is_reference_kind(kind: str) -> bool:
+    """Reference encoders are fitted (identity, PCA), not trained."""
+    return kind in REFERENCE_KINDS
+
+
+def _check_kind(kind: str) -> None:
     if kind not in DEMO_KINDS:
         raise ValueError(f"unknown demo encoder kind {kind!r}; valid: {', '.join(DEMO_KINDS)}")
+
+
+def demo_checkpoint_path(kind: str = DEFAULT_DEMO_KIND) -> Path:
+    """Path (without suffix) of the shipped demo encoder of ``kind``; the files may not exist yet."""
+    _check_kind(kind)
     return ASSETS_DIR / f"demo_{kind}"
 
 
-def load_demo_encoder(kind: str = "spectral") -> LoadedEncoder:
+def load_demo_encoder(kind: str = DEFAULT_DEMO_KIND) -> LoadedEncoder:
     """The trained demo encoder of ``kind``, or, only while its asset file is absent, a labelled stand-in.
 
     The stand-in is the demo architecture at a deterministic seeded random init; its description says
@@ -51,9 +76,9 @@ def load_demo_encoder(kind: str = "spectral") -> LoadedEncoder:
     return seeded_init_encoder(kind)
 
 
-def seeded_init_encoder(kind: str = "spectral") -> LoadedEncoder:
+def seeded_init_encoder(kind: str = DEFAULT_DEMO_KIND) -> LoadedEncoder:
     """The demo architecture at seed ``SEEDED_INIT_SEED``: same weights on every machine, NOT pre-trained."""
-    config = demo_config()
+    config = demo_config(kind)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEEDED_INIT_SEED)
         model = build_encoder(config)

@@ -1,8 +1,11 @@
-"""Train the three shipped demo encoders: ``python -m robust_pretrain.demo_models`` (``make pretrain-demo``).
+"""Make the shipped demo encoders: ``python -m robust_pretrain.demo_models`` (``make pretrain-demo``).
 
-Each kind is trained from scratch (a fresh temporary run folder, so nothing is resumed) on the embedded
-MNIST pre-training split (2 000 digits), with the same architecture, seed, schedule and augmentations;
-only the method differs. The checkpoints go to robust_pretrain/assets/demo_<kind>.safetensors + .json.
+Each kind is made from scratch (a fresh temporary run folder, so nothing is resumed) from the embedded MNIST
+pre-training split (2 000 digits, labels unused). The reference kinds (pca, identity) are fitted in closed form;
+the paper's three kinds share the small CNN, seed, schedule and augmentations, only the method differs; the
+Lipschitz kind trains its own architecture with milder views (crops and small rotations: colour jitter and noise
+would spend the fixed Lipschitz budget on invariances the digits do not need).
+The checkpoints go to robust_pretrain/assets/demo_<kind>.safetensors + .json.
 Single process, one CPU thread by default, CUDA when present; reproducible bit-for-bit on the same machine
 and torch build (the committed assets came from the default command).
 """
@@ -19,19 +22,29 @@ import time
 
 import torch
 
-from robust_pretrain.checkpoint import checkpoint_paths
-from robust_pretrain.cli import DEFAULT_ADVERSARIAL_EPSILON, DEFAULT_SPECTRAL_WEIGHT
+from robust_pretrain.augment import AugmentConfig
+from robust_pretrain.checkpoint import checkpoint_paths, load_checkpoint, save_checkpoint
+from robust_pretrain.cli import (
+    DEFAULT_ADVERSARIAL_EPSILON,
+    DEFAULT_DISTANCE_TEMPERATURE,
+    DEFAULT_SPECTRAL_WEIGHT,
+)
 from robust_pretrain.datasets import load_embedded_mnist
-from robust_pretrain.demo import DEMO_KINDS, demo_checkpoint_path, demo_config
+from robust_pretrain.demo import DEMO_KINDS, demo_checkpoint_path, demo_config, is_reference_kind
+from robust_pretrain.lipschitz_encoders import reference_encoder
 from robust_pretrain.train import PretrainConfig, PretrainResult, pretrain
 
 DEMO_EPOCHS = 30
+#: The Lipschitz kind's views: crops and small rotations only.
+LIPSCHITZ_AUGMENT = AugmentConfig(crop_scale=(0.8, 1.0), max_rotation_deg=10.0, brightness=0.0, contrast=0.0)
+LIPSCHITZ_LEARNING_RATE = 0.01
 
 
 def demo_pretrain_config(kind: str, out_dir: str, epochs: int = DEMO_EPOCHS) -> PretrainConfig:
-    """The run config of demo encoder ``kind``; the three differ only in the method's own parameters."""
+    """The run config of trained demo encoder ``kind``; the paper's three differ only in the method's own
+    parameters."""
     base = PretrainConfig(
-        encoder=demo_config(),
+        encoder=demo_config(kind),
         out_dir=out_dir,
         epochs=epochs,
         probe_every=epochs,
@@ -42,8 +55,15 @@ def demo_pretrain_config(kind: str, out_dir: str, epochs: int = DEMO_EPOCHS) -> 
         "spectral": {"spectral_weight": DEFAULT_SPECTRAL_WEIGHT},
         "nonrobust": {},
         "adversarial": {"adversarial_epsilon": DEFAULT_ADVERSARIAL_EPSILON},
+        "lipschitz": {
+            "temperature": DEFAULT_DISTANCE_TEMPERATURE,
+            "augment": LIPSCHITZ_AUGMENT,
+            "learning_rate": LIPSCHITZ_LEARNING_RATE,
+        },
     }
     description = {
+        "lipschitz": "demo encoder: 1-Lipschitz by construction (AOL + MaxMin MLP 784-512-512-64), MoCo with InfoNCE "
+        f"on squared feature distances (T={DEFAULT_DISTANCE_TEMPERATURE})",
         "spectral": f"demo encoder: MoCo + spectral-norm product penalty (lambda={DEFAULT_SPECTRAL_WEIGHT})",
         "nonrobust": "demo encoder: MoCo without penalty (lambda=0), the non-robust baseline",
         "adversarial": f"demo encoder: MoCo + RoCL-style l2 PGD (epsilon={DEFAULT_ADVERSARIAL_EPSILON}), "
@@ -52,6 +72,24 @@ def demo_pretrain_config(kind: str, out_dir: str, epochs: int = DEMO_EPOCHS) -> 
     return dataclasses.replace(
         base, description=description[kind] + "; embedded MNIST pre-training split", **methods[kind]
     )
+
+
+def fit_demo_reference(kind: str) -> dict:
+    """Fit reference encoder ``kind`` (pca / identity) on the pre-training split into the assets folder."""
+    splits = load_embedded_mnist()
+    config = demo_config(kind)
+    started = time.perf_counter()
+    model = reference_encoder(kind, splits.pretrain.images, config.feature_dim)
+    metadata = save_checkpoint(
+        model,
+        config,
+        demo_checkpoint_path(kind),
+        model_id=f"demo-{kind}",
+        description=f"demo reference encoder {kind} ({config.feature_dim} features), fitted on the embedded MNIST "
+        "pre-training split (labels unused); Lipschitz constant 1",
+        training={"method": kind, "data": {"name": splits.pretrain.name, "images": len(splits.pretrain)}},
+    )
+    return {"lipschitz_upper": metadata.lipschitz_upper, "train_seconds": round(time.perf_counter() - started, 1)}
 
 
 def train_demo_encoder(kind: str, epochs: int = DEMO_EPOCHS, progress: bool = True) -> PretrainResult:
@@ -71,7 +109,9 @@ def train_demo_encoder(kind: str, epochs: int = DEMO_EPOCHS, progress: bool = Tr
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Train the demo encoders into robust_pretrain/assets/.")
+    parser = argparse.ArgumentParser(
+        description="Make the demo encoders (fit the references, train the others) into robust_pretrain/assets/."
+    )
     parser.add_argument(
         "--kinds",
         nargs="+",
@@ -79,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         default=list(DEMO_KINDS),
         help="which demo encoders to train",
     )
-    parser.add_argument("--epochs", type=int, default=DEMO_EPOCHS, help="epochs per encoder")
+    parser.add_argument("--epochs", type=int, default=DEMO_EPOCHS, help="epochs per trained encoder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument(
         "--threads",
@@ -92,19 +132,19 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     for kind in args.kinds:
         kind_started = time.perf_counter()
-        result = train_demo_encoder(kind, args.epochs, progress=not args.no_progress)
-        print(
-            json.dumps(
-                {
-                    "kind": kind,
-                    "checkpoint": str(result.checkpoint),
-                    "lipschitz_upper": result.metadata.lipschitz_upper,
-                    "probe_accuracy": result.history[-1].get("probe_accuracy"),
-                    "train_seconds": round(result.train_seconds, 1),
-                    "wall_seconds": round(time.perf_counter() - kind_started, 1),
-                }
-            )
-        )
+        if is_reference_kind(kind):
+            record = fit_demo_reference(kind)
+        else:
+            result = train_demo_encoder(kind, args.epochs, progress=not args.no_progress)
+            record = {
+                "lipschitz_upper": result.metadata.lipschitz_upper,
+                "probe_accuracy": result.history[-1].get("probe_accuracy"),
+                "train_seconds": round(result.train_seconds, 1),
+            }
+        checkpoint = demo_checkpoint_path(kind)
+        record = {"kind": kind, "checkpoint": str(checkpoint), "model_id": load_checkpoint(checkpoint).metadata.model_id,
+                  **record, "wall_seconds": round(time.perf_counter() - kind_started, 1)}
+        print(json.dumps(record))
     print(json.dumps({"total_wall_seconds": round(time.perf_counter() - started, 1)}))
     return 0
 
