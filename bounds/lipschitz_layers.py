@@ -6,6 +6,11 @@ values <= 1 (Gershgorin / Schur test), so its largest eigenvalue is <= 1. For a 
 the Gram operator's kernel (the kernel convolved with itself): the rescaled full convolution has norm <= 1, and a
 zero-padded or strided convolution is a restriction / subsampling of it, which cannot raise the norm.
 
+Spectral normalisation with the exact norm (`SpectralNormLinear`): W / ||W||_2, the largest singular value
+computed by an SVD in every forward pass (cheap for dense layers of a few hundred units). Unlike AOL it keeps a
+narrowing layer (e.g. 512 -> 64) at norm exactly 1 and can represent any orthonormal set of rows, PCA included;
+AOL's Gershgorin rescaling of such a layer shrinks it by about sqrt(out / in).
+
 `materialize()` returns the rescaled layer as a plain nn.Linear / nn.Conv2d. That is what checkpoints store and
 the server runs, and bounds/ recomputes its spectral norm soundly: the AOL argument is a training device, never
 the number a certificate uses.
@@ -98,12 +103,37 @@ class AOLConv2d(nn.Module):
         return layer
 
 
+class SpectralNormLinear(nn.Module):
+    """A dense layer `x -> (W / ||W||_2) x + b`: operator norm exactly 1 (up to float rounding) for any W != 0."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = True,
+                 weight: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if weight is None:
+            weight = torch.empty(out_features, in_features)
+            nn.init.orthogonal_(weight)
+        self.weight = nn.Parameter(weight.detach().clone().to(torch.float32))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def rescaled_weight(self) -> torch.Tensor:
+        return self.weight / torch.linalg.matrix_norm(self.weight, ord=2).clamp(min=_EPS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.rescaled_weight(), self.bias)
+
+    materialize = AOLLinear.materialize
+
+
+_TRAINABLE = (AOLLinear, AOLConv2d, SpectralNormLinear)
+
+
 def materialize(model: nn.Module) -> nn.Module:
-    """A copy of `model` with every AOL layer replaced by its plain vocabulary layer (eval mode, same function)."""
-    if isinstance(model, AOLLinear | AOLConv2d):
+    """A copy of `model` with every Lipschitz training layer replaced by its plain vocabulary layer (eval mode,
+    same function)."""
+    if isinstance(model, _TRAINABLE):
         return model.materialize().eval()
     if isinstance(model, nn.Sequential):
         return nn.Sequential(*(materialize(child) for child in model)).eval()
-    if any(isinstance(m, AOLLinear | AOLConv2d) for m in model.modules()):
+    if any(isinstance(m, _TRAINABLE) for m in model.modules()):
         raise TypeError(f"materialize handles AOL layers inside nn.Sequential, not inside {type(model).__name__}")
     return model
