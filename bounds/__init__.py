@@ -1,6 +1,7 @@
 """Sound bounds on networks for REaaS: IBP and CROWN bound propagation, sound spectral-norm / Lipschitz upper
 bounds, the batched F2I binary search (feature radius -> certified image radius), and feature-space
-certification of a downstream classifier. Depends only on torch / numpy / scipy.
+certification of a downstream classifier (CROWN/IBP search, or the Lipschitz-margin radius for a MaxMin head;
+their max otherwise). Depends only on torch / numpy / scipy.
 
 F2I bounds (`BOUNDS_OFFERED`; each a sound upper bound of max_{||d|| <= r} ||f(x + d) - f(x)||, argued in
 bounds.feature_distance): "lipschitz" (global, L·r, L = global_lipschitz_upper: min of the layer-norm product and
@@ -13,10 +14,15 @@ Supported layers (anything else raises UnsupportedLayerError): nn.Sequential, nn
 any stride), nn.ReLU, nn.Flatten, nn.AvgPool2d, nn.Identity, Residual, nn.BatchNorm1d/2d (eval mode).
 """
 
-from bounds.attack import pgd_feature_distance
+from bounds.attack import pgd_feature_distance, pgd_margin_attack
 from bounds.batchnorm import fold_batchnorm
 from bounds.f2i import BOUNDS_OFFERED, DEFAULT_BOUND, SAFETY_MARGIN, F2IResult, f2i_radius
-from bounds.feature_certification import CERTIFY_METHODS, FeatureCertificate, certify_feature_radius
+from bounds.feature_certification import (
+    CERTIFY_METHODS,
+    FeatureCertificate,
+    certify_feature_radius,
+    lipschitz_margin_radius,
+)
 from bounds.feature_distance import feature_distance_upper
 from bounds.graph import BoundGraph, build_graph
 from bounds.layers import Residual, UnsupportedLayerError
@@ -45,6 +51,8 @@ __all__ = [
     "fold_batchnorm",
     "global_lipschitz_upper",
     "layer_product_lipschitz_upper",
+    "lipschitz_margin_radius",
     "operator_norm_upper",
     "pgd_feature_distance",
+    "pgd_margin_attack",
 ]
