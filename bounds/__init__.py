@@ -1,7 +1,6 @@
 """Sound bounds on networks for REaaS: IBP and CROWN bound propagation, sound spectral-norm / Lipschitz upper
 bounds, the batched F2I binary search (feature radius -> certified image radius), and feature-space
-certification of a downstream classifier (CROWN/IBP search, or the Lipschitz-margin radius for a MaxMin head;
-their max otherwise). Depends only on torch / numpy / scipy.
+certification of a downstream classifier (the larger of a CROWN/IBP search and the Lipschitz-margin radius). Depends only on torch / numpy / scipy.
 
 F2I bounds (`BOUNDS_OFFERED`; each a sound upper bound of max_{||d|| <= r} ||f(x + d) - f(x)||, argued in
 bounds.feature_distance): "lipschitz" (global, L·r, L = global_lipschitz_upper: min of the layer-norm product and
@@ -11,7 +10,9 @@ Jacobian and midpoint expansion over the ball), "best" (their minimum, CROWN int
 "best_ibp" (their minimum, IBP intermediate bounds; DEFAULT_BOUND).
 
 Supported layers (anything else raises UnsupportedLayerError): nn.Sequential, nn.Linear, nn.Conv2d (zero padding,
-any stride), nn.ReLU, nn.Flatten, nn.AvgPool2d, nn.Identity, Residual, nn.BatchNorm1d/2d (eval mode).
+any stride), nn.ReLU, MaxMin, nn.Flatten, nn.AvgPool2d, nn.PixelUnshuffle, nn.Identity, Residual,
+nn.BatchNorm1d/2d (eval mode). AOLLinear / AOLConv2d train 1-Lipschitz layers; `materialize` turns them into
+plain nn.Linear / nn.Conv2d before bounding.
 """
 
 from bounds.attack import pgd_feature_distance, pgd_margin_attack
@@ -25,12 +26,15 @@ from bounds.feature_certification import (
 )
 from bounds.feature_distance import feature_distance_upper
 from bounds.graph import BoundGraph, build_graph
-from bounds.layers import Residual, UnsupportedLayerError
+from bounds.layers import MaxMin, Residual, UnsupportedLayerError
 from bounds.lipschitz import global_lipschitz_upper
+from bounds.lipschitz_layers import AOLConv2d, AOLLinear, materialize
 from bounds.propagation import InputBall, compute_bounds, concretize, crown_backward
 from bounds.spectral import layer_product_lipschitz_upper, operator_norm_upper
 
 __all__ = [
+    "AOLConv2d",
+    "AOLLinear",
     "BOUNDS_OFFERED",
     "CERTIFY_METHODS",
     "DEFAULT_BOUND",
@@ -39,6 +43,7 @@ __all__ = [
     "F2IResult",
     "FeatureCertificate",
     "InputBall",
+    "MaxMin",
     "Residual",
     "UnsupportedLayerError",
     "build_graph",
@@ -52,6 +57,7 @@ __all__ = [
     "global_lipschitz_upper",
     "layer_product_lipschitz_upper",
     "lipschitz_margin_radius",
+    "materialize",
     "operator_norm_upper",
     "pgd_feature_distance",
     "pgd_margin_attack",

@@ -8,14 +8,14 @@ For the prediction y = argmax h(z), the margins m_j(z') = h_y(z') - h_j(z') (j !
   margin's gradient) in closed form. Otherwise the one batched binary search (bounds.search) runs upward from the
   larger of the Lipschitz-margin radius below and R_0 = min_j m_j(z) / (sqrt(2)·Lip(h)).
 * the Lipschitz margin: write h(z) = W g(z) + b with g the body (h minus its last Linear) and L_body >= Lip(g)
-  (bounds.global_lipschitz_upper, or the product of sound layer norms for a MaxMin body). Then
+  (bounds.global_lipschitz_upper). Then
   |m_j(z + d) - m_j(z)| = |(w_y - w_j)·(g(z + d) - g(z))| <= ||w_y - w_j||_2 · L_body · ||d||_2, so every margin
   stays > 0 for ||d||_2 < min_j m_j(z) / (||w_y - w_j||_2 · L_body). Exact for a linear h (g = id, L_body = 1),
   and what a head trained with the Lipschitz-margin loss (reaas_client.heads) maximises.
 
-h with MaxMin activations (the Lipschitz heads) is certified by the Lipschitz margin alone until bound propagation
-through MaxMin lands (branch wip-bounds); then the CROWN search applies to it as to a ReLU MLP. Returned radii are
-the verified radius times (1 - SAFETY_MARGIN), which covers float32 rounding (~1e-6 relative) in the margin bounds.
+Activations are ReLU or MaxMin (the Lipschitz heads); the search starts where the Lipschitz margin left off, so
+it only ever adds to it. Returned radii are the verified radius times (1 - SAFETY_MARGIN), which covers float32
+rounding (~1e-6 relative) in the margin bounds.
 """
 
 from __future__ import annotations
@@ -31,10 +31,8 @@ from bounds.f2i import SAFETY_MARGIN
 from bounds.graph import BoundGraph, build_graph
 from bounds.layers import MaxMin, UnsupportedLayerError
 from bounds.lipschitz import global_lipschitz_upper
-from bounds.operators import ReLUOperator
 from bounds.propagation import InputBall, compute_bounds, concretize, crown_backward
 from bounds.search import batched_binary_search
-from bounds.spectral import matrix_norm_upper
 
 CERTIFY_METHODS = ("crown", "ibp")
 
@@ -76,32 +74,17 @@ def split_last_linear(classifier: nn.Module) -> tuple[nn.Sequential, nn.Linear]:
     return nn.Sequential(*layers[:-1]), layers[-1]
 
 
-def _maxmin_chain_lipschitz_upper(body: nn.Sequential) -> float:
-    """Sound Lip(body) for a chain of Linear / ReLU / MaxMin: the product of the Linears' sound spectral norms
-    (ReLU and MaxMin are 1-Lipschitz; MaxMin permutes each pair). Stands in for global_lipschitz_upper until the
-    graph traces MaxMin (wip-bounds)."""
-    lipschitz = 1.0
-    for layer in body:
-        if isinstance(layer, nn.Linear):
-            lipschitz *= float(matrix_norm_upper(layer.weight.detach()))
-        elif not isinstance(layer, nn.ReLU | MaxMin | nn.Identity):
-            raise UnsupportedLayerError(f"{type(layer).__name__} in a MaxMin body (Linear, ReLU, MaxMin only)")
-    return lipschitz
-
-
 def body_lipschitz_upper(body: nn.Sequential, feature_dim: int) -> float:
     """A sound upper bound of Lip(g) for the body g of h (1 for an empty body).
 
-    Trailing activations are dropped first: ReLU and MaxMin are 1-Lipschitz, so Lip(act ∘ g') <= Lip(g') (and
-    the midpoint bound of global_lipschitz_upper expects a graph that ends in an affine layer)."""
+    Trailing activations are dropped first: ReLU and MaxMin are 1-Lipschitz, so Lip(act ∘ g') <= Lip(g'), and the
+    midpoint expansion of g' need not treat them as unstable everywhere."""
     layers = list(body)
     while layers and isinstance(layers[-1], nn.ReLU | MaxMin | nn.Identity):
         layers.pop()
     body = nn.Sequential(*layers)
     if len(body) == 0:
         return 1.0
-    if any(isinstance(m, MaxMin) for m in body.modules()):
-        return _maxmin_chain_lipschitz_upper(body)
     return global_lipschitz_upper(body, (feature_dim,))
 
 
@@ -135,21 +118,14 @@ def certify_feature_radius(
     """Prediction and certified feature-space l2 radius for each row of `features` [batch, feature_dim].
 
     Guarantee: for every z' with ||z' - z||_2 < feature_radius, argmax h(z') = prediction (the larger of two sound
-    radii, see the module docstring). `classifier` is a Sequential of Linear / ReLU / MaxMin ending in a Linear.
-    `method` ("crown" or "ibp") is the bound propagation; h with MaxMin gets the Lipschitz-margin radius only.
+    radii, see the module docstring). `classifier` is a Sequential of Linear / ReLU / MaxMin ending in a Linear;
+    `method` ("crown" or "ibp") is the bound propagation.
     """
     if method not in CERTIFY_METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {CERTIFY_METHODS}")
     if features.dim() != 2:
         raise ValueError(f"features must be [batch, feature_dim], got {tuple(features.shape)}")
     device = next(classifier.parameters()).device
-    if any(isinstance(m, MaxMin) for m in classifier.modules()):
-        # No bound propagation through MaxMin yet (it lands with wip-bounds): the Lipschitz margin is the
-        # whole certificate, on purpose and not as a fallback from a failure.
-        with torch.no_grad():
-            prediction = classifier(features.to(device=device, dtype=torch.float32)).argmax(dim=1).cpu()
-        radius = lipschitz_margin_radius(classifier, features, prediction)
-        return FeatureCertificate(prediction, radius * (1 - SAFETY_MARGIN))
     graph = build_graph(classifier, (features.shape[1],), dtype=torch.float32, device=device)
     z = features.to(device=device, dtype=torch.float32)
     with torch.no_grad():
@@ -167,7 +143,7 @@ def certify_feature_radius(
         margins = concretize(InputBall(z, zero), at_point).lower.to(torch.float64).cpu()  # [batch, K-1]
         gradient_norm = at_point.lA.to(torch.float64).norm(dim=-1).cpu()
         linearised = (margins.clamp(min=0) / gradient_norm.clamp(min=1e-30)).min(dim=1).values
-        if not any(isinstance(node.op, ReLUOperator) for node in graph.nodes[1:]):
+        if not any(node.op.is_activation for node in graph.nodes[1:]):
             return FeatureCertificate(prediction.cpu(), linearised * (1 - SAFETY_MARGIN))
         lipschitz = global_lipschitz_upper(classifier, (features.shape[1],))
         smallest_margin = margins.clamp(min=0).min(dim=1).values

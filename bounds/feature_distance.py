@@ -16,7 +16,8 @@ Write g(d) = f(x + d) - f(x) (g(0) = 0) and B = {d : ||d||_2 <= r}. Each bound b
 * `local_lipschitz`: by Lebourg's mean value theorem, g(d) lies in the convex hull of {J·d : J a Clarke
   Jacobian of f at a point of B}. Every such J = W_L·S_{L-1}·...·S_1·W_1 (residual adds summing branches) with
   S_k diagonal, entries 1 on stably active, 0 on stably inactive and in [0, 1] on unstable neurons (from the
-  intermediate bounds on B). Interval arithmetic backward through that product gives |J - C| <= R elementwise,
+  intermediate bounds on B); for MaxMin S_k is block-diagonal, [[t, 1 - t], [1 - t, t]] per pair, t fixed to 1 or
+  0 on ordered pairs and in [0, 1] on the others. Interval arithmetic backward through that product gives |J - C| <= R elementwise,
   so ||J||_2 <= min(||C||_2 + ||R||_2, || |C| + R ||_2). For chains (no residual add) the midpoint expansion
   of bounds.midpoint_lipschitz gives a second sound bound of the same sup; UB = the smaller one times r. When
   every ReLU is stable, both are the exact ||J||_2·r.
@@ -31,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from bounds.graph import BoundGraph
-from bounds.midpoint_lipschitz import DEFAULT_MEMORY_BUDGET_BYTES, is_chain, midpoint_lipschitz_upper
+from bounds.midpoint_lipschitz import DEFAULT_MEMORY_BUDGET_BYTES, midpoint_applies, midpoint_lipschitz_upper
 from bounds.operators import Box
 from bounds.propagation import InputBall, compute_bounds, crown_backward
 from bounds.spectral import matrix_norm_upper
@@ -80,7 +81,7 @@ def local_jacobian_norm(
     split = matrix_norm_upper(c) + matrix_norm_upper(r)
     joint = matrix_norm_upper(c.abs() + r)
     bound = torch.minimum(split, joint)
-    if is_chain(graph) and bool((r > 0).any()):
+    if midpoint_applies(graph) and bool((r > 0).any()):
         bound = torch.minimum(bound, midpoint_lipschitz_upper(graph, boxes, memory_budget_bytes=memory_budget_bytes))
     return bound
 

@@ -8,14 +8,16 @@ import torch
 from torch import nn
 
 from bounds.batchnorm import batchnorm_scale_shift
-from bounds.layers import Residual, UnsupportedLayerError
+from bounds.layers import MaxMin, Residual, UnsupportedLayerError
 from bounds.operators import (
     AddOperator,
     AffineOperator,
     ConvOperator,
     FlattenOperator,
     LinearOperator,
+    MaxMinOperator,
     Operator,
+    PixelUnshuffleOperator,
     ReLUOperator,
 )
 
@@ -128,6 +130,15 @@ class _Tracer:
             return self.add(AddOperator(self.nodes[body].shape), (body, shortcut))
         if isinstance(module, nn.ReLU):
             return self.add(ReLUOperator(shape), (src,))
+        if isinstance(module, MaxMin):
+            if shape[0] % 2:
+                raise UnsupportedLayerError(f"MaxMin on an odd number of channels ({shape})")
+            return self.add(MaxMinOperator(shape), (src,))
+        if isinstance(module, nn.PixelUnshuffle):
+            factor = int(module.downscale_factor)
+            if len(shape) != 3 or shape[1] % factor or shape[2] % factor:
+                raise UnsupportedLayerError(f"PixelUnshuffle({factor}) on a per-example input of shape {shape}")
+            return self.add(PixelUnshuffleOperator(factor, shape), (src,))
         if isinstance(module, nn.Flatten):
             if module.start_dim != 1 or module.end_dim != -1:
                 raise UnsupportedLayerError("Flatten other than Flatten(start_dim=1, end_dim=-1)")
@@ -160,8 +171,8 @@ class _Tracer:
                 return self.add(LinearOperator(torch.diag(scale), shift), (src,))
             return self.conv(scale.reshape(-1, 1, 1, 1), shift, src, groups=shape[0])
         raise UnsupportedLayerError(
-            f"{type(module).__name__} is outside the bounds vocabulary (Sequential, Linear, Conv2d, ReLU, "
-            "Flatten, AvgPool2d, Identity, BatchNorm1d/2d, Residual)"
+            f"{type(module).__name__} is outside the bounds vocabulary (Sequential, Linear, Conv2d, ReLU, MaxMin, "
+            "Flatten, AvgPool2d, PixelUnshuffle, Identity, BatchNorm1d/2d, Residual)"
         )
 
 

@@ -3,11 +3,13 @@
 * IBP pushes elementwise boxes forward. The first affine layer after the input is bounded exactly for the ball
   (centre ± radius·dual-norm of each row), not through the box that contains the ball.
 * CROWN (Zhang et al. 2018) propagates linear coefficients backward from a node to the input through each
-  operator's `backward` (ReLU: CROWN's relaxation with adaptive lower slopes), then concretises them on the ball
+  operator's `backward` (ReLU: CROWN's relaxation with adaptive lower slopes; MaxMin: the same relaxation of
+  relu(a - b)), then concretises them on the ball
   with the dual norm (l2 -> l2, linf -> l1). Both directions hold for every input in the ball, given sound
-  intermediate bounds at every ReLU input.
-* Intermediate bounds (`intermediate="crown"`): each ReLU input node is first bounded by IBP; the neurons that IBP
-  leaves unstable are then re-bounded by CROWN (in chunks of `spec_chunk` neurons) and the two boxes intersected.
+  intermediate bounds at every activation input.
+* Intermediate bounds (`intermediate="crown"`): each activation (ReLU, MaxMin) input node is first bounded by IBP;
+  the neurons that IBP leaves unstable (for MaxMin: both members of a pair whose order is not fixed) are then
+  re-bounded by CROWN (in chunks of `spec_chunk` neurons) and the two boxes intersected.
   Both are sound, so the intersection is. `intermediate="ibp"` skips the refinement (cheap, looser).
 """
 
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from bounds.graph import BoundGraph
-from bounds.operators import AffineOperator, Box, FlattenOperator, ReLUOperator
+from bounds.operators import AffineOperator, Box, Operator
 
 NORMS = ("l2", "linf")
 INTERMEDIATE_METHODS = ("crown", "ibp")
@@ -70,7 +72,7 @@ def crown_backward(
 ) -> LinearBounds:
     """Back-substitute the coefficients `lA`, `uA` [batch, spec, *shape(target)] down to the input.
 
-    `boxes` must hold sound bounds for every ReLU input below `target`.
+    `boxes` must hold sound bounds for every activation input below `target`.
     """
     pending: dict[int, list] = {target: [lA, uA]}
     lbias: torch.Tensor | float = 0.0
@@ -116,12 +118,15 @@ def crown_bounds_of(
     return concretize(ball, linear), linear
 
 
-def _refine_with_crown(graph: BoundGraph, boxes: list[Box], ball: InputBall, target: int, spec_chunk: int) -> Box:
+def _refine_with_crown(
+    graph: BoundGraph, boxes: list[Box], ball: InputBall, target: int, spec_chunk: int, activations: list[Operator]
+) -> Box:
     box = boxes[target]
     batch = box.lower.shape[0]
     lower = box.lower.reshape(batch, -1).clone()
     upper = box.upper.reshape(batch, -1).clone()
-    unstable = box.crosses_zero.reshape(batch, -1).any(dim=0).nonzero().squeeze(1)
+    unstable = torch.stack([op.unstable_inputs(box).reshape(batch, -1) for op in activations]).any(dim=0)
+    unstable = unstable.any(dim=0).nonzero().squeeze(1)
     numel = lower.shape[1]
     for start in range(0, unstable.numel(), spec_chunk):
         neurons = unstable[start:start + spec_chunk]
@@ -137,17 +142,20 @@ def _refine_with_crown(graph: BoundGraph, boxes: list[Box], ball: InputBall, tar
 def compute_bounds(
     graph: BoundGraph, ball: InputBall, *, intermediate: str = "crown", spec_chunk: int = 1024
 ) -> list[Box]:
-    """Sound elementwise bounds [batch, *shape] of every node over the ball (IBP forward, CROWN-refined at ReLU
-    inputs when `intermediate == "crown"`)."""
+    """Sound elementwise bounds [batch, *shape] of every node over the ball (IBP forward, CROWN-refined at
+    activation inputs when `intermediate == "crown"`)."""
     if intermediate not in INTERMEDIATE_METHODS:
         raise ValueError(f"unknown intermediate method {intermediate!r}; valid: {INTERMEDIATE_METHODS}")
-    relu_inputs = {node.inputs[0] for node in graph.nodes[1:] if isinstance(node.op, ReLUOperator)}
+    activation_inputs: dict[int, list[Operator]] = {}
+    for node in graph.nodes[1:]:
+        if node.op.is_activation:
+            activation_inputs.setdefault(node.inputs[0], []).append(node.op)
     boxes: list[Box] = [ball.box()]
     ball_centers: dict[int, torch.Tensor] = {0: ball.center}  # nodes whose value set is the (reshaped) ball
     exact: set[int] = set()
     for index, node in enumerate(graph.nodes[1:], start=1):
         op, sources = node.op, node.inputs
-        if isinstance(op, FlattenOperator) and sources[0] in ball_centers:
+        if isinstance(op, AffineOperator) and op.is_permutation and sources[0] in ball_centers:
             ball_centers[index] = op.forward(ball_centers[sources[0]])
             boxes.append(op.interval(boxes[sources[0]]))
         elif isinstance(op, AffineOperator) and sources[0] in ball_centers:
@@ -155,6 +163,6 @@ def compute_bounds(
             exact.add(index)
         else:
             boxes.append(op.interval(*(boxes[j] for j in sources)))
-        if intermediate == "crown" and index in relu_inputs and index not in exact:
-            boxes[index] = _refine_with_crown(graph, boxes, ball, index, spec_chunk)
+        if intermediate == "crown" and index in activation_inputs and index not in exact:
+            boxes[index] = _refine_with_crown(graph, boxes, ball, index, spec_chunk, activation_inputs[index])
     return boxes

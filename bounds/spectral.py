@@ -12,7 +12,9 @@ Why each number is an upper bound (never a power-iteration estimate):
   restriction nor a subsampling can raise the norm, so ||conv|| <= ||circular conv|| = max over the Hp·Wp
   frequencies of the largest singular value of the kernel's 2-D DFT (an [out, in] complex matrix), computed by
   FFT + batched Hermitian eigenvalues in complex128.
-* Flatten: 1 (an isometry). ReLU: 1 (1-Lipschitz, elementwise). Residual add: Lip(a + b) <= Lip(a) + Lip(b).
+* Flatten, PixelUnshuffle: 1 (permutations of coordinates). ReLU: 1 (1-Lipschitz, elementwise). MaxMin: 1 (on each
+  pair (a, b) -> (max, min) is the identity or the swap, and between those regions it is continuous and piecewise
+  isometric, so |y - y'| <= |x - x'| along every segment). Residual add: Lip(a + b) <= Lip(a) + Lip(b).
 
 Every float64 result is multiplied by (1 + SPECTRAL_SAFETY): eigenvalues and FFT in float64 are accurate to ~1e-13
 relative on these sizes, so 1e-6 covers rounding with room to spare.
@@ -24,14 +26,7 @@ import torch
 from torch import nn
 
 from bounds.graph import build_graph
-from bounds.operators import (
-    AddOperator,
-    AffineOperator,
-    ConvOperator,
-    FlattenOperator,
-    LinearOperator,
-    ReLUOperator,
-)
+from bounds.operators import AddOperator, AffineOperator, ConvOperator, LinearOperator
 
 SPECTRAL_SAFETY = 1e-6
 EXPLICIT_LIMIT = 2_000_000
@@ -88,7 +83,7 @@ def _circular_conv_norm(op: ConvOperator) -> float:
 
 def operator_norm_upper(op: AffineOperator) -> float:
     """Sound upper bound of the l2 operator norm of an affine layer's linear part on its actual input shape."""
-    if isinstance(op, FlattenOperator):
+    if op.is_permutation:
         return 1.0
     if isinstance(op, LinearOperator):
         return float(matrix_norm_upper(op.weight))
@@ -105,7 +100,8 @@ def layer_product_lipschitz_upper(model: nn.Module, input_shape: tuple[int, ...]
     """A sound upper bound of the model's global l2 Lipschitz constant on inputs of shape `input_shape` (the
     layer-norm product; bounds.lipschitz.global_lipschitz_upper takes the smaller of it and a tighter bound).
 
-    Propagated over the layer graph: Lip(node) = ||W||·Lip(input) for affine layers, Lip(input) for ReLU,
+    Propagated over the layer graph: Lip(node) = ||W||·Lip(input) for affine layers, Lip(input) for the
+    activations (ReLU, MaxMin: 1-Lipschitz),
     Lip(a) + Lip(b) for a residual add (so a Residual with identity shortcut gets 1 + ||body||).
     """
     graph = build_graph(model, input_shape, dtype=torch.float64, device="cpu")
@@ -114,7 +110,7 @@ def layer_product_lipschitz_upper(model: nn.Module, input_shape: tuple[int, ...]
         op = node.op
         if isinstance(op, AffineOperator):
             lipschitz.append(operator_norm_upper(op) * lipschitz[node.inputs[0]])
-        elif isinstance(op, ReLUOperator):
+        elif op.is_activation:
             lipschitz.append(lipschitz[node.inputs[0]])
         elif isinstance(op, AddOperator):
             lipschitz.append(sum(lipschitz[j] for j in node.inputs))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bounds import Residual
+from bounds import AOLConv2d, AOLLinear, MaxMin, Residual, materialize
 
 
 def toy_encoder(seed: int) -> nn.Module:
@@ -48,3 +48,56 @@ def residual_cnn(seed: int) -> nn.Module:
 
 
 ENCODERS = {"toy": (toy_encoder, (1, 8, 8)), "mnist_cnn": (mnist_cnn, (1, 28, 28)), "residual": (residual_cnn, (3, 8, 8))}
+
+
+def aol_dense_maxmin(seed: int) -> nn.Module:
+    """A 1-Lipschitz dense net, 1x8x8 -> Flatten -> 64 -> MaxMin -> 32 -> MaxMin -> 16 (AOL layers, materialized).
+
+    Random (not orthogonal) AOL weights and biases, so pairs flip inside small balls."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Flatten(), AOLLinear(64, 64, weight=torch.randn(64, 64)), MaxMin(),
+        AOLLinear(64, 32, weight=torch.randn(32, 64)), MaxMin(), AOLLinear(32, 16, weight=torch.randn(16, 32)),
+    )
+    with torch.no_grad():
+        for layer in model:
+            if isinstance(layer, AOLLinear):
+                layer.bias.uniform_(-0.1, 0.1)
+    return materialize(model)
+
+
+def aol_conv_maxmin(seed: int) -> nn.Module:
+    """A 1-Lipschitz convnet, 1x8x8 -> AOLConv2d(1, 4) -> MaxMin -> PixelUnshuffle(2) -> AOLConv2d(16, 8) -> MaxMin
+    -> Flatten -> AOLLinear(128, 16) (materialized)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        AOLConv2d(1, 4, 3), MaxMin(), nn.PixelUnshuffle(2), AOLConv2d(16, 8, 3), MaxMin(), nn.Flatten(),
+        AOLLinear(128, 16, weight=torch.randn(16, 128)),
+    )
+    with torch.no_grad():
+        for layer in model:
+            if isinstance(layer, AOLConv2d):
+                layer.weight.add_(0.3 * torch.randn_like(layer.weight))
+                layer.bias.uniform_(-0.1, 0.1)
+    return materialize(model)
+
+
+def random_maxmin(seed: int) -> nn.Module:
+    """A MaxMin convnet with plain random layers scaled up (Lipschitz well above 1, bounds not trivially tight),
+    1x8x8 -> conv(1, 4) -> MaxMin -> PixelUnshuffle(2) -> Flatten -> 32 -> MaxMin -> 16."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), MaxMin(), nn.PixelUnshuffle(2), nn.Flatten(), nn.Linear(256, 32), MaxMin(),
+        nn.Linear(32, 16),
+    )
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(2.0)
+    return model.eval()
+
+
+MAXMIN_ENCODERS = {
+    "aol_dense": (aol_dense_maxmin, (1, 8, 8)),
+    "aol_conv": (aol_conv_maxmin, (1, 8, 8)),
+    "random_maxmin": (random_maxmin, (1, 8, 8)),
+}

@@ -87,6 +87,9 @@ def test_maxmin_head_certificate_survives_pgd(seed):
     z = 3 * torch.randn(32, 6, generator=torch.Generator().manual_seed(seed))
     cert = certify_feature_radius(head, z)
     assert torch.equal(cert.prediction, head(z).argmax(dim=1))
+    # CROWN through MaxMin (wip-bounds) searches upward from the Lipschitz-margin radius: never below it
+    margin_radius = lipschitz_margin_radius(head, z, cert.prediction)
+    assert (cert.feature_radius >= margin_radius * (1 - SAFETY_MARGIN) * (1 - 1e-12)).all()
     certified = cert.feature_radius > 0
     assert certified.sum() > 16
     worst, _ = pgd_margin_attack(head, z[certified], cert.prediction[certified],
