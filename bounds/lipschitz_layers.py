@@ -104,7 +104,12 @@ class AOLConv2d(nn.Module):
 
 
 class SpectralNormLinear(nn.Module):
-    """A dense layer `x -> (W / ||W||_2) x + b`: operator norm exactly 1 (up to float rounding) for any W != 0."""
+    """A dense layer `x -> (W / s) x + b` with s = ||W||_2, so its operator norm is 1 for any W != 0.
+
+    While training, s is Miyato et al.'s one power-iteration step per forward on persisted vectors (a lower
+    estimate of ||W||_2, so the layer's norm may exceed 1 by the estimate's error while it trains); the SVD's
+    gradient is unstable where singular values repeat, as they do at an orthogonal init. `materialize` divides by
+    the exact float64 norm, so the served layer's norm is 1 up to rounding, and bounds/ recomputes it soundly."""
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = True,
                  weight: torch.Tensor | None = None) -> None:
@@ -114,14 +119,31 @@ class SpectralNormLinear(nn.Module):
             nn.init.orthogonal_(weight)
         self.weight = nn.Parameter(weight.detach().clone().to(torch.float32))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        vector = torch.randn(in_features, generator=torch.Generator().manual_seed(in_features * 7919 + out_features))
+        self.register_buffer("right_vector", vector / vector.norm())
 
     def rescaled_weight(self) -> torch.Tensor:
-        return self.weight / torch.linalg.matrix_norm(self.weight, ord=2).clamp(min=_EPS)
+        if self.training:
+            with torch.no_grad():
+                left = F.normalize(self.weight @ self.right_vector, dim=0)
+                self.right_vector.copy_(F.normalize(self.weight.T @ left, dim=0))
+            norm = (self.weight @ self.right_vector).norm()
+        else:
+            norm = torch.linalg.matrix_norm(self.weight.detach().to(torch.float64), ord=2).to(self.weight.dtype)
+        return self.weight / norm.clamp(min=_EPS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.rescaled_weight(), self.bias)
 
-    materialize = AOLLinear.materialize
+    def materialize(self) -> nn.Linear:
+        out_features, in_features = self.weight.shape
+        layer = nn.Linear(in_features, out_features, bias=self.bias is not None)
+        with torch.no_grad():
+            exact = torch.linalg.matrix_norm(self.weight.to(torch.float64), ord=2)
+            layer.weight.copy_((self.weight.to(torch.float64) / exact).to(torch.float32))
+            if self.bias is not None:
+                layer.bias.copy_(self.bias)
+        return layer
 
 
 _TRAINABLE = (AOLLinear, AOLConv2d, SpectralNormLinear)

@@ -14,6 +14,7 @@ from robust_pretrain import (
     small_cnn_config,
 )
 from robust_pretrain import demo as demo_module
+from robust_pretrain.demo import DEMO_KINDS
 
 
 def _saved(tmp_path, config):
@@ -92,7 +93,7 @@ def test_demo_fallback_is_labelled_and_deterministic(tmp_path, monkeypatch):
 
 def test_demo_loader_prefers_the_asset_file(tmp_path, monkeypatch):
     monkeypatch.setattr(demo_module, "ASSETS_DIR", tmp_path)
-    config = demo_module.demo_config()
+    config = demo_module.demo_config("nonrobust")
     save_checkpoint(
         build_encoder(config),
         config,
@@ -107,7 +108,7 @@ def test_demo_loader_prefers_the_asset_file(tmp_path, monkeypatch):
 def test_shipped_demo_encoders_load_verified_with_their_sound_bounds():
     from bounds import global_lipschitz_upper
 
-    loaded = {kind: load_demo_encoder(kind) for kind in ("spectral", "nonrobust", "adversarial")}
+    loaded = {kind: load_demo_encoder(kind) for kind in DEMO_KINDS}
     for kind, encoder in loaded.items():
         assert encoder.metadata.model_id == f"demo-{kind}", "asset missing: run `make pretrain-demo`"
         assert "NOT pre-trained" not in encoder.metadata.description
@@ -115,3 +116,8 @@ def test_shipped_demo_encoders_load_verified_with_their_sound_bounds():
         assert recomputed == pytest.approx(encoder.metadata.lipschitz_upper, rel=1e-6)
     # what the spectral penalty is for: a much smaller sound bound than the non-robust twin's
     assert loaded["spectral"].metadata.lipschitz_upper * 10 < loaded["nonrobust"].metadata.lipschitz_upper
+    # 1-Lipschitz by construction, and the sound bound sees it; the references' true constant is exactly 1
+    for kind in ("pca", "identity", "lipschitz"):
+        assert loaded[kind].metadata.lipschitz_upper <= 1.0 + 1e-5
+    for kind in ("pca", "identity"):
+        assert loaded[kind].metadata.lipschitz_upper >= 1.0

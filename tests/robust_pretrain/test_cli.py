@@ -56,3 +56,28 @@ def test_flags_that_contradict_the_method_are_refused(tmp_path, flags):
     with pytest.raises(SystemExit):
         main([*TINY, "--out-dir", str(tmp_path), *flags])
     assert not (tmp_path / "encoder.json").exists()
+
+
+def test_cli_trains_a_lipschitz_encoder_whose_checkpoint_is_one_lipschitz(tmp_path):
+    flags = ["--data", "mnist-embedded", "--max-images", "64", "--widths", "16", "16", "--feature-dim", "8",
+             "--epochs", "1", "--batch-size", "32", "--queue-size", "32", "--probe-every", "0", "--no-progress"]
+    assert main([*flags, "--out-dir", str(tmp_path), "--method", "lipschitz"]) == 0
+    metadata = load_checkpoint(tmp_path / "encoder").metadata
+    assert metadata.training["method"] == "lipschitz" and metadata.config.arch == "lipschitz_mlp"
+    assert metadata.lipschitz_upper <= 1.0 + 1e-5
+
+
+@pytest.mark.parametrize("method", ["pca", "identity"])
+def test_cli_fits_reference_encoders_without_training(tmp_path, method):
+    flags = ["--data", "mnist-embedded", "--max-images", "100", "--feature-dim", "10", "--no-progress"]
+    assert main([*flags, "--out-dir", str(tmp_path), "--method", method]) == 0
+    metadata = load_checkpoint(tmp_path / "encoder").metadata
+    assert metadata.config.arch == method and metadata.feature_dim == (10 if method == "pca" else 784)
+    assert metadata.lipschitz_upper == pytest.approx(1.0, abs=1e-5)
+
+
+def test_an_architecture_of_another_method_is_refused(tmp_path):
+    with pytest.raises(SystemExit):
+        main([*TINY, "--out-dir", str(tmp_path), "--method", "lipschitz", "--arch", "small_cnn"])
+    with pytest.raises(SystemExit):
+        main([*TINY, "--out-dir", str(tmp_path), "--method", "spectral", "--arch", "lipschitz_mlp"])
