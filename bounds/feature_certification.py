@@ -16,6 +16,12 @@ For the prediction y = argmax h(z), the margins m_j(z') = h_y(z') - h_j(z') (j !
 Activations are ReLU or MaxMin (the Lipschitz heads); the search starts where the Lipschitz margin left off, so
 it only ever adds to it. Returned radii are the verified radius times (1 - SAFETY_MARGIN), which covers float32
 rounding (~1e-6 relative) in the margin bounds.
+
+Every margin must stay above a rounding allowance delta = ROUNDING_ALLOWANCE · (1 + max_j |h_j(z)|) rather than
+above 0: the certificate is about exact arithmetic, but the client evaluates h (and the server f) in float32, whose
+rounding (~1e-6 relative per layer) could turn an exact margin of 1e-7 into a tie or a flip; a float32 PGD found
+exactly that before the allowance. The radii above become (m - delta) / ..., which costs nothing measurable at
+the margins the heads are trained for.
 """
 
 from __future__ import annotations
@@ -35,6 +41,13 @@ from bounds.propagation import InputBall, compute_bounds, concretize, crown_back
 from bounds.search import batched_binary_search
 
 CERTIFY_METHODS = ("crown", "ibp")
+ROUNDING_ALLOWANCE = 1e-4
+
+
+def rounding_allowance(logits: torch.Tensor) -> torch.Tensor:
+    """delta [batch] float64 for `logits` [batch, K]: how far above 0 a certified margin must stay (module
+    docstring)."""
+    return ROUNDING_ALLOWANCE * (1 + logits.detach().to(torch.float64).abs().amax(dim=1).cpu())
 
 
 @dataclass(frozen=True)
@@ -90,7 +103,8 @@ def body_lipschitz_upper(body: nn.Sequential, feature_dim: int) -> float:
 
 def lipschitz_margin_radius(classifier: nn.Module, features: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
     """min_j m_j(z) / (||w_y - w_j||_2 · L_body) per row of `features` [batch, feature_dim], y = `prediction`
-    [batch]; 0 where y is not h's strict argmax. float64 [batch], before SAFETY_MARGIN (see the module docstring).
+    [batch], the margins less the rounding allowance; 0 where y is not h's argmax by more than that allowance.
+    float64 [batch], before SAFETY_MARGIN (see the module docstring).
 
     The margins are recomputed in float64 on the CPU, so they carry no float32 rounding of their own."""
     body, last = split_last_linear(classifier)
@@ -100,7 +114,7 @@ def lipschitz_margin_radius(classifier: nn.Module, features: torch.Tensor, predi
     with torch.no_grad():
         logits = exact(features.detach().to("cpu", torch.float64))
         weight = last.weight.detach().to("cpu", torch.float64)
-        margins = logits.gather(1, prediction) - logits  # [batch, K]
+        margins = logits.gather(1, prediction) - logits - rounding_allowance(logits).unsqueeze(1)  # [batch, K]
         spread = (weight[prediction.squeeze(1)].unsqueeze(1) - weight.unsqueeze(0)).norm(dim=-1)  # [batch, K]
         ratios = margins.clamp(min=0) / (spread * lipschitz).clamp(min=1e-300)
         ratios.scatter_(1, prediction, math.inf)
@@ -140,7 +154,9 @@ def certify_feature_radius(
         zero = torch.zeros(batch, dtype=z.dtype, device=device)
         at_point = crown_backward(graph, compute_bounds(graph, InputBall(z, zero), intermediate="ibp"),
                                   graph.output_index, spec, spec)
+        allowance = rounding_allowance(logits)
         margins = concretize(InputBall(z, zero), at_point).lower.to(torch.float64).cpu()  # [batch, K-1]
+        margins = margins - allowance.unsqueeze(1)
         gradient_norm = at_point.lA.to(torch.float64).norm(dim=-1).cpu()
         linearised = (margins.clamp(min=0) / gradient_norm.clamp(min=1e-30)).min(dim=1).values
         if not any(node.op.is_activation for node in graph.nodes[1:]):
@@ -154,8 +170,8 @@ def certify_feature_radius(
         def certify(radius: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
             device_index = index.to(device)
             bounds = _margin_lower_bounds(graph, z[device_index], radius.to(device), spec[device_index], method)
-            worst = bounds.min(dim=1).values.cpu().to(torch.float64)
-            # score 0 at the centre, 1 where the worst margin's lower bound reaches 0
+            worst = bounds.min(dim=1).values.cpu().to(torch.float64) - allowance[index]
+            # score 0 at the centre, 1 where the worst margin's lower bound reaches the allowance
             score = 1 - worst / smallest_margin[index].clamp(min=1e-30)
             return worst > 0, score
 
