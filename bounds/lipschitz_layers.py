@@ -39,10 +39,10 @@ def aol_conv_scale(kernel: torch.Tensor) -> torch.Tensor:
     return gram.abs().sum(dim=(1, 2, 3)).clamp(min=_EPS).rsqrt()
 
 
-class AOLLinear(nn.Module):
-    """A dense layer `x -> W diag(d) x + b` with ||W diag(d)||_2 <= 1 for any W (see the module docstring).
+class _RescaledLinear(nn.Module):
+    """A dense layer `x -> rescaled(W) x + b`; subclasses define `rescaled_weight`, whose norm is <= 1.
 
-    `init`: "orthogonal" (then d = 1 and the layer starts as an isometry) or a given weight [out, in]."""
+    Starts at an orthogonal W (an isometry onto its image) unless a weight [out, in] is given."""
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = True,
                  weight: torch.Tensor | None = None) -> None:
@@ -54,7 +54,7 @@ class AOLLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     def rescaled_weight(self) -> torch.Tensor:
-        return self.weight * aol_scale(self.weight)
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.rescaled_weight(), self.bias)
@@ -67,6 +67,13 @@ class AOLLinear(nn.Module):
             if self.bias is not None:
                 layer.bias.copy_(self.bias)
         return layer
+
+
+class AOLLinear(_RescaledLinear):
+    """A dense layer `x -> W diag(d) x + b` with ||W diag(d)||_2 <= 1 for any W (see the module docstring)."""
+
+    def rescaled_weight(self) -> torch.Tensor:
+        return self.weight * aol_scale(self.weight)
 
 
 class AOLConv2d(nn.Module):
@@ -103,22 +110,18 @@ class AOLConv2d(nn.Module):
         return layer
 
 
-class SpectralNormLinear(nn.Module):
+class SpectralNormLinear(_RescaledLinear):
     """A dense layer `x -> (W / s) x + b` with s = ||W||_2, so its operator norm is 1 for any W != 0.
 
     While training, s is Miyato et al.'s one power-iteration step per forward on persisted vectors (a lower
     estimate of ||W||_2, so the layer's norm may exceed 1 by the estimate's error while it trains); the SVD's
-    gradient is unstable where singular values repeat, as they do at an orthogonal init. `materialize` divides by
-    the exact float64 norm, so the served layer's norm is 1 up to rounding, and bounds/ recomputes it soundly."""
+    gradient is unstable where singular values repeat, as they do at an orthogonal init. In eval mode, and so in
+    `materialize`, s is the exact float64 norm: the served layer's norm is 1 up to rounding, and bounds/
+    recomputes it soundly."""
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = True,
                  weight: torch.Tensor | None = None) -> None:
-        super().__init__()
-        if weight is None:
-            weight = torch.empty(out_features, in_features)
-            nn.init.orthogonal_(weight)
-        self.weight = nn.Parameter(weight.detach().clone().to(torch.float32))
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        super().__init__(in_features, out_features, bias=bias, weight=weight)
         vector = torch.randn(in_features, generator=torch.Generator().manual_seed(in_features * 7919 + out_features))
         self.register_buffer("right_vector", vector / vector.norm())
 
@@ -132,18 +135,13 @@ class SpectralNormLinear(nn.Module):
             norm = torch.linalg.matrix_norm(self.weight.detach().to(torch.float64), ord=2).to(self.weight.dtype)
         return self.weight / norm.clamp(min=_EPS)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.rescaled_weight(), self.bias)
-
     def materialize(self) -> nn.Linear:
-        out_features, in_features = self.weight.shape
-        layer = nn.Linear(in_features, out_features, bias=self.bias is not None)
-        with torch.no_grad():
-            exact = torch.linalg.matrix_norm(self.weight.to(torch.float64), ord=2)
-            layer.weight.copy_((self.weight.to(torch.float64) / exact).to(torch.float32))
-            if self.bias is not None:
-                layer.bias.copy_(self.bias)
-        return layer
+        was_training = self.training
+        self.eval()  # the exact norm
+        try:
+            return super().materialize()
+        finally:
+            self.train(was_training)
 
 
 _TRAINABLE = (AOLLinear, AOLConv2d, SpectralNormLinear)
