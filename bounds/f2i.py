@@ -34,7 +34,7 @@ from torch import nn
 
 from bounds.feature_distance import FEATURE_BOUNDS, feature_distance_upper, local_jacobian_norm
 from bounds.graph import BoundGraph, build_graph
-from bounds.layers import UnsupportedLayerError
+from bounds.layers import UnsupportedLayerError, module_device
 from bounds.lipschitz import global_lipschitz_upper
 from bounds.midpoint_lipschitz import DEFAULT_MEMORY_BUDGET_BYTES
 from bounds.operators import AffineOperator
@@ -278,7 +278,7 @@ def _auto(model: nn.Module, images: torch.Tensor, feature_radii: torch.Tensor, *
     steps = torch.zeros(images.shape[0], dtype=torch.int64)
     if is_affine(model, tuple(images.shape[1:])):
         return F2IResult(radius, tuple(deciders), steps)
-    device = next(model.parameters()).device if any(True for _ in model.parameters()) else images.device
+    device = module_device(model, images.device)
     wanted = (feature_radii > 0).nonzero().squeeze(1).cpu()
     candidates = images[wanted.to(images.device)].to(device=device, dtype=torch.float32)
     undecided = wanted[~global_radius_suffices(model, candidates, lipschitz_upper, search["tolerance"])]
@@ -308,7 +308,7 @@ def _search(
     names = _bound_names(bound)
     if bound == "best_ibp":
         intermediate = "ibp"
-    device = next(model.parameters()).device if any(True for _ in model.parameters()) else images.device
+    device = module_device(model, images.device)
     graph = build_graph(model, tuple(images.shape[1:]), dtype=torch.float32, device=device)
     images = images.to(device=device, dtype=torch.float32)
     budget = memory_budget_bytes if memory_budget_bytes is not None else DEFAULT_MEMORY_BUDGET_BYTES

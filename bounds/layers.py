@@ -45,3 +45,11 @@ class MaxMin(nn.Module):
             raise ValueError(f"MaxMin needs an even number of channels, got {x.shape[1]}")
         a, b = x.chunk(2, dim=1)
         return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=1)
+
+
+def module_device(module: nn.Module, default: torch.device | str = "cpu") -> torch.device:
+    """The device of `module`'s first parameter or buffer, `default` for a module with neither (e.g. the
+    identity encoder, a bare Flatten)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device(default)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bounds.layers import module_device
 from robust_pretrain.datasets import ImageSet
 
 
@@ -26,7 +27,7 @@ class LinearProbe:
 @torch.no_grad()
 def encode(model: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
     """Features of ``images`` [N, C, H, W] -> [N, dim] on CPU; runs on the model's device, in eval mode."""
-    device = next(model.parameters()).device
+    device = module_device(model)
     was_training = model.training
     model.eval()
     try:
