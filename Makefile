@@ -65,7 +65,7 @@ bench-pretrain: setup
 
 # linear and lipschitz heads on PCA-64 digit features: clean accuracy, BC ACR, PGD check (minutes on 1 CPU core)
 bench-heads: setup
-	$(PY) -m benchmarks.heads --heads linear:0.5,linear:1,linear:2,lipschitz:1,lipschitz:2,lipschitz:4
+	$(PY) -m benchmarks.heads --heads linear:1,lipschitz:1,lipschitz:1.5,lipschitz:2
 
 pretrain-demo: setup
 	$(PY) -m robust_pretrain.demo_models

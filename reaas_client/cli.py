@@ -78,8 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="eps of the Lipschitz-margin loss, in feature-space units: the radius the linear and "
                             "lipschitz heads are trained to certify (larger: more robust, less accurate; scale it "
                             "with the encoder's feature spread). With --select-head, a comma-separated grid")
-    train.add_argument("--temperature", type=float, default=0.25,
+    train.add_argument("--temperature", type=float, default=TrainConfig.temperature,
                        help="temperature of the margin heads' cross-entropy on offset logits")
+    train.add_argument("--margin-warmup", type=float, default=TrainConfig.margin_warmup,
+                       help="share of the training steps over which the margin ramps up from 0")
     train.add_argument("--select-head", action="store_true",
                        help="reaas-bc: choose the head kind x margin on held-out training features (a stratified "
                             "seeded split of the training set; each candidate scored by its validation ACR of "
@@ -123,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         bound=args.bound, seed=args.seed, batch_size=args.batch_size, search=search,
         sample_batch_size=args.sample_batch_size,
         train=TrainConfig(hidden=tuple(int(w) for w in args.hidden.split(",") if w), epochs=args.epochs,
-                          lr=args.lr, head=heads[0], margin=margins[0], temperature=args.temperature),
+                          lr=args.lr, head=heads[0], margin=margins[0], temperature=args.temperature,
+                          margin_warmup=args.margin_warmup),
     )
     addresses = [a for item in args.server for a in item.split(",") if a]
     with EncoderClient(addresses, api_key=args.api_key, timeout_s=args.timeout) as client:

@@ -139,7 +139,11 @@ class TrainConfig:
 
     `head`: "mlp" (the paper's ReLU MLP, cross-entropy), "linear" or "lipschitz" (reaas_client.heads: trained with
     the Lipschitz-margin loss at `margin` eps, in feature-space units, and `temperature`). `hidden`: the MLP's or
-    the lipschitz body's widths (even for lipschitz; ignored by linear).
+    the lipschitz body's widths (even for lipschitz; ignored by linear). `margin_warmup`: share of the training steps
+    over which the margin ramps linearly from 0 up to `margin` (0: the full margin from the first step).
+    Defaults measured on PCA-64 digit features (lipschitz 512-512, selected on held-out training features):
+    temperature 1 beats 0.25 (ACR +0.1 at equal accuracy), and the ramp keeps eps 1.5-2 from trading ~2-5
+    points of accuracy away (eps 4 still collapses to one class).
     """
 
     hidden: tuple[int, ...] = (256, 256)
@@ -151,13 +155,16 @@ class TrainConfig:
     seed: int = 0
     head: str = "mlp"
     margin: float = 1.0
-    temperature: float = 0.25
+    temperature: float = 1.0
+    margin_warmup: float = 0.5
 
     def __post_init__(self) -> None:
         if self.head not in HEAD_KINDS:
             raise ValueError(f"unknown head {self.head!r}; valid: {', '.join(HEAD_KINDS)}")
         if self.margin < 0 or self.temperature <= 0:
             raise ValueError(f"need margin >= 0 and temperature > 0, got {self.margin}, {self.temperature}")
+        if not 0 <= self.margin_warmup <= 1:
+            raise ValueError(f"margin_warmup must be in [0, 1], got {self.margin_warmup}")
 
 
 def train_classifier(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
@@ -185,7 +192,10 @@ def train_classifier(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = max(1, -(-features.shape[0] // config.batch_size))
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs * steps_per_epoch)
+    total_steps = config.epochs * steps_per_epoch
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps)
+    warmup_steps = config.margin_warmup * total_steps
+    step = 0
     model.train()
     for _ in range(config.epochs):
         order = torch.randperm(features.shape[0], generator=generator)
@@ -199,12 +209,14 @@ def train_classifier(features: torch.Tensor, labels: torch.Tensor, num_classes: 
             if config.head == "mlp":
                 loss = nn.functional.cross_entropy(logits, targets)
             else:  # the AOL body is 1-Lipschitz by construction, so L_body = 1 while training
-                loss = lipschitz_margin_loss(logits, targets, model[-1].weight, margin=config.margin,
+                margin = config.margin * min(1.0, step / warmup_steps) if warmup_steps > 0 else config.margin
+                loss = lipschitz_margin_loss(logits, targets, model[-1].weight, margin=margin,
                                              temperature=config.temperature)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             schedule.step()
+            step += 1
     if config.head != "mlp":
         return finalize_margin_head(model, mean)
     model = model.cpu().eval()
