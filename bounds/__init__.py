@@ -1,6 +1,6 @@
 """Sound bounds on networks for REaaS: IBP and CROWN bound propagation, sound spectral-norm / Lipschitz upper
 bounds, the batched F2I binary search (feature radius -> certified image radius), and feature-space
-certification of a downstream classifier. Depends only on torch / numpy / scipy.
+certification of a downstream classifier (the larger of a CROWN/IBP search and the Lipschitz-margin radius). Depends only on torch / numpy / scipy.
 
 F2I bounds (`BOUNDS_OFFERED`; each a sound upper bound of max_{||d|| <= r} ||f(x + d) - f(x)||, argued in
 bounds.feature_distance): "lipschitz" (global, L·r, L = global_lipschitz_upper: min of the layer-norm product and
@@ -16,7 +16,7 @@ nn.BatchNorm1d/2d (eval mode). AOLLinear / AOLConv2d train 1-Lipschitz layers; `
 plain nn.Linear / nn.Conv2d before bounding.
 """
 
-from bounds.attack import pgd_feature_distance
+from bounds.attack import pgd_feature_distance, pgd_margin_attack
 from bounds.batchnorm import fold_batchnorm
 from bounds.f2i import (
     BOUND_DESCRIPTIONS,
@@ -28,7 +28,12 @@ from bounds.f2i import (
     evaluate_bound_once,
     f2i_radius,
 )
-from bounds.feature_certification import CERTIFY_METHODS, FeatureCertificate, certify_feature_radius
+from bounds.feature_certification import (
+    CERTIFY_METHODS,
+    FeatureCertificate,
+    certify_feature_radius,
+    lipschitz_margin_radius,
+)
 from bounds.feature_distance import feature_distance_upper
 from bounds.graph import BoundGraph, build_graph
 from bounds.layers import MaxMin, Residual, UnsupportedLayerError
@@ -64,7 +69,9 @@ __all__ = [
     "fold_batchnorm",
     "global_lipschitz_upper",
     "layer_product_lipschitz_upper",
+    "lipschitz_margin_radius",
     "materialize",
     "operator_norm_upper",
     "pgd_feature_distance",
+    "pgd_margin_attack",
 ]

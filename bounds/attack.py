@@ -1,8 +1,10 @@
-"""PGD lower bounds of the feature distance: what no sound upper bound may ever undercut.
+"""PGD attacks: lower bounds of the feature distance (what no sound upper bound may ever undercut), and
+label changes of a classifier inside an l2 ball (what no certified radius may allow).
 
 `pgd_feature_distance` maximises ||f(x + d) - f(x)||_2 over ||d||_2 <= r by projected, normalised gradient
 ascent with random restarts; the value it returns is achieved by an actual d in the ball, so it is a lower bound
-of the true maximum. Used by the soundness tests and the benchmark's attack limit R_atk.
+of the true maximum. Used by the soundness tests and the benchmark's attack limit R_atk. `pgd_margin_attack`
+minimises a classifier's margin the same way; a negative margin it returns is a real label change.
 """
 
 from __future__ import annotations
@@ -51,4 +53,51 @@ def pgd_feature_distance(
                 size = 0.5 * radius * (1 - step / steps) + 0.02 * radius
                 unit = gradient / gradient.reshape(gradient.shape[0], -1).norm(dim=1).clamp(min=1e-30).reshape(view)
                 delta = _project(delta + size.reshape(view) * unit, radius)
+    return best, best_delta
+
+
+def pgd_margin_attack(
+    classifier: nn.Module,
+    features: torch.Tensor,
+    prediction: torch.Tensor,
+    radius: torch.Tensor,
+    *,
+    steps: int = 100,
+    restarts: int = 5,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """l2 PGD on a classifier's margin: `(margin [batch], delta [batch, dim])`, the smallest
+    h_y(z + d) - max_{j != y} h_j(z + d) found with ||d||_2 <= radius[b], y = `prediction`.
+
+    The returned margin is achieved by the returned d, so a negative value is a real label change inside the ball:
+    what no certified radius may allow. `features` [batch, dim], `prediction` [batch] int64, `radius` [batch].
+    """
+    radius = radius.to(features.dtype).to(features.device)
+    prediction = prediction.to(features.device).unsqueeze(1)
+    view = (-1,) + (1,) * (features.dim() - 1)
+
+    def margin(delta: torch.Tensor) -> torch.Tensor:
+        logits = classifier(features + delta)
+        own = logits.gather(1, prediction).squeeze(1)
+        return own - logits.scatter(1, prediction, float("-inf")).max(dim=1).values
+
+    best = torch.full((features.shape[0],), float("inf"), dtype=torch.float64, device=features.device)
+    best_delta = torch.zeros_like(features)
+    for _ in range(restarts):
+        noise = torch.randn(features.shape, generator=generator, dtype=features.dtype).to(features.device)
+        delta = noise * (radius / noise.reshape(noise.shape[0], -1).norm(dim=1).clamp(min=1e-30)).reshape(view)
+        for step in range(steps + 1):
+            delta = delta.detach().requires_grad_(True)
+            value = margin(delta)
+            with torch.no_grad():
+                improved = value.to(torch.float64) < best
+                best = torch.where(improved, value.to(torch.float64), best)
+                best_delta[improved] = delta[improved].detach()
+            if step == steps:
+                break
+            (gradient,) = torch.autograd.grad(value.sum(), delta)
+            with torch.no_grad():
+                size = 0.5 * radius * (1 - step / steps) + 0.02 * radius
+                unit = gradient / gradient.reshape(gradient.shape[0], -1).norm(dim=1).clamp(min=1e-30).reshape(view)
+                delta = _project(delta - size.reshape(view) * unit, radius)
     return best, best_delta

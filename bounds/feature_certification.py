@@ -1,15 +1,26 @@
 """Certify a downstream classifier h in feature space: the largest l2 radius R_F around f(x) keeping h's label.
 
-For the prediction y = argmax h(z), the margins m_j(z') = h_y(z') - h_j(z') (j != y) are lower-bounded on the
-ball ||z' - z||_2 <= R by CROWN (or IBP); R is certified when every lower bound is > 0. When h has no activation
-(ReLU, MaxMin) it is affine, CROWN is exact, and R_F = min_j m_j(z) / ||a_j||_2 (a_j the margin's gradient) in closed form. Otherwise
-the one batched binary search (bounds.search) runs from the sound closed-form start
-R_0 = min_j m_j(z) / (sqrt(2)·Lip(h)). Returned radii are the verified radius times (1 - SAFETY_MARGIN), which
-covers float32 rounding (~1e-6 relative) in the margin bounds.
+For the prediction y = argmax h(z), the margins m_j(z') = h_y(z') - h_j(z') (j != y) must stay > 0 on the ball
+||z' - z||_2 < R. The certified radius is the larger of two sound radii:
+
+* bound propagation: the margins are lower-bounded on the ball by CROWN (or IBP); R is certified when every lower
+  bound is > 0. When h has no activation it is affine, CROWN is exact, and R_F = min_j m_j(z) / ||a_j||_2 (a_j the
+  margin's gradient) in closed form. Otherwise the one batched binary search (bounds.search) runs upward from the
+  larger of the Lipschitz-margin radius below and R_0 = min_j m_j(z) / (sqrt(2)·Lip(h)).
+* the Lipschitz margin: write h(z) = W g(z) + b with g the body (h minus its last Linear) and L_body >= Lip(g)
+  (bounds.global_lipschitz_upper). Then
+  |m_j(z + d) - m_j(z)| = |(w_y - w_j)·(g(z + d) - g(z))| <= ||w_y - w_j||_2 · L_body · ||d||_2, so every margin
+  stays > 0 for ||d||_2 < min_j m_j(z) / (||w_y - w_j||_2 · L_body). Exact for a linear h (g = id, L_body = 1),
+  and what a head trained with the Lipschitz-margin loss (reaas_client.heads) maximises.
+
+Activations are ReLU or MaxMin (the Lipschitz heads); the search starts where the Lipschitz margin left off, so
+it only ever adds to it. Returned radii are the verified radius times (1 - SAFETY_MARGIN), which covers float32
+rounding (~1e-6 relative) in the margin bounds.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -18,6 +29,7 @@ from torch import nn
 
 from bounds.f2i import SAFETY_MARGIN
 from bounds.graph import BoundGraph, build_graph
+from bounds.layers import MaxMin, UnsupportedLayerError
 from bounds.lipschitz import global_lipschitz_upper
 from bounds.propagation import InputBall, compute_bounds, concretize, crown_backward
 from bounds.search import batched_binary_search
@@ -54,6 +66,47 @@ def _margin_lower_bounds(
     return concretize(ball, crown_backward(graph, boxes, graph.output_index, spec, spec)).lower
 
 
+def split_last_linear(classifier: nn.Module) -> tuple[nn.Sequential, nn.Linear]:
+    """(body g, last Linear) with h = last ∘ g; `classifier` is an nn.Sequential (or a single nn.Linear)."""
+    layers = [classifier] if isinstance(classifier, nn.Linear) else list(classifier)
+    if not layers or not isinstance(layers[-1], nn.Linear):
+        raise UnsupportedLayerError(f"h must end in an nn.Linear, got {type(layers[-1]).__name__ if layers else None}")
+    return nn.Sequential(*layers[:-1]), layers[-1]
+
+
+def body_lipschitz_upper(body: nn.Sequential, feature_dim: int) -> float:
+    """A sound upper bound of Lip(g) for the body g of h (1 for an empty body).
+
+    Trailing activations are dropped first: ReLU and MaxMin are 1-Lipschitz, so Lip(act ∘ g') <= Lip(g'), and the
+    midpoint expansion of g' need not treat them as unstable everywhere."""
+    layers = list(body)
+    while layers and isinstance(layers[-1], nn.ReLU | MaxMin | nn.Identity):
+        layers.pop()
+    body = nn.Sequential(*layers)
+    if len(body) == 0:
+        return 1.0
+    return global_lipschitz_upper(body, (feature_dim,))
+
+
+def lipschitz_margin_radius(classifier: nn.Module, features: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
+    """min_j m_j(z) / (||w_y - w_j||_2 · L_body) per row of `features` [batch, feature_dim], y = `prediction`
+    [batch]; 0 where y is not h's strict argmax. float64 [batch], before SAFETY_MARGIN (see the module docstring).
+
+    The margins are recomputed in float64 on the CPU, so they carry no float32 rounding of their own."""
+    body, last = split_last_linear(classifier)
+    lipschitz = body_lipschitz_upper(body, features.shape[1])
+    exact = copy.deepcopy(classifier).to("cpu", torch.float64)
+    prediction = prediction.cpu().unsqueeze(1)
+    with torch.no_grad():
+        logits = exact(features.detach().to("cpu", torch.float64))
+        weight = last.weight.detach().to("cpu", torch.float64)
+        margins = logits.gather(1, prediction) - logits  # [batch, K]
+        spread = (weight[prediction.squeeze(1)].unsqueeze(1) - weight.unsqueeze(0)).norm(dim=-1)  # [batch, K]
+        ratios = margins.clamp(min=0) / (spread * lipschitz).clamp(min=1e-300)
+        ratios.scatter_(1, prediction, math.inf)
+    return ratios.min(dim=1).values if logits.shape[1] > 1 else torch.full_like(logits[:, 0], math.inf)
+
+
 def certify_feature_radius(
     classifier: nn.Module,
     features: torch.Tensor,
@@ -64,9 +117,9 @@ def certify_feature_radius(
 ) -> FeatureCertificate:
     """Prediction and certified feature-space l2 radius for each row of `features` [batch, feature_dim].
 
-    Guarantee: for every z' with ||z' - z||_2 < feature_radius, argmax h(z') = prediction (the sound lower bound
-    of every margin is positive on that ball). `classifier` is a Sequential of Linear / ReLU / MaxMin (the bounds
-    vocabulary).
+    Guarantee: for every z' with ||z' - z||_2 < feature_radius, argmax h(z') = prediction (the larger of two sound
+    radii, see the module docstring). `classifier` is a Sequential of Linear / ReLU / MaxMin ending in a Linear;
+    `method` ("crown" or "ibp") is the bound propagation.
     """
     if method not in CERTIFY_METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {CERTIFY_METHODS}")
@@ -94,7 +147,9 @@ def certify_feature_radius(
             return FeatureCertificate(prediction.cpu(), linearised * (1 - SAFETY_MARGIN))
         lipschitz = global_lipschitz_upper(classifier, (features.shape[1],))
         smallest_margin = margins.clamp(min=0).min(dim=1).values
-        lower = smallest_margin / (math.sqrt(2.0) * max(lipschitz, 1e-30))
+        closed_form = smallest_margin / (math.sqrt(2.0) * max(lipschitz, 1e-30))
+        # both sound: the search only ever raises its verified lower end, so the result is their max or more
+        lower = torch.maximum(closed_form, lipschitz_margin_radius(classifier, features, prediction.cpu()))
 
         def certify(radius: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
             device_index = index.to(device)

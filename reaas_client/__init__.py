@@ -5,7 +5,9 @@ Public face:
 * the service: ``EncoderClient`` (typed gRPC client with per-input query accounting), ``QueryLedger``, the reply
   dataclasses, ``ServiceError``, and the one tensor codec shared with the server (``encode_tensor`` /
   ``decode_tensor``);
-* the downstream classifier: ``fetch_features`` (1 query per training input, cached), ``train_classifier``;
+* the downstream classifier: ``fetch_features`` (1 query per training input, cached), ``train_classifier``
+  (head kinds "mlp", "linear", "lipschitz" by ``TrainConfig.head``), ``select_head`` / ``HeadSearch`` (the head
+  chosen on held-out training features);
 * smoothing: ``Smooth`` (Cohen et al. PREDICT / CERTIFY), with ``GaussianFeatureSamples`` (REaaS-SC, noise on
   f(x) locally) or ``StreamedImageSamples`` (SEaaS-SC, noisy images through StreamFeatures) as sample source;
 * the certification paths: ``certify_reaas_bc``, ``certify_reaas_sc``, ``certify_seaas_sc``, ``run_path``;
@@ -14,6 +16,8 @@ Public face:
 
 from reaas_client.client import EncoderClient, ServiceError, channel_target
 from reaas_client.downstream import FeatureSet, TrainConfig, fetch_features, train_classifier
+from reaas_client.head_selection import CandidateScore, HeadSearch, HeadSelection, select_head
+from reaas_client.heads import HEAD_KINDS, lipschitz_margin_loss
 from reaas_client.ledger import LedgerRow, QueryLedger
 from reaas_client.metrics import InputRecord, RunSummary, average_certified_radius, certified_accuracy
 from reaas_client.pipelines import (
@@ -39,12 +43,16 @@ from reaas_client.wire import decode_tensor, encode_tensor
 
 __all__ = [
     "ABSTAIN",
+    "HEAD_KINDS",
+    "CandidateScore",
     "EncoderClient",
     "BoundCost",
     "EncoderInfo",
     "F2IReply",
     "FeatureSet",
     "GaussianFeatureSamples",
+    "HeadSearch",
+    "HeadSelection",
     "InputRecord",
     "LedgerRow",
     "PathConfig",
@@ -70,6 +78,8 @@ __all__ = [
     "decode_tensor",
     "encode_tensor",
     "fetch_features",
+    "lipschitz_margin_loss",
     "run_path",
+    "select_head",
     "train_classifier",
 ]

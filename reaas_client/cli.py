@@ -3,6 +3,8 @@
 Example (a REaaS server on port 50051, the embedded MNIST digits):
 
     reaas-certify --server 127.0.0.1:50051 --dataset mnist-embedded --path reaas-bc --test-size 200
+    reaas-certify ... --path reaas-bc --head linear,lipschitz --margin 1,2,4 --hidden 512,512 --select-head
+    reaas-certify ... --path reaas-sc --sigma 0.5 --n 1000000
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 
 from reaas_client.client import EncoderClient
 from reaas_client.downstream import DEFAULT_CACHE_DIR, TrainConfig, stratified_subset
+from reaas_client.head_selection import HeadSearch
 from reaas_client.metrics import summary_table_markdown, write_records_csv
 from reaas_client.pipelines import PATHS, PathConfig, run_path
 from reaas_client.plotting import plot_certified_accuracy
@@ -50,7 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="SC noise std: feature-space units for reaas-sc, pixel units ([0,1] scale) for "
                            "seaas-sc; also the training noise (ignored by reaas-bc)")
     cert.add_argument("--n0", type=int, default=100, help="SC samples to select the top class")
-    cert.add_argument("--n", type=int, default=100_000, help="SC samples to estimate p_A")
+    cert.add_argument("--n", type=int, default=100_000,
+                      help="SC samples to estimate p_A. reaas-sc draws them locally around f(x) and sends no "
+                           "query for them, so 1000000 is fine there (a larger N raises p_A's lower bound, hence "
+                           "R_F); for seaas-sc each sample is a query")
+    cert.add_argument("--sample-batch-size", type=int, default=10_000,
+                      help="noisy samples h classifies at once (bounds memory whatever --n is)")
     cert.add_argument("--alpha", type=float, default=0.001,
                       help="SC failure probability per certificate (Clopper-Pearson)")
     cert.add_argument("--method", choices=("crown", "ibp"), default="crown",
@@ -59,8 +67,30 @@ def build_parser() -> argparse.ArgumentParser:
                       help="F2IPerturb bound the server searches with (see the server's bounds_offered; "
                            "empty = its default)")
     cert.add_argument("--batch-size", type=int, default=256, help="test inputs per Feature/F2IPerturb request")
-    train = parser.add_argument_group("downstream classifier h (MLP)")
-    train.add_argument("--hidden", default="256,256", help="hidden layer widths, comma-separated")
+    train = parser.add_argument_group("downstream classifier h")
+    train.add_argument("--head", default="mlp",
+                       help="kind of h: mlp (the paper's ReLU MLP, cross-entropy, CROWN-certified), linear (one "
+                            "Linear trained with a Lipschitz-margin loss; its feature radius margin/||w_y - w_j|| "
+                            "is exact) or lipschitz (1-Lipschitz AOL + MaxMin body of --hidden widths and a last "
+                            "Linear, same loss; radius margin/(||w_y - w_j|| L_body)). With --select-head, a "
+                            "comma-separated list of kinds to choose from")
+    train.add_argument("--margin", default="1",
+                       help="eps of the Lipschitz-margin loss, in feature-space units: the radius the linear and "
+                            "lipschitz heads are trained to certify (larger: more robust, less accurate; scale it "
+                            "with the encoder's feature spread). With --select-head, a comma-separated grid")
+    train.add_argument("--temperature", type=float, default=0.25,
+                       help="temperature of the margin heads' cross-entropy on offset logits")
+    train.add_argument("--select-head", action="store_true",
+                       help="reaas-bc: choose the head kind x margin on held-out training features (a stratified "
+                            "seeded split of the training set; each candidate scored by its validation ACR of "
+                            "the feature radius), then retrain the choice on all training features. No extra "
+                            "query and no test input is used")
+    train.add_argument("--validation-fraction", type=float, default=0.2,
+                       help="--select-head: share of each class's training inputs held out for scoring")
+    train.add_argument("--min-validation-accuracy", type=float, default=0.0,
+                       help="--select-head: only candidates with at least this validation accuracy may win")
+    train.add_argument("--hidden", default="256,256",
+                       help="hidden layer widths of the mlp or of the lipschitz body (even), comma-separated")
     train.add_argument("--epochs", type=int, default=60, help="training epochs")
     train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     parser.add_argument("--seed", type=int, default=0, help="seed of subsets, training and all noise")
@@ -74,18 +104,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    heads = tuple(h for h in args.head.split(",") if h)
+    margins = tuple(float(m) for m in args.margin.split(",") if m)
+    if not args.select_head and (len(heads) != 1 or len(margins) != 1):
+        parser.error("several --head or --margin values need --select-head")
     from robust_pretrain import load_dataset  # data sets only; imported late so --help stays instant
 
     train_set = load_dataset(args.dataset, args.data, "train")
     test_set = load_dataset(args.dataset, args.data, "test")
     train_idx = stratified_subset(train_set.labels, args.train_size, args.seed)
     test_idx = stratified_subset(test_set.labels, args.test_size, args.seed)
+    search = (HeadSearch(heads, margins, args.validation_fraction, args.min_validation_accuracy, args.method)
+              if args.select_head else None)
     config = PathConfig(
         path=args.path, sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.alpha, method=args.method,
-        bound=args.bound, seed=args.seed, batch_size=args.batch_size,
+        bound=args.bound, seed=args.seed, batch_size=args.batch_size, search=search,
+        sample_batch_size=args.sample_batch_size,
         train=TrainConfig(hidden=tuple(int(w) for w in args.hidden.split(",") if w), epochs=args.epochs,
-                          lr=args.lr),
+                          lr=args.lr, head=heads[0], margin=margins[0], temperature=args.temperature),
     )
     addresses = [a for item in args.server for a in item.split(",") if a]
     with EncoderClient(addresses, api_key=args.api_key, timeout_s=args.timeout) as client:
@@ -96,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                           test_set.images[test_idx], test_set.labels[test_idx], train_set.num_classes,
                           dataset=args.dataset, cache_dir=None if args.no_cache else args.cache_dir,
                           progress=not args.quiet)
+        if result.selection is not None:
+            print("head selection on held-out training features:\n" + result.selection.table(), file=sys.stderr)
         args.out.mkdir(parents=True, exist_ok=True)
         write_records_csv(result.records, args.out / "records.csv")
         client.ledger.to_csv(args.out / "ledger.csv")

@@ -1,7 +1,8 @@
-"""The client's side of training: features fetched once through the service, and the downstream MLP h.
+"""The client's side of training: features fetched once through the service, and the downstream classifier h.
 
-h is a fully connected network (Linear/ReLU only, as in the paper), so `bounds.certify_feature_radius` can
-bound it exactly as it is. For SC, h is trained with Gaussian noise added *in feature space*, the
+h is the paper's fully connected Linear/ReLU network or one of the margin heads of reaas_client.heads (a linear
+h, a 1-Lipschitz MaxMin body with a last Linear); all are plain Sequentials that `bounds.certify_feature_radius`
+certifies as they are. For SC, h is trained with Gaussian noise added *in feature space*, the
 distribution Cohen's CERTIFY will query it on.
 """
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from reaas_client.heads import HEAD_KINDS, build_margin_head, finalize_margin_head, lipschitz_margin_loss
 from reaas_client.seaas import noisy_copies
 
 if TYPE_CHECKING:
@@ -133,7 +135,12 @@ def build_mlp(feature_dim: int, num_classes: int, hidden: tuple[int, ...] = (256
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How h is trained. `noise_sigma` > 0 adds N(0, sigma^2 I) to each feature vector at every step."""
+    """How h is trained. `noise_sigma` > 0 adds N(0, sigma^2 I) to each feature vector at every step (any head).
+
+    `head`: "mlp" (the paper's ReLU MLP, cross-entropy), "linear" or "lipschitz" (reaas_client.heads: trained with
+    the Lipschitz-margin loss at `margin` eps, in feature-space units, and `temperature`). `hidden`: the MLP's or
+    the lipschitz body's widths (even for lipschitz; ignored by linear).
+    """
 
     hidden: tuple[int, ...] = (256, 256)
     epochs: int = 60
@@ -142,23 +149,40 @@ class TrainConfig:
     weight_decay: float = 1e-4
     noise_sigma: float = 0.0
     seed: int = 0
+    head: str = "mlp"
+    margin: float = 1.0
+    temperature: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.head not in HEAD_KINDS:
+            raise ValueError(f"unknown head {self.head!r}; valid: {', '.join(HEAD_KINDS)}")
+        if self.margin < 0 or self.temperature <= 0:
+            raise ValueError(f"need margin >= 0 and temperature > 0, got {self.margin}, {self.temperature}")
 
 
 def train_classifier(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
                      config: TrainConfig = TrainConfig()) -> nn.Sequential:
-    """Train h on `features` [N, feature_dim] with cross-entropy (Adam, cosine schedule).
+    """Train h of kind `config.head` on `features` [N, feature_dim] (Adam, cosine schedule).
 
-    Features are centred and scaled by their spread while training (encoders' feature scales differ by
-    orders of magnitude); the affine map is then folded into h's first Linear, so the returned h takes raw
-    features and is still Linear/ReLU only. Runs on CUDA when available; returns h on the CPU in eval mode.
+    "mlp": cross-entropy on features centred and scaled by their spread (encoders' feature scales differ by
+    orders of magnitude); the affine map is then folded into h's first Linear. "linear" / "lipschitz": the
+    Lipschitz-margin loss on centred, unscaled features (a scale would change the Lipschitz constant in feature
+    units); the centring is folded into the first bias and AOL layers are materialised. Either way the returned h
+    takes raw features and is a Sequential of Linear / ReLU / MaxMin that bounds/ certifies. Runs on CUDA when
+    available; returns h on the CPU in eval mode.
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     features = features.to(torch.float32)
     mean = features.mean(dim=0)
-    scale = max(feature_spread(features), 1e-12) / features.shape[1] ** 0.5  # unit variance per coordinate
-    model = build_mlp(features.shape[1], num_classes, config.hidden).to(device)
+    if config.head == "mlp":
+        scale = max(feature_spread(features), 1e-12) / features.shape[1] ** 0.5  # unit variance per coordinate
+        model = build_mlp(features.shape[1], num_classes, config.hidden)
+    else:
+        scale = 1.0
+        model = build_margin_head(config.head, features.shape[1], num_classes, config.hidden)
+    model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = max(1, -(-features.shape[0] // config.batch_size))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs * steps_per_epoch)
@@ -171,11 +195,18 @@ def train_classifier(features: torch.Tensor, labels: torch.Tensor, num_classes: 
             if config.noise_sigma > 0:
                 inputs = inputs + config.noise_sigma * torch.randn(inputs.shape, generator=generator)
             logits = model(((inputs - mean) / scale).to(device))
-            loss = nn.functional.cross_entropy(logits, labels[batch].to(device))
+            targets = labels[batch].to(device)
+            if config.head == "mlp":
+                loss = nn.functional.cross_entropy(logits, targets)
+            else:  # the AOL body is 1-Lipschitz by construction, so L_body = 1 while training
+                loss = lipschitz_margin_loss(logits, targets, model[-1].weight, margin=config.margin,
+                                             temperature=config.temperature)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             schedule.step()
+    if config.head != "mlp":
+        return finalize_margin_head(model, mean)
     model = model.cpu().eval()
     first = model[0]
     with torch.no_grad():  # h(z) = g((z - mean) / scale): fold into the first layer, W' = W / s, b' = b - W' mean

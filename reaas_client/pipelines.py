@@ -30,7 +30,8 @@ from reaas_client.downstream import (
     fetch_features,
     input_ids,
 )
-from reaas_client.downstream import train_classifier as _train_mlp
+from reaas_client.downstream import train_classifier as _train_head
+from reaas_client.head_selection import HeadSearch, HeadSelection, select_head
 from reaas_client.metrics import InputRecord, RunSummary, summarize
 from reaas_client.seaas import StreamedImageSamples
 from reaas_client.smoothing import GaussianFeatureSamples, Smooth, SmoothCertificate, label_classifier
@@ -60,11 +61,13 @@ class SmoothingConfig:
 
 @dataclass(frozen=True)
 class TrainedClassifier:
-    """h and what training it cost: `queries_per_input` training queries per training input."""
+    """h and what training it cost: `queries_per_input` training queries per training input. `selection`:
+    the candidates scored on held-out training features when the head was selected (None otherwise)."""
 
     model: nn.Sequential
     features: FeatureSet = field(repr=False)
     queries_per_input: float
+    selection: HeadSelection | None = field(default=None, repr=False)
 
 
 def train_downstream(
@@ -78,11 +81,17 @@ def train_downstream(
     sigma: float = 0.0,
     config: TrainConfig | None = None,
     cache_dir: Path | None = DEFAULT_CACHE_DIR,
+    search: HeadSearch | None = None,
 ) -> TrainedClassifier:
     """Train h for `path`: reaas-bc on clean features; reaas-sc with N(0, sigma^2) added to the features;
     seaas-sc on the features of 25 noisy copies clip(x + e) per training image (noise in image space,
-    Gaussian data augmentation through the API; epochs divided by 25, see below)."""
+    Gaussian data augmentation through the API; epochs divided by 25, see below).
+
+    `search` (reaas-bc only): select the head kind and margin on held-out training features (no extra query,
+    no test input; reaas_client.head_selection) instead of training `config` as it is."""
     _check_path(path)
+    if search is not None and path != "reaas-bc":
+        raise ValueError("head selection scores BC feature radii; it is offered for reaas-bc only")
     config = config or TrainConfig()
     if path == "seaas-sc":
         fetched = fetch_features(client, images, labels, dataset=dataset, cache_dir=cache_dir,
@@ -94,7 +103,12 @@ def train_downstream(
         fetched = fetch_features(client, images, labels, dataset=dataset, cache_dir=cache_dir)
         noise = sigma if path == "reaas-sc" else 0.0
         config = replace(config, noise_sigma=noise)
-    model = _train_mlp(fetched.features, fetched.labels, num_classes, config)
+    if search is not None:
+        selection = select_head(fetched.features, fetched.labels, num_classes, search.candidates(config),
+                                validation_fraction=search.validation_fraction, min_accuracy=search.min_accuracy,
+                                method=search.method, seed=config.seed)
+        return TrainedClassifier(selection.model, fetched, fetched.queries_per_input, selection)
+    model = _train_head(fetched.features, fetched.labels, num_classes, config)
     return TrainedClassifier(model, fetched, fetched.queries_per_input)
 
 
@@ -188,6 +202,10 @@ def _check_path(path: str) -> None:
         raise ValueError(f"unknown certification path {path!r}; choose one of {', '.join(PATHS)}")
 
 
+def _head_name(train: TrainConfig) -> str:
+    return train.head if train.head == "mlp" else f"{train.head} eps={train.margin:g}"
+
+
 def _num_classes(h: nn.Module) -> int:
     return [m for m in h.modules() if isinstance(m, nn.Linear)][-1].out_features
 
@@ -238,8 +256,10 @@ class PathConfig:
     """One certification run: which path and its knobs (what the CLI, demo and benchmark configure).
 
     `sigma`: SC noise level, in feature-space units for reaas-sc and in pixel units for seaas-sc (ignored by
-    reaas-bc). `method`: feature-space bound for reaas-bc ("crown" or "ibp"). `bound`: the F2IPerturb bound
-    ("" for the server's default).
+    reaas-bc). `n`: SC samples; for reaas-sc they are drawn locally and cost no query, so 10^6 is fine (they are
+    classified `sample_batch_size` at a time, so memory stays bounded). `method`: feature-space bound for
+    reaas-bc ("crown" or "ibp"). `bound`: the F2IPerturb bound ("" for the server's default). `train`: the
+    head (kind, margin, widths); `search`: select the head on held-out training features instead (reaas-bc).
     """
 
     path: str
@@ -252,24 +272,29 @@ class PathConfig:
     seed: int = 0
     batch_size: int = 256
     train: TrainConfig = field(default_factory=TrainConfig)
+    search: HeadSearch | None = None
+    sample_batch_size: int = 10_000
 
     def __post_init__(self) -> None:
         _check_path(self.path)
+        if self.search is not None and self.path != "reaas-bc":
+            raise ValueError("head selection scores BC feature radii; it is offered for reaas-bc only")
 
     @property
     def smoothing(self) -> SmoothingConfig:
-        return SmoothingConfig(self.sigma, self.n0, self.n, self.alpha, self.seed)
+        return SmoothingConfig(self.sigma, self.n0, self.n, self.alpha, self.seed, self.sample_batch_size)
 
 
 @dataclass(frozen=True)
 class PathResult:
     """A run's table row, its per-input records, the trained h, and h's accuracy on the features it was
-    trained on (the noisy copies' features for seaas-sc)."""
+    trained on (the noisy copies' features for seaas-sc), and the head selection when there was one."""
 
     summary: RunSummary
     records: list[InputRecord]
     train_accuracy: float
     classifier: nn.Sequential = field(repr=False)
+    selection: HeadSelection | None = field(default=None, repr=False)
 
 
 def run_path(config: PathConfig, client: EncoderClient, train_images: torch.Tensor, train_labels: torch.Tensor,
@@ -279,7 +304,7 @@ def run_path(config: PathConfig, client: EncoderClient, train_images: torch.Tens
     started = time.perf_counter()
     trained = train_downstream(config.path, client, train_images, train_labels, num_classes, dataset=dataset,
                                sigma=config.sigma, config=replace(config.train, seed=config.seed),
-                               cache_dir=cache_dir)
+                               cache_dir=cache_dir, search=config.search)
     train_wall = time.perf_counter() - started
     started = time.perf_counter()
     tag = "" if config.path == "reaas-bc" else f"-s{config.sigma:g}"
@@ -300,6 +325,7 @@ def run_path(config: PathConfig, client: EncoderClient, train_images: torch.Tens
                         wall_s=time.perf_counter() - started, train_wall_s=train_wall, note=note,
                         extra={"sigma": "" if config.path == "reaas-bc" else f"{config.sigma:g}",
                                "method": config.method if config.path == "reaas-bc" else "cohen",
-                               "n": "" if config.path == "reaas-bc" else str(config.n)})
+                               "n": "" if config.path == "reaas-bc" else str(config.n),
+                               "head": _head_name(trained.selection.chosen if trained.selection else config.train)})
     return PathResult(summary, records, accuracy(trained.model, trained.features.features,
-                                                 trained.features.labels), trained.model)
+                                                 trained.features.labels), trained.model, trained.selection)

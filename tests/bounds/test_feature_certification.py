@@ -1,4 +1,5 @@
-"""BC certificates: closed form for linear h; no perturbation inside the certified radius flips an MLP."""
+"""BC certificates: closed form for linear h; no perturbation inside the certified radius flips an MLP or a MaxMin
+head; the Lipschitz-margin radius is exact for a linear h and never above what is certified for a ReLU MLP."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from bounds import certify_feature_radius
+from bounds import SAFETY_MARGIN, certify_feature_radius, lipschitz_margin_radius, pgd_margin_attack
+from bounds.feature_certification import body_lipschitz_upper
+from bounds.layers import MaxMin
+from bounds.lipschitz_layers import AOLLinear, materialize
 
 
 def _linear_radius_reference(layer: nn.Linear, z: torch.Tensor) -> torch.Tensor:
@@ -31,27 +35,6 @@ def test_linear_classifier_radius_is_the_exact_distance_to_the_boundary():
     torch.testing.assert_close(cert.feature_radius, reference, rtol=2e-4, atol=1e-6)
 
 
-def _worst_margin(mlp: nn.Module, z: torch.Tensor, pred: torch.Tensor, radius: torch.Tensor, generator) -> torch.Tensor:
-    """PGD minimising the margin h_y - max_{j != y} h_j on the l2 ball; returns the smallest margin found."""
-    best = torch.full((z.shape[0],), float("inf"))
-    for _ in range(3):
-        delta = torch.randn(z.shape, generator=generator)
-        delta = delta * (radius / delta.norm(dim=1)).unsqueeze(1)
-        for step in range(40):
-            delta.requires_grad_(True)
-            logits = mlp(z + delta)
-            own = logits.gather(1, pred.unsqueeze(1)).squeeze(1)
-            others = logits.scatter(1, pred.unsqueeze(1), float("-inf")).max(dim=1).values
-            margin = own - others
-            best = torch.minimum(best, margin.detach())
-            (grad,) = torch.autograd.grad(margin.sum(), delta)
-            with torch.no_grad():
-                delta = delta - (0.3 * (1 - step / 40) + 0.02) * radius.unsqueeze(1) * grad / grad.norm(
-                    dim=1, keepdim=True).clamp(min=1e-30)
-                delta = delta * torch.clamp(radius / delta.norm(dim=1).clamp(min=1e-30), max=1.0).unsqueeze(1)
-    return best
-
-
 @pytest.mark.parametrize("method", ["crown", "ibp"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_mlp_certificate_never_flips_under_attack(method, seed):
@@ -63,7 +46,8 @@ def test_mlp_certificate_never_flips_under_attack(method, seed):
     assert (cert.feature_radius > 0).any()
     certified = cert.feature_radius > 0
     radius = cert.feature_radius[certified].float()
-    worst = _worst_margin(mlp, z[certified], cert.prediction[certified], radius, torch.Generator().manual_seed(seed))
+    worst, _ = pgd_margin_attack(mlp, z[certified], cert.prediction[certified], radius, steps=40, restarts=3,
+                                 generator=torch.Generator().manual_seed(seed))
     assert (worst > 0).all()
 
 
@@ -74,3 +58,51 @@ def test_crown_certifies_at_least_as_much_as_ibp_on_average():
     crown = certify_feature_radius(mlp, z, method="crown").feature_radius
     ibp = certify_feature_radius(mlp, z, method="ibp").feature_radius
     assert crown.mean() >= ibp.mean()
+
+
+def test_lipschitz_margin_radius_of_a_linear_h_is_the_closed_form():
+    torch.manual_seed(1)
+    layer = nn.Linear(8, 4)
+    z = torch.randn(16, 8)
+    prediction = layer(z).argmax(dim=1)
+    torch.testing.assert_close(lipschitz_margin_radius(nn.Sequential(layer), z, prediction),
+                               _linear_radius_reference(layer, z), rtol=1e-9, atol=0)
+
+
+def _maxmin_head(seed: int, dim: int = 6, width: int = 16, classes: int = 4) -> nn.Sequential:
+    torch.manual_seed(seed)
+    trainable = nn.Sequential(AOLLinear(dim, width, weight=torch.randn(width, dim)), MaxMin(),
+                              AOLLinear(width, width, weight=torch.randn(width, width)), MaxMin(),
+                              nn.Linear(width, classes))
+    return materialize(trainable)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_maxmin_head_certificate_survives_pgd(seed):
+    """The Lipschitz-margin radius of an AOL/MaxMin head (its body constant at most 1 by AOL): a 100-step x
+    5-restart l2 PGD finds no label change inside it."""
+    head = _maxmin_head(seed)
+    body = nn.Sequential(*list(head)[:-1])
+    assert body_lipschitz_upper(body, 6) <= 1 + 1e-5
+    z = 3 * torch.randn(32, 6, generator=torch.Generator().manual_seed(seed))
+    cert = certify_feature_radius(head, z)
+    assert torch.equal(cert.prediction, head(z).argmax(dim=1))
+    # CROWN through MaxMin (wip-bounds) searches upward from the Lipschitz-margin radius: never below it
+    margin_radius = lipschitz_margin_radius(head, z, cert.prediction)
+    assert (cert.feature_radius >= margin_radius * (1 - SAFETY_MARGIN) * (1 - 1e-12)).all()
+    certified = cert.feature_radius > 0
+    assert certified.sum() > 16
+    worst, _ = pgd_margin_attack(head, z[certified], cert.prediction[certified],
+                                 cert.feature_radius[certified].float(), steps=100, restarts=5,
+                                 generator=torch.Generator().manual_seed(seed))
+    assert (worst > 0).all()
+
+
+def test_relu_mlp_certificate_is_at_least_the_lipschitz_margin_radius():
+    torch.manual_seed(5)
+    mlp = nn.Sequential(nn.Linear(6, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 5)).eval()
+    z = torch.randn(24, 6)
+    cert = certify_feature_radius(mlp, z)
+    margin_radius = lipschitz_margin_radius(mlp, z, cert.prediction)
+    assert (margin_radius > 0).any()
+    assert (cert.feature_radius >= margin_radius * (1 - SAFETY_MARGIN) * (1 - 1e-12)).all()

@@ -49,3 +49,22 @@ def test_background_server_is_stopped_even_on_error(tmp_path) -> None:
         assert _serving(address)
         raise KeyError("a failing demo step")
     assert not _serving(address)
+
+
+def test_cli_selects_a_head_on_training_features(tmp_path, capsys) -> None:
+    with run_server(ServerConfig(port=0, mode="reaas")) as (_, port):
+        code = cli.main(["--server", f"127.0.0.1:{port}", "--dataset", "mnist-embedded", "--path", "reaas-bc",
+                         "--train-size", "40", "--test-size", "6", "--epochs", "2", "--hidden", "16",
+                         "--head", "linear,lipschitz", "--margin", "0.5,2", "--select-head",
+                         "--bound", "lipschitz", "--no-cache", "--quiet", "--out", str(tmp_path)])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert err.count("val_ACR") == 4 and err.count("* head=") == 1
+    with (tmp_path / "records.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == 6
+
+
+def test_cli_refuses_a_grid_without_select_head() -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["--server", "127.0.0.1:1", "--dataset", "mnist-embedded", "--path", "reaas-bc",
+                  "--head", "linear,lipschitz"])

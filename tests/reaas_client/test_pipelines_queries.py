@@ -9,8 +9,10 @@ import torch
 
 from reaas_client.client import EncoderClient
 from reaas_client.downstream import TrainConfig, fetch_features, input_ids
+from reaas_client.head_selection import HeadSearch
 from reaas_client.pipelines import (
     SEAAS_TRAIN_COPIES,
+    PathConfig,
     SmoothingConfig,
     certify_features,
     certify_reaas_bc,
@@ -122,3 +124,18 @@ def test_rerunning_a_path_on_one_client_does_not_mix_costs(reaas_address, data) 
         certify_reaas_bc(client, h, test_images, test_labels, bound=FAST_BOUND)
         again = certify_reaas_bc(client, h, test_images, test_labels, bound=FAST_BOUND)
     assert all(r.total_queries == 2 for r in again)
+
+
+def test_head_selection_costs_no_extra_query_and_its_lipschitz_head_certifies(reaas_address, data) -> None:
+    train_images, train_labels, test_images, test_labels = data
+    search = HeadSearch(heads=("linear", "lipschitz"), margins=(0.1,), validation_fraction=0.25)
+    with EncoderClient(reaas_address) as client:
+        trained = train_downstream("reaas-bc", client, train_images, train_labels, CLASSES, dataset="toy",
+                                   config=TrainConfig(hidden=(16,), epochs=2), cache_dir=None, search=search)
+        assert [client.ledger.queries(i) for i in input_ids("train", TRAIN)] == [1] * TRAIN
+        assert len(trained.selection.scores) == 2
+        assert trained.selection.validation_indices.max() < TRAIN
+        records = certify_reaas_bc(client, trained.model, test_images, test_labels, bound=FAST_BOUND)
+    assert all(dict(r.queries) == {"Feature": 1, "F2IPerturb": 1} for r in records)
+    with pytest.raises(ValueError, match="reaas-bc only"):
+        PathConfig("reaas-sc", search=search)

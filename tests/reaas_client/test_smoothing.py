@@ -107,3 +107,21 @@ def test_short_sample_source_is_an_error(setup) -> None:
 
     with pytest.raises(RuntimeError, match="yielded"):
         smooth.certify(short_source, n0=10, n=100, alpha=0.01, generator=torch.Generator())
+
+
+def test_a_million_feature_samples_in_bounded_batches() -> None:
+    """REaaS-SC samples cost no query, so N = 10^6 is a normal setting: the source hands h at most `batch_size`
+    samples at a time (memory independent of N) and the certificate approaches the exact radius."""
+    weight, bias, z, sigma = torch.tensor([1.0, -2.0, 0.5]), 0.3, torch.tensor([1.0, 0.2, 0.4]), 0.5
+    sizes: list[int] = []
+    base = label_classifier(linear_h(weight, bias))
+
+    def counting(batch: torch.Tensor) -> torch.Tensor:
+        sizes.append(batch.shape[0])
+        return base(batch)
+
+    certificate = Smooth(counting, 2, sigma).certify(GaussianFeatureSamples(z, sigma, batch_size=50_000), 100,
+                                                     1_000_000, 0.001, torch.Generator().manual_seed(0))
+    assert sum(sizes) == 1_000_100 and max(sizes) <= 50_000
+    exact = sigma * norm.ppf(exact_p_a(weight, bias, z, sigma))
+    assert 0.98 * exact < certificate.radius < exact

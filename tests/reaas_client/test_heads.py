@@ -1,0 +1,109 @@
+"""Margin heads: the loss at eps = 0 is cross-entropy, the linear head's certificate is exact (no attack flips it
+inside R_F, the nearest boundary point just outside does), the lipschitz head's survives PGD, and every head
+kind trains on noisy features."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bounds import SAFETY_MARGIN, certify_feature_radius, pgd_margin_attack
+from bounds.layers import MaxMin
+from reaas_client.downstream import TrainConfig, accuracy, train_classifier
+from reaas_client.heads import HEAD_KINDS, lipschitz_margin_loss
+
+
+def blobs(count: int, seed: int, spacing: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three Gaussian blobs in 8 dimensions (centres `spacing` apart along axes, unit noise), shifted off the
+    origin so the head's centring matters."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(count) % 3
+    return 5.0 + spacing * torch.eye(3, 8)[labels] + torch.randn(count, 8, generator=generator), labels
+
+
+def test_margin_loss_with_zero_margin_is_cross_entropy() -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits, weight = torch.randn(7, 4, generator=generator), torch.randn(4, 5, generator=generator)
+    labels = torch.tensor([0, 1, 2, 3, 0, 1, 2])
+    torch.testing.assert_close(lipschitz_margin_loss(logits, labels, weight, margin=0.0, temperature=1.0),
+                               F.cross_entropy(logits, labels))
+    # eps > 0 raises every other logit by eps ||w_y - w_j||: a harder target, a larger loss
+    assert lipschitz_margin_loss(logits, labels, weight, margin=0.5) > lipschitz_margin_loss(
+        logits, labels, weight, margin=0.0)
+
+
+def _exact_linear_radius(layer: nn.Linear, z: torch.Tensor, prediction: torch.Tensor):
+    """(radius, index of the nearest boundary j, its unit normal) of a linear h, in float64."""
+    w, b = layer.weight.detach().double(), layer.bias.detach().double()
+    logits = z.double() @ w.T + b
+    gaps = w[prediction].unsqueeze(1) - w.unsqueeze(0)  # [batch, K, dim]
+    ratios = (logits.gather(1, prediction[:, None]) - logits) / gaps.norm(dim=-1)
+    ratios.scatter_(1, prediction[:, None], float("inf"))
+    radius, nearest = ratios.min(dim=1)
+    normal = gaps[torch.arange(z.shape[0]), nearest]
+    return radius, nearest, normal / normal.norm(dim=1, keepdim=True)
+
+
+def test_linear_head_certificate_is_exact() -> None:
+    train, labels = blobs(300, 0)
+    h = train_classifier(train, labels, 3, TrainConfig(head="linear", margin=1.0, epochs=30, lr=1e-2))
+    assert len(h) == 1 and isinstance(h[0], nn.Linear)
+    z, z_labels = blobs(60, 1)
+    assert accuracy(h, z, z_labels) > 0.9
+    cert = certify_feature_radius(h, z)
+    radius, _, normal = _exact_linear_radius(h[0], z, cert.prediction)
+    assert (cert.feature_radius <= radius).all()
+    torch.testing.assert_close(cert.feature_radius, radius, rtol=2 * SAFETY_MARGIN, atol=1e-7)
+    worst, _ = pgd_margin_attack(h, z, cert.prediction, cert.feature_radius.float(), steps=50, restarts=2,
+                                 generator=torch.Generator().manual_seed(0))
+    assert (worst > 0).all()
+    # 0.1 % beyond R_F towards the nearest boundary the label changes: nothing is left on the table
+    beyond = (z.double() - 1.001 * radius[:, None] * normal).float()
+    with torch.no_grad():
+        assert (h(beyond).argmax(dim=1) != cert.prediction).all()
+
+
+def test_lipschitz_head_is_servable_and_its_certificate_survives_pgd() -> None:
+    train, labels = blobs(300, 0)
+    config = TrainConfig(head="lipschitz", hidden=(32, 32), margin=1.0, epochs=30, lr=1e-2)
+    h = train_classifier(train, labels, 3, config)
+    assert all(isinstance(m, nn.Linear | MaxMin) for m in h)  # materialised: plain layers bounds/ certifies
+    z, z_labels = blobs(60, 1)
+    assert accuracy(h, z, z_labels) > 0.9
+    cert = certify_feature_radius(h, z)
+    certified = cert.feature_radius > 0
+    assert cert.feature_radius[certified].mean() > 0.5
+    worst, _ = pgd_margin_attack(h, z[certified], cert.prediction[certified], cert.feature_radius[certified].float(),
+                                 steps=100, restarts=5, generator=torch.Generator().manual_seed(0))
+    assert (worst > 0).all()
+
+
+def test_a_larger_margin_certifies_larger_radii() -> None:
+    train, labels = blobs(300, 0)
+    z, z_labels = blobs(60, 1)
+    acr = []
+    for margin in (0.0, 1.5):
+        h = train_classifier(train, labels, 3, TrainConfig(head="linear", margin=margin, epochs=30, lr=1e-2))
+        cert = certify_feature_radius(h, z)
+        acr.append(float(torch.where(cert.prediction == z_labels, cert.feature_radius, 0.0).mean()))
+    assert acr[1] > acr[0]
+
+
+@pytest.mark.parametrize("head", HEAD_KINDS)
+def test_every_head_trains_on_noisy_features(head: str) -> None:
+    train, labels = blobs(300, 0, spacing=4.0)
+    test, test_labels = blobs(300, 1, spacing=4.0)
+    config = TrainConfig(head=head, hidden=(32,), margin=0.5, epochs=20, lr=1e-2, noise_sigma=1.0, seed=2)
+    h = train_classifier(train, labels, 3, config)
+    assert accuracy(h, test, test_labels) > 0.9
+    again = train_classifier(train, labels, 3, config)  # seeded noise: the same h
+    assert all(torch.equal(a, b) for a, b in zip(h.state_dict().values(), again.state_dict().values(), strict=True))
+
+
+def test_unknown_head_or_odd_lipschitz_width_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown head"):
+        TrainConfig(head="resnet")
+    with pytest.raises(ValueError, match="even"):
+        train_classifier(*blobs(30, 0), 3, TrainConfig(head="lipschitz", hidden=(15,), epochs=1))
