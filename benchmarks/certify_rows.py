@@ -82,7 +82,8 @@ class Settings:
     mlp_head_encoders: tuple[str, ...] = ("spectral", "nonrobust", "adversarial")
     all_test_encoders: tuple[str, ...] = ()
     margin_train: TrainConfig = field(default_factory=TrainConfig)
-    sc_train: TrainConfig = field(default_factory=TrainConfig)
+    sc_head: str = "selected"  # REaaS-SC head: "selected" = REaaS-BC's chosen kind and margin, or a head kind
+    sc_train: TrainConfig = field(default_factory=TrainConfig)  # SEaaS-SC's head (the paper's MLP)
     attack: AttackConfig = field(default_factory=AttackConfig)
     bound: str = ""
     seed: int = 0
@@ -153,7 +154,7 @@ def _attacked_row(encoder: Encoder, model_id: str, result: PathResult, data: Dat
 
 
 def select_feature_sigma(features: torch.Tensor, labels: torch.Tensor, num_classes: int, spread: float,
-                         settings: Settings) -> tuple[float, str]:
+                         settings: Settings, train: TrainConfig) -> tuple[float, str]:
     """REaaS-SC's sigma, chosen as a client would: on held-out *training* features it already has (no query, no
     test input), by the feature-space ACR (mean R_F, wrong/abstained 0) at N = grid_n. F2IPerturb maps each R_F
     to R monotonically, so the feature-space ACR ranks sigmas without F2I calls."""
@@ -163,7 +164,7 @@ def select_feature_sigma(features: torch.Tensor, labels: torch.Tensor, num_class
     for fraction in settings.feature_sigma_fractions:
         sigma = fraction * spread
         h = train_classifier(features[fit], labels[fit], num_classes,
-                             replace(settings.sc_train, noise_sigma=sigma, seed=settings.seed))
+                             replace(train, noise_sigma=sigma, seed=settings.seed))
         certificates = certify_features(h, features[held], SmoothingConfig(sigma, n=settings.grid_n,
                                                                             seed=settings.seed))
         correct = [c.prediction == int(y) for c, y in zip(certificates, labels[held], strict=True)]
@@ -202,10 +203,12 @@ def reaas_rows(encoder: Encoder, data: Data, settings: Settings, started: float)
         fetched = fetch_features(client, data.train_images, data.train_labels, dataset=data.name,
                                  cache_dir=settings.cache_dir)
         spread = feature_spread(fetched.features)
+        sc_train = (replace(settings.margin_train, head=settings.sc_head) if settings.sc_head != "selected"
+                    else bc.selection.chosen)
         sigma, sigma_table = select_feature_sigma(fetched.features, fetched.labels, data.num_classes, spread,
-                                                  settings)
+                                                  settings, sc_train)
         _log(f"  REaaS-SC {encoder.name}: sigma_F {sigma:.4g} ({sigma / spread:g} x spread)", started)
-        sc = _run(PathConfig("reaas-sc", sigma=sigma, n=settings.feature_n, train=settings.sc_train, **common),
+        sc = _run(PathConfig("reaas-sc", sigma=sigma, n=settings.feature_n, train=sc_train, **common),
                   client, data, data.test_size, settings,
                   note=f"sigma_F {sigma:.3g} ({sigma / spread:g} x spread), N {settings.feature_n}")
     rows = [_attacked_row(encoder, info.model_id, result, data, settings, clip=None, note=result.summary.note,
