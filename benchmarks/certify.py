@@ -86,9 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--head-hidden", type=lambda t: tuple(int(v) for v in t.split(",")), default=(256, 256),
         help="hidden widths of the lipschitz and mlp heads")
     add("--head-epochs", type=int, default=60, help="training epochs of every head")
-    add("--sc-head", default="selected", choices=("selected", "mlp", "linear", "lipschitz"),
-        help="REaaS-SC head, trained on noisy features ('selected': REaaS-BC's chosen kind and margin); SEaaS-SC "
-             "always trains the paper's MLP on noisy images")
+    add("--sc-heads", type=names, default=("selected", "mlp"),
+        help="REaaS-SC head candidates, chosen with sigma on held-out training features and trained on noisy "
+             "features ('selected': REaaS-BC's chosen kind and margin); SEaaS-SC trains the paper's MLP")
     add("--attack-steps", type=int, default=100, help="PGD steps per probe radius")
     add("--attack-restarts", type=int, default=5, help="PGD restarts per probe radius")
     add("--attack-search", type=int, default=12, help="bisection steps over the attack radius")
@@ -108,7 +108,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         feature_sigma_fractions=args.feature_sigma_fractions, image_sigmas=args.image_sigmas,
         search=HeadSearch(heads=args.heads, margins=args.margins, min_accuracy=args.min_val_accuracy),
         mlp_head_encoders=args.mlp_head_encoders, all_test_encoders=resolve(args.all_test_encoders),
-        margin_train=base, sc_head=args.sc_head, sc_train=replace(base, head="mlp"),
+        margin_train=base, sc_heads=args.sc_heads, sc_train=replace(base, head="mlp"),
         attack=AttackConfig(args.attack_max_radius, args.attack_search, args.attack_steps, args.attack_restarts,
                             args.seed),
         bound=args.bound, seed=args.seed)

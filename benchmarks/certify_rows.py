@@ -82,7 +82,7 @@ class Settings:
     mlp_head_encoders: tuple[str, ...] = ("spectral", "nonrobust", "adversarial")
     all_test_encoders: tuple[str, ...] = ()
     margin_train: TrainConfig = field(default_factory=TrainConfig)
-    sc_head: str = "selected"  # REaaS-SC head: "selected" = REaaS-BC's chosen kind and margin, or a head kind
+    sc_heads: tuple[str, ...] = ("selected", "mlp")  # REaaS-SC head candidates ("selected" = REaaS-BC's choice)
     sc_train: TrainConfig = field(default_factory=TrainConfig)  # SEaaS-SC's head (the paper's MLP)
     attack: AttackConfig = field(default_factory=AttackConfig)
     bound: str = ""
@@ -153,27 +153,32 @@ def _attacked_row(encoder: Encoder, model_id: str, result: PathResult, data: Dat
                time.perf_counter() - t0, "h(f(clip(x)))" if clip else "h(f(x))", note)
 
 
-def select_feature_sigma(features: torch.Tensor, labels: torch.Tensor, num_classes: int, spread: float,
-                         settings: Settings, train: TrainConfig) -> tuple[float, str]:
-    """REaaS-SC's sigma, chosen as a client would: on held-out *training* features it already has (no query, no
-    test input), by the feature-space ACR (mean R_F, wrong/abstained 0) at N = grid_n. F2IPerturb maps each R_F
-    to R monotonically, so the feature-space ACR ranks sigmas without F2I calls."""
+def select_smoothing(features: torch.Tensor, labels: torch.Tensor, num_classes: int, spread: float,
+                     settings: Settings, heads: dict[str, TrainConfig]) -> tuple[str, float, str]:
+    """REaaS-SC's (head, sigma), chosen as a client would: on held-out *training* features it already has (no
+    query, no test input), by the feature-space ACR (mean R_F, wrong/abstained 0) at N = grid_n. F2IPerturb maps
+    each R_F to R monotonically, so the feature-space ACR ranks the candidates without F2I calls."""
     order = stratified_subset(labels, 0, settings.seed)
     held, fit = order[: settings.holdout], order[settings.holdout:]
     rows, scores = [], {}
-    for fraction in settings.feature_sigma_fractions:
-        sigma = fraction * spread
-        h = train_classifier(features[fit], labels[fit], num_classes,
-                             replace(train, noise_sigma=sigma, seed=settings.seed))
-        certificates = certify_features(h, features[held], SmoothingConfig(sigma, n=settings.grid_n,
-                                                                            seed=settings.seed))
-        correct = [c.prediction == int(y) for c, y in zip(certificates, labels[held], strict=True)]
-        scores[sigma] = sum(c.radius for c, ok in zip(certificates, correct, strict=True) if ok) / len(held)
-        rows.append([f"{fraction:g}", f"{sigma:.4g}", len(held), settings.grid_n, f"{scores[sigma]:.4f}",
-                     f"{sum(correct) / len(held):.3f}"])
-    table = markdown_table(["fraction of spread", "sigma (feature units)", "held-out training inputs", "N",
-                            "feature-space ACR (mean R_F)", "smoothed accuracy"], rows)
-    return max(scores, key=scores.get), table
+    for name, train in heads.items():
+        for fraction in settings.feature_sigma_fractions:
+            sigma = fraction * spread
+            h = train_classifier(features[fit], labels[fit], num_classes,
+                                 replace(train, noise_sigma=sigma, seed=settings.seed))
+            certificates = certify_features(h, features[held], SmoothingConfig(sigma, n=settings.grid_n,
+                                                                                seed=settings.seed))
+            correct = [c.prediction == int(y) for c, y in zip(certificates, labels[held], strict=True)]
+            scores[name, sigma] = sum(c.radius for c, ok in zip(certificates, correct, strict=True) if ok) / len(held)
+            rows.append([name, f"{fraction:g}", f"{sigma:.4g}", len(held), settings.grid_n,
+                         f"{scores[name, sigma]:.4f}", f"{sum(correct) / len(held):.3f}"])
+    head, sigma = max(scores, key=scores.get)
+    for row in rows:
+        row.insert(0, "**yes**" if (row[0], row[2]) == (head, f"{sigma:.4g}") else "")
+    table = markdown_table(["chosen", "head", "fraction of spread", "sigma (feature units)",
+                            "held-out training inputs", "N", "feature-space ACR (mean R_F)", "smoothed accuracy"],
+                           rows)
+    return head, sigma, table
 
 
 def _selection_table(result: PathResult) -> str:
@@ -203,10 +208,11 @@ def reaas_rows(encoder: Encoder, data: Data, settings: Settings, started: float)
         fetched = fetch_features(client, data.train_images, data.train_labels, dataset=data.name,
                                  cache_dir=settings.cache_dir)
         spread = feature_spread(fetched.features)
-        sc_train = (replace(settings.margin_train, head=settings.sc_head) if settings.sc_head != "selected"
-                    else bc.selection.chosen)
-        sigma, sigma_table = select_feature_sigma(fetched.features, fetched.labels, data.num_classes, spread,
-                                                  settings, sc_train)
+        candidates = {name: (bc.selection.chosen if name == "selected" else replace(settings.margin_train, head=name))
+                      for name in settings.sc_heads}  # "selected": BC's head (its kind in the rows table)
+        sc_name, sigma, sigma_table = select_smoothing(fetched.features, fetched.labels, data.num_classes, spread,
+                                                       settings, candidates)
+        sc_train = candidates[sc_name]
         _log(f"  REaaS-SC {encoder.name}: sigma_F {sigma:.4g} ({sigma / spread:g} x spread)", started)
         sc = _run(PathConfig("reaas-sc", sigma=sigma, n=settings.feature_n, train=sc_train, **common),
                   client, data, data.test_size, settings,
@@ -215,7 +221,7 @@ def reaas_rows(encoder: Encoder, data: Data, settings: Settings, started: float)
                           started=started) for result in (bc, sc)]
     tables = [f"#### {encoder.name}: REaaS-BC head candidates (validation = held-out training features)\n\n"
               + _selection_table(bc),
-              f"#### {encoder.name}: REaaS-SC sigma grid (held-out training features, no queries)\n\n"
+              f"#### {encoder.name}: REaaS-SC head x sigma grid (held-out training features, no queries)\n\n"
               + sigma_table]
     bc_all = bc.summary if bc_count > data.test_size else None
     return EncoderReport(rows, bc_all, tables)
