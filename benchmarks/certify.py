@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         "attack <= 1 must hold; an SC row certifies the *smoothed* classifier, so its ratio is a comparison, not "
         "a bound. Queries and bytes per input come from the client's QueryLedger.",
         "### Rows\n\n" + report.main_table(rows),
-        report.soundness_line(rows),
+        report.soundness_line(rows, settings.attack.max_radius),
         f"![certified accuracy vs radius]({picture.name})",
         "### Goals (computed from the rows above)\n\n" + report.goals(rows, args.new_encoder),
         "### Pre-training: robust vs non-robust (ACR ratios from the rows above; paper, CIFAR-10: BC 0.139 vs "

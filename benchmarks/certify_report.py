@@ -48,17 +48,21 @@ def all_test_table(summaries: dict[str, RunSummary]) -> str:
     return markdown_table(["encoder", "path", "head", "test inputs", "clean acc", "ACR", "certify s"], rows)
 
 
-def soundness_line(rows: Sequence[Row]) -> str:
-    """BC certificates are about h(f(.)) itself, so none may exceed its attack radius: count violations."""
+def soundness_line(rows: Sequence[Row], max_radius: float) -> str:
+    """BC certificates are about h(f(.)) itself, so none may exceed its attack radius: count violations. Where
+    the attack found nothing up to `max_radius` it only says "radius >= max_radius" (censored): no check there."""
     checks = []
     for row in rows:
         if row.service != "REaaS-BC":
             continue
         certified = [r.certified_radius for r in row.result.records[: row.summary.num_test]]
-        above = sum(c > a + 1e-9 for c, a in zip(certified, row.attack.tolist(), strict=True))
-        checks.append(f"{row.encoder} {above}")
+        attack = row.attack.tolist()
+        above = sum(c > a + 1e-9 for c, a in zip(certified, attack, strict=True) if a < max_radius)
+        censored = sum(a >= max_radius for a in attack)
+        checks.append(f"{row.encoder} {above}" + (f" ({censored} censored)" if censored else ""))
     return ("REaaS-BC inputs whose certified radius exceeds the attack radius (must be 0; any other count is a "
-            "soundness bug): " + ", ".join(checks) + ".")
+            f"soundness bug; censored = no label change found up to {max_radius:g}, counted as {max_radius:g} in "
+            "the mean): " + ", ".join(checks) + ".")
 
 
 def _find(rows: Sequence[Row], encoder: str, service: str) -> Row | None:
@@ -67,6 +71,12 @@ def _find(rows: Sequence[Row], encoder: str, service: str) -> Row | None:
 
 def _verdict(ok: bool) -> str:
     return "met" if ok else "**NOT met**"
+
+
+def _degenerate(row: Row) -> str:
+    """A head that predicts (nearly) one class has a huge radius on the inputs of that class: say so."""
+    acc = clean_accuracy(row)
+    return f" -- but DEGENERATE: clean acc {acc:.3f}, a near-constant classifier" if acc < 0.5 else ""
 
 
 def goals(rows: Sequence[Row], new: str, floor: str = "pca", nonrobust: str = "nonrobust") -> str:
@@ -88,14 +98,14 @@ def goals(rows: Sequence[Row], new: str, floor: str = "pca", nonrobust: str = "n
             lines.append(f"* {new} {service} above the PCA floor: **NOT met** (no {floor} row)")
         else:
             lines.append(f"* {new} {service} above the PCA floor: {_verdict(acr > base.summary.acr)} "
-                         f"(ACR {acr:.3f} vs {floor} {base.summary.acr:.3f})")
+                         f"(ACR {acr:.3f} vs {floor} {base.summary.acr:.3f}){_degenerate(row)}")
         if not seaas:
             lines.append(f"* {new} {service} above SEaaS-SC through any encoder: **NOT met** (no SEaaS-SC row)")
         else:
             best = max(seaas, key=lambda r: r.summary.acr)
             lines.append(f"* {new} {service} above SEaaS-SC through any encoder: "
                          f"{_verdict(acr > best.summary.acr)} (ACR {acr:.3f} vs best SEaaS-SC, through "
-                         f"{best.encoder}, {best.summary.acr:.3f})")
+                         f"{best.encoder}, {best.summary.acr:.3f}){_degenerate(row)}")
     for service in ("REaaS-BC", "REaaS-SC"):
         robust, plain = _find(rows, new, service), _find(rows, nonrobust, service)
         if robust is None or plain is None:
@@ -105,7 +115,7 @@ def goals(rows: Sequence[Row], new: str, floor: str = "pca", nonrobust: str = "n
         ratio = robust.summary.acr / max(plain.summary.acr, 1e-12)
         lines.append(f"* robust vs non-robust pre-training >= {GOAL_RATIO:g}x ACR ({service}, {new} vs {nonrobust}):"
                      f" {_verdict(ratio >= GOAL_RATIO)} ({robust.summary.acr:.3f} / {plain.summary.acr:.3f} = "
-                     f"{ratio:.1f}x)")
+                     f"{ratio:.1f}x){_degenerate(robust)}")
     return "\n".join(lines)
 
 

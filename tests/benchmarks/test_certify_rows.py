@@ -55,4 +55,4 @@ def test_attack_bounds_every_bc_certificate_and_is_zero_where_wrong(pca_report) 
     for record, attack in zip(bc.result.records, bc.attack.tolist(), strict=False):
         assert record.certified_radius <= attack + 1e-9
         assert (attack == 0.0) == (not record.correct)
-    assert "pca 0." in certify_report.soundness_line(report.rows)
+    assert "pca 0." in certify_report.soundness_line(report.rows, AttackConfig().max_radius)
