@@ -8,7 +8,11 @@ row also carries the mean radius of a white-box l2 PGD attack on its classifier 
 The report (benchmarks.certify_report) computes the goals' verdicts and the pre-training ratios from the rows.
 
 `make bench-certify` = `python -m benchmarks.certify`: the embedded MNIST digits and the shipped demo encoders.
-A quick end-to-end check: `--test-size 10 --seaas-n 2000 --feature-n 2000 --grid-test-size 10`.
+A quick end-to-end check: `--test-size 10 --seaas-n 2000 --feature-n 2000 --grid-test-size 10` (~17 min on 2
+busy cores, most of it head selection). The full default run, estimated from that smoke run on a quiet 2-core
+machine: ~50 min (head selection ~5, REaaS-BC/SC on the non-robust CNN ~20 (F2I best_ibp at ~4-8 s per input),
+other REaaS rows ~6, attacks ~4, SEaaS-SC at N = 10^5 on 100 inputs ~14 through the non-robust CNN and ~4
+through PCA); `--seaas-encoders nonrobust,new,identity` adds ~8 min.
 Writes benchmarks/results/<name>.md and <name>.png with the command and the machine.
 """
 
@@ -62,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="encoders of the REaaS rows: shipped demo kinds or checkpoint paths (comma-separated)")
     add("--new-encoder", default=DEFAULT_DEMO_KIND,
         help="the encoder the goals are about (the product default; 'new' in --seaas-encoders means it)")
-    add("--seaas-encoders", type=names, default=("nonrobust", "new", "identity"),
-        help="encoders served as a standard SEaaS service for the SEaaS-SC rows ('new' = --new-encoder)")
+    add("--seaas-encoders", type=names, default=("nonrobust", "new"),
+        help="encoders served as a standard SEaaS service for the SEaaS-SC rows ('new' = --new-encoder; add "
+             "'identity' for plain Cohen smoothing, the strongest SEaaS version, ~8 min more at N = 10^5)")
     add("--skip-seaas", action="store_true", help="no SEaaS-SC rows")
     add("--test-size", type=int, default=100, help="shared class-balanced test subset of every row")
     add("--all-test-encoders", type=names, default=("pca", "new"),
@@ -90,9 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="REaaS-SC head candidates, chosen with sigma on held-out training features and trained on noisy "
              "features ('selected': REaaS-BC's chosen kind and margin); SEaaS-SC trains the paper's MLP")
     add("--attack-steps", type=int, default=100, help="PGD steps per probe radius")
-    add("--attack-restarts", type=int, default=5, help="PGD restarts per probe radius")
-    add("--attack-search", type=int, default=12, help="bisection steps over the attack radius")
-    add("--attack-max-radius", type=float, default=8.0, help="largest radius the attack probes")
+    add("--attack-restarts", type=int, default=2, help="PGD restarts per probe radius")
+    add("--attack-search", type=int, default=8, help="bisection steps over the attack radius")
+    add("--attack-max-radius", type=float, default=4.0,
+        help="largest radius the attack probes (an input not flipped there counts as this, 'censored')")
     add("--bound", default="", help="F2IPerturb bound ('' = the server's default)")
     add("--seed", type=int, default=0, help="seed of the subsets, heads, noise and attacks")
     add("--name", default="certify", help="results file stem under benchmarks/results/")
