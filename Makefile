@@ -43,7 +43,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 demo: setup
-	$(PY) -m reaas_client.demo
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m reaas_client.demo
 
 # 8 images per F2IPerturb call: CROWN runs at ~0.2 images/s on the benchmark's noise images, so 32 took minutes a row
 bench-service: setup
@@ -57,8 +57,10 @@ bench-bounds: setup
 		--output benchmarks/results/bounds_cifar.md
 	$(PY) -m benchmarks.jacobian_limit
 
+# Every encoder x path on the same 100 test inputs, SEaaS-SC at N = 100 000 (the bulk of the time), an l2 attack
+# per row; see the estimate in benchmarks/certify.py. A smoke run: --test-size 10 --seaas-n 2000 --feature-n 2000
 bench-certify: setup
-	$(PY) -m benchmarks.certify
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m benchmarks.certify
 
 bench-pretrain: setup
 	$(PY) -m benchmarks.pretrain

@@ -1,9 +1,14 @@
 """`make demo`: the paper's comparison in miniature, on a fresh clone, with no data to download.
 
 Starts two background servers on free loopback ports (a REaaS deployment and a standard SEaaS one, both
-serving the shipped spectral-norm demo encoder), runs REaaS-BC, REaaS-SC and SEaaS-SC on the embedded MNIST
-digits, prints a table in the shape of the paper's, and writes per-input CSVs, the query ledgers and the
-certified-accuracy plot under runs/demo/. The servers are stopped on success, error and Ctrl-C alike.
+serving the shipped demo encoder `--encoder`, by default robust_pretrain's DEFAULT_DEMO_KIND), runs REaaS-BC,
+REaaS-SC and SEaaS-SC on the embedded MNIST digits, prints a table in the shape of the paper's (with the encoder
+and each row's head), and writes per-input CSVs, the query ledgers and the certified-accuracy plot under runs/demo/.
+The servers are stopped on success, error and Ctrl-C alike.
+
+REaaS-BC's head (linear or 1-Lipschitz MaxMin, x margin) is selected on held-out training features
+(reaas_client.head_selection, no query, no test input); REaaS-SC trains the same head kind and margin on noisy
+features. SEaaS-SC keeps the paper's MLP, trained on noisy images.
 
 To stay under a few minutes on 2 CPU cores it certifies a test subset and, for SEaaS-SC only, a reduced N
 and fewer inputs; the table says so. `make bench-certify` runs SEaaS-SC with the full N = 100 000.
@@ -22,12 +27,15 @@ import torch
 from reaas_client.background_server import background_server
 from reaas_client.client import EncoderClient
 from reaas_client.downstream import TrainConfig, feature_spread, fetch_features, stratified_subset
+from reaas_client.head_selection import HeadSearch
 from reaas_client.metrics import summary_table_markdown, write_records_csv
 from reaas_client.pipelines import PathConfig, PathResult, run_path
 from reaas_client.plotting import plot_certified_accuracy
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from robust_pretrain.demo import DEFAULT_DEMO_KIND, DEMO_KINDS
+
     parser = argparse.ArgumentParser(
         prog="python -m reaas_client.demo",
         description="REaaS-BC vs REaaS-SC vs SEaaS-SC on the embedded MNIST digits with the shipped demo "
@@ -35,8 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--out", type=Path, default=Path("runs") / "demo", help="output folder")
+    parser.add_argument("--encoder", choices=DEMO_KINDS, default=DEFAULT_DEMO_KIND,
+                        help="shipped demo encoder both servers serve (a kind whose asset is absent is served as "
+                             "its labelled seeded-init stand-in)")
     parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="encoder checkpoint both servers serve (default: shipped spectral demo encoder)")
+                        help="encoder checkpoint both servers serve instead of --encoder")
     parser.add_argument("--test-size", type=int, default=20,
                         help="test inputs certified by the REaaS paths (each F2IPerturb costs the server seconds "
                              "of CPU with the tight default bound)")
@@ -53,7 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="SEaaS-SC noise in pixel units (0.2 x spread and 0.5 px: the sigmas bench-certify selects)")
     parser.add_argument("--bound", default="",
                         help="F2IPerturb bound for both REaaS paths (empty: the server's default, the tightest)")
-    parser.add_argument("--epochs", type=int, default=40, help="epochs of the downstream MLP")
+    parser.add_argument("--heads", default="linear,lipschitz",
+                        help="REaaS head kinds selected among on held-out training features (comma-separated; "
+                             "'mlp' adds the paper's MLP + CROWN)")
+    parser.add_argument("--margins", default="0.5,1,2,4",
+                        help="margin eps grid of the REaaS heads, in feature-space units (comma-separated)")
+    parser.add_argument("--min-val-accuracy", type=float, default=0.5,
+                        help="least held-out accuracy of a selectable head (a constant head's radius is huge)")
+    parser.add_argument("--epochs", type=int, default=40, help="training epochs of every head")
     parser.add_argument("--seed", type=int, default=0, help="seed of subsets, training and noise")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -68,14 +86,18 @@ def main(argv: list[str] | None = None) -> int:
     train, test = splits.downstream_train, splits.downstream_test
     test_idx = stratified_subset(test.labels, args.test_size, args.seed)
     seaas_idx = test_idx[: args.seaas_test_size]
-    train_config = TrainConfig(epochs=args.epochs)
+    train_config = TrainConfig(epochs=args.epochs, seed=args.seed)
+    search = HeadSearch(heads=tuple(h for h in args.heads.split(",") if h),
+                        margins=tuple(float(m) for m in args.margins.split(",") if m),
+                        min_accuracy=args.min_val_accuracy)
+    served = {"checkpoint": args.checkpoint} if args.checkpoint else {"extra_args": ("--demo-kind", args.encoder)}
     cache_dir = args.out / "feature_cache"
     args.out.mkdir(parents=True, exist_ok=True)
     results: list[PathResult] = []
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        addresses = {mode: stack.enter_context(background_server(mode, checkpoint=args.checkpoint,
-                                                                 log_path=args.out / f"server-{mode}.log"))
+        addresses = {mode: stack.enter_context(background_server(mode, log_path=args.out / f"server-{mode}.log",
+                                                                 **served))
                      for mode in ("reaas", "seaas")}
         clients = {mode: stack.enter_context(EncoderClient(address, timeout_s=3600.0))
                    for mode, address in addresses.items()}
@@ -88,27 +110,32 @@ def main(argv: list[str] | None = None) -> int:
               f"({info.description}), feature_dim {info.feature_dim}, Lipschitz <= {info.lipschitz_upper:.3g}, "
               f"feature spread {spread:.3g}", file=sys.stderr)
         bound = args.bound or info.default_bound
-        runs = [
-            (PathConfig("reaas-bc", bound=args.bound, seed=args.seed, train=train_config), test_idx, "reaas",
-             f"CROWN on h; F2I bound {bound}"),
-            (PathConfig("reaas-sc", sigma=feature_sigma, n=args.n, bound=args.bound, seed=args.seed,
-                        train=train_config), test_idx, "reaas",
-             f"sigma_F={feature_sigma:.3g} ({args.feature_sigma_fraction:g} x spread), N={args.n}; F2I bound {bound}"),
-            (PathConfig("seaas-sc", sigma=args.image_sigma, n=args.seaas_n, seed=args.seed, train=train_config),
-             seaas_idx, "seaas", f"sigma={args.image_sigma:g} px; N REDUCED to {args.seaas_n} (paper: 100 000; "
-                                 "full N in make bench-certify)"),
-        ]
-        for config, indices, mode, note in runs:
+        common = {"dataset": "mnist-embedded", "cache_dir": cache_dir, "progress": not args.quiet}
+
+        def certify(config: PathConfig, indices: torch.Tensor, mode: str, note: str) -> PathResult:
             result = run_path(config, clients[mode], train.images, train.labels, test.images[indices],
-                              test.labels[indices], train.num_classes, dataset="mnist-embedded", cache_dir=cache_dir,
-                              progress=not args.quiet, note=note)
-            results.append(result)
+                              test.labels[indices], train.num_classes, note=note, **common)
             write_records_csv(result.records, args.out / f"{config.path}.csv")
+            results.append(result)
+            return result
+
+        bc = certify(PathConfig("reaas-bc", bound=args.bound, seed=args.seed, train=train_config, search=search),
+                     test_idx, "reaas", f"head selected on held-out training features; F2I bound {bound}")
+        chosen = bc.selection.chosen
+        certify(PathConfig("reaas-sc", sigma=feature_sigma, n=args.n, bound=args.bound, seed=args.seed, train=chosen),
+                test_idx, "reaas", f"sigma_F={feature_sigma:.3g} ({args.feature_sigma_fraction:g} x spread), "
+                                   f"N={args.n}; BC's head kind and margin; F2I bound {bound}")
+        certify(PathConfig("seaas-sc", sigma=args.image_sigma, n=args.seaas_n, seed=args.seed, train=train_config),
+                seaas_idx, "seaas", f"sigma={args.image_sigma:g} px; N REDUCED to {args.seaas_n} (paper: 100 000; "
+                                    "full N in make bench-certify)")
         for mode, client in clients.items():
             client.ledger.to_csv(args.out / f"ledger-{mode}.csv")
-    table = summary_table_markdown([r.summary for r in results])
+    heads = {r.summary.service: r.summary.extra.get("head", "") for r in results}
+    table = (f"encoder: {info.model_id} ({info.description})\n"
+             + "heads: " + "; ".join(f"{service} {head}" for service, head in heads.items()) + "\n\n"
+             + summary_table_markdown([r.summary for r in results]))
     plot = plot_certified_accuracy({r.summary.service: r.records for r in results},
-                                   args.out / "certified_accuracy.png", title="mnist-embedded, demo encoder")
+                                   args.out / "certified_accuracy.png", title=f"mnist-embedded, {info.model_id}")
     (args.out / "summary.md").write_text(table + "\n")
     print(table)
     print(f"\ntotal {time.perf_counter() - started:.0f} s; per-input CSVs, ledgers and {plot} in {args.out}/")

@@ -131,7 +131,7 @@ def write_records_csv(records: Sequence[InputRecord], path: str | Path) -> None:
                              f"{r.wall_s:.6g}"])
 
 
-def _human_bytes(num: float) -> str:
+def human_bytes(num: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if num < 1000 or unit == "GB":
             return f"{num:.0f} {unit}" if unit == "B" else f"{num:.1f} {unit}"
@@ -150,6 +150,6 @@ def summary_table_markdown(summaries: Sequence[RunSummary]) -> str:
         cells = [s.service, s.dataset, str(s.num_test), f"{s.acr:.3f}",
                  *(f"{s.certified_accuracy[r]:.3f}" for r in radii),
                  f"{s.queries_per_train_input:g}", f"{s.queries_per_test_input:g}",
-                 _human_bytes(s.bytes_per_test_input), f"{s.train_wall_s:.1f}", f"{s.wall_s:.1f}", s.note]
+                 human_bytes(s.bytes_per_test_input), f"{s.train_wall_s:.1f}", f"{s.wall_s:.1f}", s.note]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

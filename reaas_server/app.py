@@ -51,7 +51,7 @@ def _configure_health(server: grpc.Server) -> health.HealthServicer:
 
 def start_server(config: ServerConfig, encoder: ServedEncoder | None = None) -> RunningServer:
     """Load the encoder (unless given), bind, start. The caller stops it (see ``run_server``)."""
-    encoder = encoder or ServedEncoder.load(config.checkpoint, config.device)
+    encoder = encoder or ServedEncoder.load(config.checkpoint, config.device, demo_kind=config.demo_kind)
     usage = UsageBook()
     interceptors: list[grpc.ServerInterceptor] = []
     if config.api_keys is not None:

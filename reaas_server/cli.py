@@ -10,6 +10,7 @@ from pathlib import Path
 
 from reaas_server.app import start_server
 from reaas_server.config import MODES, ServerConfig
+from robust_pretrain.demo import DEFAULT_DEMO_KIND, DEMO_KINDS
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
@@ -29,7 +30,14 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         type=Path,
         default=None,
         help="encoder checkpoint written by reaas-pretrain (PATH.safetensors + PATH.json); "
-        "default: the spectral-norm demo encoder shipped with robust_pretrain",
+        "default: the demo encoder --demo-kind shipped with robust_pretrain",
+    )
+    parser.add_argument(
+        "--demo-kind",
+        choices=DEMO_KINDS,
+        default=None,
+        help="shipped demo encoder to serve when no --checkpoint is given (default: "
+        f"{DEFAULT_DEMO_KIND}); a kind whose asset is absent is served as its labelled seeded-init stand-in",
     )
     parser.add_argument(
         "--mode",
@@ -105,6 +113,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             port=args.port,
             mode=args.mode,
             checkpoint=args.checkpoint,
+            demo_kind=args.demo_kind,
             max_batch_size=args.max_batch_size,
             max_message_bytes=int(args.max_message_mb * 2**20),
             api_keys=api_keys,

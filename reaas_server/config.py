@@ -20,7 +20,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0 picks a free port (tests)
     mode: str = "reaas"
-    checkpoint: Path | None = None  # None: the demo encoder shipped with robust_pretrain
+    checkpoint: Path | None = None  # None: the demo encoder `demo_kind` shipped with robust_pretrain
+    demo_kind: str | None = None  # None: robust_pretrain.DEFAULT_DEMO_KIND; ignored when `checkpoint` is set
     max_batch_size: int = 4096  # images per request
     max_message_bytes: int = 64 * 1024 * 1024
     api_keys: frozenset[str] | None = None

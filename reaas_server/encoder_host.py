@@ -60,8 +60,13 @@ class ServedEncoder:
         self._bound_costs: dict[tuple, tuple[BoundCost, ...]] = {}
 
     @classmethod
-    def load(cls, checkpoint: Path | None, device: str | None = None) -> ServedEncoder:
-        loaded = load_demo_encoder() if checkpoint is None else load_checkpoint(checkpoint)
+    def load(cls, checkpoint: Path | None, device: str | None = None, *, demo_kind: str | None = None
+             ) -> ServedEncoder:
+        """`checkpoint`, else the shipped demo encoder `demo_kind` (its labelled stand-in while the asset is absent)."""
+        if checkpoint is not None:
+            loaded = load_checkpoint(checkpoint)
+        else:
+            loaded = load_demo_encoder() if demo_kind is None else load_demo_encoder(demo_kind)
         return cls(loaded, pick_device(device))
 
     def probe_images(self, count: int) -> torch.Tensor:

@@ -1,0 +1,270 @@
+"""The rows of bench-certify: one encoder x one certification path, every row on the same test inputs.
+
+Each row is a `reaas_client.pipelines.run_path` run (the client's own pipeline, over a background server) plus
+an l2 attack on the row's classifier h(f(.)) on the same inputs (benchmarks.attack_radius). Everything a row
+chooses is chosen as a client would, never on test inputs: REaaS-BC's head (kind x margin, and the paper's MLP
+for the paper's encoders) and REaaS-SC's sigma on held-out *training* features. SEaaS-SC's sigma is chosen on a
+grid at reduced N on the first test inputs: an advantage the baseline gets, said in the report.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from benchmarks.attack_radius import AttackConfig, Clip, attack_radius
+from benchmarks.environment import markdown_table
+from reaas_client.background_server import background_server
+from reaas_client.client import EncoderClient
+from reaas_client.downstream import (
+    TrainConfig,
+    feature_spread,
+    fetch_features,
+    stratified_subset,
+    train_classifier,
+)
+from reaas_client.head_selection import HeadSearch
+from reaas_client.metrics import RunSummary, summarize
+from reaas_client.pipelines import PathConfig, PathResult, SmoothingConfig, certify_features, run_path
+
+
+@dataclass(frozen=True)
+class Data:
+    """Training images and the test images in class-balanced order: any prefix is a stratified subset, so the
+    shared subset of `test_size` inputs is `test_images[:test_size]` for every row."""
+
+    name: str
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    num_classes: int
+    test_size: int
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """An encoder to serve: a shipped demo kind (`reaas-server --demo-kind`) or a checkpoint path."""
+
+    name: str
+    kind: str | None = None
+    checkpoint: Path | None = None
+
+    def server_args(self) -> dict:
+        if self.checkpoint is not None:
+            return {"checkpoint": self.checkpoint}
+        return {"extra_args": ("--demo-kind", self.kind)}
+
+    def load(self):
+        """The served checkpoint, locally (for the white-box attack)."""
+        from robust_pretrain import load_checkpoint, load_demo_encoder
+
+        return load_checkpoint(self.checkpoint) if self.checkpoint is not None else load_demo_encoder(self.kind)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of a bench-certify run (parsed once from the flags)."""
+
+    feature_n: int = 100_000
+    seaas_n: int = 100_000
+    grid_n: int = 2_000
+    grid_test_size: int = 30
+    holdout: int = 200
+    feature_sigma_fractions: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4)
+    image_sigmas: tuple[float, ...] = (0.25, 0.5, 1.0)
+    search: HeadSearch = field(default_factory=HeadSearch)
+    mlp_head_encoders: tuple[str, ...] = ("spectral", "nonrobust", "adversarial")
+    all_test_encoders: tuple[str, ...] = ()
+    margin_train: TrainConfig = field(default_factory=TrainConfig)
+    sc_heads: tuple[str, ...] = ("selected", "mlp")  # REaaS-SC head candidates ("selected" = REaaS-BC's choice)
+    sc_train: TrainConfig = field(default_factory=TrainConfig)  # SEaaS-SC's head (the paper's MLP)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    bound: str = ""
+    seed: int = 0
+    cache_dir: Path = Path("runs") / "bench-certify" / "feature_cache"
+    log_dir: Path = Path("runs") / "bench-certify"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One table row on the shared test subset: the run (records, h), the attack radius per input, and the
+    encoder's description. `attack_on`: which classifier was attacked (what the certificate is about for BC)."""
+
+    encoder: str
+    model_id: str
+    service: str
+    head: str
+    summary: RunSummary
+    result: PathResult = field(repr=False)
+    attack: torch.Tensor = field(repr=False)
+    attack_s: float
+    attack_on: str
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class EncoderReport:
+    """What one encoder contributed: its rows, REaaS-BC on all test inputs (when asked), and its selection
+    tables (markdown)."""
+
+    rows: list[Row]
+    bc_all: RunSummary | None
+    tables: list[str]
+
+
+def _log(message: str, started: float) -> None:
+    print(f"[{time.perf_counter() - started:7.0f} s] {message}", flush=True)
+
+
+def _run(config: PathConfig, client: EncoderClient, data: Data, count: int, settings: Settings,
+         note: str = "") -> PathResult:
+    return run_path(config, client, data.train_images, data.train_labels, data.test_images[:count],
+                    data.test_labels[:count], data.num_classes, dataset=data.name, cache_dir=settings.cache_dir,
+                    progress=True, note=note)
+
+
+def prefix_summary(result: PathResult, count: int) -> RunSummary:
+    """The row of `result` restricted to its first `count` test inputs."""
+    records = result.records[:count]
+    s = result.summary
+    return summarize(records, service=s.service, dataset=s.dataset, queries_per_train_input=s.queries_per_train_input,
+                     wall_s=sum(r.wall_s for r in records), train_wall_s=s.train_wall_s, note=s.note, extra=s.extra)
+
+
+def _attacked_row(encoder: Encoder, model_id: str, result: PathResult, data: Data, settings: Settings, *,
+                  clip: tuple[float, float] | None, note: str, started: float) -> Row:
+    """The row on the shared subset, with the attack radius of h(f(.)) (h(f(clip(.))) for SEaaS) per input."""
+    count = data.test_size
+    model = encoder.load().model
+    pipeline: list[nn.Module] = ([Clip(*clip)] if clip else []) + [model, result.classifier]
+    t0 = time.perf_counter()
+    radius = attack_radius(nn.Sequential(*pipeline), data.test_images[:count], data.test_labels[:count],
+                           settings.attack)
+    summary = prefix_summary(result, count)
+    _log(f"  {summary.service} {encoder.name}: ACR {summary.acr:.3f}, attack radius {radius.mean():.3f} "
+         f"({time.perf_counter() - t0:.0f} s)", started)
+    return Row(encoder.name, model_id, summary.service, summary.extra.get("head", ""), summary, result, radius,
+               time.perf_counter() - t0, "h(f(clip(x)))" if clip else "h(f(x))", note)
+
+
+def select_smoothing(features: torch.Tensor, labels: torch.Tensor, num_classes: int, spread: float,
+                     settings: Settings, heads: dict[str, TrainConfig]) -> tuple[str, float, str]:
+    """REaaS-SC's (head, sigma), chosen as a client would: on held-out *training* features it already has (no
+    query, no test input), by the feature-space ACR (mean R_F, wrong/abstained 0) at N = grid_n. F2IPerturb maps
+    each R_F to R monotonically, so the feature-space ACR ranks the candidates without F2I calls."""
+    order = stratified_subset(labels, 0, settings.seed)
+    held, fit = order[: settings.holdout], order[settings.holdout:]
+    rows, scores = [], {}
+    for name, train in heads.items():
+        for fraction in settings.feature_sigma_fractions:
+            sigma = fraction * spread
+            h = train_classifier(features[fit], labels[fit], num_classes,
+                                 replace(train, noise_sigma=sigma, seed=settings.seed))
+            certificates = certify_features(h, features[held], SmoothingConfig(sigma, n=settings.grid_n,
+                                                                                seed=settings.seed))
+            correct = [c.prediction == int(y) for c, y in zip(certificates, labels[held], strict=True)]
+            scores[name, sigma] = sum(c.radius for c, ok in zip(certificates, correct, strict=True) if ok) / len(held)
+            rows.append([name, f"{fraction:g}", f"{sigma:.4g}", len(held), settings.grid_n,
+                         f"{scores[name, sigma]:.4f}", f"{sum(correct) / len(held):.3f}"])
+    head, sigma = max(scores, key=scores.get)
+    for row in rows:
+        row.insert(0, "**yes**" if (row[0], row[2]) == (head, f"{sigma:.4g}") else "")
+    table = markdown_table(["chosen", "head", "fraction of spread", "sigma (feature units)",
+                            "held-out training inputs", "N", "feature-space ACR (mean R_F)", "smoothed accuracy"],
+                           rows)
+    return head, sigma, table
+
+
+def _selection_table(result: PathResult) -> str:
+    scores = result.selection.scores if result.selection else ()
+    rows = [["**yes**" if s.config == result.selection.chosen else "", s.config.head,
+             "" if s.config.head == "mlp" else f"{s.config.margin:g}", f"{s.validation_accuracy:.3f}",
+             f"{s.validation_acr:.3f}"] for s in scores]
+    return markdown_table(["chosen", "head", "margin eps", "val clean acc", "val ACR (feature radius)"], rows)
+
+
+def reaas_rows(encoder: Encoder, data: Data, settings: Settings, started: float) -> EncoderReport:
+    """REaaS-BC (head selected on held-out training features) and REaaS-SC (sigma selected the same way)."""
+    log = settings.log_dir / f"server-reaas-{encoder.name}.log"
+    with background_server("reaas", log_path=log, **encoder.server_args()) as address, \
+            EncoderClient(address, timeout_s=7200.0) as client:
+        info = client.info()
+        _log(f"{encoder.name}: {info.model_id} ({info.description}); Lipschitz <= {info.lipschitz_upper:.4g}",
+             started)
+        heads = settings.search.heads
+        if encoder.name in settings.mlp_head_encoders and "mlp" not in heads:
+            heads = ("mlp", *heads)
+        search = replace(settings.search, heads=heads)
+        bc_count = len(data.test_images) if encoder.name in settings.all_test_encoders else data.test_size
+        common = {"bound": settings.bound, "seed": settings.seed}
+        bc = _run(PathConfig("reaas-bc", search=search, train=settings.margin_train, **common), client, data,
+                  bc_count, settings, note="head selected on held-out training features")
+        fetched = fetch_features(client, data.train_images, data.train_labels, dataset=data.name,
+                                 cache_dir=settings.cache_dir)
+        spread = feature_spread(fetched.features)
+        candidates = {name: (bc.selection.chosen if name == "selected" else replace(settings.margin_train, head=name))
+                      for name in settings.sc_heads}  # "selected": BC's head (its kind in the rows table)
+        sc_name, sigma, sigma_table = select_smoothing(fetched.features, fetched.labels, data.num_classes, spread,
+                                                       settings, candidates)
+        sc_train = candidates[sc_name]
+        _log(f"  REaaS-SC {encoder.name}: sigma_F {sigma:.4g} ({sigma / spread:g} x spread)", started)
+        sc = _run(PathConfig("reaas-sc", sigma=sigma, n=settings.feature_n, train=sc_train, **common),
+                  client, data, data.test_size, settings,
+                  note=f"sigma_F {sigma:.3g} ({sigma / spread:g} x spread), N {settings.feature_n}")
+    rows = [_attacked_row(encoder, info.model_id, result, data, settings, clip=None, note=result.summary.note,
+                          started=started) for result in (bc, sc)]
+    tables = [f"#### {encoder.name}: REaaS-BC head candidates (validation = held-out training features)\n\n"
+              + _selection_table(bc),
+              f"#### {encoder.name}: REaaS-SC head x sigma grid (held-out training features, no queries)\n\n"
+              + sigma_table]
+    bc_all = bc.summary if bc_count > data.test_size else None
+    return EncoderReport(rows, bc_all, tables)
+
+
+def seaas_row(encoder: Encoder, data: Data, settings: Settings, started: float) -> EncoderReport:
+    """SEaaS-SC through `encoder` served as a standard (Feature-only) service: sigma on a grid at N = grid_n on
+    the first grid_test_size test inputs, then N = seaas_n at that sigma on the shared subset."""
+    log = settings.log_dir / f"server-seaas-{encoder.name}.log"
+    with background_server("seaas", log_path=log, **encoder.server_args()) as address, \
+            EncoderClient(address, timeout_s=7200.0) as client:
+        info = client.info()
+        common = {"seed": settings.seed, "train": settings.sc_train}
+        grid = []
+        for sigma in settings.image_sigmas:
+            _log(f"SEaaS-SC {encoder.name}: grid sigma {sigma:g}, N {settings.grid_n}", started)
+            grid.append(_run(PathConfig("seaas-sc", sigma=sigma, n=settings.grid_n, **common), client, data,
+                             settings.grid_test_size, settings))
+        best = max(grid, key=lambda r: r.summary.acr)
+        sigma = float(best.summary.extra["sigma"])
+        _log(f"SEaaS-SC {encoder.name}: sigma {sigma:g}, N {settings.seaas_n} on {data.test_size} inputs", started)
+        full = _run(PathConfig("seaas-sc", sigma=sigma, n=settings.seaas_n, **common), client, data,
+                    data.test_size, settings, note=f"sigma {sigma:g} px (grid at N {settings.grid_n}), "
+                                                   f"N {settings.seaas_n}")
+    row = _attacked_row(encoder, info.model_id, full, data, settings, clip=(info.value_min, info.value_max),
+                        note=full.summary.note, started=started)
+    table = markdown_table(
+        ["sigma (pixels)", "test inputs", "N", "ACR", "smoothed clean acc", "h train acc"],
+        [[r.summary.extra["sigma"], r.summary.num_test, r.summary.extra["n"], f"{r.summary.acr:.3f}",
+          f"{r.summary.certified_accuracy[0.0]:.3f}", f"{r.train_accuracy:.3f}"] for r in grid])
+    return EncoderReport([row], None, [f"#### {encoder.name}: SEaaS-SC sigma grid (first {settings.grid_test_size} "
+                                       f"test inputs, N = {settings.grid_n})\n\n" + table])
+
+
+def parse_encoders(specs: Sequence[str]) -> list[Encoder]:
+    """"pca" -> the shipped demo kind; anything with a "/" or ending in .safetensors -> a checkpoint path."""
+    from robust_pretrain import DEMO_KINDS
+
+    encoders = []
+    for spec in specs:
+        if spec in DEMO_KINDS:
+            encoders.append(Encoder(spec, kind=spec))
+        else:
+            path = Path(spec.removesuffix(".safetensors"))
+            encoders.append(Encoder(path.name, checkpoint=path))
+    return encoders
