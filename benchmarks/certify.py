@@ -83,14 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="REaaS-SC sigma grid as fractions of the training features' spread (RMS distance to their mean)")
     add("--image-sigmas", type=floats, default=(0.25, 0.5, 1.0), help="SEaaS-SC sigma grid in pixel units")
     add("--heads", type=names, default=("linear", "lipschitz"), help="REaaS-BC margin head kinds to select among")
-    add("--margins", type=floats, default=(0.5, 1.0, 2.0, 4.0), help="REaaS-BC margin grid (feature units)")
+    add("--margins", type=floats, default=(1.0, 1.5, 2.0), help="REaaS-BC margin grid (feature units)")
     add("--mlp-head-encoders", type=names, default=("spectral", "nonrobust", "adversarial"),
         help="encoders whose REaaS-BC selection also tries the paper's MLP head (CROWN)")
-    add("--min-val-accuracy", type=float, default=0.5,
-        help="a head candidate must reach this held-out accuracy (a constant head has a huge radius on 1/K)")
-    add("--head-hidden", type=lambda t: tuple(int(v) for v in t.split(",")), default=(256, 256),
+    add("--min-val-accuracy", type=float, default=0.95,
+        help="select the largest held-out ACR among head candidates with at least this held-out accuracy (the "
+             "goal's bar; the most accurate candidate when none reaches it; a constant head has a huge radius on "
+             "1/K of the inputs)")
+    add("--head-hidden", type=lambda t: tuple(int(v) for v in t.split(",")), default=(512, 512),
         help="hidden widths of the lipschitz and mlp heads")
-    add("--head-epochs", type=int, default=60, help="training epochs of every head")
+    add("--head-epochs", type=int, default=100, help="training epochs of every head")
+    add("--head-batch-size", type=int, default=128, help="training batch size of every head")
     add("--sc-heads", type=names, default=("selected", "mlp"),
         help="REaaS-SC head candidates, chosen with sigma on held-out training features and trained on noisy "
              "features ('selected': REaaS-BC's chosen kind and margin); SEaaS-SC trains the paper's MLP")
@@ -106,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    base = TrainConfig(hidden=args.head_hidden, epochs=args.head_epochs, seed=args.seed)
+    base = TrainConfig(hidden=args.head_hidden, epochs=args.head_epochs, batch_size=args.head_batch_size,
+                       seed=args.seed)
     resolve = lambda items: tuple(args.new_encoder if v == "new" else v for v in items)  # noqa: E731
     return Settings(
         feature_n=args.feature_n, seaas_n=args.seaas_n, grid_n=args.grid_n,

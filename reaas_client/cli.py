@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from bounds import CERTIFY_METHODS
 from reaas_client.client import EncoderClient
 from reaas_client.downstream import DEFAULT_CACHE_DIR, TrainConfig, stratified_subset
 from reaas_client.head_selection import HeadSearch
@@ -61,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="noisy samples h classifies at once (bounds memory whatever --n is)")
     cert.add_argument("--alpha", type=float, default=0.001,
                       help="SC failure probability per certificate (Clopper-Pearson)")
-    cert.add_argument("--method", choices=("crown", "ibp"), default="crown",
-                      help="feature-space bound on h for reaas-bc")
+    cert.add_argument("--method", choices=CERTIFY_METHODS, default="auto",
+                      help="feature-space certificate of h for reaas-bc: auto (the Lipschitz margin for MaxMin/linear "
+                           "heads, CROWN for a ReLU MLP), crown, ibp, or margin")
     cert.add_argument("--bound", default="",
                       help="F2IPerturb bound the server searches with (see the server's bounds_offered; "
                            "empty = its default)")

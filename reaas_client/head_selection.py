@@ -33,7 +33,7 @@ class HeadSearch:
     margins: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
     validation_fraction: float = 0.2
     min_accuracy: float = 0.0
-    method: str = "crown"
+    method: str = "auto"
 
     def candidates(self, base: TrainConfig) -> list[TrainConfig]:
         """Every (head, margin) pair as a TrainConfig on top of `base` (its epochs, widths, noise, seed)."""
@@ -86,7 +86,7 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int = 0) -> tu
     return torch.cat(fit).sort().values, torch.cat(validation).sort().values
 
 
-def score_head(model: nn.Module, features: torch.Tensor, labels: torch.Tensor, method: str = "crown"
+def score_head(model: nn.Module, features: torch.Tensor, labels: torch.Tensor, method: str = "auto"
                ) -> tuple[float, float]:
     """(clean accuracy, ACR) of h on features [N, dim]: the certified feature radius, 0 where h is wrong."""
     certificate = certify_feature_radius(model, features, method=method)
@@ -96,7 +96,7 @@ def score_head(model: nn.Module, features: torch.Tensor, labels: torch.Tensor, m
 
 def select_head(train_features: torch.Tensor, train_labels: torch.Tensor, num_classes: int,
                 candidates: Sequence[TrainConfig], *, validation_fraction: float = 0.2, min_accuracy: float = 0.0,
-                method: str = "crown", seed: int = 0) -> HeadSelection:
+                method: str = "auto", seed: int = 0) -> HeadSelection:
     """Train each candidate on the fit part of the *training* features [N, dim], score it on the held-out part,
     and retrain the best on all of them.
 

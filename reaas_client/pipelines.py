@@ -113,9 +113,9 @@ def train_downstream(
 
 
 def certify_reaas_bc(client: EncoderClient, h: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
-                     method: str = "crown", bound: str = "", id_prefix: str = "reaas-bc-test",
+                     method: str = "auto", bound: str = "", id_prefix: str = "reaas-bc-test",
                      batch_size: int = 256, progress: bool = False) -> list[InputRecord]:
-    """REaaS-BC: Feature -> f(x); R_F of h at f(x) by `method` ("crown" or "ibp"); F2IPerturb -> R.
+    """REaaS-BC: Feature -> f(x); R_F of h at f(x) by `method` (bounds.CERTIFY_METHODS); F2IPerturb -> R.
 
     Exactly 2 queries per test input. Sound: h(f(x + d)) = h(f(x)) for every ||d||_2 < R.
     """
@@ -267,7 +267,7 @@ class PathConfig:
     n0: int = 100
     n: int = 100_000
     alpha: float = 0.001
-    method: str = "crown"
+    method: str = "auto"
     bound: str = ""
     seed: int = 0
     batch_size: int = 256

@@ -129,3 +129,18 @@ def test_float32_evaluation_never_flips_inside_the_radius_even_at_tiny_margins()
                                  restarts=2, generator=torch.Generator().manual_seed(0))
     certified = cert.feature_radius > 0
     assert bool((worst[certified] > 0).all())
+
+
+def test_auto_certifies_a_maxmin_head_by_its_margin_and_a_relu_mlp_by_crown():
+    head = _maxmin_head(5)
+    z = torch.randn(24, 6)
+    auto = certify_feature_radius(head, z, method="auto")
+    margin = certify_feature_radius(head, z, method="margin")
+    torch.testing.assert_close(auto.feature_radius, margin.feature_radius)
+    torch.manual_seed(6)
+    mlp = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    torch.testing.assert_close(certify_feature_radius(mlp, z, method="auto").feature_radius,
+                               certify_feature_radius(mlp, z, method="crown").feature_radius)
+    worst, _ = pgd_margin_attack(head, z, margin.prediction, margin.feature_radius.float().clamp(min=1e-12),
+                                 steps=50, restarts=2, generator=torch.Generator().manual_seed(0))
+    assert bool((worst[margin.feature_radius > 0] > 0).all())
