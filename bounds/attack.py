@@ -2,7 +2,7 @@
 label changes of a classifier inside an l2 ball (what no certified radius may allow).
 
 `pgd_feature_distance` maximises ||f(x + d) - f(x)||_2 over ||d||_2 <= r by projected, normalised gradient
-ascent with random restarts; the value it returns is achieved by an actual d in the ball, so it is a lower bound
+ascent with random restarts (run as one batch); the value it returns is achieved by an actual d in the ball, so it is a lower bound
 of the true maximum. Used by the soundness tests and the benchmark's attack limit R_atk. `pgd_margin_attack`
 minimises a classifier's margin the same way; a negative margin it returns is a real label change.
 """
@@ -32,28 +32,28 @@ def pgd_feature_distance(
     radius = radius.to(images.dtype).to(images.device)
     with torch.no_grad():
         clean = model(images).reshape(images.shape[0], -1)
+    if restarts < 1:
+        return torch.full((images.shape[0],), -1.0, dtype=torch.float64, device=images.device), torch.zeros_like(images)
+    images, radius, delta = _random_starts(images, radius, restarts, generator)
+    clean = clean.repeat(restarts, 1)
     best = torch.full((images.shape[0],), -1.0, dtype=torch.float64, device=images.device)
     best_delta = torch.zeros_like(images)
     view = (-1,) + (1,) * (images.dim() - 1)
-    for _ in range(restarts):
-        noise = torch.randn(images.shape, generator=generator, dtype=images.dtype).to(images.device)
-        norms = noise.reshape(noise.shape[0], -1).norm(dim=1).clamp(min=1e-30)
-        delta = noise * (radius / norms).reshape(view)
-        for step in range(steps + 1):
-            delta = delta.detach().requires_grad_(True)
-            distance = (model(images + delta).reshape(images.shape[0], -1) - clean).norm(dim=1)
-            with torch.no_grad():
-                improved = distance.to(torch.float64) > best
-                best = torch.where(improved, distance.to(torch.float64), best)
-                best_delta[improved] = delta[improved].detach()
-            if step == steps:
-                break
-            (gradient,) = torch.autograd.grad(distance.sum(), delta)
-            with torch.no_grad():
-                size = 0.5 * radius * (1 - step / steps) + 0.02 * radius
-                unit = gradient / gradient.reshape(gradient.shape[0], -1).norm(dim=1).clamp(min=1e-30).reshape(view)
-                delta = _project(delta + size.reshape(view) * unit, radius)
-    return best, best_delta
+    for step in range(steps + 1):
+        delta = delta.detach().requires_grad_(True)
+        distance = (model(images + delta).reshape(images.shape[0], -1) - clean).norm(dim=1)
+        with torch.no_grad():
+            improved = distance.to(torch.float64) > best
+            best = torch.where(improved, distance.to(torch.float64), best)
+            best_delta[improved] = delta[improved].detach()
+        if step == steps:
+            break
+        (gradient,) = torch.autograd.grad(distance.sum(), delta)
+        with torch.no_grad():
+            size = 0.5 * radius * (1 - step / steps) + 0.02 * radius
+            unit = gradient / gradient.reshape(gradient.shape[0], -1).norm(dim=1).clamp(min=1e-30).reshape(view)
+            delta = _project(delta + size.reshape(view) * unit, radius)
+    return _best_restart(best, best_delta, restarts, largest=True)
 
 
 def pgd_margin_attack(
@@ -72,8 +72,12 @@ def pgd_margin_attack(
     The returned margin is achieved by the returned d, so a negative value is a real label change inside the ball:
     what no certified radius may allow. `features` [batch, dim], `prediction` [batch] int64, `radius` [batch].
     """
+    if restarts < 1:
+        return torch.full((features.shape[0],), float("inf"), dtype=torch.float64, device=features.device), \
+            torch.zeros_like(features)
     radius = radius.to(features.dtype).to(features.device)
-    prediction = prediction.to(features.device).unsqueeze(1)
+    features, radius, delta = _random_starts(features, radius, restarts, generator)
+    prediction = prediction.to(features.device).unsqueeze(1).repeat(restarts, 1)
     view = (-1,) + (1,) * (features.dim() - 1)
 
     def margin(delta: torch.Tensor) -> torch.Tensor:
@@ -83,21 +87,43 @@ def pgd_margin_attack(
 
     best = torch.full((features.shape[0],), float("inf"), dtype=torch.float64, device=features.device)
     best_delta = torch.zeros_like(features)
-    for _ in range(restarts):
-        noise = torch.randn(features.shape, generator=generator, dtype=features.dtype).to(features.device)
-        delta = noise * (radius / noise.reshape(noise.shape[0], -1).norm(dim=1).clamp(min=1e-30)).reshape(view)
-        for step in range(steps + 1):
-            delta = delta.detach().requires_grad_(True)
-            value = margin(delta)
-            with torch.no_grad():
-                improved = value.to(torch.float64) < best
-                best = torch.where(improved, value.to(torch.float64), best)
-                best_delta[improved] = delta[improved].detach()
-            if step == steps:
-                break
-            (gradient,) = torch.autograd.grad(value.sum(), delta)
-            with torch.no_grad():
-                size = 0.5 * radius * (1 - step / steps) + 0.02 * radius
-                unit = gradient / gradient.reshape(gradient.shape[0], -1).norm(dim=1).clamp(min=1e-30).reshape(view)
-                delta = _project(delta - size.reshape(view) * unit, radius)
-    return best, best_delta
+    for step in range(steps + 1):
+        delta = delta.detach().requires_grad_(True)
+        value = margin(delta)
+        with torch.no_grad():
+            improved = value.to(torch.float64) < best
+            best = torch.where(improved, value.to(torch.float64), best)
+            best_delta[improved] = delta[improved].detach()
+        if step == steps:
+            break
+        (gradient,) = torch.autograd.grad(value.sum(), delta)
+        with torch.no_grad():
+            size = 0.5 * radius * (1 - step / steps) + 0.02 * radius
+            unit = gradient / gradient.reshape(gradient.shape[0], -1).norm(dim=1).clamp(min=1e-30).reshape(view)
+            delta = _project(delta - size.reshape(view) * unit, radius)
+    return _best_restart(best, best_delta, restarts, largest=False)
+
+
+def _random_starts(
+    points: torch.Tensor, radius: torch.Tensor, restarts: int, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All restarts as one batch, restart-major: `(points, radius, delta)` with `restarts·batch` rows, delta a
+    uniformly random direction scaled to the radius. The draws come restart by restart from `generator`, so the
+    starts (and the generator's state afterwards) are those of running the restarts one after another; every row
+    then follows its own trajectory, as the model treats rows independently."""
+    view = (-1,) + (1,) * (points.dim() - 1)
+    noise = torch.cat([torch.randn(points.shape, generator=generator, dtype=points.dtype) for _ in range(restarts)])
+    noise = noise.to(points.device)
+    radius = radius.repeat(restarts)
+    delta = noise * (radius / noise.reshape(noise.shape[0], -1).norm(dim=1).clamp(min=1e-30)).reshape(view)
+    return points.repeat(restarts, *(1,) * (points.dim() - 1)), radius, delta
+
+
+def _best_restart(
+    best: torch.Tensor, best_delta: torch.Tensor, restarts: int, *, largest: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per point, the best value over the restarts' rows and its delta (the earliest restart on ties)."""
+    best = best.reshape(restarts, -1)
+    value, which = best.max(dim=0) if largest else best.min(dim=0)
+    deltas = best_delta.reshape(restarts, best.shape[1], *best_delta.shape[1:])
+    return value, deltas[which, torch.arange(best.shape[1], device=which.device)]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 
+from bounds import f2i_radius
 from reaas_client import ServiceError
 
 
@@ -61,8 +64,13 @@ def test_streaming_f2i_equals_unary(raw_stub, client, make_images):
     assert len(streamed) == 3
     for batch, reply in zip(batches, streamed, strict=True):
         unary = client.f2i_perturb(batch, [0.3, 0.6], bound="ibp")
-        # the same verified search on the same images; float32 rounding may differ between worker threads
-        np.testing.assert_allclose([r.image_radius for r in reply.radii], unary.image_radius, rtol=1e-5)
+        # The same search on the same images, but the float32 bound may round differently from call to call, and
+        # the search promises only a verified radius within its relative tolerance of where verification stops.
+        # On an affine encoder (the PCA default) IBP is linear in r, so regula falsi probes the crossing itself,
+        # whose score is 1 +- 1e-8: one call verifies it, another rejects it and ends at 0.9999 of it. Both are
+        # sound; they agree to the tolerance, not to float32 rounding.
+        tolerance = inspect.signature(f2i_radius).parameters["tolerance"].default
+        np.testing.assert_allclose([r.image_radius for r in reply.radii], unary.image_radius, rtol=tolerance)
         assert all(r.bound == "ibp" for r in reply.radii)
 
 
