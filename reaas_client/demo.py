@@ -67,10 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heads", default="linear,lipschitz",
                         help="REaaS head kinds selected among on held-out training features (comma-separated; "
                              "'mlp' adds the paper's MLP + CROWN)")
-    parser.add_argument("--margins", default="0.5,1,2,4",
+    parser.add_argument("--margins", default="1,1.5,2",
                         help="margin eps grid of the REaaS heads, in feature-space units (comma-separated)")
-    parser.add_argument("--min-val-accuracy", type=float, default=0.5,
-                        help="least held-out accuracy of a selectable head (a constant head's radius is huge)")
+    parser.add_argument("--min-val-accuracy", type=float, default=0.95,
+                        help="the largest held-out ACR is chosen among heads with at least this held-out accuracy "
+                             "(the most accurate head if none reaches it; a constant head's radius is huge)")
     parser.add_argument("--epochs", type=int, default=40, help="training epochs of every head")
     parser.add_argument("--seed", type=int, default=0, help="seed of subsets, training and noise")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
