@@ -9,6 +9,8 @@ minimises a classifier's margin the same way; a negative margin it returns is a 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -36,23 +38,11 @@ def pgd_feature_distance(
         return torch.full((images.shape[0],), -1.0, dtype=torch.float64, device=images.device), torch.zeros_like(images)
     images, radius, delta = _random_starts(images, radius, restarts, generator)
     clean = clean.repeat(restarts, 1)
-    best = torch.full((images.shape[0],), -1.0, dtype=torch.float64, device=images.device)
-    best_delta = torch.zeros_like(images)
-    view = (-1,) + (1,) * (images.dim() - 1)
-    for step in range(steps + 1):
-        delta = delta.detach().requires_grad_(True)
-        distance = (model(images + delta).reshape(images.shape[0], -1) - clean).norm(dim=1)
-        with torch.no_grad():
-            improved = distance.to(torch.float64) > best
-            best = torch.where(improved, distance.to(torch.float64), best)
-            best_delta[improved] = delta[improved].detach()
-        if step == steps:
-            break
-        (gradient,) = torch.autograd.grad(distance.sum(), delta)
-        with torch.no_grad():
-            size = 0.5 * radius * (1 - step / steps) + 0.02 * radius
-            unit = gradient / gradient.reshape(gradient.shape[0], -1).norm(dim=1).clamp(min=1e-30).reshape(view)
-            delta = _project(delta + size.reshape(view) * unit, radius)
+
+    def distance(delta: torch.Tensor) -> torch.Tensor:
+        return (model(images + delta).reshape(images.shape[0], -1) - clean).norm(dim=1)
+
+    best, best_delta = _ascend(distance, delta, radius, steps, maximize=True)
     return _best_restart(best, best_delta, restarts, largest=True)
 
 
@@ -78,20 +68,30 @@ def pgd_margin_attack(
     radius = radius.to(features.dtype).to(features.device)
     features, radius, delta = _random_starts(features, radius, restarts, generator)
     prediction = prediction.to(features.device).unsqueeze(1).repeat(restarts, 1)
-    view = (-1,) + (1,) * (features.dim() - 1)
 
     def margin(delta: torch.Tensor) -> torch.Tensor:
         logits = classifier(features + delta)
         own = logits.gather(1, prediction).squeeze(1)
         return own - logits.scatter(1, prediction, float("-inf")).max(dim=1).values
 
-    best = torch.full((features.shape[0],), float("inf"), dtype=torch.float64, device=features.device)
-    best_delta = torch.zeros_like(features)
+    best, best_delta = _ascend(margin, delta, radius, steps, maximize=False)
+    return _best_restart(best, best_delta, restarts, largest=False)
+
+
+def _ascend(objective: Callable[[torch.Tensor], torch.Tensor], delta: torch.Tensor, radius: torch.Tensor, steps: int, *,
+            maximize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one PGD loop: `steps` projected, normalised gradient steps on `objective(delta)` [rows] (up when
+    `maximize`, down otherwise), step length decaying from half the radius; returns per row the best value seen
+    (float64) and the delta that achieved it, so the value is always realised by a point in the ball."""
+    sign = 1.0 if maximize else -1.0
+    view = (-1,) + (1,) * (delta.dim() - 1)
+    best = torch.full((delta.shape[0],), -sign * float("inf"), dtype=torch.float64, device=delta.device)
+    best_delta = torch.zeros_like(delta)
     for step in range(steps + 1):
         delta = delta.detach().requires_grad_(True)
-        value = margin(delta)
+        value = objective(delta)
         with torch.no_grad():
-            improved = value.to(torch.float64) < best
+            improved = sign * value.to(torch.float64) > sign * best
             best = torch.where(improved, value.to(torch.float64), best)
             best_delta[improved] = delta[improved].detach()
         if step == steps:
@@ -100,8 +100,8 @@ def pgd_margin_attack(
         with torch.no_grad():
             size = 0.5 * radius * (1 - step / steps) + 0.02 * radius
             unit = gradient / gradient.reshape(gradient.shape[0], -1).norm(dim=1).clamp(min=1e-30).reshape(view)
-            delta = _project(delta - size.reshape(view) * unit, radius)
-    return _best_restart(best, best_delta, restarts, largest=False)
+            delta = _project(delta + sign * size.reshape(view) * unit, radius)
+    return best, best_delta
 
 
 def _random_starts(
