@@ -130,13 +130,6 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
 
 def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv)
-    running = start_server(config)
-    # The port line is the machine-readable handshake scripts wait for (with --port 0 it is the only way).
-    print(
-        f"reaas-server listening on {config.host}:{running.port} mode={config.mode} "
-        f"model={running.encoder.metadata.model_id} device={running.encoder.device}",
-        flush=True,
-    )
     stopping = threading.Event()
 
     def request_stop(signum, _frame) -> None:
@@ -145,9 +138,20 @@ def main(argv: list[str] | None = None) -> None:
         )
         stopping.set()
 
+    # Handlers go in before the port is announced: a SIGTERM right after "listening on" must drain, not kill.
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    stopping.wait()
+    running = start_server(config)
+    # The port line is the machine-readable handshake scripts wait for (with --port 0 it is the only way).
+    print(
+        f"reaas-server listening on {config.host}:{running.port} mode={config.mode} "
+        f"model={running.encoder.metadata.model_id} device={running.encoder.device}",
+        flush=True,
+    )
+    # Python runs signal handlers in the main thread between bytecodes: wake it regularly rather than block in
+    # one untimed wait.
+    while not stopping.wait(timeout=0.2):
+        pass
     running.stop(config.grace_s)
 
 

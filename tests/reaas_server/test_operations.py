@@ -128,9 +128,16 @@ def test_sigterm_drains_in_flight_calls_then_exits(make_images):
             outbox.put(make_images(2).numpy())
             assert next(replies).features.shape[0] == 2
             server.send_signal(signal.SIGTERM)
-            time.sleep(1.0)  # the server is now draining
-            with pytest.raises(grpc.RpcError):  # new calls are refused ...
-                stub.Feature(pb.FeatureRequest(images=encode_tensor(make_images(1).numpy())), timeout=5)
+            # new calls are refused once the drain has begun: wait for that observable state (a refused call),
+            # not for a fixed time, which a loaded CPU can outlast
+            deadline = time.monotonic() + 30
+            refused = False
+            while not refused and time.monotonic() < deadline:
+                try:
+                    stub.Feature(pb.FeatureRequest(images=encode_tensor(make_images(1).numpy())), timeout=5)
+                except grpc.RpcError:
+                    refused = True
+            assert refused, "the server kept accepting new calls for 30 s after SIGTERM"
             outbox.put(make_images(3).numpy())  # ... while the in-flight stream is still served
             assert next(replies).features.shape[0] == 3
             outbox.put(None)
