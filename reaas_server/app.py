@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 import bounds
 from reaas.v1 import encoder_service_pb2 as pb
 from reaas.v1 import encoder_service_pb2_grpc as pb_grpc
+from reaas_server.admission import Admission, AdmissionInterceptor
 from reaas_server.config import ServerConfig
 from reaas_server.encoder_host import ServedEncoder
 from reaas_server.interceptors import ApiKeyInterceptor, UsageInterceptor
@@ -34,11 +37,20 @@ class RunningServer:
     encoder: ServedEncoder
     usage: UsageBook
     health: health.HealthServicer
+    admission: Admission
 
-    def stop(self, grace_s: float | None) -> None:
-        """Drain: report NOT_SERVING, refuse new calls, let in-flight calls finish for ``grace_s`` seconds."""
+    def stop(self, grace_s: float | None, drain_delay_s: float = 0.0) -> None:
+        """Drain the gRPC way: health says NOT_SERVING and new calls get UNAVAILABLE (clients retry elsewhere)
+        while the port stays open for at least ``drain_delay_s`` (so load balancers see it) and until the
+        in-flight calls finish or ``grace_s`` passes; then the port closes and stragglers are cancelled."""
+        started = time.monotonic()
         self.health.enter_graceful_shutdown()
-        self.server.stop(grace_s).wait()
+        self.admission.start_draining()
+        grace = math.inf if grace_s is None else grace_s
+        if drain_delay_s > 0:
+            time.sleep(min(drain_delay_s, grace))  # the load balancer's turn: nothing in-process to wait on
+        self.admission.wait_idle(timeout_s=max(0.0, grace - (time.monotonic() - started)))
+        self.server.stop(max(0.0, grace - (time.monotonic() - started)) if grace_s is not None else None).wait()
 
 
 def _configure_health(server: grpc.Server) -> health.HealthServicer:
@@ -53,9 +65,11 @@ def start_server(config: ServerConfig, encoder: ServedEncoder | None = None) -> 
     """Load the encoder (unless given), bind, start. The caller stops it (see ``run_server``)."""
     encoder = encoder or ServedEncoder.load(config.checkpoint, config.device, demo_kind=config.demo_kind)
     usage = UsageBook()
+    admission = Admission(config.admission_limits)
     interceptors: list[grpc.ServerInterceptor] = []
     if config.api_keys is not None:
         interceptors.append(ApiKeyInterceptor(config.api_keys))
+    interceptors.append(AdmissionInterceptor(admission))
     interceptors.append(UsageInterceptor(usage))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="reaas"),
@@ -86,7 +100,7 @@ def start_server(config: ServerConfig, encoder: ServedEncoder | None = None) -> 
         port,
         encoder.device,
     )
-    return RunningServer(server, port, encoder, usage, health_servicer)
+    return RunningServer(server, port, encoder, usage, health_servicer, admission)
 
 
 @contextlib.contextmanager

@@ -84,14 +84,37 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         help="working-set cap of one bound computation in MiB; larger batches are chunked "
         "(default: %(default)s)",
     )
-    parser.add_argument(
+    admission = parser.add_argument_group(
+        "admission",
+        "Each Feature / StreamFeatures / F2I call needs a slot in its pool and in its API key's allowance; with "
+        "none free it is refused at once with RESOURCE_EXHAUSTED and a retry hint (grpc-retry-pushback-ms). "
+        "The pools must leave --reserved-workers handler threads free for health checks and refusals.",
+    )
+    admission.add_argument(
         "--workers", type=int, default=defaults.workers, help="gRPC handler threads (default: %(default)s)"
     )
+    admission.add_argument("--max-feature-calls", type=int, default=defaults.max_feature_calls,
+                           help="concurrent unary Feature calls (default: %(default)s)")
+    admission.add_argument("--max-feature-streams", type=int, default=defaults.max_feature_streams,
+                           help="concurrent StreamFeatures calls (default: %(default)s)")
+    admission.add_argument("--max-f2i-calls", type=int, default=defaults.max_f2i_calls,
+                           help="concurrent F2IPerturb + StreamF2IPerturb calls (default: %(default)s)")
+    admission.add_argument("--max-calls-per-key", type=int, default=defaults.max_calls_per_key,
+                           help="concurrent calls of one API key, all pools together (default: %(default)s)")
+    admission.add_argument("--reserved-workers", type=int, default=defaults.reserved_workers,
+                           help="handler threads no admitted call may take (default: %(default)s)")
     parser.add_argument(
         "--grace",
         type=float,
         default=defaults.grace_s,
         help="seconds in-flight calls get to finish after SIGTERM (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--drain-delay",
+        type=float,
+        default=defaults.drain_delay_s,
+        help="after SIGTERM, seconds health reports NOT_SERVING (new calls get UNAVAILABLE) before the port "
+        "closes, so load balancers stop routing here first; counted within --grace (default: %(default)s)",
     )
     parser.add_argument(
         "--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cuda if available)"
@@ -121,7 +144,13 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             f2i_memory_budget_bytes=int(args.f2i_memory_budget_mb * 2**20),
             bound_cost_budget_s=args.bound_cost_budget,
             workers=args.workers,
+            max_feature_calls=args.max_feature_calls,
+            max_feature_streams=args.max_feature_streams,
+            max_f2i_calls=args.max_f2i_calls,
+            max_calls_per_key=args.max_calls_per_key,
+            reserved_workers=args.reserved_workers,
             grace_s=args.grace,
+            drain_delay_s=args.drain_delay,
             device=args.device,
         )
     except ValueError as error:
@@ -130,12 +159,16 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
 
 def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv)
+    log = logging.getLogger(__name__)
     stopping = threading.Event()
+    running = None
 
     def request_stop(signum, _frame) -> None:
-        logging.getLogger(__name__).info(
-            "signal %d: draining in-flight calls (grace %.1f s)", signum, config.grace_s
-        )
+        if stopping.is_set() and running is not None:
+            log.warning("signal %d again: stopping now, cancelling in-flight calls", signum)
+            running.server.stop(0)
+            return
+        log.info("signal %d: draining in-flight calls (grace %.1f s)", signum, config.grace_s)
         stopping.set()
 
     # Handlers go in before the port is announced: a SIGTERM right after "listening on" must drain, not kill.
@@ -152,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     # one untimed wait.
     while not stopping.wait(timeout=0.2):
         pass
-    running.stop(config.grace_s)
+    running.stop(config.grace_s, drain_delay_s=config.drain_delay_s)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from reaas_server.admission import AdmissionLimits
+
 MODES = ("reaas", "seaas")
 
 
@@ -29,8 +31,16 @@ class ServerConfig:
     f2i_memory_budget_bytes: int = 2 * 1024**3  # caps the bound computation's working set per call
     f2i_chunk_size: int = 64  # images per bound computation; cancellation is checked between chunks
     bound_cost_budget_s: float = 5.0  # start-up time cap for measuring each bound's cost (EncoderInfo.bound_costs)
-    workers: int = 8  # gRPC handler threads
+    workers: int = 16  # gRPC handler threads, shared by every RPC including health checks
+    # Admission (admission.py): concurrent calls per pool and per API key; the pools together must leave
+    # `reserved_workers` handler threads free so health checks and refusals are answered at once.
+    max_feature_calls: int = 4  # unary Feature
+    max_feature_streams: int = 4  # StreamFeatures
+    max_f2i_calls: int = 4  # F2IPerturb and StreamF2IPerturb
+    max_calls_per_key: int = 4
+    reserved_workers: int = 4
     grace_s: float = 10.0  # SIGTERM: in-flight calls get this long to finish
+    drain_delay_s: float = 1.0  # SIGTERM: health says NOT_SERVING at least this long before the port closes
     device: str | None = None  # None: "cuda" when available, else "cpu"
 
     def __post_init__(self) -> None:
@@ -40,3 +50,21 @@ class ServerConfig:
             raise ValueError("max_batch_size must be >= 1")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if min(self.max_feature_calls, self.max_feature_streams, self.max_f2i_calls, self.max_calls_per_key) < 1:
+            raise ValueError("every admission limit (calls per pool, calls per key) must be >= 1")
+        admitted = self.max_feature_calls + self.max_feature_streams + self.max_f2i_calls
+        if admitted + self.reserved_workers > self.workers:
+            raise ValueError(
+                f"{self.workers} workers cannot hold {admitted} admitted calls and keep {self.reserved_workers} "
+                "free for health checks and refusals; raise --workers or lower the per-pool limits"
+            )
+        if self.grace_s < 0 or self.drain_delay_s < 0:
+            raise ValueError("grace and drain delay must be >= 0 seconds")
+
+    @property
+    def admission_limits(self) -> AdmissionLimits:
+        return AdmissionLimits(
+            pool_calls={"feature": self.max_feature_calls, "feature_stream": self.max_feature_streams,
+                        "f2i": self.max_f2i_calls},
+            calls_per_key=self.max_calls_per_key,
+        )

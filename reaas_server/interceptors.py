@@ -25,11 +25,11 @@ def api_key_of(metadata: tuple | None) -> str:
     return ANONYMOUS
 
 
-def _rpc_name(method: str) -> str | None:
+def rpc_name(method: str) -> str | None:
     return method[len(SERVICE_PREFIX) :] if method.startswith(SERVICE_PREFIX) else None
 
 
-def _replace_behavior(handler: grpc.RpcMethodHandler, unary: Callable | None, stream: Callable | None):
+def replace_behavior(handler: grpc.RpcMethodHandler, unary: Callable | None, stream: Callable | None):
     """The same handler with its unary-unary or stream-stream behaviour replaced (those are all we serve)."""
     if handler.unary_unary is not None and unary is not None:
         return grpc.unary_unary_rpc_method_handler(
@@ -50,7 +50,7 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
-        if handler is None or _rpc_name(handler_call_details.method) is None:
+        if handler is None or rpc_name(handler_call_details.method) is None:
             return handler
         key = api_key_of(handler_call_details.invocation_metadata)
         if key in self._api_keys:
@@ -71,7 +71,7 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
 
             return behavior
 
-        return _replace_behavior(handler, reject_unary, reject_stream)
+        return replace_behavior(handler, reject_unary, reject_stream)
 
 
 def _image_count(request: Message) -> int:
@@ -93,7 +93,7 @@ class UsageInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
-        rpc = _rpc_name(handler_call_details.method)
+        rpc = rpc_name(handler_call_details.method)
         if handler is None or rpc is None:
             return handler
         key = api_key_of(handler_call_details.invocation_metadata)
@@ -131,4 +131,4 @@ class UsageInterceptor(grpc.ServerInterceptor):
 
             return counted
 
-        return _replace_behavior(handler, count_unary, count_stream)
+        return replace_behavior(handler, count_unary, count_stream)

@@ -128,16 +128,17 @@ def test_sigterm_drains_in_flight_calls_then_exits(make_images):
             outbox.put(make_images(2).numpy())
             assert next(replies).features.shape[0] == 2
             server.send_signal(signal.SIGTERM)
-            # new calls are refused once the drain has begun: wait for that observable state (a refused call),
-            # not for a fixed time, which a loaded CPU can outlast
+            # the drain, as load balancers and clients observe it: health flips to NOT_SERVING while the port is
+            # still open, and new calls are refused as UNAVAILABLE (retried elsewhere by a client's policy)
+            health = health_pb2_grpc.HealthStub(channel)
             deadline = time.monotonic() + 30
-            refused = False
-            while not refused and time.monotonic() < deadline:
-                try:
-                    stub.Feature(pb.FeatureRequest(images=encode_tensor(make_images(1).numpy())), timeout=5)
-                except grpc.RpcError:
-                    refused = True
-            assert refused, "the server kept accepting new calls for 30 s after SIGTERM"
+            while health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == (
+                health_pb2.HealthCheckResponse.SERVING
+            ):
+                assert time.monotonic() < deadline, "health still said SERVING 30 s after SIGTERM"
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Feature(pb.FeatureRequest(images=encode_tensor(make_images(1).numpy())), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
             outbox.put(make_images(3).numpy())  # ... while the in-flight stream is still served
             assert next(replies).features.shape[0] == 3
             outbox.put(None)
