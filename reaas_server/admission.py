@@ -63,8 +63,9 @@ class _Refusal(Exception):
 class Admission:
     """The slot accounting behind the interceptor: thread-safe, never blocks."""
 
-    # a slot frees, on average, after the pool's mean call duration divided by its slots; the hint stays in
-    # [MIN, MAX] so that a first burst (no history yet) and a pathological call both give sensible advice
+    # a slot frees, on average, after the pool's mean call duration divided by its slots (and no sooner than the
+    # oldest running call's age divided by them, which matters before any call has finished); the hint stays in
+    # [MIN, MAX] so that a first burst and a pathological call both give sensible advice
     MIN_RETRY_S = 0.05
     MAX_RETRY_S = 5.0
 
@@ -72,6 +73,7 @@ class Admission:
         self.limits = limits
         self._lock = threading.Lock()
         self._in_pool: dict[str, int] = defaultdict(int)
+        self._started: dict[str, dict[int, float]] = defaultdict(dict)  # pool → call → monotonic start
         self._per_key: dict[str, int] = defaultdict(int)
         self._mean_duration_s: dict[str, float] = {}
         self._draining = False
@@ -116,7 +118,9 @@ class Admission:
                 )
             self._in_pool[pool] += 1
             self._per_key[key] += 1
-        started = time.monotonic()
+            started = time.monotonic()
+            call = object()
+            self._started[pool][id(call)] = started
         released = False
 
         def release() -> None:
@@ -126,6 +130,7 @@ class Admission:
                     return
                 released = True
                 self._in_pool[pool] -= 1
+                del self._started[pool][id(call)]
                 self._per_key[key] -= 1
                 if self._per_key[key] == 0:
                     del self._per_key[key]
@@ -137,8 +142,9 @@ class Admission:
         return release
 
     def _retry_after_s(self, pool: str) -> float:
-        mean = self._mean_duration_s.get(pool, self.MIN_RETRY_S)
-        return min(self.MAX_RETRY_S, max(self.MIN_RETRY_S, mean / self.limits.pool_calls[pool]))
+        oldest_age = time.monotonic() - min(self._started[pool].values(), default=time.monotonic())
+        expected = max(self._mean_duration_s.get(pool, 0.0), oldest_age) / self.limits.pool_calls[pool]
+        return min(self.MAX_RETRY_S, max(self.MIN_RETRY_S, expected))
 
 
 def _refuse(context: grpc.ServicerContext, refusal: _Refusal) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from reaas_server.app import start_server
 from reaas_server.config import MODES, ServerConfig
+from reaas_server.memory import limit_heap_growth
 from robust_pretrain.demo import DEFAULT_DEMO_KIND, DEMO_KINDS
 
 
@@ -81,7 +82,14 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         "--f2i-memory-budget-mb",
         type=float,
         default=defaults.f2i_memory_budget_bytes / 2**20,
-        help="working-set cap of one bound computation in MiB; larger batches are chunked "
+        help="working-set cap of the bound computations in MiB, shared by the --max-f2i-calls admitted F2I "
+        "calls; larger batches are chunked (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--forward-chunk-size",
+        type=int,
+        default=defaults.forward_chunk_size,
+        help="images per forward pass; larger requests are split so their activations stay bounded "
         "(default: %(default)s)",
     )
     admission = parser.add_argument_group(
@@ -142,6 +150,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             api_keys=api_keys,
             default_bound=args.default_bound,
             f2i_memory_budget_bytes=int(args.f2i_memory_budget_mb * 2**20),
+            forward_chunk_size=args.forward_chunk_size,
             bound_cost_budget_s=args.bound_cost_budget,
             workers=args.workers,
             max_feature_calls=args.max_feature_calls,
@@ -159,6 +168,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
 
 def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv)
+    limit_heap_growth()
     log = logging.getLogger(__name__)
     stopping = threading.Event()
     running = None

@@ -28,7 +28,9 @@ class ServerConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     api_keys: frozenset[str] | None = None
     default_bound: str | None = None  # None: bounds.DEFAULT_BOUND
-    f2i_memory_budget_bytes: int = 2 * 1024**3  # caps the bound computation's working set per call
+    # caps the bound computations' working set, shared by the admitted F2I calls (each gets its share)
+    f2i_memory_budget_bytes: int = 256 * 1024**2
+    forward_chunk_size: int = 256  # images per forward pass: bounds the activations a large request holds
     f2i_chunk_size: int = 64  # images per bound computation; cancellation is checked between chunks
     bound_cost_budget_s: float = 5.0  # start-up time cap for measuring each bound's cost (EncoderInfo.bound_costs)
     workers: int = 16  # gRPC handler threads, shared by every RPC including health checks
@@ -48,6 +50,8 @@ class ServerConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
+        if self.forward_chunk_size < 1:
+            raise ValueError("forward_chunk_size must be >= 1")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if min(self.max_feature_calls, self.max_feature_streams, self.max_f2i_calls, self.max_calls_per_key) < 1:

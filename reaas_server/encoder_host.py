@@ -108,10 +108,23 @@ class ServedEncoder:
             for name in names
         )
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """f(images): [batch, C, H, W] float32 → [batch, feature_dim] float32 on the CPU."""
+    def features(self, images: torch.Tensor, *, chunk_size: int | None = None,
+                 still_wanted: Callable[[], bool] = lambda: True) -> torch.Tensor | None:
+        """f(images): [batch, C, H, W] float32 → [batch, feature_dim] float32 on the CPU.
+
+        Runs ``chunk_size`` images per forward pass (all at once when None) so that a 4 096-image request does not
+        hold the activations of 4 096 images at once; returns None as soon as ``still_wanted()`` turns false
+        between chunks (the caller gave up).
+        """
+        step = chunk_size or images.shape[0]
+        parts = []
         with torch.inference_mode():
-            return self.model(images.to(self.device, non_blocking=True)).float().cpu()
+            for start in range(0, images.shape[0], step):
+                if not still_wanted():
+                    return None
+                chunk = images[start : start + step].to(self.device, non_blocking=True)
+                parts.append(self.model(chunk).float().cpu())
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def image_radii(
         self,

@@ -87,9 +87,11 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
     # -- features -----------------------------------------------------------------------------------------
     def _feature_response(self, request: pb.FeatureRequest, context) -> pb.FeatureResponse:
         images = decode_images(request.images, self._spec)
-        if not _still_wanted(context):
+        features = self._encoder.features(images, chunk_size=self._config.forward_chunk_size,
+                                          still_wanted=lambda: _still_wanted(context))
+        if features is None:
             raise RequestError(grpc.StatusCode.CANCELLED, "the call was cancelled or its deadline passed")
-        return pb.FeatureResponse(features=encode_tensor(self._encoder.features(images)))
+        return pb.FeatureResponse(features=encode_tensor(features))
 
     def Feature(self, request, context):
         with _status_on_error(context):
@@ -121,7 +123,7 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
             feature_radii,
             bound=bound,
             chunk_size=self._config.f2i_chunk_size,
-            memory_budget_bytes=self._config.f2i_memory_budget_bytes,
+            memory_budget_bytes=self._config.f2i_memory_budget_bytes // self._config.max_f2i_calls,
             still_wanted=lambda: _still_wanted(context),
         )
         if result is None:
