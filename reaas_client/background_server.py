@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -27,10 +28,28 @@ class ServerStartError(RuntimeError):
     """The background server exited or did not become healthy in time (its log path is in the message)."""
 
 
+@dataclass(frozen=True)
+class BackgroundServer:
+    """A healthy server child: where to call it, and the process (benchmarks read its memory and CPU)."""
+
+    address: str
+    process: subprocess.Popen
+
+
 @contextlib.contextmanager
 def background_server(mode: str = "reaas", *, checkpoint: Path | None = None, log_path: Path | None = None,
                       startup_timeout_s: float = 120.0, extra_args: tuple[str, ...] = ()) -> Iterator[str]:
     """Yield "127.0.0.1:PORT" of a healthy `reaas-server --mode MODE` child; stop it on exit."""
+    with background_server_process(mode, checkpoint=checkpoint, log_path=log_path,
+                                   startup_timeout_s=startup_timeout_s, extra_args=extra_args) as server:
+        yield server.address
+
+
+@contextlib.contextmanager
+def background_server_process(mode: str = "reaas", *, checkpoint: Path | None = None, log_path: Path | None = None,
+                              startup_timeout_s: float = 120.0, extra_args: tuple[str, ...] = ()
+                              ) -> Iterator[BackgroundServer]:
+    """Like `background_server`, yielding the child process too."""
     command = [sys.executable, "-m", "reaas_server.cli", "--host", "127.0.0.1", "--port", "0", "--mode", mode,
                "--grace", "2", *extra_args]
     if checkpoint is not None:
@@ -40,7 +59,7 @@ def background_server(mode: str = "reaas", *, checkpoint: Path | None = None, lo
     try:
         address = _wait_for_handshake(process, startup_timeout_s, log_path)
         _wait_for_serving(address, process, startup_timeout_s, log_path)
-        yield address
+        yield BackgroundServer(address, process)
     finally:
         process.terminate()
         try:
