@@ -14,10 +14,14 @@ Supported layers (anything else raises UnsupportedLayerError): nn.Sequential, nn
 any stride), nn.ReLU, MaxMin, nn.Flatten, nn.AvgPool2d, nn.PixelUnshuffle, nn.Identity, Residual,
 nn.BatchNorm1d/2d (eval mode). AOLLinear / AOLConv2d train 1-Lipschitz layers; `materialize` turns them into
 plain nn.Linear / nn.Conv2d before bounding.
+
+Cancellation: `f2i_radius(..., should_stop=...)` polls the callable before every bound evaluation and inside each,
+and raises SearchCancelled (never a partial radius) once it returns True (bounds.cancellation).
 """
 
 from bounds.attack import pgd_feature_distance, pgd_margin_attack
 from bounds.batchnorm import fold_batchnorm
+from bounds.cancellation import SearchCancelled
 from bounds.f2i import (
     BOUND_DESCRIPTIONS,
     BOUNDS_OFFERED,
@@ -58,6 +62,7 @@ __all__ = [
     "InputBall",
     "MaxMin",
     "Residual",
+    "SearchCancelled",
     "UnsupportedLayerError",
     "build_graph",
     "certify_feature_radius",

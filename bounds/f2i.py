@@ -22,6 +22,10 @@ UB(x, r)·(1 + SAFETY_MARGIN) < R_F; bounds are computed in float32 (rounding ~1
 
 Images whose test fails go to the "best_ibp" search; each result names the bound that decided it ("lipschitz"
 with 0 search steps for a closed-form answer).
+
+Cancellation (bounds.cancellation): an optional `should_stop` is polled before every bound evaluation, between
+image chunks and inside each evaluation (per CROWN layer and spec chunk, per Jacobian backward layer); once it is
+true the search raises SearchCancelled and returns nothing, so no partial radius ever leaves it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from bounds.cancellation import StopCheck, stop_if_asked
 from bounds.feature_distance import FEATURE_BOUNDS, feature_distance_upper, local_jacobian_norm
 from bounds.graph import BoundGraph, build_graph
 from bounds.layers import UnsupportedLayerError, module_device
@@ -156,6 +161,7 @@ def _search_chunk(
     spec_chunk: int,
     intermediate: str,
     memory_budget_bytes: int,
+    should_stop: StopCheck,
 ) -> tuple[torch.Tensor, list[str], torch.Tensor]:
     radii_f = feature_radii.to(torch.float64).cpu()
     batch = images.shape[0]
@@ -174,7 +180,8 @@ def _search_chunk(
     else:
         # First guess: where the exact Jacobian at x alone would reach R_F (the true radius if f stays affine).
         point = InputBall(images, torch.zeros(batch, dtype=images.dtype, device=images.device))
-        jacobian_norm = local_jacobian_norm(graph, compute_bounds(graph, point, intermediate="ibp")).cpu()
+        jacobian_norm = local_jacobian_norm(graph, compute_bounds(graph, point, intermediate="ibp"),
+                                            should_stop=should_stop).cpu()
         upper = radii_f / jacobian_norm.clamp(min=1e-12)
         if lipschitz_upper > 0:
             # sound bounds rarely certify far beyond the global-Lipschitz radius: start the bracket near it
@@ -189,7 +196,7 @@ def _search_chunk(
         values = feature_distance_upper(
             graph, images[device_index], radius.to(images.device, images.dtype), names,
             lipschitz_upper=lipschitz_upper, intermediate=intermediate, spec_chunk=spec_chunk,
-            memory_budget_bytes=memory_budget_bytes,
+            memory_budget_bytes=memory_budget_bytes, should_stop=should_stop,
         )
         stacked = torch.stack([values[n].cpu() for n in names], dim=1)
         best, which = stacked.min(dim=1)
@@ -226,7 +233,8 @@ def _search_chunk(
             lower[wanted] = torch.where(verified, upper[wanted], torch.maximum(lower[wanted], certified))
             upper[wanted] = torch.where(verified, 2 * upper[wanted], upper[wanted])
             probed[wanted] = 1
-    radius, steps = batched_binary_search(certify, lower, upper, tolerance=tolerance, max_steps=max_steps)
+    radius, steps = batched_binary_search(certify, lower, upper, tolerance=tolerance, max_steps=max_steps,
+                                          should_stop=should_stop)
     return radius, decider, steps + probed
 
 
@@ -241,6 +249,7 @@ def f2i_radius(
     lipschitz_upper: float | None = None,
     memory_budget_bytes: int | None = None,
     intermediate: str = "crown",
+    should_stop: StopCheck = None,
 ) -> F2IResult:
     """For each image, the largest r found (relative `tolerance`) with UB(x, r) < R_F for the bound `bound`.
 
@@ -249,7 +258,9 @@ def f2i_radius(
     whose CROWN state fits `memory_budget_bytes` (default 1 GiB), so any batch size runs. `intermediate` picks
     the intermediate bounds for the CROWN-based bounds ("crown" or "ibp"; "best_ibp" always uses "ibp").
     `bound="auto"` answers R_F·(1 - m)/L where the local bounds cannot beat it by more than `tolerance` and
-    searches with "best_ibp" elsewhere (module docstring).
+    searches with "best_ibp" elsewhere (module docstring). `should_stop` (a cheap callable, e.g. "the client gave
+    up") is polled before every bound evaluation and inside each; once true, SearchCancelled is raised and no
+    radius is returned (bounds.cancellation). None (the default) never stops.
     """
     _bound_names(bound)
     if images.dim() != 4:
@@ -262,7 +273,7 @@ def f2i_radius(
     if lipschitz_upper is None:
         lipschitz_upper = global_lipschitz_upper(model, tuple(images.shape[1:]))
     search = dict(tolerance=tolerance, max_steps=max_steps, lipschitz_upper=float(lipschitz_upper),
-                  memory_budget_bytes=memory_budget_bytes, intermediate=intermediate)
+                  memory_budget_bytes=memory_budget_bytes, intermediate=intermediate, should_stop=should_stop)
     if bound != "auto":
         return _search(model, images, feature_radii, bound, **search)
     return _auto(model, images, feature_radii, **search)
@@ -281,6 +292,7 @@ def _auto(model: nn.Module, images: torch.Tensor, feature_radii: torch.Tensor, *
     device = module_device(model, images.device)
     wanted = (feature_radii > 0).nonzero().squeeze(1).cpu()
     candidates = images[wanted.to(images.device)].to(device=device, dtype=torch.float32)
+    stop_if_asked(search["should_stop"])
     undecided = wanted[~global_radius_suffices(model, candidates, lipschitz_upper, search["tolerance"])]
     if undecided.numel():
         searched = _search(model, images[undecided.to(images.device)],
@@ -303,6 +315,7 @@ def _search(
     lipschitz_upper: float,
     memory_budget_bytes: int | None,
     intermediate: str,
+    should_stop: StopCheck,
 ) -> F2IResult:
     """The batched search with one named bound (inputs already validated)."""
     names = _bound_names(bound)
@@ -316,10 +329,12 @@ def _search(
     radii, deciders, steps = [], [], []
     with torch.no_grad():
         for start in range(0, images.shape[0], per_chunk):
+            stop_if_asked(should_stop)
             radius, decider, step = _search_chunk(
                 graph, images[start:start + per_chunk], feature_radii[start:start + per_chunk], names,
                 lipschitz_upper=lipschitz_upper, tolerance=tolerance, max_steps=max_steps,
                 spec_chunk=spec_chunk, intermediate=intermediate, memory_budget_bytes=budget,
+                should_stop=should_stop,
             )
             radii.append(radius)
             deciders.extend(decider)

@@ -25,12 +25,14 @@ Write g(d) = f(x + d) - f(x) (g(0) = 0) and B = {d : ||d||_2 <= r}. Each bound b
 
 Intermediate bounds come from bounds.propagation (`intermediate="crown"` by default, or "ibp"); the bounds that
 need them share one pass. Spectral norms are exact float64 values inflated by bounds.spectral.SPECTRAL_SAFETY.
+Every function here takes an optional `should_stop` (bounds.cancellation), polled between layers and stages.
 """
 
 from __future__ import annotations
 
 import torch
 
+from bounds.cancellation import StopCheck, stop_if_asked
 from bounds.graph import BoundGraph
 from bounds.midpoint_lipschitz import DEFAULT_MEMORY_BUDGET_BYTES, midpoint_applies, midpoint_lipschitz_upper
 from bounds.operators import Box
@@ -52,7 +54,9 @@ def _identity_spec(graph: BoundGraph, batch: int, like: torch.Tensor) -> torch.T
     return eye.reshape(1, numel, *shape).expand(batch, numel, *shape)
 
 
-def jacobian_interval(graph: BoundGraph, boxes: list[Box]) -> tuple[torch.Tensor, torch.Tensor]:
+def jacobian_interval(
+    graph: BoundGraph, boxes: list[Box], *, should_stop: StopCheck = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`(C, R)` [batch, feature_dim, n_input] with |J - C| <= R for every Clarke Jacobian J of f on the set the
     boxes describe (see the module docstring)."""
     batch = boxes[0].lower.shape[0]
@@ -61,6 +65,7 @@ def jacobian_interval(graph: BoundGraph, boxes: list[Box]) -> tuple[torch.Tensor
     for index in range(graph.output_index, 0, -1):
         if index not in pending:
             continue
+        stop_if_asked(should_stop)
         node_center, node_radius = pending.pop(index)
         node = graph.nodes[index]
         pulled = node.op.jacobian_backward(node_center, node_radius, tuple(boxes[j] for j in node.inputs))
@@ -74,15 +79,18 @@ def jacobian_interval(graph: BoundGraph, boxes: list[Box]) -> tuple[torch.Tensor
 
 
 def local_jacobian_norm(
-    graph: BoundGraph, boxes: list[Box], *, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES
+    graph: BoundGraph, boxes: list[Box], *, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    should_stop: StopCheck = None,
 ) -> torch.Tensor:
     """Sound upper bound [batch] of ||J||_2 over every Clarke Jacobian J on the set the boxes describe."""
-    c, r = jacobian_interval(graph, boxes)
+    c, r = jacobian_interval(graph, boxes, should_stop=should_stop)
+    stop_if_asked(should_stop)
     split = matrix_norm_upper(c) + matrix_norm_upper(r)
     joint = matrix_norm_upper(c.abs() + r)
     bound = torch.minimum(split, joint)
     if midpoint_applies(graph) and bool((r > 0).any()):
-        bound = torch.minimum(bound, midpoint_lipschitz_upper(graph, boxes, memory_budget_bytes=memory_budget_bytes))
+        bound = torch.minimum(bound, midpoint_lipschitz_upper(graph, boxes, memory_budget_bytes=memory_budget_bytes,
+                                                              should_stop=should_stop))
     return bound
 
 
@@ -96,13 +104,16 @@ def feature_distance_upper(
     intermediate: str = "crown",
     spec_chunk: int = 1024,
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    should_stop: StopCheck = None,
 ) -> dict[str, torch.Tensor]:
     """UB(x, r) [batch] float64 for each requested name in FEATURE_BOUNDS; `images` [batch, C, H, W], `radius`
     [batch] (l2). `lipschitz_upper` is required for "lipschitz". CROWN handles `spec_chunk` specification rows at
-    a time; the local Lipschitz bound keeps its explicit matrices within `memory_budget_bytes`."""
+    a time; the local Lipschitz bound keeps its explicit matrices within `memory_budget_bytes`. Raises
+    SearchCancelled once `should_stop()` is true (polled at the start and between layers; bounds.cancellation)."""
     unknown = set(names) - set(FEATURE_BOUNDS)
     if unknown:
         raise ValueError(f"unknown feature-distance bounds {sorted(unknown)}; valid: {FEATURE_BOUNDS}")
+    stop_if_asked(should_stop)
     radius64 = radius.to(torch.float64)
     result: dict[str, torch.Tensor] = {}
     if "lipschitz" in names:
@@ -118,14 +129,15 @@ def feature_distance_upper(
     features = graph.forward(images).reshape(batch, -1)
     ball = InputBall(images, radius.to(dtype), "l2")
     only_ibp = needs_propagation == ["ibp"]
-    boxes = compute_bounds(graph, ball, intermediate="ibp" if only_ibp else intermediate, spec_chunk=spec_chunk)
+    boxes = compute_bounds(graph, ball, intermediate="ibp" if only_ibp else intermediate, spec_chunk=spec_chunk,
+                           should_stop=should_stop)
     if "ibp" in names:
         output = boxes[-1]
         result["ibp"] = _elementwise_to_l2(Box(output.lower.reshape(batch, -1), output.upper.reshape(batch, -1)),
                                            features)
     if "crown" in names or "crown_spectral" in names:
         spec = _identity_spec(graph, batch, images)
-        linear = crown_backward(graph, boxes, graph.output_index, spec, spec)
+        linear = crown_backward(graph, boxes, graph.output_index, spec, spec, should_stop=should_stop)
         x0 = images.reshape(batch, -1)
         offset_lower = torch.einsum("bsn,bn->bs", linear.lA, x0) + linear.lbias - features
         offset_upper = torch.einsum("bsn,bn->bs", linear.uA, x0) + linear.ubias - features
@@ -144,5 +156,7 @@ def feature_distance_upper(
                 + offset_mid.norm(dim=1) + offset_gap.norm(dim=1)
             )
     if "local_lipschitz" in names:
-        result["local_lipschitz"] = local_jacobian_norm(graph, boxes, memory_budget_bytes=memory_budget_bytes) * radius64
+        jacobian_norm = local_jacobian_norm(graph, boxes, memory_budget_bytes=memory_budget_bytes,
+                                            should_stop=should_stop)
+        result["local_lipschitz"] = jacobian_norm * radius64
     return result

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import torch
 
+from bounds.cancellation import StopCheck, stop_if_asked
 from bounds.graph import BoundGraph
 from bounds.operators import AddOperator, AffineOperator, Box
 from bounds.spectral import SPECTRAL_SAFETY, matrix_norm_upper, operator_norm_upper
@@ -73,13 +74,15 @@ def _affine_norms(graph: BoundGraph) -> dict[int, float]:
 
 
 def midpoint_lipschitz_upper(
-    graph: BoundGraph, boxes: list[Box], *, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES
+    graph: BoundGraph, boxes: list[Box], *, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    should_stop: StopCheck = None,
 ) -> torch.Tensor:
     """Sound upper bound [batch] of ||J||_2 over the Clarke Jacobians on the set the boxes describe (chains only).
 
     Images are processed in groups small enough that every explicit matrix fits `memory_budget_bytes` whole; only
     when one image's matrices do not fit are their rows split into blocks A_i, with ||A||_2 <= sqrt(sum ||A_i||^2)
-    (sound, but up to sqrt(#blocks) looser, which is why whole matrices come first).
+    (sound, but up to sqrt(#blocks) looser, which is why whole matrices come first). `should_stop` is polled
+    before each layer of every backward pass (bounds.cancellation).
     """
     activations = [i for i, node in enumerate(graph.nodes) if i > 0 and node.op.is_activation]
     batch = boxes[0].lower.shape[0]
@@ -92,12 +95,12 @@ def midpoint_lipschitz_upper(
     row_chunk = max(1, memory_budget_bytes // (group * row_bytes))
     return torch.cat([
         _midpoint_group(graph, [Box(b.lower[start:start + group], b.upper[start:start + group]) for b in boxes],
-                        row_chunk)
+                        row_chunk, should_stop)
         for start in range(0, batch, group)
     ])
 
 
-def _midpoint_group(graph: BoundGraph, boxes: list[Box], spec_chunk: int) -> torch.Tensor:
+def _midpoint_group(graph: BoundGraph, boxes: list[Box], spec_chunk: int, should_stop: StopCheck) -> torch.Tensor:
     activations = [i for i, node in enumerate(graph.nodes) if i > 0 and node.op.is_activation]
     batch = boxes[0].lower.shape[0]
     device, dtype = boxes[0].lower.device, boxes[0].lower.dtype
@@ -134,6 +137,7 @@ def _midpoint_group(graph: BoundGraph, boxes: list[Box], spec_chunk: int) -> tor
             product = torch.ones(batch, dtype=torch.float64, device=device)
             index = start
             while index > 0:
+                stop_if_asked(should_stop)
                 node = graph.nodes[index]
                 if node.op.is_activation:
                     columns = unstable[index]
@@ -150,6 +154,7 @@ def _midpoint_group(graph: BoundGraph, boxes: list[Box], spec_chunk: int) -> tor
                 else:
                     raise TypeError(f"midpoint expansion needs a chain, found {type(node.op).__name__}")
                 index = node.inputs[0]
+            stop_if_asked(should_stop)
             squared[0] = squared.get(0, 0.0) + spectral_upper(a) ** 2
             products[0] = product
         total = torch.minimum(squared.pop(0).sqrt(), products[0])

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bounds.cancellation import StopCheck, stop_if_asked
 from bounds.graph import BoundGraph
 from bounds.operators import AffineOperator, Box, Operator
 
@@ -68,11 +69,13 @@ def concretize(ball: InputBall, bounds: LinearBounds) -> Box:
 
 
 def crown_backward(
-    graph: BoundGraph, boxes: list[Box], target: int, lA: torch.Tensor | None, uA: torch.Tensor | None
+    graph: BoundGraph, boxes: list[Box], target: int, lA: torch.Tensor | None, uA: torch.Tensor | None,
+    *, should_stop: StopCheck = None,
 ) -> LinearBounds:
     """Back-substitute the coefficients `lA`, `uA` [batch, spec, *shape(target)] down to the input.
 
-    `boxes` must hold sound bounds for every activation input below `target`.
+    `boxes` must hold sound bounds for every activation input below `target`. `should_stop` is polled before each
+    layer's backward step (bounds.cancellation).
     """
     pending: dict[int, list] = {target: [lA, uA]}
     lbias: torch.Tensor | float = 0.0
@@ -80,6 +83,7 @@ def crown_backward(
     for index in range(target, 0, -1):
         if index not in pending:
             continue
+        stop_if_asked(should_stop)
         node_lA, node_uA = pending.pop(index)
         node = graph.nodes[index]
         coefficients, node_lbias, node_ubias = node.op.backward(
@@ -111,15 +115,17 @@ def crown_backward(
 
 
 def crown_bounds_of(
-    graph: BoundGraph, boxes: list[Box], ball: InputBall, target: int, spec: torch.Tensor
+    graph: BoundGraph, boxes: list[Box], ball: InputBall, target: int, spec: torch.Tensor,
+    *, should_stop: StopCheck = None,
 ) -> tuple[Box, LinearBounds]:
     """CROWN bounds of `spec·node(x)` with `spec` [batch, s, *shape(target)]: the box [batch, s] and the linear form."""
-    linear = crown_backward(graph, boxes, target, spec, spec)
+    linear = crown_backward(graph, boxes, target, spec, spec, should_stop=should_stop)
     return concretize(ball, linear), linear
 
 
 def _refine_with_crown(
-    graph: BoundGraph, boxes: list[Box], ball: InputBall, target: int, spec_chunk: int, activations: list[Operator]
+    graph: BoundGraph, boxes: list[Box], ball: InputBall, target: int, spec_chunk: int, activations: list[Operator],
+    should_stop: StopCheck,
 ) -> Box:
     box = boxes[target]
     batch = box.lower.shape[0]
@@ -132,7 +138,8 @@ def _refine_with_crown(
         neurons = unstable[start:start + spec_chunk]
         spec = torch.zeros(batch, neurons.numel(), numel, dtype=lower.dtype, device=lower.device)
         spec[:, torch.arange(neurons.numel(), device=lower.device), neurons] = 1.0
-        refined, _ = crown_bounds_of(graph, boxes, ball, target, spec.reshape(batch, -1, *graph.nodes[target].shape))
+        refined, _ = crown_bounds_of(graph, boxes, ball, target, spec.reshape(batch, -1, *graph.nodes[target].shape),
+                                     should_stop=should_stop)
         lower[:, neurons] = torch.maximum(lower[:, neurons], refined.lower)
         upper[:, neurons] = torch.minimum(upper[:, neurons], refined.upper)
     shape = box.lower.shape
@@ -140,10 +147,12 @@ def _refine_with_crown(
 
 
 def compute_bounds(
-    graph: BoundGraph, ball: InputBall, *, intermediate: str = "crown", spec_chunk: int = 1024
+    graph: BoundGraph, ball: InputBall, *, intermediate: str = "crown", spec_chunk: int = 1024,
+    should_stop: StopCheck = None,
 ) -> list[Box]:
     """Sound elementwise bounds [batch, *shape] of every node over the ball (IBP forward, CROWN-refined at
-    activation inputs when `intermediate == "crown"`)."""
+    activation inputs when `intermediate == "crown"`). `should_stop` is polled before each CROWN refinement and
+    inside it (bounds.cancellation); IBP steps are too cheap to need it."""
     if intermediate not in INTERMEDIATE_METHODS:
         raise ValueError(f"unknown intermediate method {intermediate!r}; valid: {INTERMEDIATE_METHODS}")
     activation_inputs: dict[int, list[Operator]] = {}
@@ -164,5 +173,6 @@ def compute_bounds(
         else:
             boxes.append(op.interval(*(boxes[j] for j in sources)))
         if intermediate == "crown" and index in activation_inputs and index not in exact:
-            boxes[index] = _refine_with_crown(graph, boxes, ball, index, spec_chunk, activation_inputs[index])
+            boxes[index] = _refine_with_crown(graph, boxes, ball, index, spec_chunk, activation_inputs[index],
+                                              should_stop)
     return boxes

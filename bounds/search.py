@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 
+from bounds.cancellation import StopCheck, stop_if_asked
+
 # certify(radius [k], index [k] int64) -> verified [k] bool, or (verified, score [k]), or (verified, score,
 # certified [k]) where certified is a (possibly smaller) radius the same evaluation proved, e.g. R_F / K for a
 # Lipschitz constant K valid on the whole probed ball.
@@ -26,6 +28,7 @@ def batched_binary_search(
     *,
     tolerance: float,
     max_steps: int,
+    should_stop: StopCheck = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per element, the largest radius found that `certify` verified, and the number of `certify` calls it took.
 
@@ -33,6 +36,7 @@ def batched_binary_search(
     While the guess verifies, the bracket doubles; then it is narrowed until `upper - lower <= tolerance·upper`
     (relative tolerance) or `max_steps` calls were spent. Only verified radii are ever returned (the lower end),
     so the result is sound whatever the scores say. Returns `(radius [batch] float64, steps [batch] int64)`.
+    `should_stop` is polled before every `certify` call; once true, SearchCancelled is raised and nothing returned.
     """
     lo = lower.to(torch.float64).clone()
     hi = torch.maximum(upper.to(torch.float64), lo)
@@ -55,6 +59,7 @@ def batched_binary_search(
         interpolated = torch.where(closing, low + 0.99 * tolerance * h, interpolated)
         usable = torch.isfinite(interpolated) & torch.isfinite(score_hi[index])
         probe = torch.where(expanding[index], h, torch.where(usable, interpolated, (low + h) / 2))
+        stop_if_asked(should_stop)
         answer = certify(probe, index)
         answer = answer if isinstance(answer, tuple) else (answer,)
         verified = answer[0].to(lo.device)

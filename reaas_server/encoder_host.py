@@ -138,21 +138,26 @@ class ServedEncoder:
     ) -> ImageRadii | None:
         """Certified image-space radii, computed ``chunk_size`` images at a time.
 
-        Returns None as soon as ``still_wanted()`` turns false between chunks (the caller gave up), so a
-        cancelled or expired call stops spending compute.
+        Returns None as soon as ``still_wanted()`` turns false (the caller gave up): it is polled between chunks
+        and, inside the search, before and during every bound evaluation, so a cancelled or expired call stops
+        spending compute within one step of a bound evaluation and no partial answer is kept.
         """
         radii, bound_names, steps = [], [], []
         for start in range(0, images.shape[0], chunk_size):
             if not still_wanted():
                 return None
-            result = bounds.f2i_radius(
-                self.model,
-                images[start : start + chunk_size].to(self.device),
-                feature_radii[start : start + chunk_size].to(self.device),
-                bound=bound,
-                lipschitz_upper=self.metadata.lipschitz_upper,
-                memory_budget_bytes=memory_budget_bytes,
-            )
+            try:
+                result = bounds.f2i_radius(
+                    self.model,
+                    images[start : start + chunk_size].to(self.device),
+                    feature_radii[start : start + chunk_size].to(self.device),
+                    bound=bound,
+                    lipschitz_upper=self.metadata.lipschitz_upper,
+                    memory_budget_bytes=memory_budget_bytes,
+                    should_stop=lambda: not still_wanted(),
+                )
+            except bounds.SearchCancelled:
+                return None
             radii.append(result.image_radius.detach().double().cpu())
             bound_names.extend(result.bound)
             steps.append(result.search_steps.detach().long().cpu())

@@ -6,10 +6,12 @@ import pytest
 import torch
 from bounds_models import ENCODERS
 
+import bounds.f2i
 from bounds import (
     BOUNDS_OFFERED,
     DEFAULT_BOUND,
     SAFETY_MARGIN,
+    SearchCancelled,
     UnsupportedLayerError,
     f2i_radius,
     feature_distance_upper,
@@ -210,3 +212,86 @@ def test_jacobian_norm_lower_never_exceeds_the_exact_norm():
     ])
     lower = jacobian_norm_lower(model, images, max_iterations=30, generator=torch.Generator().manual_seed(0))
     assert (lower <= exact).all() and (lower >= 0.9 * exact).all(), (lower, exact)
+
+
+# -- cancellation --------------------------------------------------------------------------------------------------
+
+
+def _count_bound_evaluations(monkeypatch) -> list[int]:
+    """One entry per bound evaluation the search starts (every search step goes through feature_distance_upper)."""
+    started: list[int] = []
+    real = bounds.f2i.feature_distance_upper
+
+    def counted(*args, **kwargs):
+        started.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bounds.f2i, "feature_distance_upper", counted)
+    return started
+
+
+@pytest.mark.parametrize("bound", ["crown", "best", "auto"])
+def test_should_stop_cancels_the_search_within_one_bound_evaluation(monkeypatch, bound):
+    build, shape = ENCODERS["toy"]
+    model = build(3)  # an untrained ReLU net: "auto" searches here too
+    images = torch.rand(3, *shape, generator=torch.Generator().manual_seed(3))
+    feature_radii = torch.tensor([0.1, 0.5, 1.0])
+    started = _count_bound_evaluations(monkeypatch)
+    f2i_radius(model, images, feature_radii, bound=bound)
+    uncancelled = len(started)
+    assert uncancelled > 3, "the search must need several evaluations for this test to mean anything"
+
+    started.clear()
+    flipped_at: list[int] = []
+
+    def should_stop() -> bool:
+        # flips once the second evaluation has begun, i.e. while it is in flight
+        if len(started) >= 2 and not flipped_at:
+            flipped_at.append(len(started))
+        return bool(flipped_at)
+
+    with pytest.raises(SearchCancelled):
+        f2i_radius(model, images, feature_radii, bound=bound, should_stop=should_stop)
+    assert flipped_at == [2]
+    assert len(started) - flipped_at[0] <= 1, "evaluations kept starting after should_stop turned true"
+    assert len(started) == 2  # in fact none: the one in flight stopped and no other began
+
+
+def test_one_crown_evaluation_polls_should_stop_between_layers_and_stops_mid_way():
+    build, shape = ENCODERS["mnist_cnn"]
+    model = build(0)
+    graph = build_graph(model, shape)
+    images = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0))
+    radius = torch.full((2,), 0.5)
+    names = ("crown", "local_lipschitz")
+    polls: list[int] = []
+
+    def never() -> bool:
+        polls.append(1)
+        return False
+
+    feature_distance_upper(graph, images, radius, names, lipschitz_upper=1.0, should_stop=never)
+    uncancelled = len(polls)
+    assert uncancelled >= len(graph.nodes), "polled at least once per layer of the CROWN backward pass"
+
+    polls.clear()
+
+    def halfway() -> bool:
+        polls.append(1)
+        return len(polls) >= uncancelled // 2
+
+    with pytest.raises(SearchCancelled):
+        feature_distance_upper(graph, images, radius, names, lipschitz_upper=1.0, should_stop=halfway)
+    assert len(polls) == uncancelled // 2  # it stopped at the first true answer
+
+
+@pytest.mark.parametrize("bound", ["crown", "best", "auto"])
+def test_a_should_stop_that_never_fires_changes_no_result(bound):
+    build, shape = ENCODERS["toy"]
+    model = build(3)
+    images = torch.rand(3, *shape, generator=torch.Generator().manual_seed(3))
+    feature_radii = torch.tensor([0.1, 0.5, 1.0])
+    plain = f2i_radius(model, images, feature_radii, bound=bound)
+    polled = f2i_radius(model, images, feature_radii, bound=bound, should_stop=lambda: False)
+    assert torch.equal(plain.image_radius, polled.image_radius)
+    assert torch.equal(plain.search_steps, polled.search_steps) and plain.bound == polled.bound

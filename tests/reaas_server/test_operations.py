@@ -7,17 +7,18 @@ import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
+from types import SimpleNamespace
 
 import grpc
 import numpy as np
-import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-import reaas_server.encoder_host as encoder_host
+import bounds.f2i
 from reaas.v1 import encoder_service_pb2 as pb
 from reaas.v1 import encoder_service_pb2_grpc as pb_grpc
-from reaas_client import EncoderClient, ServiceError, encode_tensor
+from reaas_client import EncoderClient, encode_tensor
 from reaas_server import ServerConfig, run_server
 
 
@@ -58,32 +59,89 @@ def test_a_client_built_from_reflection_alone_decodes_features(reaas_address, cl
     np.testing.assert_array_equal(decoded, client.features(images))
 
 
-@pytest.fixture()
-def slow_bounds(monkeypatch):
-    """Each bound computation takes 0.2 s and is counted, so we can see when the server stops working."""
-    calls = []
-    real = encoder_host.bounds.f2i_radius
-
-    def slow(*args, **kwargs):
-        calls.append(time.monotonic())
-        time.sleep(0.2)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(encoder_host.bounds, "f2i_radius", slow)
-    return calls
+def _wait_until(condition, timeout_s: float) -> bool:
+    """Poll an observable condition until it holds or `timeout_s` passes (generous: the CPUs may be busy)."""
+    end = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
 
 
-def test_deadline_stops_the_bound_computation(demo_encoder, make_images, slow_bounds):
-    config = ServerConfig(port=0, f2i_chunk_size=1)
-    with run_server(config, demo_encoder) as (_, port):
-        with (
-            EncoderClient(f"127.0.0.1:{port}", timeout_s=0.5) as client,
-            pytest.raises(ServiceError) as raised,
-        ):
-            client.f2i_perturb(make_images(20), np.full(20, 0.5), bound="lipschitz")
-        assert raised.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-        time.sleep(0.6)
-        assert len(slow_bounds) <= 5, "the server kept computing for a caller that had given up"
+def _watch_the_search(encoder, monkeypatch) -> SimpleNamespace:
+    """Instrument the F2I search on `encoder`: when each bound evaluation starts, and what image_radii returned.
+
+    The first evaluation is held until the client has given up *and* the server sees the call as no longer wanted,
+    so the deadline always falls mid-search, however slow the machine. Install it after the server has started
+    (its start-up cost measurement evaluates bounds too).
+    """
+    watch = SimpleNamespace(started=[], outcome=[], returned=threading.Event(), client_gave_up=threading.Event(),
+                            still_wanted=None)
+    real_image_radii = encoder.image_radii
+    real_evaluation = bounds.f2i.feature_distance_upper
+
+    def image_radii(*args, still_wanted, **kwargs):
+        watch.still_wanted = still_wanted
+        try:
+            watch.outcome.append(real_image_radii(*args, still_wanted=still_wanted, **kwargs))
+        except Exception as error:
+            watch.outcome.append(error)
+            raise
+        finally:
+            watch.returned.set()
+        return watch.outcome[-1]
+
+    def evaluation(*args, **kwargs):
+        watch.started.append(time.monotonic())
+        if len(watch.started) == 1:
+            watch.client_gave_up.wait(60)
+            _wait_until(lambda: not watch.still_wanted(), 60)
+        return real_evaluation(*args, **kwargs)
+
+    monkeypatch.setattr(encoder, "image_radii", image_radii)
+    monkeypatch.setattr(bounds.f2i, "feature_distance_upper", evaluation)
+    return watch
+
+
+def _f2i_past_its_deadline(port: int, images, watch, *, api_key: str = "anonymous") -> grpc.StatusCode:
+    """A CROWN F2I call (a search of many bound evaluations) with a 2 s deadline; its status code."""
+    request = pb.F2IPerturbRequest(images=encode_tensor(images.numpy()), feature_radii=[0.5] * len(images),
+                                   bound="crown")
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            pb_grpc.EncoderServiceStub(channel).F2IPerturb(request, timeout=2.0, metadata=(("x-api-key", api_key),))
+            code = grpc.StatusCode.OK
+        except grpc.RpcError as error:
+            code = error.code()
+    watch.client_gave_up.set()
+    return code
+
+
+def test_deadline_stops_the_bound_computation(demo_encoder, make_images, monkeypatch):
+    """Within one bound evaluation of the deadline the server stops: no evaluation starts after it, and the search
+    is abandoned (image_radii returns None) instead of running to its end."""
+    with run_server(ServerConfig(port=0), demo_encoder) as (_, port):
+        watch = _watch_the_search(demo_encoder, monkeypatch)
+        assert _f2i_past_its_deadline(port, make_images(8), watch) == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert watch.returned.wait(120), "the search was still running 120 s after the deadline"
+    assert watch.outcome == [None], f"the search ran on for a caller that had given up: {watch.outcome}"
+    assert len(watch.started) == 1, f"{len(watch.started) - 1} bound evaluations started after the deadline"
+
+
+def test_an_expired_f2i_call_is_not_billed(demo_encoder, make_images, monkeypatch):
+    # one handler thread: GetUsage runs only once the expired call's handler, and the usage interceptor around
+    # it, have returned, so a wrong charge could not land after the report
+    with run_server(ServerConfig(port=0, workers=1), demo_encoder) as (_, port):
+        watch = _watch_the_search(demo_encoder, monkeypatch)
+        code = _f2i_past_its_deadline(port, make_images(8), watch, api_key="carol")
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert watch.returned.wait(120) and watch.outcome == [None]
+        with EncoderClient(f"127.0.0.1:{port}", api_key="carol", timeout_s=60) as carol:
+            carol.f2i_perturb(make_images(2), [0.5, 0.5], bound="lipschitz")  # answered: billed
+            usage = carol.usage()
+    assert usage.rpcs["F2IPerturb"].calls == 1 and usage.rpcs["F2IPerturb"].queries == 2
+    assert usage.total_queries == 2
 
 
 def test_cancelled_stream_stops_the_servers_work(reaas_address, make_images):
