@@ -13,13 +13,14 @@ from types import SimpleNamespace
 
 import grpc
 import numpy as np
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import bounds.f2i
 from reaas.v1 import encoder_service_pb2 as pb
 from reaas.v1 import encoder_service_pb2_grpc as pb_grpc
 from reaas_client import EncoderClient, encode_tensor
-from reaas_server import ServerConfig, run_server
+from reaas_server import ServerConfig, run_server, start_server
 
 
 def test_health_reports_serving(reaas_address):
@@ -130,16 +131,23 @@ def test_deadline_stops_the_bound_computation(demo_encoder, make_images, monkeyp
 
 
 def test_an_expired_f2i_call_is_not_billed(demo_encoder, make_images, monkeypatch):
-    # one handler thread: GetUsage runs only once the expired call's handler, and the usage interceptor around
-    # it, have returned, so a wrong charge could not land after the report
-    with run_server(ServerConfig(port=0, workers=1), demo_encoder) as (_, port):
+    running = start_server(ServerConfig(port=0), demo_encoder)
+    try:
         watch = _watch_the_search(demo_encoder, monkeypatch)
-        code = _f2i_past_its_deadline(port, make_images(8), watch, api_key="carol")
+        code = _f2i_past_its_deadline(running.port, make_images(8), watch, api_key="carol")
         assert code == grpc.StatusCode.DEADLINE_EXCEEDED
         assert watch.returned.wait(120) and watch.outcome == [None]
-        with EncoderClient(f"127.0.0.1:{port}", api_key="carol", timeout_s=60) as carol:
+        # the call's slot is released only after its handler and the usage interceptor around it returned, so
+        # once nothing is in flight a wrong charge could no longer land after the report
+        deadline = time.monotonic() + 60
+        while running.admission.in_flight:
+            assert time.monotonic() < deadline, "the expired call never left the server"
+            time.sleep(0.01)
+        with EncoderClient(f"127.0.0.1:{running.port}", api_key="carol", timeout_s=60) as carol:
             carol.f2i_perturb(make_images(2), [0.5, 0.5], bound="lipschitz")  # answered: billed
             usage = carol.usage()
+    finally:
+        running.stop(grace_s=0)
     assert usage.rpcs["F2IPerturb"].calls == 1 and usage.rpcs["F2IPerturb"].queries == 2
     assert usage.total_queries == 2
 
