@@ -18,6 +18,7 @@ import bounds
 from reaas.v1 import encoder_service_pb2 as pb
 from reaas.v1 import encoder_service_pb2_grpc as pb_grpc
 from reaas_server.admission import Admission, AdmissionInterceptor
+from reaas_server.compute import BackgroundCompute
 from reaas_server.config import ServerConfig
 from reaas_server.encoder_host import ServedEncoder
 from reaas_server.interceptors import ApiKeyInterceptor, UsageInterceptor
@@ -38,6 +39,7 @@ class RunningServer:
     usage: UsageBook
     health: health.HealthServicer
     admission: Admission
+    compute: BackgroundCompute
 
     def stop(self, grace_s: float | None, drain_delay_s: float = 0.0) -> None:
         """Drain the gRPC way: health says NOT_SERVING and new calls get UNAVAILABLE (clients retry elsewhere)
@@ -51,6 +53,7 @@ class RunningServer:
             time.sleep(min(drain_delay_s, grace))  # the load balancer's turn: nothing in-process to wait on
         self.admission.wait_idle(timeout_s=max(0.0, grace - (time.monotonic() - started)))
         self.server.stop(max(0.0, grace - (time.monotonic() - started)) if grace_s is not None else None).wait()
+        self.compute.shutdown()
 
 
 def _configure_health(server: grpc.Server) -> health.HealthServicer:
@@ -77,12 +80,15 @@ def start_server(config: ServerConfig, encoder: ServedEncoder | None = None) -> 
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", -1),
+            ("grpc.http2.bdp_probe", 0),
         ],
     )
     bound_costs = ()
     if config.mode == "reaas":
         bound_costs = encoder.measure_bound_costs(bounds.BOUNDS_OFFERED, budget_s=config.bound_cost_budget_s)
-    pb_grpc.add_EncoderServiceServicer_to_server(EncoderServicer(encoder, config, usage, bound_costs), server)
+    # one compute thread per call admission can let in, so an admitted call never queues for one
+    compute = BackgroundCompute(threads=config.admission_limits.total_calls)
+    pb_grpc.add_EncoderServiceServicer_to_server(EncoderServicer(encoder, config, usage, compute, bound_costs), server)
     health_servicer = _configure_health(server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -100,7 +106,7 @@ def start_server(config: ServerConfig, encoder: ServedEncoder | None = None) -> 
         port,
         encoder.device,
     )
-    return RunningServer(server, port, encoder, usage, health_servicer, admission)
+    return RunningServer(server, port, encoder, usage, health_servicer, admission, compute)
 
 
 @contextlib.contextmanager

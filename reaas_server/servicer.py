@@ -16,6 +16,7 @@ import bounds
 from reaas.v1 import encoder_service_pb2 as pb
 from reaas.v1 import encoder_service_pb2_grpc as pb_grpc
 from reaas_client.wire import NUMPY_DTYPES, encode_tensor
+from reaas_server.compute import BackgroundCompute
 from reaas_server.config import ServerConfig
 from reaas_server.encoder_host import BoundCost, ServedEncoder
 from reaas_server.interceptors import api_key_of
@@ -32,12 +33,13 @@ def _still_wanted(context: grpc.ServicerContext) -> bool:
 
 
 class EncoderServicer(pb_grpc.EncoderServiceServicer):
-    def __init__(self, encoder: ServedEncoder, config: ServerConfig, usage: UsageBook,
+    def __init__(self, encoder: ServedEncoder, config: ServerConfig, usage: UsageBook, compute: BackgroundCompute,
                  bound_costs: tuple[BoundCost, ...] = ()) -> None:
         self._encoder = encoder
         self._config = config
         self._usage = usage
         self._bound_costs = bound_costs
+        self._compute = compute
         meta = encoder.metadata
         self._spec = ImageSpec(
             input_shape=tuple(meta.input_shape),
@@ -95,12 +97,12 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
 
     def Feature(self, request, context):
         with _status_on_error(context):
-            return self._feature_response(request, context)
+            return self._compute.run(self._feature_response, request, context)
 
     def StreamFeatures(self, request_iterator, context) -> Iterator[pb.FeatureResponse]:
         with _status_on_error(context):
             for request in request_iterator:
-                yield self._feature_response(request, context)
+                yield self._compute.run(self._feature_response, request, context)
 
     # -- image-space radii --------------------------------------------------------------------------------
     def _f2i_response(self, request: pb.F2IPerturbRequest, context) -> pb.F2IPerturbResponse:
@@ -138,12 +140,12 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
 
     def F2IPerturb(self, request, context):
         with _status_on_error(context):
-            return self._f2i_response(request, context)
+            return self._compute.run(self._f2i_response, request, context)
 
     def StreamF2IPerturb(self, request_iterator, context):
         with _status_on_error(context):
             for request in request_iterator:
-                yield self._f2i_response(request, context)
+                yield self._compute.run(self._f2i_response, request, context)
 
 
 @contextlib.contextmanager
