@@ -157,14 +157,9 @@ class EncoderClient:
             except grpc.RpcError as error:
                 failures += 1
                 backoff = self.retry.backoff_s(failures)
-                if not self._may_retry(error, failures, deadline - backoff):
+                if not self.retry.another_try(error, failures, deadline - backoff):
                     raise _service_error(error, failures) from error
                 time.sleep(backoff)
-
-    def _may_retry(self, error: grpc.RpcError, failures: int, resend_by: float) -> bool:
-        return (
-            self.retry.retryable(error) and failures < self.retry.max_attempts and time.monotonic() < resend_by
-        )
 
     # -- RPCs ---------------------------------------------------------------------------------------------
     def info(self) -> EncoderInfo:
@@ -238,7 +233,7 @@ class EncoderClient:
                     raise unanswered.source_error from error  # the batches' generator failed, not the service
                 failures += 1
                 backoff = self.retry.backoff_s(failures)
-                if not self._may_retry(error, failures, deadline - backoff):
+                if not self.retry.another_try(error, failures, deadline - backoff):
                     raise _service_error(error, failures) from error
             finally:
                 responses.cancel()  # a consumer that stops early stops the server's work too

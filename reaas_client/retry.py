@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import random
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -43,6 +44,11 @@ class RetryPolicy:
     def retryable(error: grpc.RpcError) -> bool:
         """UNAVAILABLE: the call reached no live server, or lost it. Every other status is the server's answer."""
         return error.code() == grpc.StatusCode.UNAVAILABLE
+
+    def another_try(self, error: grpc.RpcError, failures: int, resend_by: float) -> bool:
+        """Send again after the ``failures``-th failed try in a row? Only on UNAVAILABLE, below ``max_attempts``,
+        and if the next try can start (after its backoff) by ``resend_by`` (time.monotonic(), before the deadline)."""
+        return self.retryable(error) and failures < self.max_attempts and time.monotonic() < resend_by
 
     def backoff_s(self, failures: int) -> float:
         """Seconds to wait after the ``failures``-th failed try in a row (``failures`` >= 1)."""
