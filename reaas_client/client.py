@@ -2,16 +2,18 @@
 
 Every image sent is recorded in a QueryLedger under its input id, with its share of the request and response
 bytes, so a pipeline can state exactly what each certified input cost. Several server addresses are spread
-with gRPC's own ``round_robin`` policy; UNAVAILABLE is retried by gRPC's retry policy (service config), and
-each call carries a deadline.
+with gRPC's own ``round_robin`` policy. A replica lost mid-call costs no result (``retry``): a unary call that
+fails with UNAVAILABLE is sent again, a stream resumes on a new call from its first unanswered batch, and either
+is recorded in the ledger once, when answered. Each call, its retries included, carries a deadline.
 """
 
 from __future__ import annotations
 
-import collections
 import ipaddress
 import json
+import time
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -21,10 +23,10 @@ from reaas.v1 import encoder_service_pb2 as pb
 from reaas.v1 import encoder_service_pb2_grpc as pb_grpc
 from reaas_client.ledger import UNLABELLED, QueryLedger
 from reaas_client.replies import EncoderInfo, F2IReply, UsageReport
+from reaas_client.retry import RetryPolicy, UnansweredRequests
 from reaas_client.wire import as_numpy, decode_tensor, encode_tensor
 
 API_KEY_HEADER = "x-api-key"
-_SERVICE = "reaas.v1.EncoderService"
 _MESSAGE_HEADROOM = 0.9  # leave room for the message's non-pixel fields
 
 ImageBatch = np.ndarray | torch.Tensor
@@ -39,24 +41,11 @@ class ServiceError(RuntimeError):
         self.details = details
 
 
-def _service_config(max_attempts: int) -> str:
-    return json.dumps(
-        {
-            "loadBalancingConfig": [{"round_robin": {}}],
-            "methodConfig": [
-                {
-                    "name": [{"service": _SERVICE}],
-                    "retryPolicy": {
-                        "maxAttempts": max_attempts,
-                        "initialBackoff": "0.1s",
-                        "maxBackoff": "2s",
-                        "backoffMultiplier": 2,
-                        "retryableStatusCodes": ["UNAVAILABLE"],
-                    },
-                }
-            ],
-        }
-    )
+def _service_config() -> str:
+    # No gRPC retryPolicy: it keeps a copy of a request only up to its retry buffer (256 KiB per call) and never
+    # retries a stream after its first reply, so the client re-sends itself (retry.py). gRPC's transparent
+    # retries, of calls that never reached a server, stay on.
+    return json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 
 
 def channel_target(addresses: str | Sequence[str]) -> str:
@@ -91,6 +80,28 @@ def _ids_for(input_ids: Sequence[str] | None, count: int) -> list[str]:
     return ids
 
 
+def _service_error(error: grpc.RpcError, tries: int) -> ServiceError:
+    details = error.details() or ""
+    if RetryPolicy.retryable(error):
+        details += f" (no replica answered: {tries} tries)"
+    return ServiceError(error.code(), details)
+
+
+@dataclass(frozen=True)
+class _StreamedBatch:
+    """One StreamFeatures request with what the ledger records for it once it is answered."""
+
+    request: pb.FeatureRequest
+    input_ids: list[str]
+    request_bytes: int
+
+    @classmethod
+    def encode(cls, images: ImageBatch, input_ids: Sequence[str] | None) -> _StreamedBatch:
+        array = as_numpy(images)
+        request = pb.FeatureRequest(images=encode_tensor(array))
+        return cls(request, _ids_for(input_ids, len(array)), request.ByteSize())
+
+
 class EncoderClient:
     """Typed access to one REaaS / SEaaS deployment (one or several replicas). Use as a context manager."""
 
@@ -104,13 +115,16 @@ class EncoderClient:
         max_message_bytes: int = 64 * 1024 * 1024,
         max_attempts: int = 4,
     ) -> None:
+        """``max_attempts``: tries in a row that get no answer before a call (or a stream) fails with
+        ServiceError, each failed one followed by a 0.1 s backoff that doubles up to 2 s (RetryPolicy)."""
         self.ledger = ledger if ledger is not None else QueryLedger()
         self.timeout_s = timeout_s
+        self.retry = RetryPolicy(max_attempts=max_attempts)
         self._metadata = ((API_KEY_HEADER, api_key),) if api_key else ()
         self._channel = grpc.insecure_channel(
             channel_target(addresses),
             options=[
-                ("grpc.service_config", _service_config(max_attempts)),
+                ("grpc.service_config", _service_config()),
                 ("grpc.enable_retries", 1),
                 ("grpc.max_receive_message_length", -1),
                 ("grpc.max_send_message_length", max_message_bytes),
@@ -129,11 +143,23 @@ class EncoderClient:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def _call(self, method, request, **kwargs):
-        try:
-            return method(request, timeout=self.timeout_s, metadata=self._metadata, **kwargs)
-        except grpc.RpcError as error:
-            raise ServiceError(error.code(), error.details() or "") from error
+    def _call(self, method, request):
+        """One unary call, re-sent after UNAVAILABLE per ``self.retry``, all tries within ``timeout_s``.
+
+        Sound to re-send: every unary RPC of reaas.v1 is idempotent (GetEncoderInfo and GetUsage read, Feature
+        and F2IPerturb are deterministic), so the answer is the one the lost replica would have given.
+        """
+        deadline = time.monotonic() + self.timeout_s
+        failures = 0
+        while True:
+            try:
+                return method(request, timeout=max(deadline - time.monotonic(), 0.0), metadata=self._metadata)
+            except grpc.RpcError as error:
+                failures += 1
+                backoff = self.retry.backoff_s(failures)
+                if not self.retry.another_try(error, failures, deadline - backoff):
+                    raise _service_error(error, failures) from error
+                time.sleep(backoff)
 
     # -- RPCs ---------------------------------------------------------------------------------------------
     def info(self) -> EncoderInfo:
@@ -176,32 +202,42 @@ class EncoderClient:
         *,
         timeout_s: float | None = None,
     ) -> Iterator[np.ndarray]:
-        """Features of each batch over one StreamFeatures call, in order, one array per batch.
+        """Features of each batch over a StreamFeatures call, in order, one array per batch.
 
         Batches are produced lazily: gRPC's flow control pulls the next one only as the server keeps up, so a
         generator of 10^5 noisy images never sits in memory at once. ``timeout_s`` is the deadline of the
         *whole* stream (default: the client's ``timeout_s``); give long streams a long one.
+
+        A replica lost mid-stream (UNAVAILABLE) costs no result: a new call, which round_robin sends to a live
+        replica, re-sends the unanswered batches and goes on (up to ``max_attempts`` calls in a row that answer
+        nothing). Feature is deterministic, so the arrays are those of an undisturbed stream, and each batch is
+        recorded in the ledger once, when answered. Only the batches sent and not yet answered are kept.
         """
-        in_flight: collections.deque[tuple[list[str], int]] = collections.deque()
-
-        def requests() -> Iterator[pb.FeatureRequest]:
-            for images, input_ids in batches:
-                array = as_numpy(images)
-                request = pb.FeatureRequest(images=encode_tensor(array))
-                in_flight.append((_ids_for(input_ids, len(array)), request.ByteSize()))
-                yield request
-
-        deadline = self.timeout_s if timeout_s is None else timeout_s
-        responses = self._stub.StreamFeatures(requests(), timeout=deadline, metadata=self._metadata)
-        try:
-            for reply in responses:
-                ids, request_bytes = in_flight.popleft()
-                self.ledger.record("StreamFeatures", ids, request_bytes, reply.ByteSize())
-                yield decode_tensor(reply.features, name="features")
-        except grpc.RpcError as error:
-            raise ServiceError(error.code(), error.details() or "") from error
-        finally:
-            responses.cancel()  # a consumer that stops early stops the server's work too
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        unanswered = UnansweredRequests(_StreamedBatch.encode(images, ids) for images, ids in batches)
+        failures = 0
+        while True:
+            requests = (batch.request for batch in unanswered.resend_then_pull())
+            responses = self._stub.StreamFeatures(
+                requests, timeout=max(deadline - time.monotonic(), 0.0), metadata=self._metadata
+            )
+            try:
+                for reply in responses:
+                    batch = unanswered.answered()
+                    failures = 0
+                    self.ledger.record("StreamFeatures", batch.input_ids, batch.request_bytes, reply.ByteSize())
+                    yield decode_tensor(reply.features, name="features")
+                return
+            except grpc.RpcError as error:
+                if unanswered.source_error is not None:
+                    raise unanswered.source_error from error  # the batches' generator failed, not the service
+                failures += 1
+                backoff = self.retry.backoff_s(failures)
+                if not self.retry.another_try(error, failures, deadline - backoff):
+                    raise _service_error(error, failures) from error
+            finally:
+                responses.cancel()  # a consumer that stops early stops the server's work too
+            time.sleep(backoff)
 
     def f2i_perturb(
         self,
