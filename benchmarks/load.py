@@ -38,7 +38,7 @@ from benchmarks.environment import machine_summary, markdown_table, write_result
 from reaas.v1 import encoder_service_pb2 as pb
 from reaas_client import encode_tensor
 from reaas_client.background_server import BackgroundServer, background_server_process
-from reaas_server.admission import RETRY_PUSHBACK_HEADER
+from reaas_client.retry import retry_pushback_s
 
 _METHOD = "/reaas.v1.EncoderService/"
 _INPUT_SHAPE = (1, 28, 28)  # the shipped demo encoders' digits
@@ -96,19 +96,10 @@ class Outcomes:
 
     def failed(self, kind: str, error: grpc.RpcError) -> float | None:
         """Record a refusal; return the server's retry hint in seconds, if it gave one."""
-        hint = _retry_hint_s(error)
+        hint = retry_pushback_s(error)
         with self.lock:
             self.errors[(kind, error.code().name, hint is not None)] += 1
         return hint
-
-
-def _retry_hint_s(error: grpc.RpcError) -> float | None:
-    try:
-        trailers = dict(error.trailing_metadata() or ())
-    except Exception:  # a call that never reached the server has no trailers
-        return None
-    value = trailers.get(RETRY_PUSHBACK_HEADER)
-    return int(value) / 1000 if value is not None else None
 
 
 def percentile_ms(values: list[float], q: float) -> str:

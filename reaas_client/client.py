@@ -82,8 +82,10 @@ def _ids_for(input_ids: Sequence[str] | None, count: int) -> list[str]:
 
 def _service_error(error: grpc.RpcError, tries: int) -> ServiceError:
     details = error.details() or ""
-    if RetryPolicy.retryable(error):
+    if error.code() == grpc.StatusCode.UNAVAILABLE:
         details += f" (no replica answered: {tries} tries)"
+    elif RetryPolicy.retryable(error):
+        details += f" (still busy after {tries} tries)"
     return ServiceError(error.code(), details)
 
 
@@ -156,7 +158,7 @@ class EncoderClient:
                 return method(request, timeout=max(deadline - time.monotonic(), 0.0), metadata=self._metadata)
             except grpc.RpcError as error:
                 failures += 1
-                backoff = self.retry.backoff_s(failures)
+                backoff = self.retry.wait_s(error, failures)
                 if not self.retry.another_try(error, failures, deadline - backoff):
                     raise _service_error(error, failures) from error
                 time.sleep(backoff)
@@ -232,7 +234,7 @@ class EncoderClient:
                 if unanswered.source_error is not None:
                     raise unanswered.source_error from error  # the batches' generator failed, not the service
                 failures += 1
-                backoff = self.retry.backoff_s(failures)
+                backoff = self.retry.wait_s(error, failures)
                 if not self.retry.another_try(error, failures, deadline - backoff):
                     raise _service_error(error, failures) from error
             finally:

@@ -25,10 +25,12 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """At most ``max_attempts`` tries in a row that get no answer, on UNAVAILABLE only.
+    """At most ``max_attempts`` tries in a row that get no answer (UNAVAILABLE); a busy server's refusals with a
+    retry hint (RESOURCE_EXHAUSTED + grpc-retry-pushback-ms) are retried until the call's deadline.
 
     Before try k + 1 the client waits a random time in [b/2, b], b = min(initial_backoff_s * multiplier^(k-1),
-    max_backoff_s): gRPC's own schedule, with jitter so that many clients do not come back in step.
+    max_backoff_s): gRPC's own schedule, with jitter so that many clients do not come back in step; after a
+    busy refusal, the server's hint stretched by a random 0-25 % for the same reason.
     """
 
     max_attempts: int = 4
@@ -42,18 +44,48 @@ class RetryPolicy:
 
     @staticmethod
     def retryable(error: grpc.RpcError) -> bool:
-        """UNAVAILABLE: the call reached no live server, or lost it. Every other status is the server's answer."""
-        return error.code() == grpc.StatusCode.UNAVAILABLE
+        """UNAVAILABLE: the call reached no live server, or lost it (or a draining one refused it); and
+        RESOURCE_EXHAUSTED *with* a retry hint: the server was busy and said when to come back. Every other status
+        (a RESOURCE_EXHAUSTED without a hint, e.g. a batch over the server's limit, included) is the answer."""
+        if error.code() == grpc.StatusCode.UNAVAILABLE:
+            return True
+        return error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and retry_pushback_s(error) is not None
+
+    def wait_s(self, error: grpc.RpcError, failures: int) -> float:
+        """Seconds to wait before the next try: the server's retry hint when it gave one, else the backoff."""
+        hint = retry_pushback_s(error)
+        return hint * random.uniform(1.0, 1.25) if hint is not None else self.backoff_s(failures)
 
     def another_try(self, error: grpc.RpcError, failures: int, resend_by: float) -> bool:
-        """Send again after the ``failures``-th failed try in a row? Only on UNAVAILABLE, below ``max_attempts``,
-        and if the next try can start (after its backoff) by ``resend_by`` (time.monotonic(), before the deadline)."""
-        return self.retryable(error) and failures < self.max_attempts and time.monotonic() < resend_by
+        """Send again after the ``failures``-th failed try in a row? Only if retryable, and only if the next try
+        can start (after its wait) by ``resend_by`` (time.monotonic(), before the deadline). UNAVAILABLE is tried at
+        most ``max_attempts`` times; a busy server's refusal with a hint is not a failure of the replica, so it
+        is retried for as long as the deadline allows."""
+        if not self.retryable(error) or time.monotonic() >= resend_by:
+            return False
+        return error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED or failures < self.max_attempts
 
     def backoff_s(self, failures: int) -> float:
         """Seconds to wait after the ``failures``-th failed try in a row (``failures`` >= 1)."""
         ceiling = min(self.initial_backoff_s * self.multiplier ** (failures - 1), self.max_backoff_s)
         return random.uniform(ceiling / 2, ceiling)
+
+
+RETRY_PUSHBACK_HEADER = "grpc-retry-pushback-ms"  # gRFC A6: the server's hint for when to retry
+
+
+def retry_pushback_s(error: grpc.RpcError) -> float | None:
+    """The server's retry hint in seconds (trailing metadata grpc-retry-pushback-ms), None when absent or
+    negative (gRPC's convention for "do not retry")."""
+    try:
+        trailers = dict(error.trailing_metadata() or ())
+    except Exception:  # an error raised before any server answered carries no trailers
+        return None
+    try:
+        milliseconds = int(trailers.get(RETRY_PUSHBACK_HEADER, ""))
+    except ValueError:
+        return None
+    return milliseconds / 1000 if milliseconds >= 0 else None
 
 
 _MISSING = object()

@@ -20,9 +20,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from reaas_client.retry import RETRY_PUSHBACK_HEADER
 from reaas_server.interceptors import api_key_of, replace_behavior, rpc_name
-
-RETRY_PUSHBACK_HEADER = "grpc-retry-pushback-ms"  # gRFC A6: the server's hint for when to retry
 
 # Which pool each EncoderService RPC draws from; RPCs not listed (descriptions, usage) are always admitted.
 POOL_OF_RPC = {
@@ -77,6 +76,7 @@ class Admission:
         self._per_key: dict[str, int] = defaultdict(int)
         self._mean_duration_s: dict[str, float] = {}
         self._draining = False
+        self.refusals: dict[str, int] = defaultdict(int)  # pool → calls refused (busy or draining)
         self._idle = threading.Condition(self._lock)
 
     def start_draining(self) -> None:
@@ -97,10 +97,12 @@ class Admission:
         """Take a slot in `pool` and one of `key`'s, or raise _Refusal. Returns the (idempotent) release."""
         with self._lock:
             if self._draining:
+                self.refusals[pool] += 1
                 raise _Refusal(grpc.StatusCode.UNAVAILABLE,
                                "this replica is shutting down; retry on another replica", None)
             capacity = self.limits.pool_calls[pool]
             if self._in_pool[pool] >= capacity:
+                self.refusals[pool] += 1
                 retry = self._retry_after_s(pool)
                 raise _Refusal(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -109,6 +111,7 @@ class Admission:
                     retry,
                 )
             if self._per_key[key] >= self.limits.calls_per_key:
+                self.refusals[pool] += 1
                 retry = self._retry_after_s(pool)
                 raise _Refusal(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,

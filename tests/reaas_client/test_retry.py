@@ -4,12 +4,14 @@ what a stream raises when its batch generator fails (an in-process server)."""
 from __future__ import annotations
 
 import threading
+import time
 
+import grpc
 import numpy as np
 import pytest
 
 from reaas_client import EncoderClient
-from reaas_client.retry import RetryPolicy, UnansweredRequests
+from reaas_client.retry import RETRY_PUSHBACK_HEADER, RetryPolicy, UnansweredRequests
 from reaas_server import ServerConfig, run_server
 
 
@@ -23,6 +25,34 @@ def test_backoff_doubles_within_jitter_and_is_capped():
     policy = RetryPolicy(initial_backoff_s=0.1, max_backoff_s=0.5, multiplier=2.0)
     for failures, ceiling in [(1, 0.1), (2, 0.2), (3, 0.4), (4, 0.5), (9, 0.5)]:
         assert ceiling / 2 <= policy.backoff_s(failures) <= ceiling
+
+
+class _Refused(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, trailers: tuple = ()) -> None:
+        self._code, self._trailers = code, trailers
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def trailing_metadata(self) -> tuple:
+        return self._trailers
+
+
+def test_busy_refusals_are_retried_after_the_servers_hint_until_the_deadline_and_others_are_answers():
+    policy = RetryPolicy(max_attempts=2)
+    busy = _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, ((RETRY_PUSHBACK_HEADER, "300"),))
+    too_large = _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED)  # a batch over the limit: no hint, no retry
+    told_not_to = _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, ((RETRY_PUSHBACK_HEADER, "-1"),))
+    lost = _Refused(grpc.StatusCode.UNAVAILABLE)
+    later = time.monotonic() + 60
+    assert 0.3 <= policy.wait_s(busy, failures=1) <= 0.375
+    assert policy.another_try(busy, failures=50, resend_by=later)  # busy is not the replica failing
+    assert not policy.another_try(busy, failures=1, resend_by=time.monotonic() - 1)  # but the deadline holds
+    assert not policy.another_try(too_large, failures=1, resend_by=later)
+    assert not policy.another_try(told_not_to, failures=1, resend_by=later)
+    assert policy.another_try(lost, failures=1, resend_by=later)
+    assert not policy.another_try(lost, failures=2, resend_by=later)
+    assert not RetryPolicy.retryable(_Refused(grpc.StatusCode.INVALID_ARGUMENT))
 
 
 def test_a_new_pass_resends_the_unanswered_then_pulls_on_and_the_source_is_pulled_once():

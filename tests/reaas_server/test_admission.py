@@ -5,6 +5,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -14,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import reaas_server.encoder_host as encoder_host
 from reaas.v1 import encoder_service_pb2 as pb
 from reaas.v1 import encoder_service_pb2_grpc as pb_grpc
-from reaas_client import encode_tensor
+from reaas_client import EncoderClient, encode_tensor
 from reaas_server import ServerConfig, start_server
 from reaas_server.admission import RETRY_PUSHBACK_HEADER, Admission, AdmissionLimits, _Refusal
 
@@ -136,3 +137,24 @@ def _wait_until(condition, timeout_s: float = 30.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "the server never reached the expected state"
         time.sleep(0.01)
+
+
+def test_the_client_comes_back_after_the_servers_hint_and_is_answered(demo_encoder, make_images, blocked_bounds):
+    proceed, entered = blocked_bounds
+    config = ServerConfig(port=0, workers=7, max_feature_calls=1, max_feature_streams=1, max_f2i_calls=1,
+                          reserved_workers=4)
+    running = start_server(config, demo_encoder)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            held = pb_grpc.EncoderServiceStub(channel).F2IPerturb.future(_f2i_request(make_images(2).numpy()),
+                                                                          timeout=60)
+            entered.get(timeout=30)
+            with EncoderClient(f"127.0.0.1:{running.port}", timeout_s=60) as client, ThreadPoolExecutor(1) as pool:
+                waiting = pool.submit(client.f2i_perturb, make_images(3), [0.5] * 3, bound="lipschitz")
+                _wait_until(lambda: running.admission.refusals["f2i"] >= 1)  # it was told to come back later
+                proceed.set()
+                assert len(waiting.result(timeout=60).image_radius) == 3
+            assert len(held.result(timeout=60).radii) == 2
+    finally:
+        proceed.set()
+        running.stop(grace_s=0)
