@@ -340,6 +340,91 @@ def run_drains(count: int, encoder_args: list[str], hogs: int) -> list[DrainRun]
             hog.wait()
 
 
+# -- replica loss -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReplicaKillResult:
+    job: str
+    trials: int
+    images: int  # per trial
+    lost: int  # images whose features were missing or differed from the undisturbed run, all trials
+    failed_jobs: int
+    killed_mid_job: int  # trials in which the kill landed before the job had finished
+
+
+def _start_replica(encoder_args: list[str]) -> BackgroundServer:
+    stack = contextlib.ExitStack()
+    server = stack.enter_context(background_server_process(
+        extra_args=(*encoder_args, "--log-level", "WARNING", "--bound-cost-budget", "0")))
+    _REPLICA_STACKS[server.process.pid] = stack
+    return server
+
+
+_REPLICA_STACKS: dict[int, contextlib.ExitStack] = {}
+
+
+def _stop_replica(server: BackgroundServer) -> None:
+    _REPLICA_STACKS.pop(server.process.pid).close()
+
+
+def run_replica_kills(encoder_args: list[str], trials: int, images: int, seed: int = 0) -> list[ReplicaKillResult]:
+    """Two replicas behind one round_robin client; one is SIGKILLed at a random moment of each job.
+
+    Jobs: unary Feature calls of 64, 256 and 4 096 images, and a StreamFeatures job of 256-image batches. The
+    undisturbed run of the same job on the same two replicas is the reference; every image whose features are
+    missing or differ bit-wise counts as lost.
+    """
+    from reaas_client import EncoderClient
+
+    rng = np.random.default_rng(seed)
+    pixels = rng.random((images, *_INPUT_SHAPE), dtype=np.float32)
+    jobs = {f"unary Feature, {n}-image calls": n for n in (64, 256, 4096)} | {"StreamFeatures, 256-image batches": 0}
+    replicas = [_start_replica(encoder_args) for _ in range(2)]
+    results = []
+    try:
+        for job, size in jobs.items():
+            def run(client: EncoderClient, size: int = size) -> np.ndarray:
+                if size:
+                    return np.concatenate([client.features(pixels[i:i + size]) for i in range(0, images, size)])
+                batches = ((pixels[i:i + 256], None) for i in range(0, images, 256))
+                return np.concatenate(list(client.stream_features(batches, timeout_s=600)))
+
+            with EncoderClient([r.address for r in replicas], timeout_s=600) as client:
+                start = time.monotonic()
+                reference = run(client)
+                undisturbed_s = time.monotonic() - start
+            lost = failed = mid_job = 0
+            for _ in range(trials):
+                victim = int(rng.integers(2))
+                done = threading.Event()
+
+                def kill(delay_s: float, victim: int = victim, done: threading.Event = done) -> None:
+                    if not done.wait(delay_s):
+                        replicas[victim].process.kill()
+
+                killer = threading.Thread(target=kill, args=(float(rng.uniform(0, undisturbed_s)),))
+                with EncoderClient([r.address for r in replicas], timeout_s=600) as client:
+                    killer.start()
+                    try:
+                        answer = run(client)
+                        lost += int((~(answer == reference).all(axis=1)).sum())
+                    except Exception as error:  # noqa: BLE001 - a lost job is what we count
+                        print(f"  {job}: job failed: {error}", flush=True)
+                        failed += 1
+                        lost += images
+                    done.set()
+                    killer.join()
+                if replicas[victim].process.poll() is not None:
+                    mid_job += 1
+                    _stop_replica(replicas[victim])
+                    replicas[victim] = _start_replica(encoder_args)
+            results.append(ReplicaKillResult(job, trials, images, lost, failed, mid_job))
+            print(f"  {job}: {lost} images lost in {trials} trials ({mid_job} kills mid-job)", flush=True)
+    finally:
+        for replica in replicas:
+            _stop_replica(replica)
+    return results
+
+
 # -- report ------------------------------------------------------------------------------------------------
 def _phase_rows(result: PhaseResult) -> list[list[object]]:
     rows = []
@@ -358,7 +443,8 @@ def _goal(met: bool) -> str:
     return "met" if met else "**NOT met**"
 
 
-def report(phases: list[PhaseResult], drains: list[DrainRun], args: argparse.Namespace) -> str:
+def report(phases: list[PhaseResult], drains: list[DrainRun], kills: list[ReplicaKillResult],
+           args: argparse.Namespace) -> str:
     body = [
         f"Server: `reaas-server --demo-kind {args.demo_kind}` with its default admission limits, a child process "
         "on loopback; load generators and probes share the machine's cores with it. Latencies are of answered "
@@ -404,6 +490,15 @@ def report(phases: list[PhaseResult], drains: list[DrainRun], args: argparse.Nam
         body.append(f"Drains: {clean}/{len(drains)} clean under {args.hogs} CPU hog processes, "
                     f"median {statistics.median(d.seconds for d in drains):.2f} s each (start to exit)"
                     + (f"; failures: {dict(failures)}" if failures else "") + ".\n")
+    if kills:
+        body += ["Replica loss: two replicas behind one round_robin `EncoderClient`, one SIGKILLed at a uniformly "
+                 "random moment of each job (a kill that lands after the job finished counts as not mid-job):\n",
+                 markdown_table(["job", "trials", "images per trial", "kills mid-job", "failed jobs", "images lost"],
+                                [[k.job, k.trials, k.images, k.killed_mid_job, k.failed_jobs, k.lost] for k in kills]),
+                 ""]
+        lost = sum(k.lost for k in kills)
+        goals.append(["replica loss", "a replica killed mid-job: 0 lost results",
+                      f"{lost} lost in {sum(k.killed_mid_job for k in kills)} mid-job kills", _goal(lost == 0)])
     body += ["## Goals (issue 10)\n", markdown_table(["phase", "goal", "measured", ""], goals)]
     return "\n".join(body)
 
@@ -423,6 +518,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--drains", type=int, default=100, help="SIGTERM drains to run (0: skip)")
     parser.add_argument("--hogs", type=int, default=2, help="busy-looping processes beside the drains")
     parser.add_argument("--phases", default="streams,f2i", help="load phases to run, comma-separated")
+    parser.add_argument("--kill-trials", type=int, default=5, help="replica kills per job kind (0: skip)")
+    parser.add_argument("--kill-images", type=int, default=8192, help="images per replica-loss job")
     parser.add_argument("--name", default="load", help="results file stem in benchmarks/results/")
     args = parser.parse_args(argv)
     print(f"machine: {machine_summary()}", flush=True)
@@ -441,7 +538,8 @@ def main(argv: list[str] | None = None) -> None:
         with warm_server(encoder_args) as server:
             phases.append(run_f2i(server, args.f2i_clients, args.f2i_images, args.f2i_bound, args.seconds))
     drains = run_drains(args.drains, encoder_args, args.hogs) if args.drains else []
-    text = report(phases, drains, args)
+    kills = run_replica_kills(encoder_args, args.kill_trials, args.kill_images) if args.kill_trials else []
+    text = report(phases, drains, kills, args)
     print(text)
     path = write_results(args.name, "Service under load (issue 10)", text, make_target="bench-load")
     print(f"wrote {path}")
