@@ -30,7 +30,7 @@ from reaas_client.pipelines import (
     certify_seaas_sc,
     run_path,
 )
-from reaas_client.replies import BoundCost, EncoderInfo, F2IReply, RpcUsage, UsageReport
+from reaas_client.replies import BoundCost, EncoderInfo, F2IReply, Quota, RpcUsage, UsageReport
 from reaas_client.seaas import StreamedImageSamples
 from reaas_client.smoothing import (
     ABSTAIN,
@@ -67,6 +67,7 @@ __all__ = [
     "SmoothingConfig",
     "StreamedImageSamples",
     "TrainConfig",
+    "Quota",
     "UsageReport",
     "average_certified_radius",
     "certified_accuracy",

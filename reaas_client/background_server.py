@@ -51,7 +51,7 @@ def background_server_process(mode: str = "reaas", *, checkpoint: Path | None = 
                               ) -> Iterator[BackgroundServer]:
     """Like `background_server`, yielding the child process too."""
     command = [sys.executable, "-m", "reaas_server.cli", "--host", "127.0.0.1", "--port", "0", "--mode", mode,
-               "--grace", "2", *extra_args]
+               "--grace", "2", "--ledger", ":memory:", *extra_args]
     if checkpoint is not None:
         command += ["--checkpoint", str(checkpoint)]
     log = open(log_path, "w") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115

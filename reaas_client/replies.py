@@ -44,6 +44,8 @@ class EncoderInfo:
     max_message_bytes: int
     device: str
     bound_costs: tuple[BoundCost, ...] = ()  # one per bounds_offered entry (empty from older servers)
+    open_access: bool = False  # no API keys issued: every caller is billed as "anonymous"
+    max_calls_per_key: int = 0  # default concurrent calls per key (0 from older servers)
 
     @classmethod
     def from_proto(cls, info: pb.EncoderInfo) -> EncoderInfo:
@@ -66,6 +68,8 @@ class EncoderInfo:
             max_message_bytes=int(info.max_message_bytes),
             device=info.device,
             bound_costs=tuple(BoundCost.from_proto(c) for c in info.bound_costs),
+            open_access=info.open_access,
+            max_calls_per_key=int(info.max_calls_per_key),
         )
 
 
@@ -104,16 +108,32 @@ class RpcUsage:
 
 
 @dataclass(frozen=True)
-class UsageReport:
-    """What the server says it served this API key (compare with the client's own QueryLedger)."""
+class Quota:
+    """A key's query quota: at most ``limit`` queries per ``period_s`` seconds (periods aligned to the epoch)."""
 
-    api_key: str
+    limit: int
+    period_s: int
+    used: int
+    remaining: int
+    resets_at_unix: float
+
+
+@dataclass(frozen=True)
+class UsageReport:
+    """What the server's ledger says it served this API key (compare with the client's own QueryLedger)."""
+
+    key_name: str  # the key's name on the server ("anonymous" in open access), never the key
     rpcs: dict[str, RpcUsage]
     total_queries: int
+    quota: Quota | None  # None: no quota on this key
+    max_concurrent_calls: int
 
     @classmethod
     def from_proto(cls, report: pb.UsageReport) -> UsageReport:
         rpcs = {
             u.rpc: RpcUsage(u.rpc, u.calls, u.queries, u.request_bytes, u.response_bytes) for u in report.rpcs
         }
-        return cls(api_key=report.api_key, rpcs=rpcs, total_queries=report.total_queries)
+        quota = (Quota(report.quota_queries, report.quota_period_seconds, report.quota_used, report.quota_remaining,
+                       report.quota_resets_at_unix) if report.quota_queries else None)
+        return cls(key_name=report.key_name, rpcs=rpcs, total_queries=report.total_queries, quota=quota,
+                   max_concurrent_calls=report.max_concurrent_calls)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import grpc
 
 from reaas_client.retry import RETRY_PUSHBACK_HEADER
-from reaas_server.interceptors import api_key_of, replace_behavior, rpc_name
+from reaas_server.interceptors import CURRENT_CALLER, api_key_of, replace_behavior, rpc_name
 
 # Which pool each EncoderService RPC draws from; RPCs not listed (descriptions, usage) are always admitted.
 POOL_OF_RPC = {
@@ -93,8 +93,10 @@ class Admission:
         with self._idle:
             return self._idle.wait_for(lambda: sum(self._in_pool.values()) == 0, timeout=timeout_s)
 
-    def admit(self, pool: str, key: str) -> Callable[[], None]:
-        """Take a slot in `pool` and one of `key`'s, or raise _Refusal. Returns the (idempotent) release."""
+    def admit(self, pool: str, key: str, key_limit: int | None = None) -> Callable[[], None]:
+        """Take a slot in `pool` and one of `key`'s (at most `key_limit`, default the server's per-key limit), or
+        raise _Refusal. Returns the (idempotent) release."""
+        key_limit = key_limit or self.limits.calls_per_key
         with self._lock:
             if self._draining:
                 self.refusals[pool] += 1
@@ -110,12 +112,12 @@ class Admission:
                     f"({RETRY_PUSHBACK_HEADER} trailer)",
                     retry,
                 )
-            if self._per_key[key] >= self.limits.calls_per_key:
+            if self._per_key[key] >= key_limit:
                 self.refusals[pool] += 1
                 retry = self._retry_after_s(pool)
                 raise _Refusal(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"this API key already has {self.limits.calls_per_key} calls in flight (the per-key limit); "
+                    f"this API key already has {key_limit} calls in flight (its concurrent-call limit); "
                     f"wait for one to finish, retry after {retry:.2f} s ({RETRY_PUSHBACK_HEADER} trailer)",
                     retry,
                 )
@@ -167,12 +169,15 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
         pool = POOL_OF_RPC.get(rpc_name(handler_call_details.method) or "")
         if handler is None or pool is None:
             return handler
-        key = api_key_of(handler_call_details.invocation_metadata)
         admission = self._admission
 
         def admit(context: grpc.ServicerContext) -> Callable[[], None]:
+            # the account interceptor (outside this one) says whose call it is and that key's own limit
+            caller = CURRENT_CALLER.get()
+            key = caller.name if caller is not None else api_key_of(context.invocation_metadata())
+            key_limit = caller.key.max_concurrent_calls if caller is not None and caller.key is not None else None
             try:
-                return admission.admit(pool, key)
+                return admission.admit(pool, key, key_limit)
             except _Refusal as refusal:
                 _refuse(context, refusal)
                 raise AssertionError("unreachable: abort raises") from None

@@ -21,9 +21,10 @@ from reaas_server.admission import Admission, AdmissionInterceptor
 from reaas_server.compute import BackgroundCompute
 from reaas_server.config import ServerConfig
 from reaas_server.encoder_host import ServedEncoder
-from reaas_server.interceptors import ApiKeyInterceptor, UsageInterceptor
+from reaas_server.interceptors import AccountInterceptor
+from reaas_server.ledger import UsageLedger
+from reaas_server.quotas import QuotaBook
 from reaas_server.servicer import EncoderServicer
-from reaas_server.usage import UsageBook
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EncoderService"].full_name
@@ -36,7 +37,7 @@ class RunningServer:
     server: grpc.Server
     port: int
     encoder: ServedEncoder
-    usage: UsageBook
+    ledger: UsageLedger
     health: health.HealthServicer
     admission: Admission
     compute: BackgroundCompute
@@ -54,6 +55,7 @@ class RunningServer:
         self.admission.wait_idle(timeout_s=max(0.0, grace - (time.monotonic() - started)))
         self.server.stop(max(0.0, grace - (time.monotonic() - started)) if grace_s is not None else None).wait()
         self.compute.shutdown()
+        self.ledger.close()
 
 
 def _configure_health(server: grpc.Server) -> health.HealthServicer:
@@ -67,13 +69,12 @@ def _configure_health(server: grpc.Server) -> health.HealthServicer:
 def start_server(config: ServerConfig, encoder: ServedEncoder | None = None) -> RunningServer:
     """Load the encoder (unless given), bind, start. The caller stops it (see ``run_server``)."""
     encoder = encoder or ServedEncoder.load(config.checkpoint, config.device, demo_kind=config.demo_kind)
-    usage = UsageBook()
+    ledger = UsageLedger(config.ledger_path)
+    quotas = QuotaBook(ledger)
     admission = Admission(config.admission_limits)
-    interceptors: list[grpc.ServerInterceptor] = []
-    if config.api_keys is not None:
-        interceptors.append(ApiKeyInterceptor(config.api_keys))
-    interceptors.append(AdmissionInterceptor(admission))
-    interceptors.append(UsageInterceptor(usage))
+    # outermost first: who pays (and is it allowed), then is there room; the ledger row is written after the
+    # answer, inside both
+    interceptors: list[grpc.ServerInterceptor] = [AccountInterceptor(ledger, quotas), AdmissionInterceptor(admission)]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="reaas"),
         interceptors=interceptors,
@@ -88,7 +89,7 @@ def start_server(config: ServerConfig, encoder: ServedEncoder | None = None) -> 
         bound_costs = encoder.measure_bound_costs(bounds.BOUNDS_OFFERED, budget_s=config.bound_cost_budget_s)
     # one compute thread per call admission can let in, so an admitted call never queues for one
     compute = BackgroundCompute(threads=config.admission_limits.total_calls)
-    pb_grpc.add_EncoderServiceServicer_to_server(EncoderServicer(encoder, config, usage, compute, bound_costs), server)
+    pb_grpc.add_EncoderServiceServicer_to_server(EncoderServicer(encoder, config, ledger, quotas, compute, bound_costs), server)
     health_servicer = _configure_health(server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -106,7 +107,7 @@ def start_server(config: ServerConfig, encoder: ServedEncoder | None = None) -> 
         port,
         encoder.device,
     )
-    return RunningServer(server, port, encoder, usage, health_servicer, admission, compute)
+    return RunningServer(server, port, encoder, ledger, health_servicer, admission, compute)
 
 
 @contextlib.contextmanager

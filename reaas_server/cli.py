@@ -10,6 +10,7 @@ from pathlib import Path
 
 from reaas_server.app import start_server
 from reaas_server.config import MODES, ServerConfig
+from reaas_server.ledger import MEMORY_LEDGER, default_ledger_path
 from reaas_server.memory import limit_heap_growth
 from robust_pretrain.demo import DEFAULT_DEMO_KIND, DEMO_KINDS
 
@@ -59,11 +60,11 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         help="largest request in MiB (default: %(default)s)",
     )
     parser.add_argument(
-        "--api-keys-file",
-        type=Path,
-        default=None,
-        help="file with one accepted API key per line; without it every caller is accepted and "
-        "counted under its x-api-key metadata ('anonymous' when absent)",
+        "--ledger",
+        default=str(default_ledger_path()),
+        help="SQLite file of API keys (hashed) and the usage ledger, kept across restarts; manage keys with "
+        "reaas-keys. With no active key every caller is billed as 'anonymous' (open access). ':memory:' keeps "
+        "it in memory, lost at exit (default: %(default)s)",
     )
     parser.add_argument(
         "--default-bound",
@@ -132,12 +133,6 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    api_keys = None
-    if args.api_keys_file is not None:
-        keys = [line.strip() for line in args.api_keys_file.read_text().splitlines() if line.strip()]
-        if not keys:
-            parser.error(f"{args.api_keys_file} holds no API key")
-        api_keys = frozenset(keys)
     try:
         return ServerConfig(
             host=args.host,
@@ -147,7 +142,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             demo_kind=args.demo_kind,
             max_batch_size=args.max_batch_size,
             max_message_bytes=int(args.max_message_mb * 2**20),
-            api_keys=api_keys,
+            ledger_path=None if args.ledger == MEMORY_LEDGER else Path(args.ledger),
             default_bound=args.default_bound,
             f2i_memory_budget_bytes=int(args.f2i_memory_budget_mb * 2**20),
             forward_chunk_size=args.forward_chunk_size,

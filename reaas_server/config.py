@@ -15,8 +15,8 @@ class ServerConfig:
     """How one server process serves one encoder.
 
     ``mode="seaas"`` is a standard encoder service: Feature RPCs only, F2IPerturb answers UNIMPLEMENTED.
-    ``api_keys=None`` accepts every caller (usage is still counted per ``x-api-key``, "anonymous" when
-    absent); a set of keys makes the server reject missing or unknown keys with UNAUTHENTICATED.
+    API keys live in the ledger (``reaas-keys``): with none active every caller is billed as "anonymous"; with
+    some, a call without a valid ``x-api-key`` gets UNAUTHENTICATED.
     """
 
     host: str = "127.0.0.1"
@@ -26,7 +26,8 @@ class ServerConfig:
     demo_kind: str | None = None  # None: robust_pretrain.DEFAULT_DEMO_KIND; ignored when `checkpoint` is set
     max_batch_size: int = 4096  # images per request
     max_message_bytes: int = 64 * 1024 * 1024
-    api_keys: frozenset[str] | None = None
+    # the SQLite usage ledger and API keys (ledger.py); None keeps them in memory, lost at exit (tests, embedding)
+    ledger_path: Path | None = None
     default_bound: str | None = None  # None: bounds.DEFAULT_BOUND
     # caps the bound computations' working set, shared by the admitted F2I calls (each gets its share)
     f2i_memory_budget_bytes: int = 256 * 1024**2

@@ -1,21 +1,25 @@
-"""Server interceptors, one concern each: API-key authentication and usage accounting.
+"""Server interceptors and their shared helpers: the account interceptor (authentication, quotas, the bill).
 
-Both apply to the EncoderService only; health and reflection stay open and free.
+Interceptors apply to the EncoderService only; health and reflection stay open and free.
 """
 
 from __future__ import annotations
 
 import collections
+import contextvars
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import grpc
 from google.protobuf.message import Message
 
-from reaas_server.usage import UsageBook
+from reaas_client.retry import RETRY_PUSHBACK_HEADER
+from reaas_server.ledger import ANONYMOUS, ApiKey, UsageLedger
+from reaas_server.quotas import QuotaBook, QuotaExceeded
+from reaas_server.validation import RequestError
 
 SERVICE_PREFIX = "/reaas.v1.EncoderService/"
 API_KEY_HEADER = "x-api-key"
-ANONYMOUS = "anonymous"
 
 
 def api_key_of(metadata: tuple | None) -> str:
@@ -42,39 +46,7 @@ def replace_behavior(handler: grpc.RpcMethodHandler, unary: Callable | None, str
     return handler
 
 
-class ApiKeyInterceptor(grpc.ServerInterceptor):
-    """Rejects EncoderService calls whose ``x-api-key`` is missing or unknown with UNAUTHENTICATED."""
-
-    def __init__(self, api_keys: frozenset[str]) -> None:
-        self._api_keys = api_keys
-
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        if handler is None or rpc_name(handler_call_details.method) is None:
-            return handler
-        key = api_key_of(handler_call_details.invocation_metadata)
-        if key in self._api_keys:
-            return handler
-        message = (
-            f"missing API key: send gRPC metadata '{API_KEY_HEADER}'"
-            if key == ANONYMOUS
-            else f"unknown API key {key[:4]}…; ask the provider for a valid '{API_KEY_HEADER}'"
-        )
-
-        def reject_unary(_behavior):
-            return lambda request, context: context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-        def reject_stream(_behavior):
-            def behavior(request_iterator, context):
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-                yield  # pragma: no cover - abort raises
-
-            return behavior
-
-        return replace_behavior(handler, reject_unary, reject_stream)
-
-
-def _image_count(request: Message) -> int:
+def image_count(request: Message) -> int:
     """Queries a request costs: its number of images (the paper's unit); 0 for requests without images."""
     if "images" not in request.DESCRIPTOR.fields_by_name or not request.HasField("images"):
         return 0
@@ -82,53 +54,109 @@ def _image_count(request: Message) -> int:
     return int(shape[0]) if shape else 0
 
 
-class UsageInterceptor(grpc.ServerInterceptor):
-    """Charges each *answered* request to its API key: images as queries, serialized bytes both ways.
+@dataclass(frozen=True)
+class Caller:
+    """The account a call is billed to: a key's name, or ``anonymous`` in open mode (then ``key`` is None)."""
 
-    A request that is rejected or never answered (invalid, cancelled) costs nothing.
+    name: str
+    key: ApiKey | None
+
+
+# Set by AccountInterceptor for the duration of a call, in the handler's thread: admission reads the caller's
+# concurrency limit from it, GetUsage whose usage to report.
+CURRENT_CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("reaas_caller", default=None)
+
+
+class AccountInterceptor(grpc.ServerInterceptor):
+    """Who pays for an EncoderService call, and the bill: authentication, quota, and one ledger row per answer.
+
+    With active keys in the ledger, a call must carry one of them in ``x-api-key`` (UNAUTHENTICATED otherwise).
+    With none ever issued (open mode), every caller is billed as ``anonymous`` whatever it sends, so nobody can read or add to
+    another's bill by naming it. Each answered request — a unary call or one streamed message — is committed to
+    the ledger *before* its reply is handed to gRPC; a request refused, failed or abandoned costs nothing.
     """
 
-    def __init__(self, book: UsageBook) -> None:
-        self._book = book
+    def __init__(self, ledger: UsageLedger, quotas: QuotaBook) -> None:
+        self._ledger = ledger
+        self._quotas = quotas
+
+    def _caller(self, context: grpc.ServicerContext) -> Caller:
+        if not self._ledger.has_keys():
+            return Caller(ANONYMOUS, None)
+        secret = api_key_of(context.invocation_metadata())
+        key = self._ledger.authenticate(secret) if secret != ANONYMOUS else None
+        if key is None:
+            context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"missing API key: send gRPC metadata '{API_KEY_HEADER}'" if secret == ANONYMOUS
+                else f"unknown or revoked API key; ask the provider for a valid '{API_KEY_HEADER}'",
+            )
+        return Caller(key.name, key)
+
+    def _reserve(self, caller: Caller, request: Message, context: grpc.ServicerContext) -> Callable[[bool], None]:
+        try:
+            return self._quotas.reserve(caller.key, image_count(request))
+        except QuotaExceeded as exceeded:
+            context.set_trailing_metadata(((RETRY_PUSHBACK_HEADER, str(exceeded.retry_after_ms)),))
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, exceeded.message) from None
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         rpc = rpc_name(handler_call_details.method)
         if handler is None or rpc is None:
             return handler
-        key = api_key_of(handler_call_details.invocation_metadata)
-        book = self._book
+        ledger = self._ledger
 
-        def charge(request: Message, response: Message) -> None:
-            book.charge(
-                key,
-                rpc,
-                queries=_image_count(request),
-                request_bytes=request.ByteSize(),
-                response_bytes=response.ByteSize(),
-            )
+        def charge(caller: Caller, request: Message, response: Message) -> None:
+            ledger.charge(caller.name, rpc, queries=image_count(request), request_bytes=request.ByteSize(),
+                          response_bytes=response.ByteSize())
 
-        def count_unary(behavior):
-            def counted(request, context):
-                response = behavior(request, context)
-                charge(request, response)
-                return response
+        def billed_unary(behavior):
+            def billed(request, context):
+                caller = self._caller(context)
+                CURRENT_CALLER.set(caller)
+                try:
+                    try:
+                        settle = self._reserve(caller, request, context)
+                    except RequestError as error:
+                        context.abort(error.code, error.message)
+                    answered = False
+                    try:
+                        response = behavior(request, context)
+                        if context.is_active():  # a reply nobody waits for is not billed
+                            charge(caller, request, response)
+                            answered = True
+                        return response
+                    finally:
+                        settle(answered)
+                finally:
+                    CURRENT_CALLER.set(None)
 
-            return counted
+            return billed
 
-        def count_stream(behavior):
-            def counted(request_iterator: Iterator[Message], context) -> Iterator[Message]:
-                pending: collections.deque[Message] = collections.deque()
+        def billed_stream(behavior):
+            def billed(request_iterator: Iterator[Message], context) -> Iterator[Message]:
+                caller = self._caller(context)
+                pending: collections.deque[tuple[Message, Callable[[bool], None]]] = collections.deque()
 
-                def tapped() -> Iterator[Message]:
+                def reserved() -> Iterator[Message]:
                     for request in request_iterator:
-                        pending.append(request)
+                        # a RequestError here reaches the servicer's loop, which answers its status
+                        pending.append((request, self._reserve(caller, request, context)))
                         yield request
 
-                for response in behavior(tapped(), context):
-                    charge(pending.popleft(), response)
-                    yield response
+                CURRENT_CALLER.set(caller)
+                try:
+                    for response in behavior(reserved(), context):
+                        request, settle = pending.popleft()
+                        charge(caller, request, response)
+                        settle(True)
+                        yield response
+                finally:
+                    CURRENT_CALLER.set(None)
+                    for _, settle in pending:
+                        settle(False)
 
-            return counted
+            return billed
 
-        return replace_behavior(handler, count_unary, count_stream)
+        return replace_behavior(handler, billed_unary, billed_stream)

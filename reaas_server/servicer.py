@@ -19,8 +19,9 @@ from reaas_client.wire import NUMPY_DTYPES, encode_tensor
 from reaas_server.compute import BackgroundCompute
 from reaas_server.config import ServerConfig
 from reaas_server.encoder_host import BoundCost, ServedEncoder
-from reaas_server.interceptors import api_key_of
-from reaas_server.usage import UsageBook
+from reaas_server.interceptors import CURRENT_CALLER
+from reaas_server.ledger import UsageLedger
+from reaas_server.quotas import QuotaBook
 from reaas_server.validation import ImageSpec, RequestError, decode_feature_radii, decode_images
 
 log = logging.getLogger(__name__)
@@ -33,11 +34,12 @@ def _still_wanted(context: grpc.ServicerContext) -> bool:
 
 
 class EncoderServicer(pb_grpc.EncoderServiceServicer):
-    def __init__(self, encoder: ServedEncoder, config: ServerConfig, usage: UsageBook, compute: BackgroundCompute,
-                 bound_costs: tuple[BoundCost, ...] = ()) -> None:
+    def __init__(self, encoder: ServedEncoder, config: ServerConfig, ledger: UsageLedger, quotas: QuotaBook,
+                 compute: BackgroundCompute, bound_costs: tuple[BoundCost, ...] = ()) -> None:
         self._encoder = encoder
         self._config = config
-        self._usage = usage
+        self._ledger = ledger
+        self._quotas = quotas
         self._bound_costs = bound_costs
         self._compute = compute
         meta = encoder.metadata
@@ -73,6 +75,8 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
             default_bound=self._default_bound if self._bounds_offered else "",
             max_message_bytes=self._config.max_message_bytes,
             device=str(self._encoder.device),
+            open_access=not self._ledger.has_keys(),
+            max_calls_per_key=self._config.max_calls_per_key,
             bound_costs=[
                 pb.BoundCost(name=c.name, description=c.description, closed_form=c.closed_form,
                              seconds_per_image=c.seconds_per_image, cost_measured=c.probe_images > 0,
@@ -82,9 +86,18 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
         )
 
     def GetUsage(self, request, context):
-        key = api_key_of(context.invocation_metadata())
-        rpcs = self._usage.report(key)
-        return pb.UsageReport(api_key=key, rpcs=rpcs, total_queries=sum(u.queries for u in rpcs))
+        caller = CURRENT_CALLER.get()  # set by the account interceptor, which always runs before this
+        rpcs = [pb.RpcUsage(rpc=t.rpc, calls=t.calls, queries=t.queries, request_bytes=t.request_bytes,
+                            response_bytes=t.response_bytes) for t in self._ledger.totals(caller.name)]
+        report = pb.UsageReport(key_name=caller.name, rpcs=rpcs, total_queries=sum(u.queries for u in rpcs),
+                                max_concurrent_calls=(caller.key and caller.key.max_concurrent_calls)
+                                or self._config.max_calls_per_key)
+        quota = self._quotas.status(caller.key)
+        if quota is not None:
+            report.quota_queries, report.quota_period_seconds = quota.limit, quota.period_s
+            report.quota_used, report.quota_remaining = quota.used, quota.remaining
+            report.quota_resets_at_unix = quota.resets_at
+        return report
 
     # -- features -----------------------------------------------------------------------------------------
     def _feature_response(self, request: pb.FeatureRequest, context) -> pb.FeatureResponse:

@@ -10,6 +10,7 @@ bit, record each input once in the ledger, and be billed once, by the replica th
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +28,7 @@ import torch
 
 from reaas_client import EncoderClient, ServiceError, StreamedImageSamples
 from reaas_server import ServedEncoder
+from reaas_server.ledger import UsageLedger
 
 pytestmark = pytest.mark.skipif(
     not Path("/proc/net/tcp6").exists(), reason="observes unread socket bytes in /proc/net (Linux)"
@@ -58,8 +60,23 @@ class Replica:
 class ReplicaPool:
     """Server processes kept across the module's tests: each test asks for two live ones, kills one."""
 
-    def __init__(self) -> None:
+    # per-key usage needs issued keys (open access bills everyone as "anonymous"): every replica starts from a
+    # copy of one ledger that issued a key per test, so a key works on both and each replica bills its own answers
+    KEY_NAMES = ("unary-256", "unary-8192", "stream", "seaas")
+
+    def __init__(self, directory: Path) -> None:
         self.replicas: list[Replica] = []
+        self.directory = directory
+        template = UsageLedger(directory / "template.sqlite3")
+        self.secrets = {name: template.add_key(name) for name in self.KEY_NAMES}
+        template.close()
+        self.started = 0
+
+    def _ledger_copy(self) -> Path:
+        self.started += 1
+        copy = self.directory / f"replica-{self.started}.sqlite3"
+        shutil.copyfile(self.directory / "template.sqlite3", copy)
+        return copy
 
     def pair(self) -> tuple[Replica, Replica]:
         self.replicas = [r for r in self.replicas if r.process.poll() is None]
@@ -67,7 +84,8 @@ class ReplicaPool:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
         command = [sys.executable, "-m", "reaas_server.cli", "--port", "0", "--log-level", "WARNING",
                    "--bound-cost-budget", "0"]
-        starting = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+        starting = [subprocess.Popen([*command, "--ledger", str(self._ledger_copy())], stdout=subprocess.PIPE,
+                                     text=True, env=env)
                     for _ in range(2 - len(self.replicas))]
         for process in starting:
             line = process.stdout.readline()
@@ -82,8 +100,8 @@ class ReplicaPool:
 
 
 @pytest.fixture(scope="module")
-def pool() -> Iterator[ReplicaPool]:
-    replicas = ReplicaPool()
+def pool(tmp_path_factory) -> Iterator[ReplicaPool]:
+    replicas = ReplicaPool(tmp_path_factory.mktemp("replica-ledgers"))
     try:
         yield replicas
     finally:
@@ -144,7 +162,7 @@ class KillWhenCallInFlight(threading.Thread):
 @pytest.mark.parametrize("per_call", [256, 8192], ids=["256-image-calls", "two-4096-image-chunks"])
 def test_features_survive_a_replica_killed_mid_call(pool, encoder, per_call):
     victim, survivor = pool.pair()
-    api_key = f"unary-{per_call}"
+    api_key = pool.secrets[f"unary-{per_call}"]
     images = np.random.default_rng(per_call).random((8192 if per_call > 4096 else 1024, 1, 28, 28),
                                                    dtype=np.float32)
     ids = [f"x{i}" for i in range(len(images))]
@@ -187,7 +205,7 @@ def kill_serving_replica_before_second_batch(
 
 def test_stream_resumes_from_the_first_unanswered_batch(pool, encoder):
     replicas = pool.pair()
-    api_key = "stream"
+    api_key = pool.secrets["stream"]
     rng = np.random.default_rng(1)
     batches = [rng.random((64, 1, 28, 28), dtype=np.float32) for _ in range(12)]
     ids = [[f"s{k}-{i}" for i in range(64)] for k in range(12)]
@@ -243,7 +261,7 @@ def test_seaas_noise_stream_survives_a_replica_loss(pool, encoder):
         source = StreamedImageSamples(client, image, "test-input", sigma=0.25, batch_size=100)
         return torch.cat(list(source(1000, torch.Generator().manual_seed(3)))).numpy()
 
-    with _KillOnSecondBatch(pool.pair(), api_key="seaas") as client:
+    with _KillOnSecondBatch(pool.pair(), api_key=pool.secrets["seaas"]) as client:
         disturbed = samples(client)
         assert len(client.killed) == 1
         assert client.ledger.queries("test-input") == 1000

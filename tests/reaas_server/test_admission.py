@@ -45,7 +45,7 @@ def test_one_key_cannot_take_more_than_its_allowance():
     admission.admit("feature", "alice")
     with pytest.raises(_Refusal) as refused:
         admission.admit("feature_stream", "alice")
-    assert "per-key limit" in refused.value.message
+    assert "concurrent-call limit" in refused.value.message
     admission.admit("feature_stream", "bob")
 
 

@@ -65,7 +65,7 @@ def test_round_robin_spreads_calls_over_replicas(demo_encoder, make_images):
         with EncoderClient(addresses) as spread:
             for _ in range(8):
                 spread.features(make_images(1))
-        served = [sum(u.queries for u in r.usage.report("anonymous")) for r in replicas]
+        served = [sum(t.queries for t in r.ledger.totals("anonymous")) for r in replicas]
         assert sum(served) == 8 and min(served) >= 1, served
     finally:
         for replica in replicas:

@@ -173,7 +173,8 @@ def test_cancelled_stream_stops_the_servers_work(reaas_address, make_images):
 
 def test_sigterm_drains_in_flight_calls_then_exits(make_images):
     server = subprocess.Popen(
-        [sys.executable, "-m", "reaas_server.cli", "--port", "0", "--grace", "20", "--log-level", "WARNING"],
+        [sys.executable, "-m", "reaas_server.cli", "--port", "0", "--grace", "20", "--log-level", "WARNING",
+         "--ledger", ":memory:"],
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},

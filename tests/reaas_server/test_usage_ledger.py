@@ -1,0 +1,151 @@
+"""The usage ledger on disk: quotas, the reaas-keys admin CLI, and nothing answered lost to a restart or SIGKILL."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+from reaas_client import EncoderClient, ServiceError
+from reaas_server import ServerConfig, run_server
+from reaas_server.keys_cli import main as keys_main
+from reaas_server.ledger import LedgerError, UsageLedger
+from reaas_server.quotas import QuotaBook, QuotaExceeded
+
+
+@pytest.fixture()
+def ledger_path(tmp_path):
+    return tmp_path / "ledger.sqlite3"
+
+
+def test_a_quota_refuses_the_request_that_would_exceed_it_and_usage_shows_what_remains(
+        demo_encoder, make_images, ledger_path):
+    ledger = UsageLedger(ledger_path)
+    secret = ledger.add_key("quota", quota_queries=10, quota_period_s=86400)
+    ledger.close()
+    with run_server(ServerConfig(port=0, ledger_path=ledger_path), demo_encoder) as (_, port), \
+            EncoderClient(f"127.0.0.1:{port}", api_key=secret, timeout_s=30) as client:
+        client.features(make_images(6))
+        quota = client.usage().quota
+        assert (quota.limit, quota.period_s, quota.used, quota.remaining) == (10, 86400, 6, 4)
+        assert quota.resets_at_unix % 86400 == 0
+        with pytest.raises(ServiceError) as refused:
+            client.features(make_images(5))
+        assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "10 queries per day" in refused.value.details and "resets at" in refused.value.details
+        client.features(make_images(4))  # exactly up to the limit is allowed
+        assert client.usage().quota.remaining == 0
+        assert client.usage().total_queries == 10
+
+
+def test_a_stream_is_stopped_at_the_message_that_would_exceed_the_quota(demo_encoder, make_images, ledger_path):
+    ledger = UsageLedger(ledger_path)
+    secret = ledger.add_key("streamer", quota_queries=10, quota_period_s=3600)
+    ledger.close()
+    with run_server(ServerConfig(port=0, ledger_path=ledger_path), demo_encoder) as (_, port), \
+            EncoderClient(f"127.0.0.1:{port}", api_key=secret, timeout_s=30) as client:
+        answered = []
+        with pytest.raises(ServiceError) as refused:
+            for features in client.stream_features([(make_images(4, seed=s), None) for s in range(3)]):
+                answered.append(features)
+        assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert len(answered) == 2
+        assert client.usage().total_queries == 8
+
+
+def test_reservations_keep_concurrent_calls_from_overshooting_and_unanswered_ones_give_back():
+    ledger = UsageLedger(None)
+    ledger.add_key("k", quota_queries=10, quota_period_s=60)
+    (key,) = ledger.api_keys()
+    quotas = QuotaBook(ledger)
+    first = quotas.reserve(key, 6)
+    with pytest.raises(QuotaExceeded):
+        quotas.reserve(key, 5)  # 6 are in flight: 6 + 5 > 10 although nothing is used yet
+    first(False)  # the first call was refused downstream: its queries come back
+    second = quotas.reserve(key, 10)
+    ledger.charge("k", "Feature", queries=10, request_bytes=1, response_bytes=1)
+    second(True)
+    assert quotas.status(key).used == 10
+    with pytest.raises(QuotaExceeded):
+        quotas.reserve(key, 1)
+
+
+def test_key_rules_are_checked_when_a_key_is_made():
+    ledger = UsageLedger(None)
+    ledger.add_key("a")
+    for bad in (lambda: ledger.add_key("a"), lambda: ledger.add_key("anonymous"), lambda: ledger.add_key(""),
+                lambda: ledger.add_key("b", quota_queries=5), lambda: ledger.add_key("b", quota_queries=0,
+                                                                                      quota_period_s=60),
+                lambda: ledger.revoke_key("nobody")):
+        with pytest.raises(LedgerError):
+            bad()
+
+
+def test_reaas_keys_adds_lists_revokes_and_exports(ledger_path, tmp_path, capsys, demo_encoder, make_images):
+    assert keys_main(["--ledger", str(ledger_path), "add", "alice", "--quota", "100", "--period", "hour"]) == 0
+    secret = capsys.readouterr().out.strip()
+    assert secret.startswith("reaas_")
+    with run_server(ServerConfig(port=0, ledger_path=ledger_path), demo_encoder) as (_, port):
+        with EncoderClient(f"127.0.0.1:{port}", api_key=secret) as alice:
+            alice.features(make_images(3))
+            alice.features(make_images(2))
+        assert keys_main(["--ledger", str(ledger_path), "list"]) == 0
+        listing = capsys.readouterr().out
+        assert "alice" in listing and "active" in listing and "5/100 per hour" in listing
+        assert keys_main(["--ledger", str(ledger_path), "revoke", "alice"]) == 0
+        with EncoderClient(f"127.0.0.1:{port}", api_key=secret) as alice, pytest.raises(ServiceError) as refused:
+            alice.features(make_images(1))  # revocation takes effect on the running server's next call
+        assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+    assert keys_main(["--ledger", str(ledger_path), "export", str(tmp_path / "bill.csv")]) == 0
+    with open(tmp_path / "bill.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    features = [(r["key_name"], r["queries"]) for r in rows if r["rpc"] == "Feature"]
+    assert features == [("alice", "3"), ("alice", "2")]
+    assert {r["rpc"] for r in rows} == {"Feature", "GetEncoderInfo"}  # free calls are listed too, at 0 queries
+    assert keys_main(["--ledger", str(ledger_path), "revoke", "alice"]) == 2  # a clear error, not a traceback
+    assert "no active key" in capsys.readouterr().err
+
+
+def _start(ledger_path) -> tuple[subprocess.Popen, str]:
+    server = subprocess.Popen(
+        [sys.executable, "-m", "reaas_server.cli", "--port", "0", "--ledger", str(ledger_path), "--log-level",
+         "WARNING", "--bound-cost-budget", "0", "--drain-delay", "0"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    line = server.stdout.readline()
+    assert "listening on" in line, line
+    return server, line.split("listening on ")[1].split()[0]
+
+
+@pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM"])
+def test_the_ledger_after_a_restart_equals_what_was_answered_before(ledger_path, make_images, stop):
+    server, address = _start(ledger_path)
+    try:
+        with EncoderClient(address) as client:
+            client.features(make_images(7))
+            assert len(list(client.stream_features([(make_images(3), None), (make_images(2), None)]))) == 2
+            client.f2i_perturb(make_images(4), [0.5] * 4, bound="lipschitz")
+            answered = client.ledger.totals_by_rpc()
+        server.send_signal(getattr(signal, stop))
+        server.wait(timeout=60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.stdout.close()
+    server, address = _start(ledger_path)
+    try:
+        with EncoderClient(address) as client:
+            usage = client.usage()
+    finally:
+        server.kill()
+        server.wait()
+        server.stdout.close()
+    assert usage.total_queries == 7 + 5 + 4
+    for rpc, row in answered.items():
+        assert usage.rpcs[rpc].queries == row.queries
+        assert usage.rpcs[rpc].request_bytes == row.request_bytes
+        assert usage.rpcs[rpc].response_bytes == row.response_bytes
