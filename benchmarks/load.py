@@ -279,7 +279,7 @@ def one_drain(encoder_args: list[str], timeout_s: float = 60.0) -> DrainRun:
     """Start, stream one batch, SIGTERM, observe NOT_SERVING and a refused call, finish the stream, exit 0."""
     start = time.monotonic()
     process = subprocess.Popen(
-        [sys.executable, "-m", "reaas_server.cli", "--port", "0", "--grace", "30", "--drain-delay", "0.2",
+        [sys.executable, "-m", "reaas_server.cli", "--port", "0", "--grace", "30", "--drain-delay", "0.2", "--ledger", ":memory:",
          "--bound-cost-budget", "0", "--log-level", "WARNING", *encoder_args],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:

@@ -80,7 +80,7 @@ def server_side_costs(encoder: ServedEncoder, images: torch.Tensor, seconds: flo
 def start_server_process(mode: str = "reaas", checkpoint: Path | None = None) -> tuple[subprocess.Popen, str]:
     served = [] if checkpoint is None else ["--checkpoint", str(checkpoint)]
     process = subprocess.Popen(
-        [sys.executable, "-m", "reaas_server.cli", "--port", "0", "--mode", mode, "--log-level", "WARNING",
+        [sys.executable, "-m", "reaas_server.cli", "--port", "0", "--mode", mode, "--log-level", "WARNING", "--ledger", ":memory:",
          *served],
         stdout=subprocess.PIPE,
         text=True,
