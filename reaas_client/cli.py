@@ -20,6 +20,7 @@ from reaas_client.head_selection import HeadSearch
 from reaas_client.metrics import summary_table_markdown, write_records_csv
 from reaas_client.pipelines import PATHS, PathConfig, run_path
 from reaas_client.plotting import plot_certified_accuracy
+from reaas_client.tls import ClientTls
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
     service.add_argument("--api-key", default=None, help="API key sent as x-api-key (none: anonymous)")
     service.add_argument("--timeout", type=float, default=3600.0,
                          help="deadline of each RPC in seconds (a SEaaS-SC stream of n0 + n images is one RPC)")
+    tls = parser.add_argument_group("TLS", "without any of these the channel is insecure (loopback servers)")
+    tls.add_argument("--tls", action="store_true",
+                     help="TLS, trusting gRPC's default roots (implied by every other --tls-* flag)")
+    tls.add_argument("--tls-ca", type=Path, default=None,
+                     help="PEM CA certificates the server's certificate must chain to, instead of the default roots")
+    tls.add_argument("--tls-client-cert", type=Path, default=None,
+                     help="PEM client certificate for mutual TLS; needs --tls-client-key")
+    tls.add_argument("--tls-client-key", type=Path, default=None, help="PEM private key of --tls-client-cert")
+    tls.add_argument("--tls-server-name", default=None,
+                     help="name the server's certificate carries, when not the host dialled (replicas on "
+                          "several hosts)")
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", required=True,
                       help="cifar10, svhn, stl10, tiny-imagenet (need --data) or mnist-embedded (shipped)")
@@ -107,9 +119,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def client_tls(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ClientTls | None:
+    """The TLS the flags ask for (None: an insecure channel); a bad combination or file is a usage error."""
+    files = (args.tls_ca, args.tls_client_cert, args.tls_client_key)
+    if not args.tls and args.tls_server_name is None and all(f is None for f in files):
+        return None
+    try:
+        return ClientTls.from_files(*files, server_name=args.tls_server_name)
+    except ValueError as error:
+        parser.error(str(error))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    tls = client_tls(parser, args)
     heads = tuple(h for h in args.head.split(",") if h)
     margins = tuple(float(m) for m in args.margin.split(",") if m)
     if not args.select_head and (len(heads) != 1 or len(margins) != 1):
@@ -131,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                           margin_warmup=args.margin_warmup),
     )
     addresses = [a for item in args.server for a in item.split(",") if a]
-    with EncoderClient(addresses, api_key=args.api_key, timeout_s=args.timeout) as client:
+    with EncoderClient(addresses, api_key=args.api_key, timeout_s=args.timeout, tls=tls) as client:
         info = client.info()
         print(f"encoder {info.model_id} ({info.model_sha256[:12]}), mode {info.mode}, "
               f"feature_dim {info.feature_dim}, {info.description}", file=sys.stderr)

@@ -24,6 +24,7 @@ from reaas.v1 import encoder_service_pb2_grpc as pb_grpc
 from reaas_client.ledger import UNLABELLED, QueryLedger
 from reaas_client.replies import EncoderInfo, F2IReply, UsageReport
 from reaas_client.retry import RetryPolicy, UnansweredRequests
+from reaas_client.tls import ClientTls
 from reaas_client.wire import as_numpy, decode_tensor, encode_tensor
 
 API_KEY_HEADER = "x-api-key"
@@ -116,22 +117,31 @@ class EncoderClient:
         ledger: QueryLedger | None = None,
         max_message_bytes: int = 64 * 1024 * 1024,
         max_attempts: int = 4,
+        tls: ClientTls | None = None,
     ) -> None:
         """``max_attempts``: tries in a row that get no answer before a call (or a stream) fails with
-        ServiceError, each failed one followed by a 0.1 s backoff that doubles up to 2 s (RetryPolicy)."""
+        ServiceError, each failed one followed by a 0.1 s backoff that doubles up to 2 s (RetryPolicy).
+        ``tls``: None for an insecure channel (loopback; the API key travels in clear text), else TLS with the
+        given roots and, for mutual TLS, client certificate; a server whose certificate fails them is UNAVAILABLE."""
         self.ledger = ledger if ledger is not None else QueryLedger()
         self.timeout_s = timeout_s
         self.retry = RetryPolicy(max_attempts=max_attempts)
         self._metadata = ((API_KEY_HEADER, api_key),) if api_key else ()
-        self._channel = grpc.insecure_channel(
-            channel_target(addresses),
-            options=[
-                ("grpc.service_config", _service_config()),
-                ("grpc.enable_retries", 1),
-                ("grpc.max_receive_message_length", -1),
-                ("grpc.max_send_message_length", max_message_bytes),
-            ],
-        )
+        if isinstance(addresses, str):
+            addresses = [a for a in addresses.split(",") if a]
+        options = [
+            ("grpc.service_config", _service_config()),
+            ("grpc.enable_retries", 1),
+            ("grpc.max_receive_message_length", -1),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        target = channel_target(addresses)
+        if tls is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            if (name := tls.name_override(addresses)) is not None:
+                options.append(("grpc.ssl_target_name_override", name))
+            self._channel = grpc.secure_channel(target, tls.channel_credentials(), options=options)
         self._stub = pb_grpc.EncoderServiceStub(self._channel)
         self._info: EncoderInfo | None = None
 

@@ -25,6 +25,7 @@ from reaas_server.interceptors import AccountInterceptor
 from reaas_server.ledger import UsageLedger
 from reaas_server.quotas import QuotaBook
 from reaas_server.servicer import EncoderServicer
+from reaas_server.tls import is_loopback
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EncoderService"].full_name
@@ -66,6 +67,26 @@ def _configure_health(server: grpc.Server) -> health.HealthServicer:
     return servicer
 
 
+def _bind(server: grpc.Server, config: ServerConfig) -> int:
+    """Open the one port every service shares: TLS when ``config.tls`` is set, else insecure (with a warning off
+    loopback, since every client's x-api-key would cross the network readable)."""
+    address = f"{config.host}:{config.port}"
+    if config.tls is None:
+        if not is_loopback(config.host):
+            log.warning("serving without TLS on %s: API keys would travel in clear text; give --tls-cert and "
+                        "--tls-key", address)
+        port = server.add_insecure_port(address)
+    else:
+        try:
+            port = server.add_secure_port(address, config.tls.server_credentials())
+        except RuntimeError as error:  # gRPC says only "Failed to bind"; a key that does not fit is the usual cause
+            raise OSError(f"could not bind {address} with TLS: is the private key the certificate's, and the "
+                          f"port free? ({error})") from None
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    return port
+
+
 def start_server(config: ServerConfig, encoder: ServedEncoder | None = None) -> RunningServer:
     """Load the encoder (unless given), bind, start. The caller stops it (see ``run_server``)."""
     encoder = encoder or ServedEncoder.load(config.checkpoint, config.device, demo_kind=config.demo_kind)
@@ -95,16 +116,15 @@ def start_server(config: ServerConfig, encoder: ServedEncoder | None = None) -> 
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    if port == 0:
-        raise OSError(f"could not bind {config.host}:{config.port}")
+    port = _bind(server, config)
     server.start()
     log.info(
-        "serving %s (%s mode) on %s:%d, device %s",
+        "serving %s (%s mode) on %s:%d (%s), device %s",
         encoder.metadata.model_id,
         config.mode,
         config.host,
         port,
+        "insecure" if config.tls is None else "mutual TLS" if config.tls.mutual else "TLS",
         encoder.device,
     )
     return RunningServer(server, port, encoder, ledger, health_servicer, admission, compute)

@@ -12,6 +12,7 @@ from reaas_server.app import start_server
 from reaas_server.config import MODES, ServerConfig
 from reaas_server.ledger import MEMORY_LEDGER, default_ledger_path
 from reaas_server.memory import limit_heap_growth
+from reaas_server.tls import ServerTls
 from robust_pretrain.demo import DEFAULT_DEMO_KIND, DEMO_KINDS
 
 
@@ -66,6 +67,17 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         "reaas-keys. With no active key every caller is billed as 'anonymous' (open access). ':memory:' keeps "
         "it in memory, lost at exit (default: %(default)s)",
     )
+    tls = parser.add_argument_group(
+        "TLS",
+        "Without --tls-cert/--tls-key the port is insecure (fine on loopback; elsewhere API keys would travel in "
+        "clear text, and the server says so). Health and reflection share the port, so they are TLS too. The "
+        "files are read once at start.",
+    )
+    tls.add_argument("--tls-cert", type=Path, default=None,
+                     help="PEM certificate chain the server presents (leaf first); needs --tls-key")
+    tls.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+    tls.add_argument("--tls-client-ca", type=Path, default=None,
+                     help="PEM CA bundle for mutual TLS: every client must present a certificate it issued")
     parser.add_argument(
         "--default-bound",
         default=None,
@@ -133,6 +145,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    server_tls = _server_tls(parser, args)
     try:
         return ServerConfig(
             host=args.host,
@@ -156,7 +169,21 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             grace_s=args.grace,
             drain_delay_s=args.drain_delay,
             device=args.device,
+            tls=server_tls,
         )
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def _server_tls(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ServerTls | None:
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together: give both, or neither for an insecure port")
+    if args.tls_cert is None:
+        if args.tls_client_ca is not None:
+            parser.error("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        return None
+    try:
+        return ServerTls.from_files(args.tls_cert, args.tls_key, args.tls_client_ca)
     except ValueError as error:
         parser.error(str(error))
 

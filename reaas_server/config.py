@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reaas_server.admission import AdmissionLimits
+from reaas_server.tls import ServerTls
 
 MODES = ("reaas", "seaas")
 
@@ -17,6 +18,8 @@ class ServerConfig:
     ``mode="seaas"`` is a standard encoder service: Feature RPCs only, F2IPerturb answers UNIMPLEMENTED.
     API keys live in the ledger (``reaas-keys``): with none active every caller is billed as "anonymous"; with
     some, a call without a valid ``x-api-key`` gets UNAUTHENTICATED.
+    ``tls=None`` opens an insecure port (the loopback default; elsewhere the server warns that API keys would
+    travel in clear text); a ``ServerTls`` makes the one port, health and reflection included, TLS or mutual TLS.
     """
 
     host: str = "127.0.0.1"
@@ -45,6 +48,7 @@ class ServerConfig:
     grace_s: float = 10.0  # SIGTERM: in-flight calls get this long to finish
     drain_delay_s: float = 1.0  # SIGTERM: health says NOT_SERVING at least this long before the port closes
     device: str | None = None  # None: "cuda" when available, else "cpu"
+    tls: ServerTls | None = None  # None: insecure port
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
