@@ -22,6 +22,7 @@ from reaas_server.compute import BackgroundCompute
 from reaas_server.config import ServerConfig
 from reaas_server.encoder_host import ServedEncoder
 from reaas_server.interceptors import ApiKeyInterceptor, UsageInterceptor
+from reaas_server.metrics import ObservingInterceptor, ServerMetrics
 from reaas_server.servicer import EncoderServicer
 from reaas_server.usage import UsageBook
 
@@ -40,6 +41,7 @@ class RunningServer:
     health: health.HealthServicer
     admission: Admission
     compute: BackgroundCompute
+    metrics: ServerMetrics
 
     def stop(self, grace_s: float | None, drain_delay_s: float = 0.0) -> None:
         """Drain the gRPC way: health says NOT_SERVING and new calls get UNAVAILABLE (clients retry elsewhere)
@@ -54,6 +56,7 @@ class RunningServer:
         self.admission.wait_idle(timeout_s=max(0.0, grace - (time.monotonic() - started)))
         self.server.stop(max(0.0, grace - (time.monotonic() - started)) if grace_s is not None else None).wait()
         self.compute.shutdown()
+        self.metrics.close()
 
 
 def _configure_health(server: grpc.Server) -> health.HealthServicer:
@@ -69,7 +72,8 @@ def start_server(config: ServerConfig, encoder: ServedEncoder | None = None) -> 
     encoder = encoder or ServedEncoder.load(config.checkpoint, config.device, demo_kind=config.demo_kind)
     usage = UsageBook()
     admission = Admission(config.admission_limits)
-    interceptors: list[grpc.ServerInterceptor] = []
+    metrics = ServerMetrics(admission)
+    interceptors: list[grpc.ServerInterceptor] = [ObservingInterceptor(metrics)]  # first = outermost: sees all
     if config.api_keys is not None:
         interceptors.append(ApiKeyInterceptor(config.api_keys))
     interceptors.append(AdmissionInterceptor(admission))
@@ -97,6 +101,8 @@ def start_server(config: ServerConfig, encoder: ServedEncoder | None = None) -> 
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise OSError(f"could not bind {config.host}:{config.port}")
+    if config.metrics_port is not None:
+        log.info("metrics on http://%s:%d/metrics", config.host, metrics.serve_http(config.host, config.metrics_port))
     server.start()
     log.info(
         "serving %s (%s mode) on %s:%d, device %s",
@@ -106,7 +112,7 @@ def start_server(config: ServerConfig, encoder: ServedEncoder | None = None) -> 
         port,
         encoder.device,
     )
-    return RunningServer(server, port, encoder, usage, health_servicer, admission, compute)
+    return RunningServer(server, port, encoder, usage, health_servicer, admission, compute, metrics)
 
 
 @contextlib.contextmanager

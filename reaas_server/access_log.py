@@ -1,0 +1,37 @@
+"""The access log: one logfmt line per call on the ``reaas.access`` logger, written when the call ends.
+
+    rpc=Feature key=key:2bb80d53 code=OK ms=12.41 images=256 answered=256 request_bytes=802833 response_bytes=65559 peer=ipv4:127.0.0.1:51234
+
+logfmt (``name=value``, values quoted only when they hold a space, a quote or ``=``) because it stays one short
+line a person reads in a terminal and ``grep code=RESOURCE_EXHAUSTED`` finds, while Loki, Vector and friends
+parse it into fields as they would JSON. The caller is named by ``key_label``, never by its key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+from reaas_server.interceptors import ANONYMOUS, api_key_of
+
+ACCESS_LOG = logging.getLogger("reaas.access")
+
+
+def key_label(metadata: tuple | None) -> str:
+    """Who called, safe to log: "anonymous" without an ``x-api-key``, else "key:" and 8 hex digits of the key's
+    SHA-256 — enough to tell callers apart and to match a key one holds, not to recover it."""
+    key = api_key_of(metadata)
+    if key == ANONYMOUS:
+        return ANONYMOUS
+    return "key:" + hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
+def _value(value: object) -> str:
+    text = str(value)
+    return json.dumps(text) if not text or any(c in text for c in ' "=\\') else text
+
+
+def access_line(**fields: object) -> str:
+    """``name=value`` pairs in the order given."""
+    return " ".join(f"{name}={_value(value)}" for name, value in fields.items())
