@@ -1,10 +1,11 @@
 """The access log: one logfmt line per call on the ``reaas.access`` logger, written when the call ends.
 
-    rpc=Feature key=key:2bb80d53 code=OK ms=12.41 images=256 answered=256 request_bytes=802833 response_bytes=65559 peer=ipv4:127.0.0.1:51234
+    rpc=Feature key=key:2bb80d53 code=OK ms=12.41 images=256 answered=256 request_bytes=802833 response_bytes=65551 peer=ipv4:127.0.0.1:51234
 
-logfmt (``name=value``, values quoted only when they hold a space, a quote or ``=``) because it stays one short
-line a person reads in a terminal and ``grep code=RESOURCE_EXHAUSTED`` finds, while Loki, Vector and friends
-parse it into fields as they would JSON. The caller is named by ``key_label``, never by its key.
+logfmt (``name=value``; a value holding whitespace, a quote, a backslash or ``=`` is written as a JSON string, so
+no value can break the line or forge a field) because it stays one short line a person reads in a terminal and
+``grep code=RESOURCE_EXHAUSTED`` finds, while Loki, Vector and friends parse it into fields as they would JSON.
+The caller is named by ``key_label``, never by its key.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 
 from reaas_server.interceptors import ANONYMOUS, api_key_of
 
 ACCESS_LOG = logging.getLogger("reaas.access")
+_NEEDS_QUOTES = re.compile(r'[\s"=\\]|^$')
 
 
 def key_label(metadata: tuple | None) -> str:
@@ -29,7 +32,7 @@ def key_label(metadata: tuple | None) -> str:
 
 def _value(value: object) -> str:
     text = str(value)
-    return json.dumps(text) if not text or any(c in text for c in ' "=\\') else text
+    return json.dumps(text) if _NEEDS_QUOTES.search(text) else text
 
 
 def access_line(**fields: object) -> str:

@@ -17,7 +17,7 @@ from reaas.v1 import encoder_service_pb2 as pb
 from reaas.v1 import encoder_service_pb2_grpc as pb_grpc
 from reaas_client.wire import encode_tensor
 from reaas_server import ServerConfig, start_server
-from reaas_server.access_log import key_label
+from reaas_server.access_log import access_line, key_label
 from reaas_server.cli import parse_args
 
 KEY = "s3cret-api-key-0123456789"
@@ -170,6 +170,11 @@ def test_one_access_log_line_per_call_and_never_the_key(running, channel, make_i
 def test_key_label_names_callers_without_their_key():
     assert key_label(()) == "anonymous"
     assert key_label((("x-api-key", KEY),)) == "key:" + hashlib.sha256(KEY.encode()).hexdigest()[:8]
+
+
+def test_access_line_values_cannot_break_the_line_or_forge_a_field():
+    assert access_line(rpc="Feature", images=3) == "rpc=Feature images=3"
+    assert access_line(key='eve\ncode=OK "x"', peer="") == 'key="eve\\ncode=OK \\"x\\"" peer=""'
 
 
 def test_no_metrics_http_server_unless_asked(demo_encoder):
