@@ -27,8 +27,9 @@ from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily
 
+from reaas.v1 import encoder_service_pb2 as pb
 from reaas_server.access_log import ACCESS_LOG, access_line, key_label
-from reaas_server.admission import Admission
+from reaas_server.admission import POOL_OF_RPC, Admission
 from reaas_server.interceptors import _image_count, rpc_name
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,9 @@ class _AdmissionRefusals:
         family = CounterMetricFamily("reaas_admission_refusals",
                                      "Calls admission refused (busy pool, per-key limit, draining), by pool",
                                      labels=["pool"])
-        for pool, refused in sorted(dict(self._admission.refusals).items()):
-            family.add_metric([pool], refused)
+        refusals = dict(self._admission.refusals)
+        for pool in sorted(set(POOL_OF_RPC.values())):
+            family.add_metric([pool], refusals.get(pool, 0))
         yield family
 
 
@@ -97,6 +99,10 @@ class ServerMetrics:
         self._series: dict[str, _RpcSeries] = {}
         self._series_lock = threading.Lock()
         self._http = None
+        # EncoderService series exist from the start at 0, so rate() and absent-series alerts work before a call
+        for method in pb.DESCRIPTOR.services_by_name["EncoderService"].methods:
+            self.series(method.name)
+            self.calls.labels(method.name, grpc.StatusCode.OK.name)
 
     def series(self, rpc: str) -> _RpcSeries:
         series = self._series.get(rpc)

@@ -61,6 +61,10 @@ def feature_request(make_images, count: int, scale: float = 1.0) -> pb.FeatureRe
 
 
 def test_every_call_counted_with_the_status_its_client_got(running, channel, make_images):
+    before = scrape(running)  # EncoderService series start at 0, so rate() works from the first scrape
+    assert ("reaas_rpc_calls_total", frozenset({"rpc": "StreamF2IPerturb", "code": "OK"}.items())) in before
+    assert ("reaas_rpc_queries_total", frozenset({"rpc": "Feature"}.items())) in before
+    assert sample(before, "reaas_admission_refusals_total", pool="f2i") == 0
     stub = pb_grpc.EncoderServiceStub(channel)
     answered = feature_request(make_images, 5)
     reply = stub.Feature(answered, metadata=AUTH)
@@ -80,7 +84,7 @@ def test_every_call_counted_with_the_status_its_client_got(running, channel, mak
 
     samples = scrape(running)
     calls = {(dict(labels)["rpc"], dict(labels)["code"]): value
-             for (name, labels), value in samples.items() if name == "reaas_rpc_calls_total"}
+             for (name, labels), value in samples.items() if name == "reaas_rpc_calls_total" and value}
     assert calls == {("Feature", "OK"): 1, ("Feature", "INVALID_ARGUMENT"): 1, ("Feature", "UNAUTHENTICATED"): 1,
                      ("F2IPerturb", "OK"): 1, ("grpc.health.v1.Health/Check", "OK"): 1}
     assert sample(samples, "reaas_rpc_queries_total", rpc="Feature") == 5  # answered images only
