@@ -23,6 +23,7 @@ from reaas_server.config import ServerConfig
 from reaas_server.encoder_host import ServedEncoder
 from reaas_server.interceptors import AccountInterceptor
 from reaas_server.ledger import UsageLedger
+from reaas_server.metrics import ObservingInterceptor, ServerMetrics
 from reaas_server.quotas import QuotaBook
 from reaas_server.servicer import EncoderServicer
 from reaas_server.tls import is_loopback
@@ -42,6 +43,7 @@ class RunningServer:
     health: health.HealthServicer
     admission: Admission
     compute: BackgroundCompute
+    metrics: ServerMetrics
 
     def stop(self, grace_s: float | None, drain_delay_s: float = 0.0) -> None:
         """Drain the gRPC way: health says NOT_SERVING and new calls get UNAVAILABLE (clients retry elsewhere)
@@ -57,6 +59,7 @@ class RunningServer:
         self.server.stop(max(0.0, grace - (time.monotonic() - started)) if grace_s is not None else None).wait()
         self.compute.shutdown()
         self.ledger.close()
+        self.metrics.close()
 
 
 def _configure_health(server: grpc.Server) -> health.HealthServicer:
@@ -93,9 +96,11 @@ def start_server(config: ServerConfig, encoder: ServedEncoder | None = None) -> 
     ledger = UsageLedger(config.ledger_path)
     quotas = QuotaBook(ledger)
     admission = Admission(config.admission_limits)
-    # outermost first: who pays (and is it allowed), then is there room; the ledger row is written after the
-    # answer, inside both
-    interceptors: list[grpc.ServerInterceptor] = [AccountInterceptor(ledger, quotas), AdmissionInterceptor(admission)]
+    metrics = ServerMetrics(admission)
+    # outermost first: observation sees every call and its final status; then who pays (and is it allowed), then
+    # is there room; the ledger row is written after the answer, inside all three
+    interceptors: list[grpc.ServerInterceptor] = [ObservingInterceptor(metrics), AccountInterceptor(ledger, quotas),
+                                                  AdmissionInterceptor(admission)]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="reaas"),
         interceptors=interceptors,
@@ -117,6 +122,8 @@ def start_server(config: ServerConfig, encoder: ServedEncoder | None = None) -> 
         server,
     )
     port = _bind(server, config)
+    if config.metrics_port is not None:
+        log.info("metrics on http://%s:%d/metrics", config.host, metrics.serve_http(config.host, config.metrics_port))
     server.start()
     log.info(
         "serving %s (%s mode) on %s:%d (%s), device %s",
@@ -127,7 +134,7 @@ def start_server(config: ServerConfig, encoder: ServedEncoder | None = None) -> 
         "insecure" if config.tls is None else "mutual TLS" if config.tls.mutual else "TLS",
         encoder.device,
     )
-    return RunningServer(server, port, encoder, ledger, health_servicer, admission, compute)
+    return RunningServer(server, port, encoder, ledger, health_servicer, admission, compute, metrics)
 
 
 @contextlib.contextmanager

@@ -29,6 +29,10 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         "--port", type=int, default=defaults.port, help="port; 0 picks a free one (default: %(default)s)"
     )
     parser.add_argument(
+        "--metrics-port", type=int, default=None,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a free port, logged); default: none",
+    )
+    parser.add_argument(
         "--checkpoint",
         type=Path,
         default=None,
@@ -150,6 +154,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         return ServerConfig(
             host=args.host,
             port=args.port,
+            metrics_port=args.metrics_port,
             mode=args.mode,
             checkpoint=args.checkpoint,
             demo_kind=args.demo_kind,

@@ -24,6 +24,7 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     port: int = 50051  # 0 picks a free port (tests)
+    metrics_port: int | None = None  # Prometheus exporter on `host`; None: none, 0: a free port
     mode: str = "reaas"
     checkpoint: Path | None = None  # None: the demo encoder `demo_kind` shipped with robust_pretrain
     demo_kind: str | None = None  # None: robust_pretrain.DEFAULT_DEMO_KIND; ignored when `checkpoint` is set
@@ -59,6 +60,8 @@ class ServerConfig:
             raise ValueError("forward_chunk_size must be >= 1")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics port must be in 0..65535, got {self.metrics_port}")
         if min(self.max_feature_calls, self.max_feature_streams, self.max_f2i_calls, self.max_calls_per_key) < 1:
             raise ValueError("every admission limit (calls per pool, calls per key) must be >= 1")
         admitted = self.max_feature_calls + self.max_feature_streams + self.max_f2i_calls

@@ -65,6 +65,9 @@ class Caller:
 # Set by AccountInterceptor for the duration of a call, in the handler's thread: admission reads the caller's
 # concurrency limit from it, GetUsage whose usage to report.
 CURRENT_CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("reaas_caller", default=None)
+# Set by an outer interceptor (observation) to learn the account's name once AccountInterceptor has resolved it.
+CALLER_NAMED: contextvars.ContextVar[Callable[[str], None] | None] = contextvars.ContextVar("reaas_caller_named",
+                                                                                           default=None)
 
 
 class AccountInterceptor(grpc.ServerInterceptor):
@@ -81,6 +84,12 @@ class AccountInterceptor(grpc.ServerInterceptor):
         self._quotas = quotas
 
     def _caller(self, context: grpc.ServicerContext) -> Caller:
+        caller = self._authenticate(context)
+        if (named := CALLER_NAMED.get()) is not None:
+            named(caller.name)
+        return caller
+
+    def _authenticate(self, context: grpc.ServicerContext) -> Caller:
         if not self._ledger.has_keys():
             return Caller(ANONYMOUS, None)
         secret = api_key_of(context.invocation_metadata())

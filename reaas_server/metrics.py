@@ -1,0 +1,273 @@
+"""Observation: Prometheus metrics and one access-log line (access_log.py) for every call, answered or refused.
+
+``ObservingInterceptor`` comes first in the server's interceptor list, so gRPC applies it outermost: it sees every
+call — EncoderService, health and reflection — and the status its client gets, refusals by the inner
+interceptors (UNAUTHENTICATED, RESOURCE_EXHAUSTED, UNAVAILABLE while draining) included. gRPC Python's server
+decides that status thus: a behaviour that returns (a response stream that ends) gives ``context.code()`` if the
+servicer set one, else OK; one that raises after ``context.abort`` gives the aborted code; any other exception
+UNKNOWN; and a call whose client went away gets no status sent: the client saw CANCELLED, or DEADLINE_EXCEEDED
+once the deadline passed, and that is recorded. Calls to methods the server does not serve are answered
+UNIMPLEMENTED by gRPC before any interceptor can wrap them, and are not counted (their names are the caller's
+to choose: a label per name would let any client grow the registry).
+
+Each server owns a ``CollectorRegistry`` (not prometheus_client's global one), so servers in one process —
+tests — keep separate counts; ``serve_http`` exposes it on ``--metrics-port``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+import grpc
+from google.protobuf.message import Message
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
+
+from reaas.v1 import encoder_service_pb2 as pb
+from reaas_server.access_log import ACCESS_LOG, access_line, key_label
+from reaas_server.admission import POOL_OF_RPC, Admission
+from reaas_server.interceptors import CALLER_NAMED, image_count, rpc_name
+
+log = logging.getLogger(__name__)
+
+# 1 ms (a refusal, GetEncoderInfo) to 60 s (a 4 096-image F2I search), about 2.5x apart
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0)
+# the F2I binary search stops after bounds.f2i's max_steps (30); 0 is a closed-form answer
+SEARCH_STEP_BUCKETS = (0, 1, 2, 4, 6, 8, 12, 16, 20, 25, 30, 40)
+
+
+class _AdmissionRefusals:
+    """reaas_admission_refusals_total{pool}: read from the Admission's own tally when scraped."""
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("reaas_admission_refusals",
+                                     "Calls admission refused (busy pool, per-key limit, draining), by pool",
+                                     labels=["pool"])
+        refusals = dict(self._admission.refusals)
+        for pool in sorted(set(POOL_OF_RPC.values())):
+            family.add_metric([pool], refusals.get(pool, 0))
+        yield family
+
+
+class _RpcSeries:
+    """One RPC's label children, looked up once rather than on every message."""
+
+    def __init__(self, metrics: ServerMetrics, rpc: str) -> None:
+        self.queries = metrics.queries.labels(rpc)
+        self.request_bytes = metrics.request_bytes.labels(rpc)
+        self.response_bytes = metrics.response_bytes.labels(rpc)
+        self.received = metrics.received.labels(rpc)
+        self.sent = metrics.sent.labels(rpc)
+        self.latency = metrics.latency.labels(rpc)
+        self.in_flight = metrics.in_flight.labels(rpc)
+
+
+class ServerMetrics:
+    """The server's metric families, in a registry of its own, and the HTTP exporter when one is asked for."""
+
+    def __init__(self, admission: Admission | None = None) -> None:
+        self.registry = r = CollectorRegistry()
+        self.calls = Counter("reaas_rpc_calls", "Calls ended, by RPC and the status code the client got",
+                             ["rpc", "code"], registry=r)
+        self.queries = Counter("reaas_rpc_queries",
+                               "Images in the requests the server answered (the paper's queries; what GetUsage bills)",
+                               ["rpc"], registry=r)
+        self.request_bytes = Counter("reaas_rpc_request_bytes", "Serialized bytes of the request messages received",
+                                     ["rpc"], registry=r)
+        self.response_bytes = Counter("reaas_rpc_response_bytes", "Serialized bytes of the response messages sent",
+                                      ["rpc"], registry=r)
+        self.received = Counter("reaas_rpc_msg_received", "Request messages received (each batch of a stream)",
+                                ["rpc"], registry=r)
+        self.sent = Counter("reaas_rpc_msg_sent", "Response messages sent (each batch of a stream)",
+                            ["rpc"], registry=r)
+        self.latency = Histogram("reaas_rpc_latency_seconds",
+                                 "Seconds from the handler's start to the call's status (a stream: its whole life)",
+                                 ["rpc"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.in_flight = Gauge("reaas_rpc_in_flight", "Calls being handled now", ["rpc"], registry=r)
+        self.search_steps = Histogram("reaas_f2i_search_steps",
+                                      "F2I binary-search steps per answered image, by the bound that decided it",
+                                      ["bound"], buckets=SEARCH_STEP_BUCKETS, registry=r)
+        if admission is not None:
+            r.register(_AdmissionRefusals(admission))
+        self._series: dict[str, _RpcSeries] = {}
+        self._series_lock = threading.Lock()
+        self._http = None
+        # EncoderService series exist from the start at 0, so rate() and absent-series alerts work before a call
+        for method in pb.DESCRIPTOR.services_by_name["EncoderService"].methods:
+            self.series(method.name)
+            self.calls.labels(method.name, grpc.StatusCode.OK.name)
+
+    def series(self, rpc: str) -> _RpcSeries:
+        series = self._series.get(rpc)
+        if series is None:
+            with self._series_lock:
+                series = self._series.setdefault(rpc, _RpcSeries(self, rpc))
+        return series
+
+    def serve_http(self, host: str, port: int) -> int:
+        """Start prometheus_client's exporter on ``host:port`` (0: a free port); returns the bound port."""
+        self._http, _thread = start_http_server(port, addr=host.strip("[]"), registry=self.registry)
+        return self.http_port
+
+    @property
+    def http_port(self) -> int | None:
+        return None if self._http is None else self._http.server_port
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+class _Call:
+    """One call while it runs: counts each message as it passes, and ends exactly once (the first end wins)."""
+
+    def __init__(self, metrics: ServerMetrics, rpc: str, metadata: tuple | None,
+                 context: grpc.ServicerContext) -> None:
+        self._metrics = metrics
+        self._series = metrics.series(rpc)
+        self._rpc = rpc
+        self._metadata = metadata
+        self.caller: str | None = None  # the account's name, once the account interceptor has resolved it
+        self._peer = context.peer()
+        self._lock = threading.Lock()
+        self._ended = False
+        self._unanswered: collections.deque[int] = collections.deque()  # images of each unanswered request
+        self.images = self.answered = self.request_bytes = self.response_bytes = 0
+        self._started = time.perf_counter()
+        self._series.in_flight.inc()
+
+    def name_caller(self, name: str) -> None:
+        self.caller = name
+
+    def received(self, request: Message) -> None:
+        images, size = image_count(request), request.ByteSize()
+        self._unanswered.append(images)
+        self.images += images
+        self.request_bytes += size
+        self._series.received.inc()
+        self._series.request_bytes.inc(size)
+
+    def tap(self, requests: Iterable[Message]) -> Iterator[Message]:
+        for request in requests:
+            self.received(request)
+            yield request
+
+    def sent(self, response: Message) -> None:
+        """A response answers the oldest unanswered request (one each, in order, for every EncoderService RPC)."""
+        images = self._unanswered.popleft() if self._unanswered else 0
+        size = response.ByteSize()
+        self.answered += images
+        self.response_bytes += size
+        series = self._series
+        series.sent.inc()
+        series.response_bytes.inc(size)
+        if images:
+            series.queries.inc(images)
+        for radius in getattr(response, "radii", ()):
+            self._metrics.search_steps.labels(radius.bound).observe(radius.search_steps)
+
+    def end(self, code: grpc.StatusCode) -> None:
+        with self._lock:
+            if self._ended:
+                return
+            self._ended = True
+        seconds = time.perf_counter() - self._started
+        series = self._series
+        series.in_flight.dec()
+        series.latency.observe(seconds)
+        self._metrics.calls.labels(self._rpc, code.name).inc()
+        if ACCESS_LOG.isEnabledFor(logging.INFO):
+            ACCESS_LOG.info(access_line(
+                rpc=self._rpc, key=self.caller or key_label(self._metadata), code=code.name, ms=f"{seconds * 1000:.2f}",
+                images=self.images, answered=self.answered, request_bytes=self.request_bytes,
+                response_bytes=self.response_bytes, peer=self._peer,
+            ))
+
+
+_CLIENT_GONE = object()  # the call terminated while its response stream was still unfinished
+
+
+def final_code(context: grpc.ServicerContext, error: object) -> grpc.StatusCode:
+    """The status the client got, given how the behaviour ended (`error`: None for a normal end, else what it
+    raised, or _CLIENT_GONE); see the module docstring for the rules."""
+    if error is _CLIENT_GONE or isinstance(error, grpc.RpcError) or not context.is_active():
+        remaining = context.time_remaining()
+        deadline_passed = remaining is not None and remaining <= 0
+        return grpc.StatusCode.DEADLINE_EXCEEDED if deadline_passed else grpc.StatusCode.CANCELLED
+    return context.code() or (grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN)
+
+
+class ObservingInterceptor(grpc.ServerInterceptor):
+    """Counts, times and logs every served call (all four call shapes); changes nothing about it."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self._metrics = metrics
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        rpc = rpc_name(method) or method.lstrip("/")
+        metadata = handler_call_details.invocation_metadata
+        metrics = self._metrics
+        streaming_in, streaming_out = handler.request_streaming, handler.response_streaming
+
+        def observe(behavior: Callable) -> Callable:
+            def observed(request_or_requests, context):
+                call = _Call(metrics, rpc, metadata, context)
+                CALLER_NAMED.set(call.name_caller)
+                if streaming_in:
+                    request_or_requests = call.tap(request_or_requests)
+                else:
+                    call.received(request_or_requests)
+                if streaming_out:
+                    return _observed_stream(call, behavior, request_or_requests, context)
+                try:
+                    response = behavior(request_or_requests, context)
+                except Exception as error:
+                    call.end(final_code(context, error))
+                    raise
+                if response is not None:  # None is the servicer's bug: gRPC answers INTERNAL
+                    call.sent(response)
+                call.end(final_code(context, None))
+                return response
+
+            return observed
+
+        return _with_behavior(handler, observe)
+
+
+def _observed_stream(call: _Call, behavior: Callable, requests, context) -> Iterator[Message]:
+    # gRPC may drop the generator of a cancelled stream without closing it: the termination callback ends the
+    # call then (a stream that finished first has already ended it)
+    if not context.add_callback(lambda: call.end(final_code(context, _CLIENT_GONE))):
+        call.end(final_code(context, _CLIENT_GONE))
+    try:
+        for response in behavior(requests, context):
+            call.sent(response)
+            yield response
+    except Exception as error:
+        call.end(final_code(context, error))
+        raise
+    call.end(final_code(context, None))
+
+
+def _with_behavior(handler: grpc.RpcMethodHandler, wrap: Callable[[Callable], Callable]) -> grpc.RpcMethodHandler:
+    """The same handler, whatever its shape, with its behaviour wrapped."""
+    make, behavior = {
+        (False, False): (grpc.unary_unary_rpc_method_handler, handler.unary_unary),
+        (False, True): (grpc.unary_stream_rpc_method_handler, handler.unary_stream),
+        (True, False): (grpc.stream_unary_rpc_method_handler, handler.stream_unary),
+        (True, True): (grpc.stream_stream_rpc_method_handler, handler.stream_stream),
+    }[(handler.request_streaming, handler.response_streaming)]
+    return make(wrap(behavior), handler.request_deserializer, handler.response_serializer)

@@ -1,0 +1,206 @@
+"""Metrics and the access log: exact counts scraped over HTTP, refusals seen, streams per message, no key logged."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from reaas.v1 import encoder_service_pb2 as pb
+from reaas.v1 import encoder_service_pb2_grpc as pb_grpc
+from reaas_client.wire import encode_tensor
+from reaas_server import ServerConfig, start_server
+from reaas_server.access_log import access_line, key_label
+from reaas_server.cli import parse_args
+from reaas_server.ledger import UsageLedger
+
+KEY = "s3cret-api-key-0123456789"  # for key_label alone; servers get keys their ledger issued
+
+
+@pytest.fixture()
+def secret(tmp_path) -> str:
+    """A key issued to the account "metrics" in the ledger the server uses (so calls need a key)."""
+    ledger = UsageLedger(tmp_path / "ledger.sqlite3")
+    issued = ledger.add_key("metrics")
+    ledger.close()
+    return issued
+
+
+@pytest.fixture()
+def auth(secret) -> tuple:
+    return (("x-api-key", secret),)
+
+
+@pytest.fixture()
+def running(demo_encoder, secret, tmp_path):
+    config = ServerConfig(port=0, metrics_port=0, ledger_path=tmp_path / "ledger.sqlite3", max_batch_size=64,
+                          bound_cost_budget_s=0.0)
+    server = start_server(config, demo_encoder)
+    try:
+        yield server
+    finally:
+        server.stop(grace_s=0)
+
+
+@pytest.fixture()
+def channel(running):
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        yield channel
+
+
+def scrape(running) -> dict[tuple[str, frozenset], float]:
+    """Every sample on the HTTP endpoint, by (name, labels)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{running.metrics.http_port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def sample(samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def feature_request(make_images, count: int, scale: float = 1.0) -> pb.FeatureRequest:
+    return pb.FeatureRequest(images=encode_tensor(make_images(count).numpy() * scale))
+
+
+def test_every_call_counted_with_the_status_its_client_got(auth, running, channel, make_images):
+    before = scrape(running)  # EncoderService series start at 0, so rate() works from the first scrape
+    assert ("reaas_rpc_calls_total", frozenset({"rpc": "StreamF2IPerturb", "code": "OK"}.items())) in before
+    assert ("reaas_rpc_queries_total", frozenset({"rpc": "Feature"}.items())) in before
+    assert sample(before, "reaas_admission_refusals_total", pool="f2i") == 0
+    stub = pb_grpc.EncoderServiceStub(channel)
+    answered = feature_request(make_images, 5)
+    reply = stub.Feature(answered, metadata=auth)
+    invalid = feature_request(make_images, 3, scale=10.0)  # pixels out of range
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.Feature(invalid, metadata=auth)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    anonymous = feature_request(make_images, 2)
+    with pytest.raises(grpc.RpcError) as unauthenticated:
+        stub.Feature(anonymous)
+    assert unauthenticated.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    f2i = pb.F2IPerturbRequest(images=encode_tensor(make_images(4).numpy()),
+                               feature_radii=[0.5] * 4, bound="best_ibp")
+    f2i_reply = stub.F2IPerturb(f2i, metadata=auth)
+    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+    samples = scrape(running)
+    calls = {(dict(labels)["rpc"], dict(labels)["code"]): value
+             for (name, labels), value in samples.items() if name == "reaas_rpc_calls_total" and value}
+    assert calls == {("Feature", "OK"): 1, ("Feature", "INVALID_ARGUMENT"): 1, ("Feature", "UNAUTHENTICATED"): 1,
+                     ("F2IPerturb", "OK"): 1, ("grpc.health.v1.Health/Check", "OK"): 1}
+    assert sample(samples, "reaas_rpc_queries_total", rpc="Feature") == 5  # answered images only
+    assert sample(samples, "reaas_rpc_queries_total", rpc="F2IPerturb") == 4
+    assert sample(samples, "reaas_rpc_request_bytes_total", rpc="Feature") == (
+        answered.ByteSize() + invalid.ByteSize() + anonymous.ByteSize())  # every request received
+    assert sample(samples, "reaas_rpc_response_bytes_total", rpc="Feature") == reply.ByteSize()
+    assert sample(samples, "reaas_rpc_request_bytes_total", rpc="F2IPerturb") == f2i.ByteSize()
+    assert sample(samples, "reaas_rpc_response_bytes_total", rpc="F2IPerturb") == f2i_reply.ByteSize()
+    assert sample(samples, "reaas_rpc_latency_seconds_count", rpc="Feature") == 3
+    assert sample(samples, "reaas_rpc_latency_seconds_bucket", rpc="Feature", le="+Inf") == 3
+    assert sample(samples, "reaas_rpc_in_flight", rpc="Feature") == 0
+    for bound in {r.bound for r in f2i_reply.radii}:  # one observation per image, by the bound that decided it
+        steps = [r.search_steps for r in f2i_reply.radii if r.bound == bound]
+        assert sample(samples, "reaas_f2i_search_steps_count", bound=bound) == len(steps)
+        assert sample(samples, "reaas_f2i_search_steps_sum", bound=bound) == sum(steps)
+    assert sum(v for (name, _), v in samples.items() if name == "reaas_f2i_search_steps_count") == 4
+
+
+def test_streams_are_counted_per_message(auth, running, channel, make_images):
+    stub = pb_grpc.EncoderServiceStub(channel)
+    batches = [feature_request(make_images, count) for count in (3, 2, 4)]
+    replies = list(stub.StreamFeatures(iter(batches), metadata=auth))
+    samples = scrape(running)
+    assert sample(samples, "reaas_rpc_calls_total", rpc="StreamFeatures", code="OK") == 1
+    assert sample(samples, "reaas_rpc_msg_received_total", rpc="StreamFeatures") == 3
+    assert sample(samples, "reaas_rpc_msg_sent_total", rpc="StreamFeatures") == 3
+    assert sample(samples, "reaas_rpc_queries_total", rpc="StreamFeatures") == 9
+    assert sample(samples, "reaas_rpc_request_bytes_total", rpc="StreamFeatures") == sum(b.ByteSize() for b in batches)
+    assert sample(samples, "reaas_rpc_response_bytes_total", rpc="StreamFeatures") == sum(r.ByteSize() for r in replies)
+
+
+def test_a_stream_its_client_cancels_ends_cancelled(auth, running, channel, make_images):
+    stub = pb_grpc.EncoderServiceStub(channel)
+    more = threading.Event()
+
+    def batches():
+        yield feature_request(make_images, 2)
+        more.wait(10)  # the client holds the stream open, then cancels it
+
+    call = stub.StreamFeatures(batches(), metadata=auth)
+    next(call)
+    assert sample(scrape(running), "reaas_rpc_in_flight", rpc="StreamFeatures") == 1
+    call.cancel()
+    more.set()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        samples = scrape(running)
+        if sample(samples, "reaas_rpc_calls_total", rpc="StreamFeatures", code="CANCELLED") == 1:
+            break
+        time.sleep(0.05)
+    assert sample(samples, "reaas_rpc_calls_total", rpc="StreamFeatures", code="CANCELLED") == 1
+    assert sample(samples, "reaas_rpc_in_flight", rpc="StreamFeatures") == 0
+    assert sample(samples, "reaas_rpc_queries_total", rpc="StreamFeatures") == 2
+
+
+def test_admission_refusals_are_seen(auth, running, channel, make_images):
+    running.admission.start_draining()
+    with pytest.raises(grpc.RpcError) as refused:
+        pb_grpc.EncoderServiceStub(channel).Feature(feature_request(make_images, 1), metadata=auth)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    samples = scrape(running)
+    assert sample(samples, "reaas_rpc_calls_total", rpc="Feature", code="UNAVAILABLE") == 1
+    assert sample(samples, "reaas_admission_refusals_total", pool="feature") == 1
+
+
+def test_one_access_log_line_per_call_and_never_the_key(auth, running, channel, make_images, caplog):
+    stub = pb_grpc.EncoderServiceStub(channel)
+    wrong_key = "wrong-key-abcdefgh"
+    with caplog.at_level(logging.INFO, logger="reaas.access"):
+        stub.Feature(feature_request(make_images, 5), metadata=auth)
+        with pytest.raises(grpc.RpcError):
+            stub.Feature(feature_request(make_images, 1), metadata=(("x-api-key", wrong_key),))
+        list(stub.StreamFeatures(iter([feature_request(make_images, 1)] * 2), metadata=auth))
+    lines = [r.getMessage() for r in caplog.records if r.name == "reaas.access"]
+    fields = [dict(pair.split("=", 1) for pair in line.split(" ")) for line in lines]
+    assert [(f["rpc"], f["code"], f["images"], f["answered"]) for f in fields] == [
+        ("Feature", "OK", "5", "5"), ("Feature", "UNAUTHENTICATED", "1", "0"), ("StreamFeatures", "OK", "2", "2")]
+    # the account's name once the key is checked; a refused key only by a label that does not reveal it
+    assert [f["key"] for f in fields] == ["metrics", key_label((("x-api-key", wrong_key),)), "metrics"]
+    for f in fields:
+        assert set(f) == {"rpc", "key", "code", "ms", "images", "answered", "request_bytes", "response_bytes",
+                          "peer"}
+        assert float(f["ms"]) >= 0 and int(f["request_bytes"]) > 0 and f["peer"].startswith("ipv4:127.0.0.1:")
+    assert auth[0][1] not in caplog.text and wrong_key not in caplog.text
+
+
+def test_key_label_names_callers_without_their_key():
+    assert key_label(()) == "anonymous"
+    assert key_label((("x-api-key", KEY),)) == "key:" + hashlib.sha256(KEY.encode()).hexdigest()[:8]
+
+
+def test_access_line_values_cannot_break_the_line_or_forge_a_field():
+    assert access_line(rpc="Feature", images=3) == "rpc=Feature images=3"
+    assert access_line(key='eve\ncode=OK "x"', peer="") == 'key="eve\\ncode=OK \\"x\\"" peer=""'
+
+
+def test_no_metrics_http_server_unless_asked(demo_encoder):
+    assert parse_args([]).metrics_port is None
+    assert parse_args(["--metrics-port", "0"]).metrics_port == 0
+    server = start_server(ServerConfig(port=0, mode="seaas"), demo_encoder)
+    try:
+        assert server.metrics.http_port is None
+    finally:
+        server.stop(grace_s=0)
