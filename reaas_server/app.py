@@ -16,6 +16,7 @@ import bounds
 from reaas.v1 import encoder_service_pb2 as pb
 from reaas.v1 import encoder_service_pb2_grpc as pb_grpc
 from reaas_server.config import ServerConfig
+from reaas_server.decoding import RequestDecodingInterceptor
 from reaas_server.encoder_host import ServedEncoder
 from reaas_server.interceptors import ApiKeyInterceptor, UsageInterceptor
 from reaas_server.servicer import EncoderServicer
@@ -56,6 +57,9 @@ def start_server(config: ServerConfig, encoder: ServedEncoder | None = None) -> 
     interceptors: list[grpc.ServerInterceptor] = []
     if config.api_keys is not None:
         interceptors.append(ApiKeyInterceptor(config.api_keys))
+    # The first in the list is the outermost: keys are checked before bytes are judged, and undecodable
+    # requests are rejected before usage accounting (which reads requests) could see them.
+    interceptors.append(RequestDecodingInterceptor())
     interceptors.append(UsageInterceptor(usage))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="reaas"),
