@@ -7,6 +7,8 @@ with a message a person can act on; the server turns that into ``INVALID_ARGUMEN
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -23,6 +25,13 @@ _WIRE_DTYPES: dict[np.dtype, int] = {
     np.dtype(np.float16): pb.FLOAT16,
     np.dtype(np.uint8): pb.UINT8,
 }
+
+
+# The most dimensions a decoded tensor may have: numpy 1.x's own limit (numpy 2 allows 64), far above any rank
+# REaaS serves; callers check the rank they expect. Checked before the shape is printed or multiplied.
+MAX_RANK = 32
+# Largest byte extent numpy can address; numpy refuses a shape beyond it even when another dimension is 0.
+_MAX_EXTENT_BYTES = int(np.iinfo(np.intp).max)
 
 
 class TensorDecodeError(ValueError):
@@ -56,19 +65,25 @@ def encode_tensor(array: np.ndarray | torch.Tensor) -> pb.Tensor:
 def decode_tensor(tensor: pb.Tensor, *, name: str = "tensor") -> np.ndarray:
     """Decode a ``reaas.v1.Tensor`` into a numpy array of its own dtype (native byte order).
 
-    Raises TensorDecodeError when the dtype is unknown, a dimension is negative, or the byte length is not
-    ``prod(shape) * itemsize``.
+    Raises TensorDecodeError, and nothing else, whatever the peer sent: the dtype is unknown, the rank exceeds
+    MAX_RANK, a dimension is negative, the shape's extent overflows what numpy can address, or the byte length
+    is not ``prod(shape) * itemsize``. The element count is an exact Python integer compared with
+    ``len(raw_data)`` before numpy sees the shape, so no shape can overflow into a match.
     """
     if tensor.dtype not in NUMPY_DTYPES:
         accepted = ", ".join(pb.DType.Name(d) for d in NUMPY_DTYPES)
         raise TensorDecodeError(
             f"{name}: dtype {dtype_name(tensor.dtype)} is not supported; send one of {accepted}"
         )
+    if len(tensor.shape) > MAX_RANK:
+        raise TensorDecodeError(f"{name}: shape has rank {len(tensor.shape)}; at most {MAX_RANK} dimensions")
     shape = tuple(int(d) for d in tensor.shape)
     if any(d < 0 for d in shape):
         raise TensorDecodeError(f"{name}: shape {list(shape)} has a negative dimension")
     dtype = NUMPY_DTYPES[tensor.dtype]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if math.prod(d for d in shape if d) * dtype.itemsize > _MAX_EXTENT_BYTES:
+        raise TensorDecodeError(f"{name}: shape {list(shape)} describes more bytes than any array can hold")
+    expected = math.prod(shape) * dtype.itemsize
     if len(tensor.raw_data) != expected:
         raise TensorDecodeError(
             f"{name}: raw_data has {len(tensor.raw_data)} bytes but shape {list(shape)} of "

@@ -20,6 +20,7 @@ from reaas.v1 import encoder_service_pb2_grpc as pb_grpc
 from reaas_server.admission import Admission, AdmissionInterceptor
 from reaas_server.compute import BackgroundCompute
 from reaas_server.config import ServerConfig
+from reaas_server.decoding import RequestDecodingInterceptor
 from reaas_server.encoder_host import ServedEncoder
 from reaas_server.interceptors import AccountInterceptor
 from reaas_server.ledger import UsageLedger
@@ -97,10 +98,13 @@ def start_server(config: ServerConfig, encoder: ServedEncoder | None = None) -> 
     quotas = QuotaBook(ledger)
     admission = Admission(config.admission_limits)
     metrics = ServerMetrics(admission)
-    # outermost first: observation sees every call and its final status; then who pays (and is it allowed), then
-    # is there room; the ledger row is written after the answer, inside all three
-    interceptors: list[grpc.ServerInterceptor] = [ObservingInterceptor(metrics), AccountInterceptor(ledger, quotas),
-                                                  AdmissionInterceptor(admission)]
+    # outermost first: observation sees every call and its final status; undecodable bytes are refused before
+    # anything reads a request; then who pays (and is it allowed), then is there room; the ledger row is written
+    # after the answer, inside all of them
+    interceptors: list[grpc.ServerInterceptor] = [
+        ObservingInterceptor(metrics), RequestDecodingInterceptor(), AccountInterceptor(ledger, quotas),
+        AdmissionInterceptor(admission),
+    ]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="reaas"),
         interceptors=interceptors,

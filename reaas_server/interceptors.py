@@ -47,7 +47,10 @@ def replace_behavior(handler: grpc.RpcMethodHandler, unary: Callable | None, str
 
 
 def image_count(request: Message) -> int:
-    """Queries a request costs: its number of images (the paper's unit); 0 for requests without images."""
+    """Queries a request costs: its number of images (the paper's unit); 0 for requests without images (and for
+    bytes that did not decode into a request at all)."""
+    if not isinstance(request, Message):
+        return 0
     if "images" not in request.DESCRIPTOR.fields_by_name or not request.HasField("images"):
         return 0
     shape = request.images.shape

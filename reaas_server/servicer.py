@@ -129,7 +129,7 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
         if bound not in self._bounds_offered:
             raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"unknown bound {bound!r}; this server offers {', '.join(self._bounds_offered)}",
+                f"unknown bound {_quoted(bound)}; this server offers {', '.join(self._bounds_offered)}",
             )
         images = decode_images(request.images, self._spec)
         feature_radii = decode_feature_radii(request.feature_radii, images.shape[0])
@@ -159,6 +159,12 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
         with _status_on_error(context):
             for request in request_iterator:
                 yield self._compute.run(self._f2i_response, request, context)
+
+
+def _quoted(text: str, limit: int = 64) -> str:
+    """`text` for an error message, cut to `limit` characters: a client's string must not make the status details
+    outgrow what the client accepts in metadata (16 KiB)."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}… ({len(text)} characters)"
 
 
 @contextlib.contextmanager

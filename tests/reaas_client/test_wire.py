@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from reaas.v1 import encoder_service_pb2 as pb
-from reaas_client.wire import TensorDecodeError, decode_tensor, encode_tensor
+from reaas_client.wire import MAX_RANK, TensorDecodeError, decode_tensor, encode_tensor
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint8])
@@ -47,3 +47,26 @@ def test_unsupported_dtype_is_refused_when_encoding():
 def test_malformed_tensors_raise_decode_errors(tensor, message):
     with pytest.raises(TensorDecodeError, match=message):
         decode_tensor(tensor)
+
+
+@pytest.mark.parametrize(
+    ("shape", "raw_data", "message"),
+    [
+        ([2**62, 4], b"", "more bytes than any array can hold"),  # int64 product wraps to 0 bytes
+        ([2**61, 2**61, 0], b"", "more bytes than any array can hold"),  # empty, but numpy refuses it
+        ([2**63 - 1, 2**63 - 1], b"\0" * 4, "more bytes than any array can hold"),
+        ([1] * (MAX_RANK + 1), b"\0" * 4, f"rank {MAX_RANK + 1}"),
+        ([1] * 65, b"\0" * 4, "rank 65"),
+        ([1] * 100_000, b"\0" * 4, "rank 100000"),
+    ],
+)
+def test_overflowing_shapes_and_absurd_ranks_raise_decode_errors(shape, raw_data, message):
+    with pytest.raises(TensorDecodeError, match=message) as raised:
+        decode_tensor(pb.Tensor(dtype=pb.FLOAT32, shape=shape, raw_data=raw_data))
+    assert len(str(raised.value)) < 200  # never echoes an absurd shape back at full length
+
+
+def test_extreme_but_valid_shapes_decode():
+    assert decode_tensor(pb.Tensor(dtype=pb.UINT8, shape=[0, 2**63 - 1])).shape == (0, 2**63 - 1)
+    assert decode_tensor(pb.Tensor(dtype=pb.FLOAT32, shape=[], raw_data=b"\0" * 4)).shape == ()
+    assert decode_tensor(pb.Tensor(dtype=pb.FLOAT16, shape=[1] * MAX_RANK, raw_data=b"\0" * 2)).ndim == MAX_RANK

@@ -54,6 +54,10 @@ BAD_FEATURE_REQUESTS = {
     ),
     "unknown dtype": (lambda: feature_request(dtype=42, shape=[1, *SHAPE], raw_data=b""), "not supported"),
     "negative dimension": (lambda: feature_request(dtype=pb.FLOAT32, shape=[-1, *SHAPE]), "negative"),
+    # [2**62, 4] wrapped to 0 bytes in an int64 product and reached numpy's reshape: INTERNAL before issue 10
+    "shape overflowing int64": (lambda: feature_request(dtype=pb.FLOAT32, shape=[2**62, 4]), "more bytes"),
+    "rank 65": (lambda: feature_request(dtype=pb.FLOAT32, shape=[1] * 65, raw_data=b"\0" * 4), "rank 65"),
+    "rank 100000": (lambda: feature_request(dtype=pb.UINT8, shape=[2] * 100_000), "at most"),
     "empty batch": (lambda: pb.FeatureRequest(images=encode_tensor(good_images(0))), "empty"),
     "NaN pixel": (lambda: pb.FeatureRequest(images=encode_tensor(with_pixel(np.nan))), "images[1]"),
     "Inf pixel": (lambda: pb.FeatureRequest(images=encode_tensor(with_pixel(np.inf))), "NaN or Inf"),
@@ -128,3 +132,11 @@ def test_bad_message_in_a_stream_ends_that_stream_only(raw_stub):
         list(replies)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert raw_stub.Feature(requests[0], timeout=30).features
+
+
+def test_long_unknown_bound_name_is_invalid_argument(raw_stub):
+    """The message quotes a long name only in part: a 100 000-character echo would exceed the client's 16 KiB
+    metadata limit and reach it as RESOURCE_EXHAUSTED 'Stream removed' instead."""
+    error = rejected(raw_stub.F2IPerturb, f2i_request([0.5, 0.5], bound="x" * 100_000))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown bound" in error.details() and len(error.details()) < 1000

@@ -1,0 +1,123 @@
+"""Undecodable request bytes → INVALID_ARGUMENT with one warning line, instead of gRPC's INTERNAL and traceback.
+
+gRPC Python parses a request with the handler's ``request_deserializer`` before any handler or interceptor
+behaviour runs; when parsing raises, gRPC logs the traceback and answers INTERNAL ("Exception deserializing
+request!"), though the contract says a malformed request is INVALID_ARGUMENT. So the deserializer is wrapped to
+return an :class:`UndecodableRequest` marker instead of raising, and the behaviour is wrapped to turn the marker
+into the status: at once for a unary request, and for a request stream by ending the stream the servicer sees
+at the marker (the servicer finishes the requests before it normally) and then rejecting the call.
+
+Install this interceptor outside every interceptor that reads requests (usage accounting): the marker never
+reaches them. Interceptors outside it (API keys) may see the marker only if they ignore the request.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from reaas.v1 import encoder_service_pb2 as pb
+
+log = logging.getLogger(__name__)
+_SERVICE = pb.DESCRIPTOR.services_by_name["EncoderService"]
+_SERVICE_PREFIX = f"/{_SERVICE.full_name}/"
+
+
+@dataclass(frozen=True)
+class UndecodableRequest:
+    """Stands in for a request whose bytes are not a valid ``message_type``; ``error`` is the parser's reason."""
+
+    message_type: str
+    error: str
+    size: int  # bytes received
+
+    def ByteSize(self) -> int:  # noqa: N802 - the protobuf Message name, so byte counters can read it
+        return self.size
+
+
+def _tolerant(deserializer: Callable[[bytes], object], message_type: str) -> Callable[[bytes], object]:
+    def deserialize(serialized: bytes) -> object:
+        try:
+            return deserializer(serialized)
+        except DecodeError as error:
+            return UndecodableRequest(message_type, str(error), len(serialized))
+
+    return deserialize
+
+
+def _reject(request: UndecodableRequest, method: str, context: grpc.ServicerContext) -> None:
+    log.warning("%s from %s: undecodable %s: %s", method, context.peer(), request.message_type, request.error)
+    context.abort(
+        grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid {request.message_type}: {request.error}"
+    )
+
+
+def _guard_unary_request(behavior: Callable, method: str) -> Callable:
+    """For unary-unary and unary-stream behaviours: a marker is rejected before the behaviour runs."""
+
+    def guarded(request, context):
+        if isinstance(request, UndecodableRequest):
+            _reject(request, method, context)
+        return behavior(request, context)
+
+    return guarded
+
+
+def _decoded_prefix(requests: Iterator, undecodable: list[UndecodableRequest]) -> Iterator:
+    """The requests before the first marker; the marker, if any, is put in ``undecodable``."""
+    for request in requests:
+        if isinstance(request, UndecodableRequest):
+            undecodable.append(request)
+            return
+        yield request
+
+
+def _guard_stream_stream(behavior: Callable, method: str) -> Callable:
+    def guarded(request_iterator, context):
+        undecodable: list[UndecodableRequest] = []
+        yield from behavior(_decoded_prefix(request_iterator, undecodable), context)
+        if undecodable:
+            _reject(undecodable[0], method, context)
+
+    return guarded
+
+
+def _guard_stream_unary(behavior: Callable, method: str) -> Callable:
+    def guarded(request_iterator, context):
+        undecodable: list[UndecodableRequest] = []
+        response = behavior(_decoded_prefix(request_iterator, undecodable), context)
+        if undecodable:
+            _reject(undecodable[0], method, context)
+        return response
+
+    return guarded
+
+
+class RequestDecodingInterceptor(grpc.ServerInterceptor):
+    """EncoderService requests that do not parse are answered INVALID_ARGUMENT with one WARNING log line."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or handler.request_deserializer is None or not method.startswith(_SERVICE_PREFIX):
+            return handler
+        rpc = _SERVICE.methods_by_name.get(method[len(_SERVICE_PREFIX) :])
+        if rpc is None:
+            return handler
+        deserializer = _tolerant(handler.request_deserializer, rpc.input_type.full_name)
+        serializer = handler.response_serializer
+        if handler.unary_unary is not None:
+            behavior = _guard_unary_request(handler.unary_unary, method)
+            return grpc.unary_unary_rpc_method_handler(behavior, deserializer, serializer)
+        if handler.unary_stream is not None:
+            behavior = _guard_unary_request(handler.unary_stream, method)
+            return grpc.unary_stream_rpc_method_handler(behavior, deserializer, serializer)
+        if handler.stream_unary is not None:
+            behavior = _guard_stream_unary(handler.stream_unary, method)
+            return grpc.stream_unary_rpc_method_handler(behavior, deserializer, serializer)
+        behavior = _guard_stream_stream(handler.stream_stream, method)
+        return grpc.stream_stream_rpc_method_handler(behavior, deserializer, serializer)
