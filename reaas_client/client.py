@@ -264,7 +264,9 @@ class EncoderClient:
         Guarantee (the server's): ||f(x + d) - f(x)||_2 < R_F for every ||d||_2 < R. Each image is one query.
         """
         array = as_numpy(images)
-        radii = np.asarray(as_numpy(torch.as_tensor(feature_radii)), dtype=np.float64).reshape(-1)
+        # float64 end to end: torch.as_tensor would round a Python list to float32 before it is sent
+        radii = (as_numpy(feature_radii) if isinstance(feature_radii, torch.Tensor)
+                 else np.asarray(feature_radii)).astype(np.float64).reshape(-1)
         if len(radii) != len(array):
             raise ValueError(f"{len(radii)} feature radii for {len(array)} images; give one R_F per image")
         ids = _ids_for(input_ids, len(array))

@@ -94,3 +94,15 @@ def test_encoder_info_with_no_cost_budget_reports_costs_unmeasured(demo_encoder)
     with run_server(config, demo_encoder) as (_, port), EncoderClient(f"127.0.0.1:{port}") as fresh:
         info = fresh.info()
     assert [c.seconds_per_image for c in info.bound_costs] == [None] * len(info.bounds_offered)
+
+
+def test_feature_radii_given_as_a_python_list_travel_in_float64(client, make_images):
+    """The wire carries R_F as double; the client must not round a list to float32 on the way (about 1e-8 off)."""
+    import torch
+
+    from bounds.f2i import closed_form_radius
+
+    radii = [0.1, 0.7]
+    reply = client.f2i_perturb(make_images(2), radii, bound="lipschitz")
+    expected = closed_form_radius(torch.tensor(radii, dtype=torch.float64), client.info().lipschitz_upper)
+    assert reply.image_radius.tolist() == expected.tolist()
