@@ -22,10 +22,10 @@ from reaas.v1 import encoder_service_pb2_grpc as pb_grpc
 from reaas_client import EncoderClient, encode_tensor
 from reaas_client.retry import RETRY_PUSHBACK_HEADER
 from reaas_server import ServedEncoder, ServerConfig, run_server
+from reaas_server.ledger import UsageLedger
 
 NODE_CLIENT = Path(__file__).resolve().parents[2] / "examples" / "node_client"
 INSTALL = "npm ci --prefix examples/node_client"
-API_KEY = "node-test-key"
 FEATURE_RADII = [0.0, 0.05, 0.1, 0.5, 1.0, 2.0]
 
 
@@ -51,16 +51,31 @@ def node_client() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def address():
-    config = ServerConfig(port=0, max_batch_size=4, api_keys=frozenset({API_KEY}))  # 6 images: 2 requests
+def ledger(tmp_path_factory) -> tuple[Path, str]:
+    """A ledger that issued one key (so the server requires it): its path and the key."""
+    path = tmp_path_factory.mktemp("node-ledger") / "ledger.sqlite3"
+    keys = UsageLedger(path)
+    secret = keys.add_key("node-test")
+    keys.close()
+    return path, secret
+
+
+@pytest.fixture(scope="module")
+def api_key(ledger) -> str:
+    return ledger[1]
+
+
+@pytest.fixture(scope="module")
+def address(ledger):
+    config = ServerConfig(port=0, max_batch_size=4, ledger_path=ledger[0])  # 6 images: 2 requests
     with run_server(config, ServedEncoder.load(None, "cpu")) as (_, port):
         yield f"127.0.0.1:{port}"
 
 
 @pytest.fixture()
-def images(address) -> np.ndarray:
+def images(address, api_key) -> np.ndarray:
     """Seeded in-range pixels, [6, C, H, W] float32."""
-    with EncoderClient(address, api_key=API_KEY) as client:
+    with EncoderClient(address, api_key=api_key) as client:
         shape = client.info().input_shape
     return np.random.default_rng(7).random((len(FEATURE_RADII), *shape), dtype=np.float32)
 
@@ -73,17 +88,16 @@ def run_node(command: list[str], address: str, images: np.ndarray, tmp_path: Pat
 
 
 @pytest.mark.parametrize("bound", ["", "ibp"], ids=["default_bound", "ibp"])
-def test_node_client_matches_python_client(node_client, address, images, tmp_path, bound):
+def test_node_client_matches_python_client(node_client, address, api_key, images, tmp_path, bound):
     radii_flag = ",".join(map(str, FEATURE_RADII))
     done = run_node(node_client, address, images, tmp_path,
-                    "--api-key", API_KEY, "--feature-radii", radii_flag, "--bound", bound)
+                    "--api-key", api_key, "--feature-radii", radii_flag, "--bound", bound)
     assert done.returncode == 0, done.stderr
     node = json.loads(done.stdout)
-    with EncoderClient(address, api_key=API_KEY) as client:
+    with EncoderClient(address, api_key=api_key) as client:
         info = client.info()
         features = client.features(images)
-        # float64 on purpose: EncoderClient turns a list into a float32 tensor, so it would send R_F rounded
-        reply = client.f2i_perturb(images, np.asarray(FEATURE_RADII, dtype=np.float64), bound=bound)
+        reply = client.f2i_perturb(images, FEATURE_RADII, bound=bound)  # a list travels in float64 too
 
     assert node["info"]["default_bound"] == info.default_bound
     assert node["info"]["lipschitz_upper"] == info.lipschitz_upper
