@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 import bounds
 from reaas.v1 import encoder_service_pb2 as pb
@@ -71,6 +71,26 @@ def _configure_health(server: grpc.Server) -> health.HealthServicer:
     return servicer
 
 
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _enable_reflection(server: grpc.Server) -> None:
+    """Server reflection under both names clients use: grpc.reflection.v1 (current grpcurl, Postman, grpc-js
+    tooling) and v1alpha (older tools). grpcio-reflection ships only v1alpha; v1 is the same protocol with the
+    same messages under a new package, so the one servicer answers both."""
+    names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, REFLECTION_V1,
+             reflection.SERVICE_NAME)
+    servicer = reflection.ReflectionServicer(names)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1, {
+        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+        ),
+    }),))
+
+
 def _bind(server: grpc.Server, config: ServerConfig) -> int:
     """Open the one port every service shares: TLS when ``config.tls`` is set, else insecure (with a warning off
     loopback, since every client's x-api-key would cross the network readable)."""
@@ -121,10 +141,7 @@ def start_server(config: ServerConfig, encoder: ServedEncoder | None = None) -> 
     compute = BackgroundCompute(threads=config.admission_limits.total_calls)
     pb_grpc.add_EncoderServiceServicer_to_server(EncoderServicer(encoder, config, ledger, quotas, compute, bound_costs), server)
     health_servicer = _configure_health(server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
+    _enable_reflection(server)
     port = _bind(server, config)
     if config.metrics_port is not None:
         log.info("metrics on http://%s:%d/metrics", config.host, metrics.serve_http(config.host, config.metrics_port))

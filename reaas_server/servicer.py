@@ -22,7 +22,14 @@ from reaas_server.encoder_host import BoundCost, ServedEncoder
 from reaas_server.interceptors import CURRENT_CALLER
 from reaas_server.ledger import UsageLedger
 from reaas_server.quotas import QuotaBook
-from reaas_server.validation import ImageSpec, RequestError, decode_feature_radii, decode_images
+from reaas_server.validation import (
+    IMAGES_FIELD,
+    ImageSpec,
+    RequestError,
+    decode_feature_radii,
+    decode_images,
+    require_field,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +108,7 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
 
     # -- features -----------------------------------------------------------------------------------------
     def _feature_response(self, request: pb.FeatureRequest, context) -> pb.FeatureResponse:
+        require_field(request, "images", IMAGES_FIELD)
         images = decode_images(request.images, self._spec)
         features = self._encoder.features(images, chunk_size=self._config.forward_chunk_size,
                                           still_wanted=lambda: _still_wanted(context))
@@ -131,6 +139,7 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"unknown bound {_quoted(bound)}; this server offers {', '.join(self._bounds_offered)}",
             )
+        require_field(request, "images", IMAGES_FIELD)
         images = decode_images(request.images, self._spec)
         feature_radii = decode_feature_radii(request.feature_radii, images.shape[0])
         result = self._encoder.image_radii(

@@ -34,6 +34,17 @@ class ImageSpec:
     max_batch_size: int
 
 
+def require_field(request, name: str, what: str) -> None:
+    """INVALID_ARGUMENT naming a missing message field (proto3 would otherwise read it as an empty default, and
+    the error would be about its parts, e.g. "dtype DTYPE_UNSPECIFIED")."""
+    if not request.HasField(name):
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"{type(request).DESCRIPTOR.full_name} has no `{name}`: send {what}")
+
+
+IMAGES_FIELD = "a reaas.v1.Tensor with dtype, shape [batch, C, H, W] and raw_data"
+
+
 def decode_images(tensor: pb.Tensor, spec: ImageSpec) -> torch.Tensor:
     """A validated float32 batch [batch, channels, height, width] on the CPU.
 

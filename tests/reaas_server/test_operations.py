@@ -214,3 +214,22 @@ def test_sigterm_drains_in_flight_calls_then_exits(make_images):
     finally:
         if server.poll() is None:
             server.kill()
+
+
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+def test_reflection_answers_under_both_protocol_versions(reaas_address, version):
+    """Current tools (grpcurl, grpc-js) speak grpc.reflection.v1, older ones v1alpha: both list and describe."""
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    requests = [reflection_pb2.ServerReflectionRequest(list_services=""),
+                reflection_pb2.ServerReflectionRequest(file_containing_symbol="reaas.v1.EncoderService")]
+    with grpc.insecure_channel(reaas_address) as channel:
+        call = channel.stream_stream(
+            f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        listed, described = list(call(iter(requests), timeout=30))
+    names = {s.name for s in listed.list_services_response.service}
+    assert {"reaas.v1.EncoderService", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"} <= names
+    assert described.file_descriptor_response.file_descriptor_proto

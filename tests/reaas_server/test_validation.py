@@ -140,3 +140,11 @@ def test_long_unknown_bound_name_is_invalid_argument(raw_stub):
     error = rejected(raw_stub.F2IPerturb, f2i_request([0.5, 0.5], bound="x" * 100_000))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "unknown bound" in error.details() and len(error.details()) < 1000
+
+
+@pytest.mark.parametrize("rpc", ["Feature", "F2IPerturb"])
+def test_a_missing_images_field_is_named_as_missing(raw_stub, rpc):
+    request = pb.FeatureRequest() if rpc == "Feature" else pb.F2IPerturbRequest(feature_radii=[0.5])
+    error = rejected(getattr(raw_stub, rpc), request)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "has no `images`" in error.details() and "DTYPE_UNSPECIFIED" not in error.details()
