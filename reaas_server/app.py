@@ -111,8 +111,13 @@ def _bind(server: grpc.Server, config: ServerConfig) -> int:
     return port
 
 
-def start_server(config: ServerConfig, encoder: ServedEncoder | None = None) -> RunningServer:
-    """Load the encoder (unless given), bind, start. The caller stops it (see ``run_server``)."""
+def start_server(config: ServerConfig, encoder: ServedEncoder | None = None, *,
+                 accounting: bool = True) -> RunningServer:
+    """Load the encoder (unless given), bind, start. The caller stops it (see ``run_server``).
+
+    ``accounting=False`` leaves out metrics, keys and the ledger: only for the baseline that bench-service
+    measures their cost against; never a way to serve (every call is free and anonymous, GetUsage fails).
+    """
     encoder = encoder or ServedEncoder.load(config.checkpoint, config.device, demo_kind=config.demo_kind)
     ledger = UsageLedger(config.ledger_path)
     quotas = QuotaBook(ledger)
@@ -124,7 +129,7 @@ def start_server(config: ServerConfig, encoder: ServedEncoder | None = None) -> 
     interceptors: list[grpc.ServerInterceptor] = [
         ObservingInterceptor(metrics), RequestDecodingInterceptor(), AccountInterceptor(ledger, quotas),
         AdmissionInterceptor(admission),
-    ]
+    ] if accounting else [RequestDecodingInterceptor(), AdmissionInterceptor(admission)]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="reaas"),
         interceptors=interceptors,
