@@ -104,23 +104,10 @@ class Admission:
                                "this replica is shutting down; retry on another replica", None)
             capacity = self.limits.pool_calls[pool]
             if self._in_pool[pool] >= capacity:
-                self.refusals[pool] += 1
-                retry = self._retry_after_s(pool)
-                raise _Refusal(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"server busy: all {capacity} {pool} call slots are in use; retry after {retry:.2f} s "
-                    f"({RETRY_PUSHBACK_HEADER} trailer)",
-                    retry,
-                )
+                raise self._busy(pool, f"server busy: all {capacity} {pool} call slots are in use")
             if self._per_key[key] >= key_limit:
-                self.refusals[pool] += 1
-                retry = self._retry_after_s(pool)
-                raise _Refusal(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"this API key already has {key_limit} calls in flight (its concurrent-call limit); "
-                    f"wait for one to finish, retry after {retry:.2f} s ({RETRY_PUSHBACK_HEADER} trailer)",
-                    retry,
-                )
+                raise self._busy(pool, f"this API key already has {key_limit} calls in flight (its concurrent-call "
+                                       "limit); wait for one to finish")
             self._in_pool[pool] += 1
             self._per_key[key] += 1
             started = time.monotonic()
@@ -145,6 +132,13 @@ class Admission:
                 self._idle.notify_all()
 
         return release
+
+    def _busy(self, pool: str, why: str) -> _Refusal:
+        """A RESOURCE_EXHAUSTED refusal saying `why` and when to come back (lock held)."""
+        self.refusals[pool] += 1
+        retry = self._retry_after_s(pool)
+        return _Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"{why}; retry after {retry:.2f} s ({RETRY_PUSHBACK_HEADER} trailer)", retry)
 
     def _retry_after_s(self, pool: str) -> float:
         oldest_age = time.monotonic() - min(self._started[pool].values(), default=time.monotonic())
