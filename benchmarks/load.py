@@ -196,6 +196,8 @@ def run_f2i(server: BackgroundServer, clients: int, images: int, bound: str, sec
                     in_flight.append(future)
                 try:
                     future.result()
+                except grpc.FutureCancelledError:
+                    return  # we gave up on it ourselves (give_up cancels every call in flight)
                 except grpc.RpcError as error:
                     if error.code() == grpc.StatusCode.CANCELLED and stop.is_set():
                         return  # we gave up on it ourselves
