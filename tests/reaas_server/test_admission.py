@@ -158,3 +158,30 @@ def test_the_client_comes_back_after_the_servers_hint_and_is_answered(demo_encod
     finally:
         proceed.set()
         running.stop(grace_s=0)
+
+
+def test_in_open_access_each_connection_has_its_own_allowance(demo_encoder, make_images, blocked_bounds):
+    """Everyone is the account 'anonymous' there: one busy client must not use up everybody's allowance."""
+    proceed, entered = blocked_bounds
+    config = ServerConfig(port=0, workers=9, max_feature_calls=2, max_feature_streams=1, max_f2i_calls=2,
+                          max_calls_per_key=1, reserved_workers=4)
+    images = make_images(2).numpy()
+    feature = pb.FeatureRequest(images=encode_tensor(images))
+    running = start_server(config, demo_encoder)
+    try:
+        # channels in one process share connections unless told otherwise; two clients would not
+        own_connection = [("grpc.use_local_subchannel_pool", 1)]
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}", options=own_connection) as busy, \
+                grpc.insecure_channel(f"127.0.0.1:{running.port}", options=own_connection) as light:
+            busy_stub, light_stub = pb_grpc.EncoderServiceStub(busy), pb_grpc.EncoderServiceStub(light)
+            held = busy_stub.F2IPerturb.future(_f2i_request(images), timeout=60)
+            entered.get(timeout=30)
+            with pytest.raises(grpc.RpcError) as refused:
+                busy_stub.Feature(feature, timeout=30)  # the busy connection is at its limit of 1
+            assert "concurrent-call limit" in refused.value.details()
+            assert light_stub.Feature(feature, timeout=30).features.shape[0] == 2  # another connection is not
+            proceed.set()
+            held.result(timeout=60)
+    finally:
+        proceed.set()
+        running.stop(grace_s=0)
