@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -196,6 +197,10 @@ def _server_tls(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Se
 def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv)
     limit_heap_growth()
+    # A handler thread answering a health check waits for the GIL behind the threads decoding and forwarding
+    # requests; Python hands the GIL over every switch interval (5 ms by default). 1 ms keeps that wait short
+    # under load at a negligible cost to throughput.
+    sys.setswitchinterval(0.001)
     log = logging.getLogger(__name__)
     stopping = threading.Event()
     running = None
