@@ -48,6 +48,7 @@ demo: setup
 # 8 images per F2IPerturb call: CROWN runs at ~0.2 images/s on the benchmark's noise images, so 32 took minutes a row
 bench-service: setup
 	$(PY) -m benchmarks.service_throughput --f2i-batch 8
+	$(PY) -m benchmarks.batching
 
 # The service under load and faults (issue 10): 50 streaming clients, 8 slow F2I callers, 100 SIGTERM drains
 # under a CPU hog, a replica killed mid-job; loopback only, about 15 minutes on 2 cores.

@@ -18,6 +18,7 @@ import bounds
 from reaas.v1 import encoder_service_pb2 as pb
 from reaas.v1 import encoder_service_pb2_grpc as pb_grpc
 from reaas_server.admission import Admission, AdmissionInterceptor
+from reaas_server.batcher import ForwardBatcher
 from reaas_server.compute import BackgroundCompute
 from reaas_server.config import ServerConfig
 from reaas_server.decoding import RequestDecodingInterceptor
@@ -44,6 +45,7 @@ class RunningServer:
     health: health.HealthServicer
     admission: Admission
     compute: BackgroundCompute
+    batcher: ForwardBatcher | None
     metrics: ServerMetrics
 
     def stop(self, grace_s: float | None, drain_delay_s: float = 0.0) -> None:
@@ -59,6 +61,8 @@ class RunningServer:
         self.admission.wait_idle(timeout_s=max(0.0, grace - (time.monotonic() - started)))
         self.server.stop(max(0.0, grace - (time.monotonic() - started)) if grace_s is not None else None).wait()
         self.compute.shutdown()
+        if self.batcher is not None:
+            self.batcher.close()
         self.ledger.close()
         self.metrics.close()
 
@@ -144,7 +148,11 @@ def start_server(config: ServerConfig, encoder: ServedEncoder | None = None, *,
         bound_costs = encoder.measure_bound_costs(bounds.BOUNDS_OFFERED, budget_s=config.bound_cost_budget_s)
     # one compute thread per call admission can let in, so an admitted call never queues for one
     compute = BackgroundCompute(threads=config.admission_limits.total_calls)
-    pb_grpc.add_EncoderServiceServicer_to_server(EncoderServicer(encoder, config, ledger, quotas, compute, bound_costs), server)
+    batcher = None if config.batch_max_images == 0 else ForwardBatcher(
+        lambda images, wanted: encoder.features(images, chunk_size=config.forward_chunk_size, still_wanted=wanted),
+        max_images=config.batch_max_images, max_delay_s=config.batch_max_delay_s)
+    pb_grpc.add_EncoderServiceServicer_to_server(
+        EncoderServicer(encoder, config, ledger, quotas, compute, batcher, bound_costs), server)
     health_servicer = _configure_health(server)
     _enable_reflection(server)
     port = _bind(server, config)
@@ -160,7 +168,7 @@ def start_server(config: ServerConfig, encoder: ServedEncoder | None = None, *,
         "insecure" if config.tls is None else "mutual TLS" if config.tls.mutual else "TLS",
         encoder.device,
     )
-    return RunningServer(server, port, encoder, ledger, health_servicer, admission, compute, metrics)
+    return RunningServer(server, port, encoder, ledger, health_servicer, admission, compute, batcher, metrics)
 
 
 @contextlib.contextmanager

@@ -110,6 +110,20 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         help="images per forward pass; larger requests are split so their activations stay bounded "
         "(default: %(default)s)",
     )
+    parser.add_argument(
+        "--batch-max-images",
+        type=int,
+        default=defaults.batch_max_images,
+        help="concurrent Feature/StreamFeatures requests share forward passes of up to this many images; 0 runs "
+        "each request alone (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-max-delay-ms",
+        type=float,
+        default=defaults.batch_max_delay_s * 1000,
+        help="how long a request may wait for others to share its pass; 0 never waits, so batches form only "
+        "while a pass runs (default: %(default)s)",
+    )
     admission = parser.add_argument_group(
         "admission",
         "Each Feature / StreamFeatures / F2I call needs a slot in its pool and in its API key's allowance; with "
@@ -165,6 +179,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             default_bound=args.default_bound,
             f2i_memory_budget_bytes=int(args.f2i_memory_budget_mb * 2**20),
             forward_chunk_size=args.forward_chunk_size,
+            batch_max_images=args.batch_max_images,
+            batch_max_delay_s=args.batch_max_delay_ms / 1000,
             bound_cost_budget_s=args.bound_cost_budget,
             workers=args.workers,
             max_feature_calls=args.max_feature_calls,

@@ -22,7 +22,8 @@ T = TypeVar("T")
 DEFAULT_NICENESS = 10  # CFS gives a nice-0 thread ~9x the CPU share of a nice-10 one
 
 
-def _lower_priority(niceness: int) -> None:
+def lower_thread_priority(niceness: int = DEFAULT_NICENESS) -> None:
+    """Raise the calling thread's niceness (the threads it starts inherit it)."""
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
     except (OSError, AttributeError) as error:  # not Linux, or a sandbox that forbids it
@@ -34,7 +35,7 @@ class BackgroundCompute:
 
     def __init__(self, threads: int, niceness: int = DEFAULT_NICENESS) -> None:
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="reaas-compute",
-                                            initializer=_lower_priority, initargs=(niceness,))
+                                            initializer=lower_thread_priority, initargs=(niceness,))
 
     def run(self, work: Callable[..., T], /, *args, **kwargs) -> T:
         return self._executor.submit(work, *args, **kwargs).result()

@@ -36,6 +36,10 @@ class ServerConfig:
     # caps the bound computations' working set, shared by the admitted F2I calls (each gets its share)
     f2i_memory_budget_bytes: int = 256 * 1024**2
     forward_chunk_size: int = 256  # images per forward pass: bounds the activations a large request holds
+    # dynamic batching (batcher.py): concurrent Feature requests share forward passes of up to this many images
+    # (0: every request runs its own pass), waiting at most batch_max_delay_s for company (0: never waits)
+    batch_max_images: int = 1024
+    batch_max_delay_s: float = 0.0
     f2i_chunk_size: int = 64  # images per bound computation; cancellation is checked between chunks
     bound_cost_budget_s: float = 5.0  # start-up time cap for measuring each bound's cost (EncoderInfo.bound_costs)
     workers: int = 16  # gRPC handler threads, shared by every RPC including health checks
@@ -58,6 +62,8 @@ class ServerConfig:
             raise ValueError("max_batch_size must be >= 1")
         if self.forward_chunk_size < 1:
             raise ValueError("forward_chunk_size must be >= 1")
+        if self.batch_max_images < 0 or self.batch_max_delay_s < 0:
+            raise ValueError("batch_max_images and batch_max_delay_s must be >= 0")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:

@@ -16,6 +16,7 @@ import bounds
 from reaas.v1 import encoder_service_pb2 as pb
 from reaas.v1 import encoder_service_pb2_grpc as pb_grpc
 from reaas_client.wire import NUMPY_DTYPES, encode_tensor
+from reaas_server.batcher import ForwardBatcher
 from reaas_server.compute import BackgroundCompute
 from reaas_server.config import ServerConfig
 from reaas_server.encoder_host import BoundCost, ServedEncoder
@@ -42,13 +43,15 @@ def _still_wanted(context: grpc.ServicerContext) -> bool:
 
 class EncoderServicer(pb_grpc.EncoderServiceServicer):
     def __init__(self, encoder: ServedEncoder, config: ServerConfig, ledger: UsageLedger, quotas: QuotaBook,
-                 compute: BackgroundCompute, bound_costs: tuple[BoundCost, ...] = ()) -> None:
+                 compute: BackgroundCompute, batcher: ForwardBatcher | None,
+                 bound_costs: tuple[BoundCost, ...] = ()) -> None:
         self._encoder = encoder
         self._config = config
         self._ledger = ledger
         self._quotas = quotas
         self._bound_costs = bound_costs
         self._compute = compute
+        self._batcher = batcher
         meta = encoder.metadata
         self._spec = ImageSpec(
             input_shape=tuple(meta.input_shape),
@@ -110,8 +113,9 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
     def _feature_response(self, request: pb.FeatureRequest, context) -> pb.FeatureResponse:
         require_field(request, "images", IMAGES_FIELD)
         images = decode_images(request.images, self._spec)
-        features = self._encoder.features(images, chunk_size=self._config.forward_chunk_size,
-                                          still_wanted=lambda: _still_wanted(context))
+        wanted = lambda: _still_wanted(context)  # noqa: E731
+        features = (self._batcher.features(images, wanted) if self._batcher is not None else
+                    self._encoder.features(images, chunk_size=self._config.forward_chunk_size, still_wanted=wanted))
         if features is None:
             raise RequestError(grpc.StatusCode.CANCELLED, "the call was cancelled or its deadline passed")
         return pb.FeatureResponse(features=encode_tensor(features))

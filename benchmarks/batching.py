@@ -1,0 +1,157 @@
+"""Dynamic batching (issue 13): many clients each sending a few images, with the batcher on and off.
+
+64 clients (4 processes x 16 threads, each client on its own connection) send 4-image unary Feature requests
+to a ``reaas-server`` child for ``--seconds``; aggregate images/s against the in-process forward pass at batch
+256 (the issue's goal: >= 0.7). Beside it, the ceiling no batcher can lift: the same clients calling
+GetEncoderInfo, which does no encoder work at all, times 4 images per call. Also the p50 latency of a lone
+1-image Feature call with the batcher on and off (the issue: not worse by more than the batcher's delay).
+Writes ``benchmarks/results/batching.md``. Run: ``make bench-service`` (this is its second half).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import statistics
+import threading
+import time
+
+import grpc
+import numpy as np
+import torch
+
+from benchmarks.environment import machine_summary, markdown_table, write_results
+from reaas.v1 import encoder_service_pb2 as pb
+from reaas_client import encode_tensor
+from reaas_client.background_server import background_server
+from reaas_server import ServedEncoder
+
+_METHOD = "/reaas.v1.EncoderService/"
+
+
+def _client_process(address: str, method: str, request: bytes, threads: int, seconds: float, ready, go,
+                    results) -> None:
+    """`threads` clients, each on its own connection, calling `method` for `seconds` once `go` is set."""
+    answered, errors = [0] * threads, []
+
+    def client(index: int, connected: threading.Barrier) -> None:
+        with grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            call = channel.unary_unary(_METHOD + method)
+            call(request, timeout=60)  # connected and warm before the clock starts
+            connected.wait()
+            go.wait()
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                try:
+                    call(request, timeout=60)
+                    answered[index] += 1
+                except grpc.RpcError as error:
+                    errors.append(error.code().name)
+
+    connected = threading.Barrier(threads + 1)
+    workers = [threading.Thread(target=client, args=(i, connected)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    connected.wait()
+    ready.put(1)
+    for worker in workers:
+        worker.join()
+    results.put((sum(answered), errors[:3], len(errors)))
+
+
+def calls_per_second(address: str, method: str, request: bytes, clients: int, seconds: float,
+                     processes: int = 4) -> float:
+    """Answered calls per second of `clients` clients spread over `processes` processes (one GIL each)."""
+    spawn = multiprocessing.get_context("spawn")
+    ready, go, results = spawn.Queue(), spawn.Event(), spawn.Queue()
+    workers = [spawn.Process(target=_client_process, args=(address, method, request, clients // processes,
+                                                           seconds, ready, go, results)) for _ in range(processes)]
+    for worker in workers:
+        worker.start()
+    for _ in workers:
+        ready.get(timeout=300)
+    go.set()
+    outcomes = [results.get(timeout=seconds + 300) for _ in workers]
+    for worker in workers:
+        worker.join()
+    failed = sum(n for _, _, n in outcomes)
+    if failed:
+        print(f"  {method}: {failed} calls failed, e.g. {[e for _, some, _ in outcomes for e in some][:3]}",
+              flush=True)
+    return sum(n for n, _, _ in outcomes) / seconds
+
+
+def lone_latency_ms(address: str, request: bytes, calls: int = 200) -> float:
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_unary(_METHOD + "Feature")
+        call(request, timeout=60)
+        times = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            call(request, timeout=60)
+            times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def in_process_rate(kind: str, batch: int = 256, seconds: float = 3.0) -> float:
+    encoder = ServedEncoder.load(None, "cpu", demo_kind=kind)
+    images = torch.rand((batch, *encoder.metadata.input_shape), generator=torch.Generator().manual_seed(0))
+    encoder.features(images)
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        done += encoder.features(images).shape[0]
+    return done / (time.perf_counter() - start)
+
+
+def feature_request(count: int) -> bytes:
+    images = np.random.default_rng(count).random((count, 1, 28, 28), dtype=np.float32)
+    return pb.FeatureRequest(images=encode_tensor(images)).SerializeToString()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kinds", default="pca,nonrobust",
+                        help="shipped encoders to serve: the default PCA (a 0.2 ms forward) and the non-robust CNN")
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--images", type=int, default=4, help="images per request")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args(argv)
+    print(f"machine: {machine_summary()}", flush=True)
+    rows, goals = [], []
+    request, lone = feature_request(args.images), feature_request(1)
+    info = pb.EncoderInfoRequest().SerializeToString()
+    for kind in args.kinds.split(","):
+        local = in_process_rate(kind)
+        measured = {}
+        for label, flags in (("on", ()), ("off", ("--batch-max-images", "0"))):
+            extra = ("--demo-kind", kind, "--log-level", "WARNING", "--bound-cost-budget", "0",
+                     # room for every client's call: this measures batching, not admission
+                     "--max-feature-calls", str(args.clients), "--workers", str(args.clients + 16), *flags)
+            with background_server(extra_args=extra) as address:
+                rate = args.images * calls_per_second(address, "Feature", request, args.clients, args.seconds)
+                latency = lone_latency_ms(address, lone)
+                ceiling = args.images * calls_per_second(address, "GetEncoderInfo", info, args.clients,
+                                                         args.seconds) if label == "on" else None
+            measured[label] = (rate, latency, ceiling)
+            print(f"{kind} batcher {label}: {rate:,.0f} images/s, lone 1-image p50 {latency:.2f} ms", flush=True)
+        (on, lat_on, ceiling), (off, lat_off, _) = measured["on"], measured["off"]
+        rows.append([kind, f"{local:,.0f}", f"{off:,.0f}", f"{on:,.0f}", f"{on / local:.3f}",
+                     f"{ceiling:,.0f} ({ceiling / local:.3f})", f"{lat_off:.2f} / {lat_on:.2f}"])
+        goals.append([kind, "64 clients x 4 images >= 0.7 of in-process at batch 256", f"{on / local:.3f}",
+                      "met" if on >= 0.7 * local else "**NOT met**"])
+    body = (
+        f"{args.clients} clients (4 processes, one connection each) send {args.images}-image unary Feature "
+        f"requests for {args.seconds:.0f} s to a `reaas-server` child on loopback; the batcher's max delay is 0 "
+        "(batches form while a pass runs). 'Call ceiling' is the same clients calling GetEncoderInfo (no encoder "
+        f"work) times {args.images}: what unary calls of this size could reach with a free encoder.\n\n"
+        + markdown_table(["encoder", "in-process forward, batch 256 (images/s)", "batcher off", "batcher on",
+                          "on / in-process", "call ceiling (/ in-process)", "lone 1-image p50 ms, off / on"], rows)
+        + "\n\n## Goals (issue 13)\n\n" + markdown_table(["encoder", "goal", "measured", ""], goals) + "\n"
+    )
+    print(body)
+    path = write_results("batching", "Dynamic batching", body, make_target="bench-service")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

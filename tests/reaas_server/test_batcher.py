@@ -1,0 +1,131 @@
+"""Dynamic batching: concurrent requests share forward passes, results return to their callers in order, a caller
+who gave up is dropped, an oversized request runs alone, and an idle server does not wait for company."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from reaas_client import EncoderClient
+from reaas_server import ServerConfig, start_server
+from reaas_server.batcher import ForwardBatcher
+
+
+class HeldForward:
+    """A forward pass (x -> 2x, per image) that records each pass's batch and can be held at its start."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self.entered = threading.Semaphore(0)
+        self.release = threading.Event()
+        self.release.set()
+
+    def __call__(self, images: torch.Tensor, still_wanted) -> torch.Tensor:
+        self.batches.append(images.shape[0])
+        self.entered.release()
+        assert self.release.wait(30), "the test never released the held pass"
+        return images.flatten(1) * 2
+
+
+def images(count: int, value: float) -> torch.Tensor:
+    return torch.full((count, 1, 2, 2), value)
+
+
+@pytest.fixture()
+def held():
+    forward = HeldForward()
+    yield forward
+    forward.release.set()
+
+
+def test_requests_queued_during_a_pass_share_the_next_one_and_get_their_own_results(held):
+    batcher = ForwardBatcher(held, max_images=64)
+    held.release.clear()
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(batcher.features, images(1, 1.0))
+        assert held.entered.acquire(timeout=30)  # the first pass is running (and held)
+        queued = [pool.submit(batcher.features, images(n, float(n))) for n in (2, 3, 4)]
+        # observable: the three requests are in the queue before the held pass ends
+        while len(batcher._queue) < 3:  # noqa: SLF001 - the queue is the state this test is about
+            threading.Event().wait(0.001)
+        held.release.set()
+        assert first.result(30).tolist() == [[2.0] * 4]
+        for future, n in zip(queued, (2, 3, 4), strict=True):
+            assert future.result(30).tolist() == [[2.0 * n] * 4] * n
+    assert held.batches == [1, 2 + 3 + 4]
+    batcher.close()
+
+
+def test_a_caller_who_gave_up_is_dropped_and_an_oversized_request_runs_alone(held):
+    batcher = ForwardBatcher(held, max_images=4)
+    held.release.clear()
+    gave_up = threading.Event()
+    with ThreadPoolExecutor(4) as pool:
+        pool.submit(batcher.features, images(1, 1.0))
+        assert held.entered.acquire(timeout=30)
+        abandoned = pool.submit(batcher.features, images(2, 5.0), lambda: not gave_up.is_set())
+        big = pool.submit(batcher.features, images(9, 3.0))  # more than max_images: a pass of its own
+        small = pool.submit(batcher.features, images(3, 4.0))
+        while len(batcher._queue) < 3:  # noqa: SLF001
+            threading.Event().wait(0.001)
+        gave_up.set()
+        assert abandoned.result(30) is None
+        held.release.set()
+        assert big.result(30).shape == (9, 4) and small.result(30).shape == (3, 4)
+    assert held.batches == [1, 9, 3]  # the abandoned 2 images never ran; 9 alone; then 3
+    batcher.close()
+
+
+def test_errors_reach_every_caller_of_the_pass():
+    def failing(images, still_wanted):
+        raise RuntimeError("out of memory")
+
+    batcher = ForwardBatcher(failing, max_images=8)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        batcher.features(images(2, 1.0))
+    batcher.close()
+
+
+def test_concurrent_clients_get_the_features_they_asked_for_in_fewer_passes(demo_encoder, make_images):
+    running = start_server(ServerConfig(port=0, bound_cost_budget_s=0.0, max_feature_calls=8, workers=24), demo_encoder)
+    try:
+        requests = [make_images(4, seed=s).numpy() for s in range(48)]
+        expected = [demo_encoder.features(torch.from_numpy(r)).numpy() for r in requests]
+        with EncoderClient(f"127.0.0.1:{running.port}", timeout_s=60) as client, ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(client.features, requests))
+        for answer, reference in zip(answers, expected, strict=True):
+            # features of a 4-image batch; a pass over several requests may round the last bit differently
+            np.testing.assert_allclose(answer, reference, rtol=1e-5, atol=1e-6)
+        assert running.batcher.passes <= len(requests)
+    finally:
+        running.stop(grace_s=0)
+
+
+def test_batching_can_be_turned_off(demo_encoder, make_images):
+    running = start_server(ServerConfig(port=0, bound_cost_budget_s=0.0, batch_max_images=0), demo_encoder)
+    try:
+        assert running.batcher is None
+        with EncoderClient(f"127.0.0.1:{running.port}", timeout_s=60) as client:
+            batch = make_images(3).numpy()
+            assert np.array_equal(client.features(batch), demo_encoder.features(torch.from_numpy(batch)).numpy())
+    finally:
+        running.stop(grace_s=0)
+
+
+def test_a_cancelled_call_waiting_in_the_queue_costs_no_forward(held):
+    batcher = ForwardBatcher(held, max_images=64)
+    held.release.clear()
+    cancelled = threading.Event()
+    with ThreadPoolExecutor(2) as pool:
+        pool.submit(batcher.features, images(1, 1.0))
+        assert held.entered.acquire(timeout=30)
+        waiting = pool.submit(batcher.features, images(5, 1.0), lambda: not cancelled.is_set())
+        cancelled.set()
+        assert waiting.result(30) is None
+        held.release.set()
+    batcher.close()
+    assert held.batches == [1]
