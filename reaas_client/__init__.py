@@ -2,9 +2,9 @@
 
 Public face:
 
-* the service: ``EncoderClient`` (typed gRPC client with per-input query accounting), ``QueryLedger``, the reply
-  dataclasses, ``ServiceError``, and the one tensor codec shared with the server (``encode_tensor`` /
-  ``decode_tensor``);
+* the service: ``EncoderClient`` (typed gRPC client with per-input query accounting, retries per
+  ``RetryPolicy``, TLS per ``ClientTls``), ``QueryLedger``, the reply dataclasses, ``ServiceError``, and the one
+  tensor codec shared with the server (``encode_tensor`` / ``decode_tensor``);
 * the downstream classifier: ``fetch_features`` (1 query per training input, cached), ``train_classifier``
   (head kinds "mlp", "linear", "lipschitz" by ``TrainConfig.head``), ``select_head`` / ``HeadSearch`` (the head
   chosen on held-out training features);
@@ -31,6 +31,7 @@ from reaas_client.pipelines import (
     run_path,
 )
 from reaas_client.replies import BoundCost, EncoderInfo, F2IReply, Quota, RpcUsage, UsageReport
+from reaas_client.retry import RetryPolicy
 from reaas_client.seaas import StreamedImageSamples
 from reaas_client.smoothing import (
     ABSTAIN,
@@ -39,12 +40,14 @@ from reaas_client.smoothing import (
     SmoothCertificate,
     SmoothPrediction,
 )
+from reaas_client.tls import ClientTls
 from reaas_client.wire import decode_tensor, encode_tensor
 
 __all__ = [
     "ABSTAIN",
     "HEAD_KINDS",
     "CandidateScore",
+    "ClientTls",
     "EncoderClient",
     "BoundCost",
     "EncoderInfo",
@@ -58,6 +61,7 @@ __all__ = [
     "PathConfig",
     "PathResult",
     "QueryLedger",
+    "RetryPolicy",
     "RpcUsage",
     "RunSummary",
     "ServiceError",
