@@ -7,8 +7,8 @@ return an :class:`UndecodableRequest` marker instead of raising, and the behavio
 into the status: at once for a unary request, and for a request stream by ending the stream the servicer sees
 at the marker (the servicer finishes the requests before it normally) and then rejecting the call.
 
-Install this interceptor outside every interceptor that reads requests (usage accounting): the marker never
-reaches them. Interceptors outside it (API keys) may see the marker only if they ignore the request.
+Install this interceptor outside every interceptor that reads requests (accounting): the marker never reaches
+them. An interceptor outside it (observation) sees the marker, which answers ``ByteSize()`` and counts no images.
 """
 
 from __future__ import annotations
@@ -20,11 +20,7 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.message import DecodeError
 
-from reaas.v1 import encoder_service_pb2 as pb
-
 log = logging.getLogger(__name__)
-_SERVICE = pb.DESCRIPTOR.services_by_name["EncoderService"]
-_SERVICE_PREFIX = f"/{_SERVICE.full_name}/"
 
 
 @dataclass(frozen=True)
@@ -97,18 +93,23 @@ def _guard_stream_unary(behavior: Callable, method: str) -> Callable:
     return guarded
 
 
+def _message_name(deserializer: Callable[[bytes], object]) -> str:
+    """"reaas.v1.FeatureRequest" for a generated ``FeatureRequest.FromString`` (any service's), else "request"."""
+    message_class = getattr(deserializer, "__self__", None)
+    descriptor = getattr(message_class, "DESCRIPTOR", None)
+    return descriptor.full_name if descriptor is not None else "request"
+
+
 class RequestDecodingInterceptor(grpc.ServerInterceptor):
-    """EncoderService requests that do not parse are answered INVALID_ARGUMENT with one WARNING log line."""
+    """Requests that do not parse — to the EncoderService, health or reflection — are answered INVALID_ARGUMENT
+    with one WARNING log line, instead of gRPC's INTERNAL and traceback."""
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or handler.request_deserializer is None or not method.startswith(_SERVICE_PREFIX):
+        if handler is None or handler.request_deserializer is None:
             return handler
-        rpc = _SERVICE.methods_by_name.get(method[len(_SERVICE_PREFIX) :])
-        if rpc is None:
-            return handler
-        deserializer = _tolerant(handler.request_deserializer, rpc.input_type.full_name)
+        deserializer = _tolerant(handler.request_deserializer, _message_name(handler.request_deserializer))
         serializer = handler.response_serializer
         if handler.unary_unary is not None:
             behavior = _guard_unary_request(handler.unary_unary, method)

@@ -100,3 +100,13 @@ def test_undecodable_requests_are_refused_before_anything_reads_them_and_not_cha
         usage = pb_grpc.EncoderServiceStub(channel).GetUsage(pb.UsageRequest(), timeout=30, metadata=keyed)
         charged = {u.rpc: (u.calls, u.queries) for u in usage.rpcs}
         assert charged == {"StreamFeatures": (1, 1)}  # the good message only
+
+
+def test_undecodable_health_check_is_invalid_argument_too(raw_channel, caplog):
+    check = raw_channel.unary_unary("/grpc.health.v1.Health/Check")
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG), pytest.raises(grpc.RpcError) as raised:
+        check(UNDECODABLE, timeout=30)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "grpc.health.v1.HealthCheckRequest" in raised.value.details()
+    assert len(server_lines(caplog)) == 1
