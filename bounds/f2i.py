@@ -198,7 +198,7 @@ def _search_chunk(
             lipschitz_upper=lipschitz_upper, intermediate=intermediate, spec_chunk=spec_chunk,
             memory_budget_bytes=memory_budget_bytes, should_stop=should_stop,
         )
-        stacked = torch.stack([values[n].cpu() for n in names], dim=1)
+        stacked = torch.stack([values[n] for n in names], dim=1).cpu()  # one device-to-host wait per step
         best, which = stacked.min(dim=1)
         score = best * (1 + SAFETY_MARGIN) / radii_f[index]
         verified = score < 1
@@ -207,7 +207,7 @@ def _search_chunk(
         certified_by = [None] * len(index)
         for name in _LINEAR_IN_RADIUS:
             if name in values:
-                constant = values[name].cpu() / radius.cpu().clamp(min=1e-300)
+                constant = stacked[:, names.index(name)] / radius.cpu().clamp(min=1e-300)
                 candidate = torch.minimum(radii_f[index] / (constant * (1 + SAFETY_MARGIN)) * (1 - 1e-9), radius.cpu())
                 better = candidate > certified
                 certified = torch.where(better, candidate, certified)
