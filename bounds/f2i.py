@@ -2,8 +2,9 @@
 
 For each image x the result R satisfies UB(x, R) < R_F for the named sound bound UB (bounds.feature_distance), so
 ||f(x + d) - f(x)||_2 < R_F for every ||d||_2 <= R. Floating-point safety: a radius r counts as verified only if
-UB(x, r)·(1 + SAFETY_MARGIN) < R_F; bounds are computed in float32 (rounding ~1e-6 relative), SAFETY_MARGIN is
-1e-4. The true feature distance is monotone in r, so every radius below a verified one is certified too.
+UB(x, r)·(1 + SAFETY_MARGIN) < R_F; bounds are computed in IEEE float32 (rounding ~1e-6 relative; on CUDA
+build_graph turns TensorFloat-32 off, bounds.layers.require_ieee_float32), SAFETY_MARGIN is 1e-4. The true
+feature distance is monotone in r, so every radius below a verified one is certified too.
 
 "auto" (DEFAULT_BOUND) spends the expensive local bounds only where they can pay. Facts it rests on:
 

@@ -54,6 +54,9 @@ class ServedEncoder:
     def __init__(self, loaded: LoadedEncoder, device: torch.device) -> None:
         self.metadata: CheckpointMetadata = loaded.metadata
         self.device = device
+        # IEEE float32 on CUDA, before any request: a client certifies around the f(x) it is sent, so a TF32 forward
+        # pass (~1e-3 off) would eat into its radius as surely as a TF32 bound would
+        bounds.require_ieee_float32(device)
         self.model = loaded.model.to(device).eval()
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
