@@ -79,11 +79,13 @@ def server_side_costs(encoder: ServedEncoder, images: torch.Tensor, seconds: flo
     ]
 
 
-def start_server_process(mode: str = "reaas", checkpoint: Path | None = None) -> tuple[subprocess.Popen, str]:
+def start_server_process(mode: str = "reaas", checkpoint: Path | None = None, extra_args: tuple[str, ...] = ()
+                         ) -> tuple[subprocess.Popen, str]:
+    """A ``reaas-server`` child on an ephemeral loopback port (more CLI flags in `extra_args`); (process, address)."""
     served = [] if checkpoint is None else ["--checkpoint", str(checkpoint)]
     process = subprocess.Popen(
         [sys.executable, "-m", "reaas_server.cli", "--port", "0", "--mode", mode, "--log-level", "WARNING", "--ledger", ":memory:",
-         *served],
+         *served, *extra_args],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -40,7 +40,7 @@ from bounds.feature_certification import (
 )
 from bounds.feature_distance import feature_distance_upper
 from bounds.graph import BoundGraph, build_graph
-from bounds.layers import MaxMin, Residual, UnsupportedLayerError
+from bounds.layers import MaxMin, Residual, UnsupportedLayerError, require_ieee_float32
 from bounds.lipschitz import global_lipschitz_upper
 from bounds.lipschitz_layers import AOLConv2d, AOLLinear, SpectralNormLinear, materialize
 from bounds.propagation import InputBall, compute_bounds, concretize, crown_backward
@@ -78,6 +78,7 @@ __all__ = [
     "lipschitz_margin_radius",
     "materialize",
     "operator_norm_upper",
+    "require_ieee_float32",
     "pgd_feature_distance",
     "pgd_margin_attack",
 ]

@@ -2,8 +2,9 @@
 
 For each image x the result R satisfies UB(x, R) < R_F for the named sound bound UB (bounds.feature_distance), so
 ||f(x + d) - f(x)||_2 < R_F for every ||d||_2 <= R. Floating-point safety: a radius r counts as verified only if
-UB(x, r)·(1 + SAFETY_MARGIN) < R_F; bounds are computed in float32 (rounding ~1e-6 relative), SAFETY_MARGIN is
-1e-4. The true feature distance is monotone in r, so every radius below a verified one is certified too.
+UB(x, r)·(1 + SAFETY_MARGIN) < R_F; bounds are computed in IEEE float32 (rounding ~1e-6 relative; on CUDA
+build_graph turns TensorFloat-32 off, bounds.layers.require_ieee_float32), SAFETY_MARGIN is 1e-4. The true
+feature distance is monotone in r, so every radius below a verified one is certified too.
 
 "auto" (DEFAULT_BOUND) spends the expensive local bounds only where they can pay. Facts it rests on:
 
@@ -198,7 +199,7 @@ def _search_chunk(
             lipschitz_upper=lipschitz_upper, intermediate=intermediate, spec_chunk=spec_chunk,
             memory_budget_bytes=memory_budget_bytes, should_stop=should_stop,
         )
-        stacked = torch.stack([values[n].cpu() for n in names], dim=1)
+        stacked = torch.stack([values[n] for n in names], dim=1).cpu()  # one device-to-host wait per step
         best, which = stacked.min(dim=1)
         score = best * (1 + SAFETY_MARGIN) / radii_f[index]
         verified = score < 1
@@ -207,7 +208,7 @@ def _search_chunk(
         certified_by = [None] * len(index)
         for name in _LINEAR_IN_RADIUS:
             if name in values:
-                constant = values[name].cpu() / radius.cpu().clamp(min=1e-300)
+                constant = stacked[:, names.index(name)] / radius.cpu().clamp(min=1e-300)
                 candidate = torch.minimum(radii_f[index] / (constant * (1 + SAFETY_MARGIN)) * (1 - 1e-9), radius.cpu())
                 better = candidate > certified
                 certified = torch.where(better, candidate, certified)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from bounds.batchnorm import batchnorm_scale_shift
-from bounds.layers import MaxMin, Residual, UnsupportedLayerError
+from bounds.layers import MaxMin, Residual, UnsupportedLayerError, require_ieee_float32
 from bounds.operators import (
     AddOperator,
     AffineOperator,
@@ -183,10 +183,12 @@ def build_graph(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> BoundGraph:
-    """Trace `model` (per-example input shape `input_shape`) into a BoundGraph; raises UnsupportedLayerError."""
+    """Trace `model` (per-example input shape `input_shape`) into a BoundGraph; raises UnsupportedLayerError.
+    A graph on CUDA turns TensorFloat-32 off (bounds.layers.require_ieee_float32): its bounds need IEEE float32."""
     if device is None:
         first = next(model.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
+    require_ieee_float32(device)
     tracer = _Tracer(dtype, torch.device(device))
     tracer.nodes.append(Node(None, (), tuple(int(s) for s in input_shape)))
     tracer.trace(model, 0)

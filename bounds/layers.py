@@ -53,3 +53,16 @@ def module_device(module: nn.Module, default: torch.device | str = "cpu") -> tor
     for tensor in (*module.parameters(), *module.buffers()):
         return tensor.device
     return torch.device(default)
+
+
+def require_ieee_float32(device: torch.device | str) -> None:
+    """Turn TensorFloat-32 off, process-wide, when `device` is a CUDA device (a no-op elsewhere).
+
+    Every rounding allowance in bounds/ (bounds.f2i.SAFETY_MARGIN = 1e-4 on the final radius) covers IEEE float32
+    (~1e-6 relative); TF32 keeps 10 mantissa bits (~1e-3), and cuDNN uses it for float32 convolutions by default,
+    so a bound computed with it could undercut the true distance by more than the margin. Set through the legacy
+    flags, which keep cuDNN's convolution and RNN settings consistent (mixing them with the per-operator
+    `fp32_precision` API makes later reads of the legacy flags raise)."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False

@@ -72,15 +72,16 @@ def slope_ascent_lower(graph: BoundGraph, images: torch.Tensor, boxes: list[Box]
     sets = slope_sets(graph, boxes)
     batch = boxes[0].lower.shape[0]
     generator = torch.Generator().manual_seed(seed)
-    best = torch.zeros(batch, dtype=torch.float64)
+    device = boxes[0].lower.device  # the draws come from the CPU generator (the same on every device), then move
+    best = torch.zeros(batch, dtype=torch.float64, device=device)
     view = (batch,) + (1,) * len(graph.input_shape)
     values = graph.forward_all(images)
     at_images = {i: (values[graph.nodes[i].inputs[0]] > 0).to(f.dtype) for i, (f, _) in sets.items()}
     for restart in range(restarts):
         slopes = {i: torch.where(u, at_images[i] if restart == 0 else
-                                 torch.randint(0, 2, u.shape, generator=generator).to(f.dtype), f)
+                                 torch.randint(0, 2, u.shape, generator=generator).to(device, f.dtype), f)
                   for i, (f, u) in sets.items()}
-        v = torch.randn(batch, *graph.input_shape, generator=generator).to(boxes[0].lower.dtype)
+        v = torch.randn(batch, *graph.input_shape, generator=generator).to(device, boxes[0].lower.dtype)
         for _ in range(iterations):
             v = v / v.reshape(batch, -1).norm(dim=1).clamp(min=1e-30).reshape(view)
             forward = _jvp(graph, slopes, v)
