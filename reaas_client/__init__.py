@@ -9,7 +9,8 @@ Public face:
   (head kinds "mlp", "linear", "lipschitz" by ``TrainConfig.head``), ``select_head`` / ``HeadSearch`` (the head
   chosen on held-out training features);
 * smoothing: ``Smooth`` (Cohen et al. PREDICT / CERTIFY), with ``GaussianFeatureSamples`` (REaaS-SC, noise on
-  f(x) locally) or ``StreamedImageSamples`` (SEaaS-SC, noisy images through StreamFeatures) as sample source;
+  f(x) locally) or ``StreamedImageSamples`` (SEaaS-SC, noisy images through StreamFeatures, rounded to a wire dtype by
+  ``WireRounding``) as sample source;
 * the certification paths: ``certify_reaas_bc``, ``certify_reaas_sc``, ``certify_seaas_sc``, ``run_path``;
 * metrics: ``InputRecord``, ``RunSummary``, ``average_certified_radius``, ``certified_accuracy``.
 """
@@ -32,7 +33,7 @@ from reaas_client.pipelines import (
 )
 from reaas_client.replies import BoundCost, EncoderInfo, F2IReply, Quota, RpcUsage, UsageReport
 from reaas_client.retry import RetryPolicy
-from reaas_client.seaas import StreamedImageSamples
+from reaas_client.seaas import WIRE_DTYPES, StreamedImageSamples, WireRounding
 from reaas_client.smoothing import (
     ABSTAIN,
     GaussianFeatureSamples,
@@ -46,6 +47,7 @@ from reaas_client.wire import decode_tensor, encode_tensor
 __all__ = [
     "ABSTAIN",
     "HEAD_KINDS",
+    "WIRE_DTYPES",
     "CandidateScore",
     "ClientTls",
     "EncoderClient",
@@ -72,6 +74,7 @@ __all__ = [
     "StreamedImageSamples",
     "TrainConfig",
     "Quota",
+    "WireRounding",
     "UsageReport",
     "average_certified_radius",
     "certified_accuracy",

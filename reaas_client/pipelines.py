@@ -33,7 +33,7 @@ from reaas_client.downstream import (
 from reaas_client.downstream import train_classifier as _train_head
 from reaas_client.head_selection import HeadSearch, HeadSelection, select_head
 from reaas_client.metrics import InputRecord, RunSummary, summarize
-from reaas_client.seaas import StreamedImageSamples
+from reaas_client.seaas import WIRE_DTYPES, StreamedImageSamples
 from reaas_client.smoothing import GaussianFeatureSamples, Smooth, SmoothCertificate, label_classifier
 
 if TYPE_CHECKING:
@@ -175,12 +175,14 @@ def certify_features(h: nn.Module, features: torch.Tensor, smoothing: SmoothingC
 
 def certify_seaas_sc(client: EncoderClient, h: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                      smoothing: SmoothingConfig, *, id_prefix: str = "seaas-sc-test", stream_batch_size: int = 0,
-                     progress: bool = False) -> list[InputRecord]:
-    """SEaaS-SC: Cohen CERTIFY of h(f(clip(.))) around x; the n0 + n noisy images of every test input are
-    streamed through StreamFeatures in batches (`stream_batch_size`, 0 = the server's max batch size).
+                     wire_dtype: str = "float32", progress: bool = False) -> list[InputRecord]:
+    """SEaaS-SC: Cohen CERTIFY of h(f(q(clip(.)))) around x; the n0 + n noisy images of every test input are
+    streamed through StreamFeatures in batches (`stream_batch_size`, 0 = the server's max batch size), each
+    rounded by q to `wire_dtype` (reaas_client.seaas.WireRounding; "float32": no rounding).
 
     Exactly n0 + n queries per test input. With probability at least 1 - alpha per input, a non-abstained
-    prediction is certified on the image-space ball of radius sigma * Phi^-1(p_A_lower).
+    prediction is certified on the image-space ball of radius sigma * Phi^-1(p_A_lower): q is deterministic
+    and applied after the noise, so it is part of the base classifier, for which Cohen et al.'s theorem holds.
     """
     info = client.info()
     per_request = stream_batch_size or info.max_batch_size
@@ -189,7 +191,7 @@ def certify_seaas_sc(client: EncoderClient, h: nn.Module, images: torch.Tensor, 
     for index in tqdm(range(images.shape[0]), desc=f"SEaaS-SC sigma={smoothing.sigma:g}", disable=not progress):
         batch, ids, started, before = _begin_batch(client, images, index, 1, id_prefix)
         source = StreamedImageSamples(client, batch[0], ids[0], smoothing.sigma, per_request,
-                                      (info.value_min, info.value_max))
+                                      (info.value_min, info.value_max), wire_dtype)
         certificate = smooth.certify(source, smoothing.n0, smoothing.n, smoothing.alpha,
                                      _generator(smoothing.seed, index))
         records += _records(client.ledger, ids, before, labels[index:index + 1], [certificate.prediction],
@@ -260,6 +262,7 @@ class PathConfig:
     classified `sample_batch_size` at a time, so memory stays bounded). `method`: feature-space bound for
     reaas-bc ("crown" or "ibp"). `bound`: the F2IPerturb bound ("" for the server's default). `train`: the
     head (kind, margin, widths); `search`: select the head on held-out training features instead (reaas-bc).
+    `seaas_wire_dtype`: how seaas-sc's noisy test images travel (reaas_client.seaas.WIRE_DTYPES).
     """
 
     path: str
@@ -274,9 +277,13 @@ class PathConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     search: HeadSearch | None = None
     sample_batch_size: int = 10_000
+    seaas_wire_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         _check_path(self.path)
+        if self.seaas_wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"unknown seaas wire dtype {self.seaas_wire_dtype!r}; choose one of "
+                             f"{', '.join(WIRE_DTYPES)}")
         if self.search is not None and self.path != "reaas-bc":
             raise ValueError("head selection scores BC feature radii; it is offered for reaas-bc only")
 
@@ -319,13 +326,14 @@ def run_path(config: PathConfig, client: EncoderClient, train_images: torch.Tens
                                    progress=progress)
     else:
         records = certify_seaas_sc(client, trained.model, test_images, test_labels, config.smoothing,
-                                   id_prefix=prefix, progress=progress)
+                                   id_prefix=prefix, wire_dtype=config.seaas_wire_dtype, progress=progress)
     summary = summarize(records, service=SERVICE_NAMES[config.path], dataset=dataset,
                         queries_per_train_input=trained.queries_per_input,
                         wall_s=time.perf_counter() - started, train_wall_s=train_wall, note=note,
                         extra={"sigma": "" if config.path == "reaas-bc" else f"{config.sigma:g}",
                                "method": config.method if config.path == "reaas-bc" else "cohen",
                                "n": "" if config.path == "reaas-bc" else str(config.n),
+                               "wire": config.seaas_wire_dtype if config.path == "seaas-sc" else "float32",
                                "head": _head_name(trained.selection.chosen if trained.selection else config.train)})
     return PathResult(summary, records, accuracy(trained.model, trained.features.features,
                                                  trained.features.labels), trained.model, trained.selection)
