@@ -81,7 +81,9 @@ def decode_images(tensor: pb.Tensor, spec: ImageSpec) -> torch.Tensor:
     if not (math.isfinite(low) and math.isfinite(high)):
         first = int((~torch.isfinite(images)).flatten(1).any(1).nonzero()[0, 0])
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"images[{first}] contains NaN or Inf")
-    if low < spec.value_min or high > spec.value_max:
+    # float32 pixels against the bounds as float32 represents them (EncoderInfo.value_min/max are float32 on the
+    # wire too): a client that clips to the declared bound in float32 lands exactly on it, never outside
+    if low < float(np.float32(spec.value_min)) or high > float(np.float32(spec.value_max)):
         raise RequestError(
             grpc.StatusCode.INVALID_ARGUMENT,
             f"pixel values must lie in [{spec.value_min}, {spec.value_max}] (EncoderInfo.value_min/max); "
