@@ -90,6 +90,20 @@ def _service_error(error: grpc.RpcError, tries: int) -> ServiceError:
     return ServiceError(error.code(), details)
 
 
+FEATURE_DTYPES = {"float32": pb.FLOAT32, "float16": pb.FLOAT16}  # what FeatureRequest.feature_dtype offers
+
+
+def _feature_dtype(name: str) -> int:
+    if name not in FEATURE_DTYPES:
+        raise ValueError(f"feature_dtype must be one of {', '.join(FEATURE_DTYPES)}, got {name!r}")
+    return FEATURE_DTYPES[name]
+
+
+def _decoded_features(reply: pb.FeatureResponse) -> np.ndarray:
+    """float32 [batch, D] whatever dtype the features travelled in (float16 widens exactly)."""
+    return decode_tensor(reply.features, name="features").astype(np.float32, copy=False)
+
+
 @dataclass(frozen=True)
 class _StreamedBatch:
     """One StreamFeatures request with what the ledger records for it once it is answered."""
@@ -99,9 +113,9 @@ class _StreamedBatch:
     request_bytes: int
 
     @classmethod
-    def encode(cls, images: ImageBatch, input_ids: Sequence[str] | None) -> _StreamedBatch:
+    def encode(cls, images: ImageBatch, input_ids: Sequence[str] | None, feature_dtype: int) -> _StreamedBatch:
         array = as_numpy(images)
-        request = pb.FeatureRequest(images=encode_tensor(array))
+        request = pb.FeatureRequest(images=encode_tensor(array), feature_dtype=feature_dtype)
         return cls(request, _ids_for(input_ids, len(array)), request.ByteSize())
 
 
@@ -192,20 +206,24 @@ class EncoderClient:
         by_bytes = int(min(info.max_message_bytes, 2**31) * _MESSAGE_HEADROOM) // per_image
         return max(1, min(info.max_batch_size, by_bytes))
 
-    def features(self, images: ImageBatch, *, input_ids: Sequence[str] | None = None) -> np.ndarray:
-        """f(x) for images [batch, C, H, W] (float32/float16 in the declared range, or uint8) → [batch, D].
+    def features(self, images: ImageBatch, *, input_ids: Sequence[str] | None = None,
+                 feature_dtype: str = "float32") -> np.ndarray:
+        """f(x) for images [batch, C, H, W] (float32/float16 in the declared range, or uint8) → [batch, D] float32.
 
-        Batches larger than the server's limit are split; each image costs one query.
+        Batches larger than the server's limit are split; each image costs one query. ``feature_dtype="float16"``
+        halves the reply's bytes and rounds each feature to float16 on the server.
         """
+        wire_features = _feature_dtype(feature_dtype)
         array = as_numpy(images)
         ids = _ids_for(input_ids, len(array))
         step = self._chunk_size(array)
         parts = []
         for start in range(0, len(array), step):
-            request = pb.FeatureRequest(images=encode_tensor(array[start : start + step]))
+            request = pb.FeatureRequest(images=encode_tensor(array[start : start + step]),
+                                        feature_dtype=wire_features)
             reply = self._call(self._stub.Feature, request)
             self.ledger.record("Feature", ids[start : start + step], request.ByteSize(), reply.ByteSize())
-            parts.append(decode_tensor(reply.features, name="features"))
+            parts.append(_decoded_features(reply))
         return np.concatenate(parts) if parts else np.zeros((0, self.info().feature_dim), np.float32)
 
     def stream_features(
@@ -213,8 +231,10 @@ class EncoderClient:
         batches: Iterable[tuple[ImageBatch, Sequence[str] | None]],
         *,
         timeout_s: float | None = None,
+        feature_dtype: str = "float32",
     ) -> Iterator[np.ndarray]:
-        """Features of each batch over a StreamFeatures call, in order, one array per batch.
+        """Features of each batch over a StreamFeatures call, in order, one float32 array per batch (travelling as
+        ``feature_dtype``, see ``features``).
 
         Batches are produced lazily: gRPC's flow control pulls the next one only as the server keeps up, so a
         generator of 10^5 noisy images never sits in memory at once. ``timeout_s`` is the deadline of the
@@ -226,7 +246,8 @@ class EncoderClient:
         recorded in the ledger once, when answered. Only the batches sent and not yet answered are kept.
         """
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
-        unanswered = UnansweredRequests(_StreamedBatch.encode(images, ids) for images, ids in batches)
+        wire_features = _feature_dtype(feature_dtype)
+        unanswered = UnansweredRequests(_StreamedBatch.encode(images, ids, wire_features) for images, ids in batches)
         failures = 0
         while True:
             requests = (batch.request for batch in unanswered.resend_then_pull())
@@ -238,7 +259,7 @@ class EncoderClient:
                     batch = unanswered.answered()
                     failures = 0
                     self.ledger.record("StreamFeatures", batch.input_ids, batch.request_bytes, reply.ByteSize())
-                    yield decode_tensor(reply.features, name="features")
+                    yield _decoded_features(reply)
                 return
             except grpc.RpcError as error:
                 if unanswered.source_error is not None:

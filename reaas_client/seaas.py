@@ -110,7 +110,9 @@ class StreamedImageSamples:
     `image` [C, H, W]; every noisy copy is recorded in the client's ledger under `input_id`, so the ledger
     shows exactly n0 + n queries per certified input, and the bytes they took. Each request's noise is one
     [batch, C, H, W] draw; the clipped copies travel as `wire_dtype` (WireRounding, applied here on the
-    client after the noise). Yields features [batch, feature_dim] float32.
+    client after the noise). A lean stream (`wire_dtype` other than float32) also asks for float16 features,
+    halving the replies too; that rounding, done by the server, is a deterministic function of the image and so
+    part of the base classifier as well. Yields features [batch, feature_dim] float32.
     """
 
     client: EncoderClient
@@ -132,5 +134,6 @@ class StreamedImageSamples:
                                      self.value_range)
                 yield rounding.encode(noisy), [self.input_id] * size
 
-        for features in self.client.stream_features(batches()):
+        features_as = "float32" if self.wire_dtype == "float32" else "float16"
+        for features in self.client.stream_features(batches(), feature_dtype=features_as):
             yield torch.from_numpy(features)

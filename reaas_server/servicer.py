@@ -29,6 +29,7 @@ from reaas_server.validation import (
     RequestError,
     decode_feature_radii,
     decode_images,
+    feature_dtype,
     require_field,
 )
 
@@ -112,13 +113,14 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
     # -- features -----------------------------------------------------------------------------------------
     def _feature_response(self, request: pb.FeatureRequest, context) -> pb.FeatureResponse:
         require_field(request, "images", IMAGES_FIELD)
+        reply_dtype = feature_dtype(request.feature_dtype)
         images = decode_images(request.images, self._spec)
         wanted = lambda: _still_wanted(context)  # noqa: E731
         features = (self._batcher.features(images, wanted) if self._batcher is not None else
                     self._encoder.features(images, chunk_size=self._config.forward_chunk_size, still_wanted=wanted))
         if features is None:
             raise RequestError(grpc.StatusCode.CANCELLED, "the call was cancelled or its deadline passed")
-        return pb.FeatureResponse(features=encode_tensor(features))
+        return pb.FeatureResponse(features=encode_tensor(features.to(reply_dtype)))
 
     def Feature(self, request, context):
         with _status_on_error(context):

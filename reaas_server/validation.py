@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from reaas.v1 import encoder_service_pb2 as pb
-from reaas_client.wire import TensorDecodeError, decode_tensor
+from reaas_client.wire import TensorDecodeError, decode_tensor, dtype_name
 
 
 class RequestError(Exception):
@@ -90,6 +90,16 @@ def decode_images(tensor: pb.Tensor, spec: ImageSpec) -> torch.Tensor:
             f"got values in [{low:.6g}, {high:.6g}]",
         )
     return images
+
+
+def feature_dtype(requested: int) -> torch.dtype:
+    """The torch dtype of the features a FeatureRequest asked for (FLOAT32 when unset)."""
+    if requested in (pb.DTYPE_UNSPECIFIED, pb.FLOAT32):
+        return torch.float32
+    if requested == pb.FLOAT16:
+        return torch.float16
+    raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                       f"feature_dtype {dtype_name(requested)} is not offered; ask for FLOAT32 (default) or FLOAT16")
 
 
 def decode_feature_radii(values: Sequence[float], batch: int) -> torch.Tensor:

@@ -72,7 +72,8 @@ class FakeClient:
     def __init__(self) -> None:
         self.sent: list[torch.Tensor] = []
 
-    def stream_features(self, batches):
+    def stream_features(self, batches, feature_dtype="float32"):
+        self.feature_dtype = feature_dtype
         for images, _ in batches:
             self.sent.append(images)
             yield np.zeros((len(images), 4), np.float32)
@@ -114,7 +115,12 @@ def test_server_decodes_exactly_q_of_the_clipped_noisy_images(dtype, recorder, s
     expected = q(expected_clipped(image, 200, seed=5, value_range=(info.value_min, info.value_max)))
     assert torch.equal(recorder.decoded(), expected)
     with torch.inference_mode():
-        assert torch.allclose(features, recorder.served.model(expected).float(), atol=1e-5)
+        served = recorder.served.model(expected).float()
+    if dtype == "float32":
+        assert torch.allclose(features, served, atol=1e-5)
+    else:  # a lean stream's features travel as float16: the server's features, rounded once
+        assert torch.allclose(features, served.half().float(), atol=1e-5, rtol=0)
+        assert features.dtype == torch.float32
 
 
 @pytest.mark.parametrize("value_range", [(0.0, 1.0), (-1.0, 1.0), (0.0, 255.0), (-0.4242, 2.8215)])

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import grpc
 import numpy as np
+import pytest
 import torch
 
-from reaas_client import EncoderClient
+from reaas_client import EncoderClient, encode_tensor
 
 
 def local_features(demo_encoder, images: torch.Tensor) -> np.ndarray:
@@ -70,3 +72,16 @@ def test_round_robin_spreads_calls_over_replicas(demo_encoder, make_images):
     finally:
         for replica in replicas:
             replica.stop(grace_s=0)
+
+
+def test_features_may_travel_as_float16_and_never_as_uint8(client, raw_stub, make_images):
+    from reaas.v1 import encoder_service_pb2 as pb
+
+    images = make_images(5).numpy()
+    exact = client.features(images)
+    lean = client.features(images, feature_dtype="float16")
+    assert lean.dtype == np.float32
+    np.testing.assert_array_equal(lean, exact.astype(np.float16).astype(np.float32))
+    with pytest.raises(grpc.RpcError) as refused:
+        raw_stub.Feature(pb.FeatureRequest(images=encode_tensor(images), feature_dtype=pb.UINT8), timeout=30)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "FLOAT16" in refused.value.details()
