@@ -112,7 +112,8 @@ def feature_request(count: int, seed: int = 0) -> bytes:
 
 
 def _probe(address: str, ready, stop, results) -> None:
-    """A load balancer's health checks (every 50 ms) and a light client's 4-image Feature calls (every 100 ms).
+    """A load balancer's health checks (every 50 ms) and a light client's 4-image Feature calls (every 100 ms),
+    each on its own thread so that a slow answer to one does not space out the other.
 
     Runs in its own process so that the load generators' threads do not delay it on our side of the wire.
     """
@@ -122,13 +123,22 @@ def _probe(address: str, ready, stop, results) -> None:
         feature = channel.unary_unary(_METHOD + "Feature")
         request = feature_request(4, seed=1)
         health.Check(health_pb2.HealthCheckRequest(), timeout=60)
+
+        def every(period_s: float, kind: str, call, images: int = 0) -> None:
+            while not stop.wait(period_s):
+                _timed(outcomes, kind, call, images)
+
+        threads = [
+            threading.Thread(target=every, args=(0.05, "health",
+                                                 lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=30))),
+            threading.Thread(target=every, args=(0.1, "unary Feature (4 images)",
+                                                 lambda: feature(request, timeout=30), 4)),
+        ]
+        for thread in threads:
+            thread.start()
         ready.set()
-        tick = 0
-        while not stop.wait(0.05):
-            tick += 1
-            _timed(outcomes, "health", lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=30))
-            if tick % 2 == 0:
-                _timed(outcomes, "unary Feature (4 images)", lambda: feature(request, timeout=30), images=4)
+        for thread in threads:
+            thread.join()
     results.put((outcomes.latencies_s, dict(outcomes.errors), dict(outcomes.answered), dict(outcomes.images)))
 
 

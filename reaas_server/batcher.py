@@ -5,7 +5,8 @@ the encoder (and a GPU most of all) running tiny batches. Requests queue here, a
 single forward pass over as many queued requests as fit in ``max_images`` — opportunistically: with
 ``max_delay_s = 0`` it never waits for company, so an idle server answers a lone request as fast as before and
 batches form only while the previous pass runs (Triton's dynamic batcher with a zero queue delay). Results are
-split back in request order. Per-call semantics stay exact: a caller who gives up is dropped before the pass
+split back in request order; a request that finds the batcher idle runs its pass in its own thread, without a
+hand-off. Per-call semantics stay exact: a caller who gives up is dropped before the pass
 (or stops it between chunks when every caller in it gave up), and accounting happens per call outside.
 """
 
@@ -46,6 +47,7 @@ class ForwardBatcher:
         self._queue: collections.deque[_Job] = collections.deque()
         self._wakeup = threading.Condition()
         self._closed = False
+        self._pass = threading.Lock()  # held while a forward pass runs, by the worker or a lone caller
         self.passes = 0  # forward passes run (tests and benchmarks read how much coalescing happened)
         self._worker = threading.Thread(target=self._run, name="reaas-batcher", daemon=True)
         self._worker.start()
@@ -58,8 +60,18 @@ class ForwardBatcher:
         with self._wakeup:
             if self._closed:
                 raise RuntimeError("the batcher is closed (the server is stopping)")
-            self._queue.append(job)
-            self._wakeup.notify()
+            # nothing queued and no pass running: run this pass right here, sparing a lone request the two
+            # thread hand-offs of the queue (the idle server answers as fast as without a batcher)
+            alone = not self._queue and self._pass.acquire(blocking=False)
+            if not alone:
+                self._queue.append(job)
+                self._wakeup.notify()
+        if alone:
+            try:
+                self.passes += 1
+                return self._forward(images, still_wanted)
+            finally:
+                self._pass.release()
         while not job.done.wait(0.05):
             if not still_wanted():
                 job.abandoned = True
@@ -76,12 +88,14 @@ class ForwardBatcher:
 
     def _next_batch(self) -> list[_Job] | None:
         """The oldest job, then more in arrival order while they fit in max_images (waiting up to max_delay_s
-        for them); a job larger than max_images runs alone."""
+        for them); a job larger than max_images runs alone. Returns with the pass lock held (None: closed)."""
         with self._wakeup:
             while not self._queue and not self._closed:
                 self._wakeup.wait()
             if self._closed and not self._queue:
                 return None
+        self._pass.acquire()  # a lone caller's pass may still run: queued jobs wait for it, then go together
+        with self._wakeup:
             jobs = [self._queue.popleft()]
             total = jobs[0].images.shape[0]
             deadline = time.monotonic() + self.max_delay_s
@@ -114,5 +128,6 @@ class ForwardBatcher:
                 for job in wanted:
                     job.error = error
             finally:
+                self._pass.release()
                 for job in jobs:
                     job.done.set()

@@ -116,7 +116,10 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
         reply_dtype = feature_dtype(request.feature_dtype)
         images = decode_images(request.images, self._spec)
         wanted = lambda: _still_wanted(context)  # noqa: E731
-        features = (self._batcher.features(images, wanted) if self._batcher is not None else
+        # only small requests gain from sharing a pass; one of forward_chunk_size images or more is a full pass
+        # already, and queueing it would make every small request behind it wait for the whole of it
+        shared = self._batcher is not None and images.shape[0] < self._config.forward_chunk_size
+        features = (self._batcher.features(images, wanted) if shared else
                     self._encoder.features(images, chunk_size=self._config.forward_chunk_size, still_wanted=wanted))
         if features is None:
             raise RequestError(grpc.StatusCode.CANCELLED, "the call was cancelled or its deadline passed")

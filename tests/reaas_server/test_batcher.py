@@ -129,3 +129,24 @@ def test_a_cancelled_call_waiting_in_the_queue_costs_no_forward(held):
         held.release.set()
     batcher.close()
     assert held.batches == [1]
+
+
+def test_a_lone_request_runs_in_its_own_thread_without_a_hand_off():
+    ran_in = []
+    batcher = ForwardBatcher(lambda images, wanted: ran_in.append(threading.current_thread()) or images.flatten(1),
+                             max_images=8)
+    batcher.features(images(2, 1.0))
+    assert ran_in == [threading.current_thread()]
+    batcher.close()
+
+
+def test_full_size_requests_bypass_the_batcher(demo_encoder, make_images):
+    running = start_server(ServerConfig(port=0, bound_cost_budget_s=0.0, forward_chunk_size=16), demo_encoder)
+    try:
+        with EncoderClient(f"127.0.0.1:{running.port}", timeout_s=60) as client:
+            client.features(make_images(16))  # a full pass already: not queued behind or with anything
+            assert running.batcher.passes == 0
+            client.features(make_images(3))
+            assert running.batcher.passes == 1
+    finally:
+        running.stop(grace_s=0)
