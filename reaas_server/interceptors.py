@@ -46,6 +46,23 @@ def replace_behavior(handler: grpc.RpcMethodHandler, unary: Callable | None, str
     return handler
 
 
+# The last two messages whose size was asked for in this call, pinned with their sizes: observation and
+# accounting both count a message's bytes, and ByteSize() walks the whole message (25 µs for a 256-image request).
+_RECENT_SIZES: contextvars.ContextVar[tuple[tuple[object, int], ...]] = contextvars.ContextVar(
+    "reaas_recent_sizes", default=())
+
+
+def message_size(message: Message) -> int:
+    """``message.ByteSize()``, computed once however many interceptors ask for it in a row."""
+    recent = _RECENT_SIZES.get()
+    for known, size in recent:
+        if known is message:
+            return size
+    size = message.ByteSize()
+    _RECENT_SIZES.set(((message, size), *recent[:1]))
+    return size
+
+
 def image_count(request: Message) -> int:
     """Queries a request costs: its number of images (the paper's unit); 0 for requests without images (and for
     bytes that did not decode into a request at all)."""
@@ -120,8 +137,8 @@ class AccountInterceptor(grpc.ServerInterceptor):
         ledger = self._ledger
 
         def charge(caller: Caller, request: Message, response: Message) -> None:
-            ledger.charge(caller.name, rpc, queries=image_count(request), request_bytes=request.ByteSize(),
-                          response_bytes=response.ByteSize())
+            ledger.charge(caller.name, rpc, queries=image_count(request), request_bytes=message_size(request),
+                          response_bytes=message_size(response))
 
         def billed_unary(behavior):
             def billed(request, context):

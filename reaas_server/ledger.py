@@ -106,6 +106,7 @@ class UsageLedger:
         self._db = sqlite3.connect(":memory:" if self.path is None else str(self.path),
                                    check_same_thread=False, isolation_level=None, timeout=30)
         self._lock = threading.Lock()
+        self._keys_issued = False
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
@@ -165,9 +166,13 @@ class UsageLedger:
 
     def has_keys(self) -> bool:
         """False means open access: no key was ever issued, every caller is billed as ``anonymous``. Revoking every
-        key does not reopen the server: once a key exists, calls need a valid one."""
+        key does not reopen the server: once a key exists, calls need a valid one (so a True is kept, not asked
+        again on every call)."""
+        if self._keys_issued:
+            return True
         with self._lock:
-            return self._db.execute("SELECT 1 FROM api_keys LIMIT 1").fetchone() is not None
+            self._keys_issued = self._db.execute("SELECT 1 FROM api_keys LIMIT 1").fetchone() is not None
+        return self._keys_issued
 
     # -- usage ----------------------------------------------------------------------------------------------
     def charge(self, key_name: str, rpc: str, *, queries: int, request_bytes: int, response_bytes: int) -> None:

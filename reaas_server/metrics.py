@@ -30,7 +30,7 @@ from prometheus_client.core import CounterMetricFamily
 from reaas.v1 import encoder_service_pb2 as pb
 from reaas_server.access_log import ACCESS_LOG, access_line, key_label
 from reaas_server.admission import POOL_OF_RPC, Admission
-from reaas_server.interceptors import CALLER_NAMED, image_count, rpc_name
+from reaas_server.interceptors import CALLER_NAMED, image_count, message_size, rpc_name
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class _Call:
         self.caller = name
 
     def received(self, request: Message) -> None:
-        images, size = image_count(request), request.ByteSize()
+        images, size = image_count(request), message_size(request)
         self._unanswered.append(images)
         self.images += images
         self.request_bytes += size
@@ -164,7 +164,7 @@ class _Call:
     def sent(self, response: Message) -> None:
         """A response answers the oldest unanswered request (one each, in order, for every EncoderService RPC)."""
         images = self._unanswered.popleft() if self._unanswered else 0
-        size = response.ByteSize()
+        size = message_size(response)
         self.answered += images
         self.response_bytes += size
         series = self._series
