@@ -248,7 +248,8 @@ class _InProcess:
     def __init__(self, encoder: ServedEncoder) -> None:
         self.encoder = encoder
 
-    def stream_features(self, batches):
+    def stream_features(self, batches, feature_dtype="float32"):
+        assert feature_dtype == "float32"  # the default stream, which this test resumes
         for images, _ in batches:
             yield self.encoder.features(torch.as_tensor(images)).numpy()
 
