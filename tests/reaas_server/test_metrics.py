@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import threading
 import time
@@ -66,6 +67,17 @@ def scrape(running) -> dict[tuple[str, frozenset], float]:
     }
 
 
+def scrape_when(running, ready, timeout_s: float = 60.0) -> dict[tuple[str, frozenset], float]:
+    """The first scrape for which ``ready(samples)`` holds: a stream is counted when gRPC terminates it, which can
+    come just after its client has read the status."""
+    deadline = time.monotonic() + timeout_s
+    samples = scrape(running)
+    while not ready(samples) and time.monotonic() < deadline:
+        time.sleep(0.02)
+        samples = scrape(running)
+    return samples
+
+
 def sample(samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
@@ -122,7 +134,7 @@ def test_streams_are_counted_per_message(auth, running, channel, make_images):
     stub = pb_grpc.EncoderServiceStub(channel)
     batches = [feature_request(make_images, count) for count in (3, 2, 4)]
     replies = list(stub.StreamFeatures(iter(batches), metadata=auth))
-    samples = scrape(running)
+    samples = scrape_when(running, lambda s: sample(s, "reaas_rpc_in_flight", rpc="StreamFeatures") == 0)
     assert sample(samples, "reaas_rpc_calls_total", rpc="StreamFeatures", code="OK") == 1
     assert sample(samples, "reaas_rpc_msg_received_total", rpc="StreamFeatures") == 3
     assert sample(samples, "reaas_rpc_msg_sent_total", rpc="StreamFeatures") == 3
@@ -144,20 +156,25 @@ def test_a_stream_its_client_cancels_ends_cancelled(auth, running, channel, make
     assert sample(scrape(running), "reaas_rpc_in_flight", rpc="StreamFeatures") == 1
     call.cancel()
     try:
-        # the request generator stays blocked until the server has seen the cancellation: ending it earlier
-        # half-closes the stream, and on a loaded machine the server could then finish it OK first
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            samples = scrape(running)
-            if sample(samples, "reaas_rpc_in_flight", rpc="StreamFeatures") == 0:
-                break
-            time.sleep(0.05)
+        # the request generator stays blocked until the server has ended the call, so the stream is never
+        # half-closed by the client: what ends it is the cancellation alone
+        samples = scrape_when(running, lambda s: sample(s, "reaas_rpc_in_flight", rpc="StreamFeatures") == 0)
     finally:
         more.set()
     assert sample(samples, "reaas_rpc_calls_total", rpc="StreamFeatures", code="CANCELLED") == 1, {
         k: v for k, v in samples.items() if k[0] == "reaas_rpc_calls_total" and v and ("rpc", "StreamFeatures") in k[1]}
     assert sample(samples, "reaas_rpc_in_flight", rpc="StreamFeatures") == 0
     assert sample(samples, "reaas_rpc_queries_total", rpc="StreamFeatures") == 2
+
+
+def test_the_end_state_a_cancelled_stream_is_read_from_is_still_where_grpc_keeps_it():
+    """metrics.client_cancelled reads gRPC's private ``_RPCState.client``; an upgrade that moves it must fail here
+    rather than count cancelled streams as OK."""
+    from grpc import _server
+
+    assert _server._CANCELLED == "cancelled"
+    assert _server._RPCState().client == _server._OPEN
+    assert inspect.getsource(_server._receive_close_on_server).count("state.client = _CANCELLED") == 1
 
 
 def test_admission_refusals_are_seen(auth, running, channel, make_images):
@@ -178,6 +195,7 @@ def test_one_access_log_line_per_call_and_never_the_key(auth, running, channel, 
         with pytest.raises(grpc.RpcError):
             stub.Feature(feature_request(make_images, 1), metadata=(("x-api-key", wrong_key),))
         list(stub.StreamFeatures(iter([feature_request(make_images, 1)] * 2), metadata=auth))
+        scrape_when(running, lambda s: sample(s, "reaas_rpc_in_flight", rpc="StreamFeatures") == 0)
     lines = [r.getMessage() for r in caplog.records if r.name == "reaas.access"]
     fields = [dict(pair.split("=", 1) for pair in line.split(" ")) for line in lines]
     assert [(f["rpc"], f["code"], f["images"], f["answered"]) for f in fields] == [
