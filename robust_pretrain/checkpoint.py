@@ -21,6 +21,7 @@ from torch import nn
 
 from bounds import fold_batchnorm, global_lipschitz_upper
 from robust_pretrain.architectures import EncoderConfig, build_encoder
+from robust_pretrain.text_input import TextInput
 
 FORMAT_VERSION = 1
 VALUE_RANGE: tuple[float, float] = (0.0, 1.0)
@@ -67,10 +68,14 @@ class CheckpointMetadata:
 
 @dataclass(frozen=True)
 class LoadedEncoder:
-    """``model``: eval mode, batch norm folded, on CPU, gradients off; ``metadata`` from the sidecar."""
+    """``model``: eval mode, batch norm folded, on CPU, gradients off; ``metadata`` from the sidecar.
+
+    ``text``: a text encoder's vocabulary and embedding table (None for an image encoder); ``model`` then reads
+    embedding matrices [batch, embed_dim, 1, max_length] (robust_pretrain.text_input)."""
 
     model: nn.Module
     metadata: CheckpointMetadata
+    text: TextInput | None = None
 
 
 def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
