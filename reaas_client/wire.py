@@ -8,6 +8,7 @@ with a message a person can act on; the server turns that into ``INVALID_ARGUMEN
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 import numpy as np
 import torch
@@ -19,12 +20,18 @@ NUMPY_DTYPES: dict[int, np.dtype] = {
     pb.FLOAT32: np.dtype("<f4"),
     pb.FLOAT16: np.dtype("<f2"),
     pb.UINT8: np.dtype("u1"),
+    pb.INT32: np.dtype("<i4"),
 }
 _WIRE_DTYPES: dict[np.dtype, int] = {
     np.dtype(np.float32): pb.FLOAT32,
     np.dtype(np.float16): pb.FLOAT16,
     np.dtype(np.uint8): pb.UINT8,
+    np.dtype(np.int32): pb.INT32,
 }
+#: the dtypes an image (or a text encoder's embedding matrix) may travel in (EncoderInfo.accepted_dtypes)
+IMAGE_DTYPES: tuple[int, ...] = (pb.FLOAT32, pb.FLOAT16, pb.UINT8)
+#: the one dtype token ids travel in
+TOKEN_ID_DTYPES: tuple[int, ...] = (pb.INT32,)
 
 
 # The most dimensions a decoded tensor may have: numpy 1.x's own limit (numpy 2 allows 64), far above any rank
@@ -50,28 +57,31 @@ def as_numpy(array: np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 def encode_tensor(array: np.ndarray | torch.Tensor) -> pb.Tensor:
-    """Encode a float32 / float16 / uint8 array as raw little-endian bytes; float64 is sent as float32."""
+    """Encode a float32 / float16 / uint8 / int32 array as raw little-endian bytes; float64 is sent as float32.
+
+    int64 is refused rather than narrowed: token ids are cast to int32 by the caller, who knows they fit."""
     values = as_numpy(array)
     if values.dtype == np.float64:
         values = values.astype(np.float32)
     native = values.dtype.newbyteorder("=")
     if native not in _WIRE_DTYPES:
-        raise TypeError(f"cannot send dtype {values.dtype}; use float32, float16 or uint8")
+        raise TypeError(f"cannot send dtype {values.dtype}; use float32, float16 or uint8 (images), int32 (token ids)")
     wire_dtype = _WIRE_DTYPES[native]
     little_endian = values.astype(NUMPY_DTYPES[wire_dtype], copy=False)
     return pb.Tensor(dtype=wire_dtype, shape=list(values.shape), raw_data=little_endian.tobytes())
 
 
-def decode_tensor(tensor: pb.Tensor, *, name: str = "tensor") -> np.ndarray:
+def decode_tensor(tensor: pb.Tensor, *, name: str = "tensor", dtypes: Collection[int] | None = None) -> np.ndarray:
     """Decode a ``reaas.v1.Tensor`` into a numpy array of its own dtype (native byte order).
 
-    Raises TensorDecodeError, and nothing else, whatever the peer sent: the dtype is unknown, the rank exceeds
-    MAX_RANK, a dimension is negative, the shape's extent overflows what numpy can address, or the byte length
-    is not ``prod(shape) * itemsize``. The element count is an exact Python integer compared with
+    Raises TensorDecodeError, and nothing else, whatever the peer sent: the dtype is unknown or not one of
+    ``dtypes`` (default: every dtype of the codec), the rank exceeds MAX_RANK, a dimension is negative, the shape's
+    extent overflows what numpy can address, or the byte length is not ``prod(shape) * itemsize``. The element count is an exact Python integer compared with
     ``len(raw_data)`` before numpy sees the shape, so no shape can overflow into a match.
     """
-    if tensor.dtype not in NUMPY_DTYPES:
-        accepted = ", ".join(pb.DType.Name(d) for d in NUMPY_DTYPES)
+    allowed = NUMPY_DTYPES if dtypes is None else [d for d in NUMPY_DTYPES if d in dtypes]
+    if tensor.dtype not in allowed:
+        accepted = ", ".join(pb.DType.Name(d) for d in allowed)
         raise TensorDecodeError(
             f"{name}: dtype {dtype_name(tensor.dtype)} is not supported; send one of {accepted}"
         )
