@@ -23,9 +23,11 @@ import grpc
 from reaas_client.retry import RETRY_PUSHBACK_HEADER
 from reaas_server.interceptors import CURRENT_CALLER, api_key_of, replace_behavior, rpc_name
 
-# Which pool each EncoderService RPC draws from; RPCs not listed (descriptions, usage) are always admitted.
+# Which pool each EncoderService RPC draws from; RPCs not listed (descriptions, vocabulary, usage) are always
+# admitted. Embed is a table lookup that costs a query like Feature, and shares its pool.
 POOL_OF_RPC = {
     "Feature": "feature",
+    "Embed": "feature",
     "StreamFeatures": "feature_stream",
     "F2IPerturb": "f2i",
     "StreamF2IPerturb": "f2i",

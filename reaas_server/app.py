@@ -150,7 +150,7 @@ def start_server(config: ServerConfig, encoder: ServedEncoder | None = None, *,
     compute = BackgroundCompute(threads=config.admission_limits.total_calls)
     batcher = None if config.batch_max_images == 0 else ForwardBatcher(
         lambda images, wanted: encoder.features(images, chunk_size=config.forward_chunk_size, still_wanted=wanted),
-        max_images=config.batch_max_images, max_delay_s=config.batch_max_delay_s)
+        max_images=config.batch_max_images, max_delay_s=config.batch_max_delay_s, device=encoder.device)
     pb_grpc.add_EncoderServiceServicer_to_server(
         EncoderServicer(encoder, config, ledger, quotas, compute, batcher, bound_costs), server)
     health_servicer = _configure_health(server)

@@ -38,10 +38,14 @@ class _Job:
 class ForwardBatcher:
     """One worker thread; ``features`` may be called from any number of threads."""
 
-    def __init__(self, forward: Forward, *, max_images: int, max_delay_s: float = 0.0) -> None:
+    def __init__(self, forward: Forward, *, max_images: int, max_delay_s: float = 0.0,
+                 device: torch.device | None = None) -> None:
+        """``device``: where a shared pass gathers its requests' images (the serving device: a text encoder's
+        token requests arrive embedded there, its image requests on the CPU); None: where they are."""
         if max_images < 1 or max_delay_s < 0:
             raise ValueError("max_images must be >= 1 and max_delay_s >= 0")
         self._forward = forward
+        self._device = device
         self.max_images = max_images
         self.max_delay_s = max_delay_s
         self._queue: collections.deque[_Job] = collections.deque()
@@ -79,6 +83,9 @@ class ForwardBatcher:
         if job.error is not None:
             raise job.error
         return job.result
+
+    def _gathered(self, images: torch.Tensor) -> torch.Tensor:
+        return images if self._device is None else images.to(self._device, non_blocking=True)
 
     def close(self) -> None:
         with self._wakeup:
@@ -118,7 +125,8 @@ class ForwardBatcher:
             try:
                 if wanted:
                     self.passes += 1
-                    merged = torch.cat([job.images for job in wanted]) if len(wanted) > 1 else wanted[0].images
+                    merged = (torch.cat([self._gathered(job.images) for job in wanted]) if len(wanted) > 1
+                              else wanted[0].images)
                     out = self._forward(merged, lambda wanted=wanted: any(j.still_wanted() for j in wanted))
                     if out is not None:
                         for job, part in zip(wanted, torch.split(out, [j.images.shape[0] for j in wanted]),

@@ -15,6 +15,7 @@ import torch
 
 import bounds
 from robust_pretrain import CheckpointMetadata, LoadedEncoder, load_checkpoint, load_demo_encoder
+from robust_pretrain.text_input import TextInput
 
 
 def pick_device(requested: str | None) -> torch.device:
@@ -49,11 +50,22 @@ _MEASURE_ORDER = ("lipschitz", "auto", "ibp", "crown", "crown_spectral", "local_
 
 
 class ServedEncoder:
-    """One encoder, read-only after construction, safe to call from many gRPC threads."""
+    """One encoder, read-only after construction, safe to call from many gRPC threads.
+
+    ``text`` is a text encoder's front end (vocabulary and embedding table, the table on the serving device), None
+    for an image encoder; a text encoder's ``model`` reads the embedding matrices ``embed`` makes."""
 
     def __init__(self, loaded: LoadedEncoder, device: torch.device) -> None:
         self.metadata: CheckpointMetadata = loaded.metadata
         self.device = device
+        self.text: TextInput | None = None
+        if loaded.text is not None:
+            if tuple(loaded.text.input_shape) != tuple(self.metadata.input_shape):
+                raise ValueError(f"text front end makes {loaded.text.input_shape} embedding matrices but the "
+                                 f"encoder reads {tuple(self.metadata.input_shape)}")
+            self.text = TextInput(loaded.text.vocabulary, loaded.text.embedding.to(device, torch.float32))
+        elif getattr(self.metadata, "modality", "image") == "text":
+            raise ValueError("a text checkpoint was loaded without its vocabulary and embedding table")
         # IEEE float32 on CUDA, before any request: a client certifies around the f(x) it is sent, so a TF32 forward
         # pass (~1e-3 off) would eat into its radius as surely as a TF32 bound would
         bounds.require_ieee_float32(device)
@@ -71,6 +83,18 @@ class ServedEncoder:
         else:
             loaded = load_demo_encoder() if demo_kind is None else load_demo_encoder(demo_kind)
         return cls(loaded, pick_device(device))
+
+    @property
+    def modality(self) -> str:
+        """"text" when the encoder reads token sequences (through ``embed``), else "image"."""
+        return "image" if self.text is None else "text"
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [batch, max_length] int64 → embedding matrices [batch, embed_dim, 1, max_length] float32 on
+        the serving device: the exact input ``model`` reads for those sequences (a table lookup, no rounding)."""
+        if self.text is None:
+            raise ValueError("this encoder reads images; it has no token embedding")
+        return self.text.embed(self._to_device(token_ids))
 
     def probe_images(self, count: int) -> torch.Tensor:
         """`count` seeded uniform-noise images inside the declared value range, on the serving device."""
@@ -126,7 +150,7 @@ class ServedEncoder:
 
     def features(self, images: torch.Tensor, *, chunk_size: int | None = None,
                  still_wanted: Callable[[], bool] = lambda: True) -> torch.Tensor | None:
-        """f(images): [batch, C, H, W] float32 → [batch, feature_dim] float32 on the CPU.
+        """f(images): [batch, C, H, W] float32 (CPU or serving device) → [batch, feature_dim] float32 on the CPU.
 
         Runs ``chunk_size`` images per forward pass (all at once when None) so that a 4 096-image request does not
         hold the activations of 4 096 images at once; returns None as soon as ``still_wanted()`` turns false

@@ -63,15 +63,22 @@ def message_size(message: Message) -> int:
     return size
 
 
+# the request fields whose leading dimension counts queries, in the order they are looked at
+_QUERY_FIELDS = ("images", "token_ids")
+
+
 def image_count(request: Message) -> int:
-    """Queries a request costs: its number of images (the paper's unit); 0 for requests without images (and for
-    bytes that did not decode into a request at all)."""
+    """Queries a request costs: its number of images or token sequences (the paper's unit: one input, one query),
+    from ``images`` if set, else ``token_ids``; 0 for requests with neither (and for bytes that did not decode into
+    a request at all). A request with both is refused before any work, so it is never billed."""
     if not isinstance(request, Message):
         return 0
-    if "images" not in request.DESCRIPTOR.fields_by_name or not request.HasField("images"):
-        return 0
-    shape = request.images.shape
-    return int(shape[0]) if shape else 0
+    fields = request.DESCRIPTOR.fields_by_name
+    for name in _QUERY_FIELDS:
+        if name in fields and request.HasField(name):
+            shape = getattr(request, name).shape
+            return int(shape[0]) if shape else 0
+    return 0
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,12 @@ import logging
 from collections.abc import Iterator
 
 import grpc
+import torch
 
 import bounds
 from reaas.v1 import encoder_service_pb2 as pb
 from reaas.v1 import encoder_service_pb2_grpc as pb_grpc
-from reaas_client.wire import NUMPY_DTYPES, encode_tensor
+from reaas_client.wire import IMAGE_DTYPES, encode_tensor
 from reaas_server.batcher import ForwardBatcher
 from reaas_server.compute import BackgroundCompute
 from reaas_server.config import ServerConfig
@@ -24,16 +25,27 @@ from reaas_server.interceptors import CURRENT_CALLER
 from reaas_server.ledger import UsageLedger
 from reaas_server.quotas import QuotaBook
 from reaas_server.validation import (
-    IMAGES_FIELD,
+    TOKEN_IDS_FIELD,
     ImageSpec,
     RequestError,
+    TokenSpec,
     decode_feature_radii,
     decode_images,
+    decode_token_ids,
     feature_dtype,
+    input_field,
     require_field,
 )
+from robust_pretrain.text_input import TextInput
 
 log = logging.getLogger(__name__)
+
+#: TextInputInfo.threat_model: what a radius certifies for a text encoder (the proto's header says it at length)
+TEXT_THREAT_MODEL = (
+    "l2 in embedding space over the whole [max_length x embed_dim] embedding matrix (padding included); rows of the "
+    "embedding table have unit l2 norm, so substituting token a by b moves it by ||E[a] - E[b]||_2 <= 2 and "
+    "substitutions are covered as embedding distances; insertions and deletions are not covered"
+)
 
 
 def _still_wanted(context: grpc.ServicerContext) -> bool:
@@ -60,6 +72,13 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
             value_max=float(meta.value_range[1]),
             max_batch_size=config.max_batch_size,
         )
+        text = encoder.text
+        self._tokens = None if text is None else TokenSpec(
+            vocab_size=text.vocabulary.size,
+            max_length=text.vocabulary.max_length,
+            pad_id=text.vocabulary.pad_id,
+            max_batch_size=config.max_batch_size,
+        )
         self._bounds_offered = tuple(bounds.BOUNDS_OFFERED) if config.mode == "reaas" else ()
         self._default_bound = config.default_bound or bounds.DEFAULT_BOUND
         if config.mode == "reaas" and self._default_bound not in self._bounds_offered:
@@ -68,9 +87,15 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
     # -- descriptions -------------------------------------------------------------------------------------
     def GetEncoderInfo(self, request, context):
         meta = self._encoder.metadata
+        text = self._encoder.text
+        text_input = None if text is None else pb.TextInputInfo(
+            vocab_size=text.vocabulary.size, max_length=text.vocabulary.max_length, embed_dim=text.embed_dim,
+            pad_id=text.vocabulary.pad_id, unk_id=text.vocabulary.unk_id, threat_model=TEXT_THREAT_MODEL)
         return pb.EncoderInfo(
+            modality=self._encoder.modality,
+            text_input=text_input,
             input_shape=list(meta.input_shape),
-            accepted_dtypes=list(NUMPY_DTYPES),
+            accepted_dtypes=list(IMAGE_DTYPES),
             value_min=self._spec.value_min,
             value_max=self._spec.value_max,
             normalization=meta.normalization,
@@ -110,11 +135,48 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
             report.quota_resets_at_unix = quota.resets_at
         return report
 
+    def GetVocabulary(self, request, context):
+        with _status_on_error(context):
+            vocabulary = self._text_only("GetVocabulary").vocabulary
+            return pb.VocabularyResponse(tokens=list(vocabulary.tokens), token_pattern=vocabulary.pattern,
+                                         lowercase=vocabulary.lowercase, max_length=vocabulary.max_length,
+                                         pad_id=vocabulary.pad_id, unk_id=vocabulary.unk_id)
+
+    # -- inputs -------------------------------------------------------------------------------------------
+    def _text_only(self, rpc: str) -> TextInput:
+        if self._encoder.text is None:
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{rpc} is for text encoders; this one reads images (EncoderInfo.modality \"image\"): send images "
+                "to Feature / F2IPerturb",
+            )
+        return self._encoder.text
+
+    def _input_field(self, request: pb.FeatureRequest | pb.F2IPerturbRequest) -> str:
+        return input_field(request, text=self._tokens is not None)
+
+    def _inputs(self, request: pb.FeatureRequest | pb.F2IPerturbRequest, field: str) -> torch.Tensor:
+        """The request's images [batch, C, H, W] float32, validated (on the CPU), or its token ids, validated and
+        embedded into embedding matrices [batch, embed_dim, 1, max_length] (on the serving device)."""
+        if field == "token_ids":
+            return self._encoder.embed(decode_token_ids(request.token_ids, self._tokens))
+        return decode_images(request.images, self._spec)
+
+    def _embed_response(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
+        self._text_only("Embed")
+        require_field(request, "token_ids", TOKEN_IDS_FIELD)
+        embeddings = self._encoder.embed(decode_token_ids(request.token_ids, self._tokens))
+        return pb.EmbedResponse(embeddings=encode_tensor(embeddings))
+
+    def Embed(self, request, context):
+        with _status_on_error(context):
+            return self._compute.run(self._embed_response, request, context)
+
     # -- features -----------------------------------------------------------------------------------------
     def _feature_response(self, request: pb.FeatureRequest, context) -> pb.FeatureResponse:
-        require_field(request, "images", IMAGES_FIELD)
+        field = self._input_field(request)
         reply_dtype = feature_dtype(request.feature_dtype)
-        images = decode_images(request.images, self._spec)
+        images = self._inputs(request, field)
         wanted = lambda: _still_wanted(context)  # noqa: E731
         # only small requests gain from sharing a pass; one of forward_chunk_size images or more is a full pass
         # already, and queueing it would make every small request behind it wait for the whole of it
@@ -148,8 +210,7 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"unknown bound {_quoted(bound)}; this server offers {', '.join(self._bounds_offered)}",
             )
-        require_field(request, "images", IMAGES_FIELD)
-        images = decode_images(request.images, self._spec)
+        images = self._inputs(request, self._input_field(request))
         feature_radii = decode_feature_radii(request.feature_radii, images.shape[0])
         result = self._encoder.image_radii(
             images,

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from reaas.v1 import encoder_service_pb2 as pb
-from reaas_client.wire import TensorDecodeError, decode_tensor, dtype_name
+from reaas_client.wire import IMAGE_DTYPES, TOKEN_ID_DTYPES, TensorDecodeError, decode_tensor, dtype_name
 
 
 class RequestError(Exception):
@@ -42,7 +42,99 @@ def require_field(request, name: str, what: str) -> None:
                            f"{type(request).DESCRIPTOR.full_name} has no `{name}`: send {what}")
 
 
+@dataclass(frozen=True)
+class TokenSpec:
+    """What a text encoder accepts as token ids: ids in [0, vocab_size), at most max_length per sequence."""
+
+    vocab_size: int
+    max_length: int
+    pad_id: int
+    max_batch_size: int
+
+
 IMAGES_FIELD = "a reaas.v1.Tensor with dtype, shape [batch, C, H, W] and raw_data"
+TOKEN_IDS_FIELD = "a reaas.v1.Tensor of INT32 token ids, shape [batch, length], and raw_data"
+
+
+def input_field(request, *, text: bool) -> str:
+    """Which field carries a FeatureRequest's / F2IPerturbRequest's inputs: "images" or "token_ids".
+
+    Exactly one may be set; token ids only for a text encoder (``text``). An image encoder's request without
+    images gets the same message as before token ids existed."""
+    has_images, has_tokens = request.HasField("images"), request.HasField("token_ids")
+    if has_tokens and not text:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "this encoder reads images (EncoderInfo.modality \"image\"), not token ids: send `images` "
+            "[batch, C, H, W] and leave `token_ids` unset",
+        )
+    if has_images and has_tokens:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"{type(request).DESCRIPTOR.full_name} has both `images` and `token_ids`: send exactly one (token ids, "
+            "or embedding matrices [batch, embed_dim, 1, max_length] in images)",
+        )
+    if text and not has_images and not has_tokens:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"{type(request).DESCRIPTOR.full_name} has neither `token_ids` nor `images`: send {TOKEN_IDS_FIELD} "
+            "(or embedding matrices [batch, embed_dim, 1, max_length] in images)",
+        )
+    if not has_tokens:
+        require_field(request, "images", IMAGES_FIELD)
+        return "images"
+    return "token_ids"
+
+
+def decode_token_ids(tensor: pb.Tensor, spec: TokenSpec) -> torch.Tensor:
+    """Validated token ids as int64 [batch, max_length] on the CPU: each sequence of ``length`` <= max_length ids
+    padded with pad_id at the end, exactly as ``Vocabulary.encode`` pads a text of ``length`` tokens."""
+    if tensor.dtype not in TOKEN_ID_DTYPES:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"token_ids: dtype {dtype_name(tensor.dtype)} is not supported; token ids travel as INT32 "
+            "(little-endian int32) [batch, length]",
+        )
+    try:
+        array = decode_tensor(tensor, name="token_ids", dtypes=TOKEN_ID_DTYPES)
+    except TensorDecodeError as error:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+    if array.ndim != 2:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"token_ids must have shape [batch, length] (rank 2), got {list(array.shape)}",
+        )
+    batch, length = array.shape
+    if batch == 0:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT, "token_ids is an empty batch; send at least one sequence"
+        )
+    if batch > spec.max_batch_size:
+        raise RequestError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"batch of {batch} sequences exceeds this server's max_batch_size {spec.max_batch_size}; "
+            "split it into smaller requests (EncoderInfo.max_batch_size)",
+        )
+    if not 1 <= length <= spec.max_length:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"token_ids has sequences of length {length}; send 1 to {spec.max_length} ids per sequence "
+            "(TextInputInfo.max_length; the server pads shorter ones with pad_id)",
+        )
+    ids = torch.from_numpy(array).to(torch.int64)
+    outside = (ids < 0) | (ids >= spec.vocab_size)
+    if bool(outside.any()):
+        row, column = (int(i) for i in outside.nonzero()[0])
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"token_ids[{row}, {column}] = {int(ids[row, column])} is not a token id: ids lie in "
+            f"[0, {spec.vocab_size}) (TextInputInfo.vocab_size; unknown words are unk_id)",
+        )
+    if length == spec.max_length:
+        return ids
+    padded = torch.full((batch, spec.max_length), spec.pad_id, dtype=torch.int64)
+    padded[:, :length] = ids
+    return padded
 
 
 def decode_images(tensor: pb.Tensor, spec: ImageSpec) -> torch.Tensor:
@@ -52,7 +144,7 @@ def decode_images(tensor: pb.Tensor, spec: ImageSpec) -> torch.Tensor:
     in [value_min, value_max] and be finite.
     """
     try:
-        array = decode_tensor(tensor, name="images")
+        array = decode_tensor(tensor, name="images", dtypes=IMAGE_DTYPES)
     except TensorDecodeError as error:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
     expected = list(spec.input_shape)
