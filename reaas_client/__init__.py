@@ -3,8 +3,9 @@
 Public face:
 
 * the service: ``EncoderClient`` (typed gRPC client with per-input query accounting, retries per
-  ``RetryPolicy``, TLS per ``ClientTls``), ``QueryLedger``, the reply dataclasses, ``ServiceError``, and the one
-  tensor codec shared with the server (``encode_tensor`` / ``decode_tensor``);
+  ``RetryPolicy``, TLS per ``ClientTls``; images or, for a text encoder, ``token_ids=``, plus ``embed`` and
+  ``vocabulary``), ``QueryLedger``, the reply dataclasses (``TextInputInfo`` for text encoders),
+  ``ServiceError``, and the one tensor codec shared with the server (``encode_tensor`` / ``decode_tensor``);
 * the downstream classifier: ``fetch_features`` (1 query per training input, cached), ``train_classifier``
   (head kinds "mlp", "linear", "lipschitz" by ``TrainConfig.head``), ``select_head`` / ``HeadSearch`` (the head
   chosen on held-out training features);
@@ -31,7 +32,7 @@ from reaas_client.pipelines import (
     certify_seaas_sc,
     run_path,
 )
-from reaas_client.replies import BoundCost, EncoderInfo, F2IReply, Quota, RpcUsage, UsageReport
+from reaas_client.replies import BoundCost, EncoderInfo, F2IReply, Quota, RpcUsage, TextInputInfo, UsageReport
 from reaas_client.retry import RetryPolicy
 from reaas_client.seaas import WIRE_DTYPES, StreamedImageSamples, WireRounding
 from reaas_client.smoothing import (
@@ -72,6 +73,7 @@ __all__ = [
     "SmoothPrediction",
     "SmoothingConfig",
     "StreamedImageSamples",
+    "TextInputInfo",
     "TrainConfig",
     "Quota",
     "WireRounding",

@@ -1,6 +1,8 @@
 """EncoderClient: a thin typed client over the generated reaas.v1 stubs, with per-input query accounting.
 
-Every image sent is recorded in a QueryLedger under its input id, with its share of the request and response
+Image and text encoders share the methods: ``features`` / ``f2i_perturb`` / ``stream_features`` take images, or,
+for a text encoder, token ids (``token_ids=``, [batch, length] integers, length <= max_length); ``embed`` and
+``vocabulary`` serve text only. Every image (or token sequence) sent is recorded in a QueryLedger under its input id, with its share of the request and response
 bytes, so a pipeline can state exactly what each certified input cost. Several server addresses are spread
 with gRPC's own ``round_robin`` policy. A replica lost mid-call costs no result (``retry``): a unary call that
 fails with UNAVAILABLE is sent again, a stream resumes on a new call from its first unanswered batch, and either
@@ -14,6 +16,7 @@ import json
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import grpc
 import numpy as np
@@ -27,10 +30,18 @@ from reaas_client.retry import RetryPolicy, UnansweredRequests
 from reaas_client.tls import ClientTls
 from reaas_client.wire import as_numpy, decode_tensor, encode_tensor
 
+if TYPE_CHECKING:
+    from robust_pretrain.text_input import Vocabulary
+
 API_KEY_HEADER = "x-api-key"
 _MESSAGE_HEADROOM = 0.9  # leave room for the message's non-pixel fields
 
 ImageBatch = np.ndarray | torch.Tensor
+#: token ids [batch, length] of any integer dtype (a LongTensor from Vocabulary.encode, an int array); they travel
+#: as INT32
+TokenIdBatch = np.ndarray | torch.Tensor
+#: which request field a batch travels in
+InputKind = Literal["images", "token_ids"]
 
 
 class ServiceError(RuntimeError):
@@ -81,6 +92,27 @@ def _ids_for(input_ids: Sequence[str] | None, count: int) -> list[str]:
     return ids
 
 
+def _token_id_array(token_ids: TokenIdBatch) -> np.ndarray:
+    """Token ids as the int32 array they travel as. Shape and vocabulary range are the server's to check (one
+    validation, one message); here only what int32 cannot carry is refused."""
+    array = as_numpy(token_ids)
+    if not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"token ids must be integers (e.g. Vocabulary.encode's int64), got dtype {array.dtype}")
+    info = np.iinfo(np.int32)
+    if array.size and (array.min() < info.min or array.max() > info.max):
+        raise ValueError(f"token ids outside int32 ([{array.min()}, {array.max()}]) are no vocabulary's ids")
+    return array.astype(np.int32, copy=False)
+
+
+def _batch_array(images: ImageBatch | None, token_ids: TokenIdBatch | None) -> tuple[np.ndarray, InputKind]:
+    """The one batch a call sends, as an array, and the field it travels in."""
+    if (images is None) == (token_ids is None):
+        raise ValueError("give exactly one of images and token_ids")
+    if token_ids is not None:
+        return _token_id_array(token_ids), "token_ids"
+    return as_numpy(images), "images"
+
+
 def _service_error(error: grpc.RpcError, tries: int) -> ServiceError:
     details = error.details() or ""
     if error.code() == grpc.StatusCode.UNAVAILABLE:
@@ -113,9 +145,10 @@ class _StreamedBatch:
     request_bytes: int
 
     @classmethod
-    def encode(cls, images: ImageBatch, input_ids: Sequence[str] | None, feature_dtype: int) -> _StreamedBatch:
-        array = as_numpy(images)
-        request = pb.FeatureRequest(images=encode_tensor(array), feature_dtype=feature_dtype)
+    def encode(cls, inputs: ImageBatch | TokenIdBatch, input_ids: Sequence[str] | None, feature_dtype: int,
+               kind: InputKind = "images") -> _StreamedBatch:
+        array = _token_id_array(inputs) if kind == "token_ids" else as_numpy(inputs)
+        request = pb.FeatureRequest(feature_dtype=feature_dtype, **{kind: encode_tensor(array)})
         return cls(request, _ids_for(input_ids, len(array)), request.ByteSize())
 
 
@@ -158,6 +191,7 @@ class EncoderClient:
             self._channel = grpc.secure_channel(target, tls.channel_credentials(), options=options)
         self._stub = pb_grpc.EncoderServiceStub(self._channel)
         self._info: EncoderInfo | None = None
+        self._vocabulary: Vocabulary | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -172,8 +206,8 @@ class EncoderClient:
     def _call(self, method, request):
         """One unary call, re-sent after UNAVAILABLE per ``self.retry``, all tries within ``timeout_s``.
 
-        Sound to re-send: every unary RPC of reaas.v1 is idempotent (GetEncoderInfo and GetUsage read, Feature
-        and F2IPerturb are deterministic), so the answer is the one the lost replica would have given.
+        Sound to re-send: every unary RPC of reaas.v1 is idempotent (GetEncoderInfo, GetVocabulary and GetUsage
+        read; Feature, F2IPerturb and Embed are deterministic), so the answer is the one the lost replica would have given.
         """
         deadline = time.monotonic() + self.timeout_s
         failures = 0
@@ -206,21 +240,56 @@ class EncoderClient:
         by_bytes = int(min(info.max_message_bytes, 2**31) * _MESSAGE_HEADROOM) // per_image
         return max(1, min(info.max_batch_size, by_bytes))
 
-    def features(self, images: ImageBatch, *, input_ids: Sequence[str] | None = None,
-                 feature_dtype: str = "float32") -> np.ndarray:
-        """f(x) for images [batch, C, H, W] (float32/float16 in the declared range, or uint8) → [batch, D] float32.
+    def vocabulary(self) -> Vocabulary:
+        """A text encoder's vocabulary and tokenizer, as the provider uses them (cached; costs no queries), so
+        ``vocabulary().encode(texts)`` gives the token ids the provider would. ServiceError FAILED_PRECONDITION on
+        an image encoder."""
+        if self._vocabulary is None:
+            # imported here: the text front end is robust_pretrain's, and image clients never need it
+            from robust_pretrain.text_input import Vocabulary
 
-        Batches larger than the server's limit are split; each image costs one query. ``feature_dtype="float16"``
-        halves the reply's bytes and rounds each feature to float16 on the server.
-        """
-        wire_features = _feature_dtype(feature_dtype)
-        array = as_numpy(images)
+            reply = self._call(self._stub.GetVocabulary, pb.VocabularyRequest())
+            if (reply.pad_id, reply.unk_id) != (Vocabulary.pad_id, Vocabulary.unk_id):
+                raise ValueError(f"the server's pad/unk ids {reply.pad_id}/{reply.unk_id} are not "
+                                 f"{Vocabulary.pad_id}/{Vocabulary.unk_id}, the only ones Vocabulary knows")
+            self._vocabulary = Vocabulary(tokens=tuple(reply.tokens), max_length=int(reply.max_length),
+                                          pattern=reply.token_pattern, lowercase=reply.lowercase)
+        return self._vocabulary
+
+    def embed(self, token_ids: TokenIdBatch, *, input_ids: Sequence[str] | None = None) -> torch.Tensor:
+        """Embedding matrices [batch, embed_dim, 1, max_length] float32 of token ids [batch, length] (length <=
+        max_length; shorter rows are padded with pad_id by the server): the exact input the text encoder reads,
+        e.g. to add SEaaS-SC's noise to. Each sequence is one query (recorded as "Embed")."""
+        array = _token_id_array(token_ids)
         ids = _ids_for(input_ids, len(array))
         step = self._chunk_size(array)
         parts = []
         for start in range(0, len(array), step):
-            request = pb.FeatureRequest(images=encode_tensor(array[start : start + step]),
-                                        feature_dtype=wire_features)
+            request = pb.EmbedRequest(token_ids=encode_tensor(array[start : start + step]))
+            reply = self._call(self._stub.Embed, request)
+            self.ledger.record("Embed", ids[start : start + step], request.ByteSize(), reply.ByteSize())
+            parts.append(torch.from_numpy(decode_tensor(reply.embeddings, name="embeddings").astype(np.float32)))
+        if not parts:
+            return torch.zeros((0, *self.info().input_shape), dtype=torch.float32)
+        return torch.cat(parts)
+
+    def features(self, images: ImageBatch | None = None, *, token_ids: TokenIdBatch | None = None,
+                 input_ids: Sequence[str] | None = None, feature_dtype: str = "float32") -> np.ndarray:
+        """f(x) for images [batch, C, H, W] (float32/float16 in the declared range, or uint8) → [batch, D] float32;
+        for a text encoder, either its embedding matrices as ``images`` or ``token_ids`` [batch, length] (exactly
+        one of the two).
+
+        Batches larger than the server's limit are split; each image or sequence costs one query.
+        ``feature_dtype="float16"`` halves the reply's bytes and rounds each feature to float16 on the server.
+        """
+        wire_features = _feature_dtype(feature_dtype)
+        array, kind = _batch_array(images, token_ids)
+        ids = _ids_for(input_ids, len(array))
+        step = self._chunk_size(array)
+        parts = []
+        for start in range(0, len(array), step):
+            request = pb.FeatureRequest(feature_dtype=wire_features,
+                                        **{kind: encode_tensor(array[start : start + step])})
             reply = self._call(self._stub.Feature, request)
             self.ledger.record("Feature", ids[start : start + step], request.ByteSize(), reply.ByteSize())
             parts.append(_decoded_features(reply))
@@ -228,13 +297,15 @@ class EncoderClient:
 
     def stream_features(
         self,
-        batches: Iterable[tuple[ImageBatch, Sequence[str] | None]],
+        batches: Iterable[tuple[ImageBatch | TokenIdBatch, Sequence[str] | None]],
         *,
         timeout_s: float | None = None,
         feature_dtype: str = "float32",
+        inputs: InputKind = "images",
     ) -> Iterator[np.ndarray]:
         """Features of each batch over a StreamFeatures call, in order, one float32 array per batch (travelling as
-        ``feature_dtype``, see ``features``).
+        ``feature_dtype``, see ``features``). ``inputs="token_ids"``: every batch is token ids [batch, length] for a
+        text encoder instead of images.
 
         Batches are produced lazily: gRPC's flow control pulls the next one only as the server keeps up, so a
         generator of 10^5 noisy images never sits in memory at once. ``timeout_s`` is the deadline of the
@@ -247,7 +318,10 @@ class EncoderClient:
         """
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         wire_features = _feature_dtype(feature_dtype)
-        unanswered = UnansweredRequests(_StreamedBatch.encode(images, ids, wire_features) for images, ids in batches)
+        if inputs not in ("images", "token_ids"):
+            raise ValueError(f"inputs must be 'images' or 'token_ids', got {inputs!r}")
+        unanswered = UnansweredRequests(_StreamedBatch.encode(batch, ids, wire_features, inputs)
+                                        for batch, ids in batches)
         failures = 0
         while True:
             requests = (batch.request for batch in unanswered.resend_then_pull())
@@ -274,17 +348,22 @@ class EncoderClient:
 
     def f2i_perturb(
         self,
-        images: ImageBatch,
-        feature_radii: Sequence[float] | np.ndarray | torch.Tensor,
+        images: ImageBatch | None = None,
+        feature_radii: Sequence[float] | np.ndarray | torch.Tensor | None = None,
         *,
+        token_ids: TokenIdBatch | None = None,
         input_ids: Sequence[str] | None = None,
         bound: str = "",
     ) -> F2IReply:
-        """Image-space certified radius R per image from its feature-space radius R_F (REaaS only).
+        """Image-space certified radius R per image from its feature-space radius R_F (REaaS only); for a text
+        encoder, per sequence given as ``token_ids`` [batch, length] or as embedding matrices in ``images``.
 
-        Guarantee (the server's): ||f(x + d) - f(x)||_2 < R_F for every ||d||_2 < R. Each image is one query.
+        Guarantee (the server's): ||f(x + d) - f(x)||_2 < R_F for every ||d||_2 < R (for text: d an l2 perturbation
+        of the whole embedding matrix). Each image or sequence is one query.
         """
-        array = as_numpy(images)
+        if feature_radii is None:
+            raise ValueError("give feature_radii: one R_F per image or sequence")
+        array, kind = _batch_array(images, token_ids)
         # float64 end to end: torch.as_tensor would round a Python list to float32 before it is sent
         radii = (as_numpy(feature_radii) if isinstance(feature_radii, torch.Tensor)
                  else np.asarray(feature_radii)).astype(np.float64).reshape(-1)
@@ -295,9 +374,9 @@ class EncoderClient:
         parts = []
         for start in range(0, len(array), step):
             request = pb.F2IPerturbRequest(
-                images=encode_tensor(array[start : start + step]),
                 feature_radii=radii[start : start + step].tolist(),
                 bound=bound,
+                **{kind: encode_tensor(array[start : start + step])},
             )
             reply = self._call(self._stub.F2IPerturb, request)
             self.ledger.record("F2IPerturb", ids[start : start + step], request.ByteSize(), reply.ByteSize())

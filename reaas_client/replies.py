@@ -25,8 +25,25 @@ class BoundCost:
 
 
 @dataclass(frozen=True)
+class TextInputInfo:
+    """What a text encoder reads (proto TextInputInfo): ids in [0, vocab_size), max_length per sequence."""
+
+    vocab_size: int
+    max_length: int
+    embed_dim: int
+    pad_id: int
+    unk_id: int
+    threat_model: str  # one line: what a radius certifies in embedding space
+
+    @classmethod
+    def from_proto(cls, text: pb.TextInputInfo) -> TextInputInfo:
+        return cls(int(text.vocab_size), int(text.max_length), int(text.embed_dim), int(text.pad_id),
+                   int(text.unk_id), text.threat_model)
+
+
+@dataclass(frozen=True)
 class EncoderInfo:
-    input_shape: tuple[int, int, int]  # [channels, height, width]
+    input_shape: tuple[int, int, int]  # [channels, height, width]; text: [embed_dim, 1, max_length]
     accepted_dtypes: tuple[str, ...]
     value_min: float
     value_max: float
@@ -46,6 +63,8 @@ class EncoderInfo:
     bound_costs: tuple[BoundCost, ...] = ()  # one per bounds_offered entry (empty from older servers)
     open_access: bool = False  # no API keys issued: every caller is billed as "anonymous"
     max_calls_per_key: int = 0  # default concurrent calls per key (0 from older servers)
+    modality: str = "image"  # "image" or "text" (older servers send none: "image")
+    text_input: TextInputInfo | None = None  # set for modality "text"
 
     @classmethod
     def from_proto(cls, info: pb.EncoderInfo) -> EncoderInfo:
@@ -70,6 +89,8 @@ class EncoderInfo:
             bound_costs=tuple(BoundCost.from_proto(c) for c in info.bound_costs),
             open_access=info.open_access,
             max_calls_per_key=int(info.max_calls_per_key),
+            modality=info.modality or "image",
+            text_input=TextInputInfo.from_proto(info.text_input) if info.HasField("text_input") else None,
         )
 
 
