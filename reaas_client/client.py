@@ -2,8 +2,8 @@
 
 Image and text encoders share the methods: ``features`` / ``f2i_perturb`` / ``stream_features`` take images, or,
 for a text encoder, token ids (``token_ids=``, [batch, length] integers, length <= max_length); ``embed`` and
-``vocabulary`` serve text only. Every image (or token sequence) sent is recorded in a QueryLedger under its input id, with its share of the request and response
-bytes, so a pipeline can state exactly what each certified input cost. Several server addresses are spread
+``vocabulary`` serve text only. Every image (or token sequence) sent is recorded in a QueryLedger under its input
+id, with its share of the request and response bytes, so a pipeline can state exactly what each certified input cost. Several server addresses are spread
 with gRPC's own ``round_robin`` policy. A replica lost mid-call costs no result (``retry``): a unary call that
 fails with UNAVAILABLE is sent again, a stream resumes on a new call from its first unanswered batch, and either
 is recorded in the ledger once, when answered. Each call, its retries included, carries a deadline.
@@ -207,7 +207,8 @@ class EncoderClient:
         """One unary call, re-sent after UNAVAILABLE per ``self.retry``, all tries within ``timeout_s``.
 
         Sound to re-send: every unary RPC of reaas.v1 is idempotent (GetEncoderInfo, GetVocabulary and GetUsage
-        read; Feature, F2IPerturb and Embed are deterministic), so the answer is the one the lost replica would have given.
+        read; Feature, F2IPerturb and Embed are deterministic), so the answer is the one the lost replica would have
+        given.
         """
         deadline = time.monotonic() + self.timeout_s
         failures = 0

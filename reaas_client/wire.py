@@ -76,8 +76,9 @@ def decode_tensor(tensor: pb.Tensor, *, name: str = "tensor", dtypes: Collection
 
     Raises TensorDecodeError, and nothing else, whatever the peer sent: the dtype is unknown or not one of
     ``dtypes`` (default: every dtype of the codec), the rank exceeds MAX_RANK, a dimension is negative, the shape's
-    extent overflows what numpy can address, or the byte length is not ``prod(shape) * itemsize``. The element count is an exact Python integer compared with
-    ``len(raw_data)`` before numpy sees the shape, so no shape can overflow into a match.
+    extent overflows what numpy can address, or the byte length is not ``prod(shape) * itemsize``. The element
+    count is an exact Python integer compared with ``len(raw_data)`` before numpy sees the shape, so no shape can
+    overflow into a match.
     """
     allowed = NUMPY_DTYPES if dtypes is None else [d for d in NUMPY_DTYPES if d in dtypes]
     if tensor.dtype not in allowed:

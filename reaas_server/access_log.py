@@ -5,7 +5,9 @@
 logfmt (``name=value``; a value holding whitespace, a quote, a backslash or ``=`` is written as a JSON string, so
 no value can break the line or forge a field) because it stays one short line a person reads in a terminal and
 ``grep code=RESOURCE_EXHAUSTED`` finds, while Loki, Vector and friends parse it into fields as they would JSON.
-The caller is named by its account (the key's name, or "anonymous"), never by its key.
+The caller is named by its account (the key's name, or "anonymous"), never by its key. ``images`` and ``answered``
+count queries: a text request's token sequences count there as images do (the field keeps its name for the log
+readers that already parse it).
 """
 
 from __future__ import annotations

@@ -79,7 +79,8 @@ class ServerMetrics:
         self.calls = Counter("reaas_rpc_calls", "Calls ended, by RPC and the status code the client got",
                              ["rpc", "code"], registry=r)
         self.queries = Counter("reaas_rpc_queries",
-                               "Images in the requests the server answered (the paper's queries; what GetUsage bills)",
+                               "Images or token sequences in the requests the server answered (the paper's queries; "
+                               "what GetUsage bills)",
                                ["rpc"], registry=r)
         self.request_bytes = Counter("reaas_rpc_request_bytes", "Serialized bytes of the request messages received",
                                      ["rpc"], registry=r)
