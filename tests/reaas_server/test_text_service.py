@@ -103,6 +103,15 @@ def test_stream_features_take_token_ids(text_encoder, text_client):
     assert text_client.ledger.queries("c", "StreamFeatures") == 1
 
 
+def test_stream_f2i_takes_token_ids(text_encoder, text_stub):
+    ids = token_ids(text_encoder).numpy().astype(np.int32)
+    requests = [pb.F2IPerturbRequest(token_ids=encode_tensor(ids[:2]), feature_radii=[0.3, 0.6], bound="ibp"),
+                pb.F2IPerturbRequest(images=encode_tensor(text_encoder.text.embed(torch.from_numpy(ids[:2]).long())),
+                                     feature_radii=[0.3, 0.6], bound="ibp")]
+    by_ids, by_images = text_stub.StreamF2IPerturb(iter(requests), timeout=60)
+    assert [r.image_radius for r in by_ids.radii] == [r.image_radius for r in by_images.radii]
+
+
 def test_usage_and_quota_count_sequences(text_encoder, tmp_path):
     ledger = UsageLedger(tmp_path / "ledger.sqlite3")
     secret = ledger.add_key("texter", quota_queries=6, quota_period_s=3600)
