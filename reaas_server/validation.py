@@ -56,6 +56,20 @@ IMAGES_FIELD = "a reaas.v1.Tensor with dtype, shape [batch, C, H, W] and raw_dat
 TOKEN_IDS_FIELD = "a reaas.v1.Tensor of INT32 token ids, shape [batch, length], and raw_data"
 
 
+def _check_batch_size(batch: int, max_batch_size: int, *, field: str, unit: str) -> None:
+    """An empty batch is INVALID_ARGUMENT; one over max_batch_size RESOURCE_EXHAUSTED (too large: no retry hint)."""
+    if batch == 0:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"{field} is an empty batch; send at least one {unit}"
+        )
+    if batch > max_batch_size:
+        raise RequestError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"batch of {batch} {unit}s exceeds this server's max_batch_size {max_batch_size}; "
+            "split it into smaller requests (EncoderInfo.max_batch_size)",
+        )
+
+
 def input_field(request, *, text: bool) -> str:
     """Which field carries a FeatureRequest's / F2IPerturbRequest's inputs: "images" or "token_ids".
 
@@ -105,16 +119,7 @@ def decode_token_ids(tensor: pb.Tensor, spec: TokenSpec) -> torch.Tensor:
             f"token_ids must have shape [batch, length] (rank 2), got {list(array.shape)}",
         )
     batch, length = array.shape
-    if batch == 0:
-        raise RequestError(
-            grpc.StatusCode.INVALID_ARGUMENT, "token_ids is an empty batch; send at least one sequence"
-        )
-    if batch > spec.max_batch_size:
-        raise RequestError(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"batch of {batch} sequences exceeds this server's max_batch_size {spec.max_batch_size}; "
-            "split it into smaller requests (EncoderInfo.max_batch_size)",
-        )
+    _check_batch_size(batch, spec.max_batch_size, field="token_ids", unit="sequence")
     if not 1 <= length <= spec.max_length:
         raise RequestError(
             grpc.StatusCode.INVALID_ARGUMENT,
@@ -143,6 +148,12 @@ def decode_images(tensor: pb.Tensor, spec: ImageSpec) -> torch.Tensor:
     UINT8 pixels v are mapped to value_min + v / 255 * (value_max - value_min); float pixels must already lie
     in [value_min, value_max] and be finite.
     """
+    if tensor.dtype == pb.INT32:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "images: dtype INT32 is for token ids, which travel in `token_ids` (text encoders); send images as "
+            "FLOAT32, FLOAT16 or UINT8",
+        )
     try:
         array = decode_tensor(tensor, name="images", dtypes=IMAGE_DTYPES)
     except TensorDecodeError as error:
@@ -153,17 +164,7 @@ def decode_images(tensor: pb.Tensor, spec: ImageSpec) -> torch.Tensor:
             grpc.StatusCode.INVALID_ARGUMENT,
             f"images must have shape [batch, {', '.join(map(str, expected))}] (rank 4), got {list(array.shape)}",
         )
-    batch = array.shape[0]
-    if batch == 0:
-        raise RequestError(
-            grpc.StatusCode.INVALID_ARGUMENT, "images is an empty batch; send at least one image"
-        )
-    if batch > spec.max_batch_size:
-        raise RequestError(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"batch of {batch} images exceeds this server's max_batch_size {spec.max_batch_size}; "
-            "split it into smaller requests (EncoderInfo.max_batch_size)",
-        )
+    _check_batch_size(array.shape[0], spec.max_batch_size, field="images", unit="image")
     if array.dtype == np.uint8:
         scale = (spec.value_max - spec.value_min) / 255.0
         return torch.from_numpy(array).to(torch.float32).mul_(scale).add_(spec.value_min)

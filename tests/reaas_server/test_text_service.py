@@ -218,7 +218,7 @@ TEXT_REJECTIONS = {
     "neither": (lambda: pb.FeatureRequest(), grpc.StatusCode.INVALID_ARGUMENT, "neither `token_ids` nor `images`"),
     "Embed without ids": (lambda: pb.EmbedRequest(), grpc.StatusCode.INVALID_ARGUMENT, "has no `token_ids`"),
     "int32 as images": (lambda: pb.FeatureRequest(images=ids_tensor(np.ones((1, 4, 1, 6)))),
-                        grpc.StatusCode.INVALID_ARGUMENT, "images: dtype INT32 is not supported"),
+                        grpc.StatusCode.INVALID_ARGUMENT, "images: dtype INT32 is for token ids, which travel in `token_ids`"),
     "embedding entry outside [-1, 1]": (
         lambda: pb.FeatureRequest(images=encode_tensor(np.full((1, 4, 1, 6), 1.5, np.float32))),
         grpc.StatusCode.INVALID_ARGUMENT, "[-1.0, 1.0]"),
