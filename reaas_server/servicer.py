@@ -155,12 +155,17 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
     def _input_field(self, request: pb.FeatureRequest | pb.F2IPerturbRequest) -> str:
         return input_field(request, text=self._tokens is not None)
 
-    def _inputs(self, request: pb.FeatureRequest | pb.F2IPerturbRequest, field: str) -> torch.Tensor:
-        """The request's images [batch, C, H, W] float32, validated (on the CPU), or its token ids, validated and
-        embedded into embedding matrices [batch, embed_dim, 1, max_length] (on the serving device)."""
+    def _decoded_inputs(self, request: pb.FeatureRequest | pb.F2IPerturbRequest, field: str) -> torch.Tensor:
+        """The request's validated images [batch, C, H, W] float32, or token ids [batch, max_length] int64 (padded),
+        on the CPU."""
         if field == "token_ids":
-            return self._encoder.embed(decode_token_ids(request.token_ids, self._tokens))
+            return decode_token_ids(request.token_ids, self._tokens)
         return decode_images(request.images, self._spec)
+
+    def _encoder_inputs(self, inputs: torch.Tensor, field: str) -> torch.Tensor:
+        """What the model reads: the images as they are, token ids embedded into embedding matrices
+        [batch, embed_dim, 1, max_length] (on the serving device)."""
+        return self._encoder.embed(inputs) if field == "token_ids" else inputs
 
     def _embed_response(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
         self._text_only("Embed")
@@ -176,7 +181,7 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
     def _feature_response(self, request: pb.FeatureRequest, context) -> pb.FeatureResponse:
         field = self._input_field(request)
         reply_dtype = feature_dtype(request.feature_dtype)
-        images = self._inputs(request, field)
+        images = self._encoder_inputs(self._decoded_inputs(request, field), field)
         wanted = lambda: _still_wanted(context)  # noqa: E731
         # only small requests gain from sharing a pass; one of forward_chunk_size images or more is a full pass
         # already, and queueing it would make every small request behind it wait for the whole of it
@@ -210,8 +215,10 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"unknown bound {_quoted(bound)}; this server offers {', '.join(self._bounds_offered)}",
             )
-        images = self._inputs(request, self._input_field(request))
-        feature_radii = decode_feature_radii(request.feature_radii, images.shape[0])
+        field = self._input_field(request)
+        inputs = self._decoded_inputs(request, field)
+        feature_radii = decode_feature_radii(request.feature_radii, inputs.shape[0])
+        images = self._encoder_inputs(inputs, field)
         result = self._encoder.image_radii(
             images,
             feature_radii,
