@@ -5,6 +5,8 @@ Example (a REaaS server on port 50051, the embedded MNIST digits):
     reaas-certify --server 127.0.0.1:50051 --dataset mnist-embedded --path reaas-bc --test-size 200
     reaas-certify ... --path reaas-bc --head linear,lipschitz --margin 1,2,4 --hidden 512,512 --select-head
     reaas-certify ... --path reaas-sc --sigma 0.5 --n 1000000
+    reaas-certify --server 127.0.0.1:50052 --dataset rt-embedded --path reaas-bc --head linear --margin 0.5
+        (a text encoder: Rotten Tomatoes reviews, tokenized with the provider's vocabulary)
 """
 
 from __future__ import annotations
@@ -52,8 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "several hosts)")
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", required=True,
-                      help="cifar10, svhn, stl10, tiny-imagenet (need --data) or mnist-embedded (shipped)")
-    data.add_argument("--data", type=Path, default=None, help="folder with the data set's standard files")
+                      help="images: cifar10, svhn, stl10, tiny-imagenet (need --data) or mnist-embedded (shipped); "
+                           "text, for a text encoder: rt-embedded (shipped Rotten Tomatoes reviews, fresh/rotten), "
+                           "sst2 (--data: a GLUE SST-2 TSV) or imdb (--data: a folder of pos/ and neg/ .txt files)")
+    data.add_argument("--data", type=Path, default=None,
+                      help="folder (or, for sst2, file) with the data set's standard files")
     data.add_argument("--train-size", type=int, default=0,
                       help="training inputs used (class-balanced seeded subset; 0 = all)")
     data.add_argument("--test-size", type=int, default=500,
@@ -65,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "smoothing in image space through the feature API (n0 + n queries/test input)")
     cert.add_argument("--sigma", type=float, default=0.25,
                       help="SC noise std: feature-space units for reaas-sc, pixel units ([0,1] scale) for "
-                           "seaas-sc; also the training noise (ignored by reaas-bc)")
+                           "seaas-sc (embedding units for text: rows of the embedding table have norm 1); also the "
+                           "training noise (ignored by reaas-bc)")
     cert.add_argument("--n0", type=int, default=100, help="SC samples to select the top class")
     cert.add_argument("--n", type=int, default=100_000,
                       help="SC samples to estimate p_A. reaas-sc draws them locally around f(x) and sends no "
@@ -148,12 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     margins = tuple(float(m) for m in args.margin.split(",") if m)
     if not args.select_head and (len(heads) != 1 or len(margins) != 1):
         parser.error("several --head or --margin values need --select-head")
-    from robust_pretrain import load_dataset  # data sets only; imported late so --help stays instant
+    from reaas_client.downstream_data import load_downstream  # imported late so --help stays instant
 
-    train_set = load_dataset(args.dataset, args.data, "train")
-    test_set = load_dataset(args.dataset, args.data, "test")
-    train_idx = stratified_subset(train_set.labels, args.train_size, args.seed)
-    test_idx = stratified_subset(test_set.labels, args.test_size, args.seed)
     search = (HeadSearch(heads, margins, args.validation_fraction, args.min_validation_accuracy, args.method)
               if args.select_head else None)
     config = PathConfig(
@@ -167,10 +169,16 @@ def main(argv: list[str] | None = None) -> int:
     addresses = [a for item in args.server for a in item.split(",") if a]
     with EncoderClient(addresses, api_key=args.api_key, timeout_s=args.timeout, tls=tls) as client:
         info = client.info()
-        print(f"encoder {info.model_id} ({info.model_sha256[:12]}), mode {info.mode}, "
+        print(f"encoder {info.model_id} ({info.model_sha256[:12]}), {info.modality}, mode {info.mode}, "
               f"feature_dim {info.feature_dim}, {info.description}", file=sys.stderr)
-        result = run_path(config, client, train_set.images[train_idx], train_set.labels[train_idx],
-                          test_set.images[test_idx], test_set.labels[test_idx], train_set.num_classes,
+        try:
+            data = load_downstream(args.dataset, args.data, client)
+        except (ValueError, FileNotFoundError) as error:
+            parser.error(str(error))
+        train_idx = stratified_subset(data.train_labels, args.train_size, args.seed)
+        test_idx = stratified_subset(data.test_labels, args.test_size, args.seed)
+        result = run_path(config, client, data.train_inputs[train_idx], data.train_labels[train_idx],
+                          data.test_inputs[test_idx], data.test_labels[test_idx], data.num_classes,
                           dataset=args.dataset, cache_dir=None if args.no_cache else args.cache_dir,
                           progress=not args.quiet)
         if result.selection is not None:

@@ -61,6 +61,16 @@ def stratified_subset(labels: torch.Tensor, count: int, seed: int = 0) -> torch.
     return interleaved if count <= 0 else interleaved[:count]
 
 
+def is_token_ids(inputs: torch.Tensor) -> bool:
+    """Whether a batch of inputs is token ids [N, length] (integers) for a text encoder rather than images."""
+    return not (inputs.is_floating_point() or inputs.is_complex())
+
+
+def encoder_inputs(batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The EncoderClient keyword a batch travels in: ``token_ids`` for integers, else ``images``."""
+    return {"token_ids" if is_token_ids(batch) else "images": batch}
+
+
 def _dataset_digest(images: torch.Tensor) -> str:
     return hashlib.sha256(images.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
@@ -81,7 +91,8 @@ def fetch_features(
 
     REaaS training: `copies=1, noise_sigma=0` (1 query per training input). SEaaS training: `copies=25`
     noisy copies clip(x + e) of each image (seeded by `seed`), features [N * copies, feature_dim] with
-    labels repeated. The cache key is the served model's sha256 plus the data set's name, content hash and
+    labels repeated. Text: `images` are token ids [N, length]; the clean features come from the ids, and noisy
+    copies are of each input's embedding matrix, fetched first through Embed (1 more query per input). The cache key is the served model's sha256 plus the data set's name, content hash and
     the noise settings, so a different encoder or different images never reuse stale features.
     `cache_dir=None` disables the cache.
     """
@@ -99,14 +110,21 @@ def fetch_features(
     generator = torch.Generator().manual_seed(seed)
     per_request = max(1, info.max_batch_size // copies)
 
+    noisy = noise_sigma > 0 or copies > 1
+    sends_ids = is_token_ids(images) and not noisy
+
     def batches():
         for start in range(0, images.shape[0], per_request):
-            chunk = images[start:start + per_request].repeat_interleave(copies, dim=0)
+            chunk = images[start:start + per_request]
+            if is_token_ids(chunk) and noisy:
+                chunk = client.embed(chunk, input_ids=ids[start:start + per_request])
+            chunk = chunk.repeat_interleave(copies, dim=0)
             if noise_sigma > 0:
                 chunk = noisy_copies(chunk, noise_sigma, generator, (info.value_min, info.value_max))
             yield chunk.contiguous(), [i for i in ids[start:start + per_request] for _ in range(copies)]
 
-    features = np.concatenate(list(client.stream_features(batches())))
+    streamed = client.stream_features(batches(), inputs="token_ids" if sends_ids else "images")
+    features = np.concatenate(list(streamed))
     spent = (sum(client.ledger.queries(i) for i in ids) - before) / images.shape[0]
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

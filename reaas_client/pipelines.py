@@ -7,6 +7,10 @@
 | seaas-sc  | 25 (noisy copies)        | n0 + n               | Cohen CERTIFY on h(f(.)) around x, streamed    |
 
 Every query goes through the `EncoderClient`, whose ledger gives each `InputRecord` its exact cost.
+
+Text (README, "Text") runs the same paths: the inputs are token ids [N, max_length] (an integer tensor) instead of
+images. The REaaS paths send the ids (Feature, F2IPerturb: still 2 queries); SEaaS-SC first asks the service for the
+input's embedding matrix (Embed, 1 query) and smooths in embedding space around it, as it smooths around an image.
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ from reaas_client.downstream import (
     FeatureSet,
     TrainConfig,
     accuracy,
+    encoder_inputs,
     fetch_features,
     input_ids,
+    is_token_ids,
 )
 from reaas_client.downstream import train_classifier as _train_head
 from reaas_client.head_selection import HeadSearch, HeadSelection, select_head
@@ -123,10 +129,11 @@ def certify_reaas_bc(client: EncoderClient, h: nn.Module, images: torch.Tensor, 
     with tqdm(total=images.shape[0], desc="REaaS-BC", disable=not progress) as bar:
         for start in range(0, images.shape[0], batch_size):
             batch, ids, started, before = _begin_batch(client, images, start, batch_size, id_prefix)
-            features = torch.from_numpy(client.features(batch, input_ids=ids))
+            features = torch.from_numpy(client.features(**encoder_inputs(batch), input_ids=ids))
             certificate = certify_feature_radius(h, features, method=method)
             feature_radius = certificate.feature_radius.to(torch.float64)
-            reply = client.f2i_perturb(batch, feature_radius.numpy(), input_ids=ids, bound=bound)
+            reply = client.f2i_perturb(feature_radii=feature_radius.numpy(), **encoder_inputs(batch), input_ids=ids,
+                                       bound=bound)
             records += _records(client.ledger, ids, before, labels[start:start + len(ids)],
                                 certificate.prediction.tolist(), reply.image_radius.tolist(),
                                 feature_radius.tolist(), started)
@@ -146,14 +153,15 @@ def certify_reaas_sc(client: EncoderClient, h: nn.Module, images: torch.Tensor, 
     with tqdm(total=images.shape[0], desc=f"REaaS-SC sigma={smoothing.sigma:g}", disable=not progress) as bar:
         for start in range(0, images.shape[0], batch_size):
             batch, ids, started, before = _begin_batch(client, images, start, batch_size, id_prefix)
-            features = torch.from_numpy(client.features(batch, input_ids=ids))
+            features = torch.from_numpy(client.features(**encoder_inputs(batch), input_ids=ids))
             certificates = []
             for offset in range(len(ids)):  # one at a time, so the progress bar moves per input
                 certificates += certify_features(h, features[offset:offset + 1], smoothing,
                                                  first_index=start + offset)
                 bar.update(1)
             feature_radius = np.array([c.radius for c in certificates], dtype=np.float64)
-            reply = client.f2i_perturb(batch, feature_radius, input_ids=ids, bound=bound)
+            reply = client.f2i_perturb(feature_radii=feature_radius, **encoder_inputs(batch), input_ids=ids,
+                                       bound=bound)
             records += _records(client.ledger, ids, before, labels[start:start + len(ids)],
                                 [c.prediction for c in certificates], reply.image_radius.tolist(),
                                 feature_radius.tolist(), started)
@@ -180,7 +188,8 @@ def certify_seaas_sc(client: EncoderClient, h: nn.Module, images: torch.Tensor, 
     streamed through StreamFeatures in batches (`stream_batch_size`, 0 = the server's max batch size), each
     rounded by q to `wire_dtype` (reaas_client.seaas.WireRounding; "float32": no rounding).
 
-    Exactly n0 + n queries per test input. With probability at least 1 - alpha per input, a non-abstained
+    Exactly n0 + n queries per test input (text: token ids [N, L] as inputs, plus 1 Embed query for the embedding
+    matrix the noise is added to, in embedding units; the service's value range clips it). With probability at least 1 - alpha per input, a non-abstained
     prediction is certified on the image-space ball of radius sigma * Phi^-1(p_A_lower): q is deterministic
     and applied after the noise, so it is part of the base classifier, for which Cohen et al.'s theorem holds.
     """
@@ -190,6 +199,8 @@ def certify_seaas_sc(client: EncoderClient, h: nn.Module, images: torch.Tensor, 
     records: list[InputRecord] = []
     for index in tqdm(range(images.shape[0]), desc=f"SEaaS-SC sigma={smoothing.sigma:g}", disable=not progress):
         batch, ids, started, before = _begin_batch(client, images, index, 1, id_prefix)
+        if is_token_ids(batch):
+            batch = client.embed(batch, input_ids=ids)
         source = StreamedImageSamples(client, batch[0], ids[0], smoothing.sigma, per_request,
                                       (info.value_min, info.value_max), wire_dtype)
         certificate = smooth.certify(source, smoothing.n0, smoothing.n, smoothing.alpha,
@@ -234,7 +245,8 @@ def _costs(ledger: QueryLedger, ids: Sequence[str]) -> _Cost:
 
 def _begin_batch(client: EncoderClient, images: torch.Tensor, start: int, size: int,
                  id_prefix: str) -> tuple[torch.Tensor, list[str], float, _Cost]:
-    batch = images[start:start + size].to(torch.float32).contiguous()
+    batch = images[start:start + size]
+    batch = (batch if is_token_ids(batch) else batch.to(torch.float32)).contiguous()
     ids = input_ids(id_prefix, batch.shape[0], start)
     return batch, ids, time.perf_counter(), _costs(client.ledger, ids)
 
