@@ -14,6 +14,11 @@ Text kinds (``TEXT_DEMO_KINDS``, made by ``python -m robust_pretrain.text_demo_m
 * "text-pca": the floor, mean-pooled embeddings -> PCA (L = 1/sqrt(40) exactly);
 * "text-lipschitz": the learned Lipschitz-by-construction body (text_encoders.text_lipschitz_conv);
 * "text-nonrobust": the same shape with plain conv + ReLU, no constraint.
+
+Measured (10 000 training reviews -> linear head, first 500 test reviews, exact BC radius margin / (||w_y - w_j|| L)
+in embedding-matrix units, head trained with the Lipschitz-margin loss at eps = 0): text-pca 0.624 / ACR 0.113,
+text-lipschitz 0.588 / 0.104, text-nonrobust 0.598 / 0.028 (majority class 0.584). The learned Lipschitz body does
+not beat the floor, so the floor is the robust text kind the product serves (``DEFAULT_TEXT_DEMO_KIND``).
 """
 
 from __future__ import annotations

@@ -29,8 +29,10 @@ from robust_pretrain.text_embeddings import ppmi_svd_embedding
 from robust_pretrain.text_encoders import fit_text_bag_pca
 from robust_pretrain.text_input import TextInput, Vocabulary
 
-#: Measured on the provider text and the reviews (robust_pretrain/text_train.py's report in the README): 8 000
-#: tokens cover 84 % of review tokens (4 000: 78 %, 12 000: 87 %); 40 positions hold 95 % of reviews whole.
+#: Measured on the provider text (55 591 distinct tokens) and the 12 808 reviews: the 8 000 most frequent provider
+#: tokens cover 84 % of review tokens (4 000: 78 %, 12 000: 87 %); 40 positions hold 95 % of reviews whole (review
+#: length median 21, 95th percentile 39, max 63). d = 32 keeps E at 1 MB; the median distance from a token's row to
+#: its nearest neighbour is 0.66 (p10 0.46, p90 0.77): the size of a one-word substitution in R's units.
 VOCABULARY_SIZE = 8_000
 MAX_LENGTH = 40
 EMBED_DIM = 32
