@@ -10,7 +10,7 @@ PROTOS  := $(wildcard protos/reaas/v1/*.proto)
 PROTO_PY := $(patsubst protos/%.proto,%_pb2.py,$(PROTOS))
 
 .PHONY: setup proto test test-slow lint demo bench-service bench-load bench-bounds bench-certify bench-seaas-wire bench-f2i bench-pretrain bench-heads bench-gpu \
-        pretrain-demo clean
+        pretrain-demo pretrain-demo-text clean
 
 setup: $(STAMP) $(PROTO_PY)
 
@@ -96,6 +96,11 @@ bench-gpu: setup
 
 pretrain-demo: setup
 	$(PY) -m robust_pretrain.demo_models
+
+# The text demo encoders (text-pca floor, text-lipschitz, text-nonrobust) from the embedded provider text, about
+# 1-2 minutes on one core; it prints what it fits and trains.
+pretrain-demo-text: setup
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m robust_pretrain.text_demo_models
 
 clean:
 	rm -rf $(VENV) reaas .pytest_cache .ruff_cache *.egg-info

@@ -7,6 +7,9 @@ Public face (what the server and the client import):
 * ``demo_checkpoint_path``, ``load_demo_encoder`` — the shipped demo encoders;
 * ``ImageSet``, ``EmbeddedMnistSplits``, ``load_embedded_mnist``, ``load_dataset`` — data sets;
   nothing is downloaded.
+* Text: ``TextSet``, ``load_text_dataset``, ``load_provider_corpus``, ``load_rotten_tomatoes``, ``split_text_set``
+  (data); ``Vocabulary``, ``TextInput`` (the front end a text ``LoadedEncoder.text`` carries); ``TEXT_DEMO_KINDS``
+  (shipped text encoders, loaded by ``load_demo_encoder``).
 """
 
 from robust_pretrain.architectures import EncoderConfig, build_encoder, resnet_config, small_cnn_config
@@ -24,7 +27,16 @@ from robust_pretrain.datasets import (
     load_dataset,
     load_embedded_mnist,
 )
-from robust_pretrain.demo import DEMO_KINDS, demo_checkpoint_path, load_demo_encoder
+from robust_pretrain.demo import DEMO_KINDS, TEXT_DEMO_KINDS, demo_checkpoint_path, load_demo_encoder
+from robust_pretrain.text_data import (
+    TEXT_DATASETS,
+    TextSet,
+    load_provider_corpus,
+    load_rotten_tomatoes,
+    load_text_dataset,
+    split_text_set,
+)
+from robust_pretrain.text_input import TextInput, Vocabulary
 
 __all__ = [
     "DATASETS",
@@ -44,4 +56,13 @@ __all__ = [
     "resnet_config",
     "save_checkpoint",
     "small_cnn_config",
+    "TEXT_DATASETS",
+    "TEXT_DEMO_KINDS",
+    "TextInput",
+    "TextSet",
+    "Vocabulary",
+    "load_provider_corpus",
+    "load_rotten_tomatoes",
+    "load_text_dataset",
+    "split_text_set",
 ]

@@ -15,10 +15,14 @@ from torch import nn
 
 from bounds import Residual
 from robust_pretrain.lipschitz_encoders import identity_encoder, lipschitz_conv, lipschitz_mlp, pca_encoder
+from robust_pretrain.text_encoders import text_bag_pca, text_cnn, text_lipschitz_conv
 
-ARCHITECTURES: tuple[str, ...] = ("small_cnn", "resnet", "identity", "pca", "lipschitz_mlp", "lipschitz_conv")
+ARCHITECTURES: tuple[str, ...] = ("small_cnn", "resnet", "identity", "pca", "lipschitz_mlp", "lipschitz_conv",
+                                  "text_bag_pca", "text_lipschitz_conv", "text_cnn")
 #: Architectures whose Linear / Conv2d layers train as AOL layers (1-Lipschitz by construction).
-LIPSCHITZ_ARCHITECTURES: tuple[str, ...] = ("lipschitz_mlp", "lipschitz_conv")
+LIPSCHITZ_ARCHITECTURES: tuple[str, ...] = ("lipschitz_mlp", "lipschitz_conv", "text_lipschitz_conv")
+#: Architectures on text embedding matrices [embed_dim, 1, max_length] (robust_pretrain.text_encoders).
+TEXT_ARCHITECTURES: tuple[str, ...] = ("text_bag_pca", "text_lipschitz_conv", "text_cnn")
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,8 @@ class EncoderConfig:
     * ``lipschitz_mlp``: Linear -> MaxMin per hidden width in ``widths``, then Linear -> ``feature_dim``.
     * ``lipschitz_conv``: 3x3 conv -> MaxMin per stage width in ``widths``, stages joined by PixelUnshuffle(2),
       then Linear(-> ``hidden_dim``) -> MaxMin -> Linear(-> ``feature_dim``).
+    * ``text_bag_pca``, ``text_lipschitz_conv`` (``widths``: its (1, 3) conv widths), ``text_cnn`` (the same
+      with ReLU, unconstrained): text bodies on [embed_dim, 1, max_length], see ``text_encoders``.
     """
 
     arch: str = "small_cnn"
@@ -56,6 +62,10 @@ class EncoderConfig:
         channels, height, width = self.input_shape
         if self.arch == "identity" and self.feature_dim != channels * height * width:
             raise ValueError(f"identity needs feature_dim = C*H*W = {channels * height * width}")
+        if self.arch in TEXT_ARCHITECTURES and height != 1:
+            raise ValueError(f"{self.arch} reads embedding matrices (embed_dim, 1, max_length), got {self.input_shape}")
+        if self.arch == "text_bag_pca" and not 0 < self.feature_dim <= channels:
+            raise ValueError(f"text_bag_pca needs 0 < feature_dim <= embed_dim = {channels}")
         if self.arch == "pca" and not 0 < self.feature_dim <= channels * height * width:
             raise ValueError(f"pca needs 0 < feature_dim <= C*H*W = {channels * height * width}")
         if self.arch in LIPSCHITZ_ARCHITECTURES:
@@ -95,6 +105,12 @@ def build_encoder(config: EncoderConfig, *, trainable: bool = False) -> nn.Modul
         return identity_encoder()
     if config.arch == "pca":
         return pca_encoder(config.input_shape, config.feature_dim)
+    if config.arch == "text_bag_pca":
+        return text_bag_pca(config.input_shape, config.feature_dim)
+    if config.arch == "text_lipschitz_conv":
+        return text_lipschitz_conv(config.input_shape, config.widths, config.feature_dim, trainable=trainable)
+    if config.arch == "text_cnn":
+        return text_cnn(config.input_shape, config.widths, config.feature_dim)
     if config.arch == "lipschitz_mlp":
         return lipschitz_mlp(config.input_shape, config.widths, config.feature_dim, trainable=trainable)
     return lipschitz_conv(config.input_shape, config.widths, config.hidden_dim, config.feature_dim,

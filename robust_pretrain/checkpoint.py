@@ -5,6 +5,11 @@
 value range and normalisation, a *sound* global Lipschitz upper bound (``bounds.global_lipschitz_upper``,
 never a power-iteration estimate), the sha256 of the weights file, and the training data and
 hyper-parameters. ``load_checkpoint`` verifies the hash before it trusts a byte of the weights.
+
+A text checkpoint (``modality == "text"``) also stores the token-embedding table E under the key
+``text.embedding`` of the same .safetensors file (so the sha256 covers it) and the vocabulary in the sidecar
+(``Vocabulary.to_dict()``); its model reads embedding matrices [batch, embed_dim, 1, max_length] whose entries lie
+in [-1, 1] (unit-norm rows). Sidecars written before text existed load as image checkpoints.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
@@ -21,12 +27,20 @@ from torch import nn
 
 from bounds import fold_batchnorm, global_lipschitz_upper
 from robust_pretrain.architectures import EncoderConfig, build_encoder
-from robust_pretrain.text_input import TextInput
+from robust_pretrain.text_input import TextInput, Vocabulary
 
 FORMAT_VERSION = 1
 VALUE_RANGE: tuple[float, float] = (0.0, 1.0)
 #: Encoders take images as they are; any normalisation would be a layer inside the model.
 NORMALIZATION = "none: float32 pixels in [0, 1] fed to the encoder as they are"
+MODALITIES: tuple[str, ...] = ("image", "text")
+TEXT_VALUE_RANGE: tuple[float, float] = (-1.0, 1.0)
+TEXT_NORMALIZATION = (
+    "text embedding matrix: token ids -> rows of the unit-norm embedding table (pad row 0), laid out as "
+    "[embed_dim, 1, max_length]; perturbations are l2 in that matrix"
+)
+#: The key prefix of the text front end's tensors inside the .safetensors file.
+TEXT_KEY_PREFIX = "text."
 
 
 class CheckpointError(RuntimeError):
@@ -47,6 +61,8 @@ class CheckpointMetadata:
     lipschitz_upper: float
     description: str
     training: dict = field(default_factory=dict)
+    modality: str = "image"
+    vocabulary: dict | None = None  # Vocabulary.to_dict() of a text checkpoint
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -63,6 +79,8 @@ class CheckpointMetadata:
         data["config"] = EncoderConfig.from_dict(data["config"])
         data["input_shape"] = tuple(data["input_shape"])
         data["value_range"] = tuple(data["value_range"])
+        if data.get("modality", "image") not in MODALITIES:
+            raise CheckpointError(f"unknown modality {data['modality']!r}; valid: {', '.join(MODALITIES)}")
         return cls(**data)
 
 
@@ -94,9 +112,12 @@ def serving_model(model: nn.Module) -> nn.Module:
     return served
 
 
-def encoder_weights_bytes(model: nn.Module) -> bytes:
-    """The safetensors serialisation of ``model``'s state_dict (contiguous CPU float tensors)."""
+def encoder_weights_bytes(model: nn.Module, text: TextInput | None = None) -> bytes:
+    """The safetensors serialisation of ``model``'s state_dict (contiguous CPU float tensors), plus a text
+    encoder's embedding table under ``text.embedding``."""
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    if text is not None:
+        state[TEXT_KEY_PREFIX + "embedding"] = text.embedding.detach().cpu().to(torch.float32).contiguous()
     return save_safetensors_bytes(state)
 
 
@@ -108,17 +129,19 @@ def save_checkpoint(
     model_id: str,
     description: str,
     training: dict,
+    text: TextInput | None = None,
 ) -> CheckpointMetadata:
-    """Write ``<path>.safetensors`` and ``<path>.json``; return the metadata written.
+    """Write ``<path>.safetensors`` and ``<path>.json``; return the metadata written. ``text``: the front end
+    of a text encoder (its table goes into the weights file, its vocabulary into the sidecar).
 
     The Lipschitz bound is computed here, on the served (folded, eval) model, so it always matches the
     weights in the file.
     """
     weights_path, sidecar_path = checkpoint_paths(path)
     weights_path.parent.mkdir(parents=True, exist_ok=True)
-    payload = encoder_weights_bytes(model)
+    payload = encoder_weights_bytes(model, text)
     metadata = describe_encoder(
-        model, config, payload, model_id=model_id, description=description, training=training
+        model, config, payload, model_id=model_id, description=description, training=training, text=text
     )
     weights_path.write_bytes(payload)
     sidecar_path.write_text(json.dumps(metadata.to_dict(), indent=2, sort_keys=True) + "\n")
@@ -133,19 +156,25 @@ def describe_encoder(
     model_id: str,
     description: str,
     training: dict,
+    text: TextInput | None = None,
 ) -> CheckpointMetadata:
-    """Metadata for ``model`` whose serialised weights are ``payload``; the Lipschitz bound is sound."""
+    """Metadata for ``model`` whose serialised weights are ``payload``; the Lipschitz bound is sound (with respect
+    to the l2 norm of the embedding matrix for a text encoder)."""
+    if text is not None and text.input_shape != config.input_shape:
+        raise ValueError(f"text front end gives {text.input_shape}, the encoder reads {config.input_shape}")
     return CheckpointMetadata(
         model_id=model_id,
         sha256=hashlib.sha256(payload).hexdigest(),
         config=config,
         input_shape=config.input_shape,
-        value_range=VALUE_RANGE,
-        normalization=NORMALIZATION,
+        value_range=VALUE_RANGE if text is None else TEXT_VALUE_RANGE,
+        normalization=NORMALIZATION if text is None else TEXT_NORMALIZATION,
         feature_dim=config.feature_dim,
         lipschitz_upper=float(global_lipschitz_upper(serving_model(model), config.input_shape)),
         description=description,
         training=dict(training),
+        modality="image" if text is None else "text",
+        vocabulary=None if text is None else text.vocabulary.to_dict(),
     )
 
 
@@ -171,9 +200,28 @@ def load_checkpoint(path: str | Path) -> LoadedEncoder:
         state = load_safetensors_bytes(payload)
     except SafetensorError as error:
         raise CheckpointError(f"corrupt safetensors file {weights_path}: {error}") from error
+    text_state = {key: state.pop(key) for key in [k for k in state if k.startswith(TEXT_KEY_PREFIX)]}
     model = build_encoder(metadata.config)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise CheckpointError(f"weights in {weights_path} do not fit {metadata.config}: {error}") from error
-    return LoadedEncoder(model=serving_model(model), metadata=metadata)
+    return LoadedEncoder(model=serving_model(model), metadata=metadata, text=_text_input(metadata, text_state))
+
+
+def _text_input(metadata: CheckpointMetadata, text_state: dict) -> TextInput | None:
+    """The text front end a text checkpoint carries; None for an image one (which must carry none)."""
+    if metadata.modality == "image":
+        if text_state:
+            raise CheckpointError(f"image checkpoint {metadata.model_id} holds text tensors {sorted(text_state)}")
+        return None
+    embedding = text_state.get(TEXT_KEY_PREFIX + "embedding")
+    if embedding is None or metadata.vocabulary is None:
+        raise CheckpointError(f"text checkpoint {metadata.model_id} lacks its embedding table or vocabulary")
+    try:
+        text = TextInput(Vocabulary.from_dict(metadata.vocabulary), embedding)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"text checkpoint {metadata.model_id}: {error}") from error
+    if text.input_shape != metadata.input_shape:
+        raise CheckpointError(f"text front end gives {text.input_shape}, the sidecar says {metadata.input_shape}")
+    return text

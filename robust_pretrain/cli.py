@@ -2,6 +2,7 @@
 
 Flags are parsed once, in ``main``, into a frozen ``PretrainConfig``. Data-parallel with torchrun:
     torchrun --nproc_per_node 2 -m robust_pretrain.cli --method spectral ...
+Text encoders: ``reaas-pretrain text --out PATH ...`` (robust_pretrain.text_cli).
 """
 
 from __future__ import annotations
@@ -309,6 +310,11 @@ def config_from_args(args: argparse.Namespace, input_shape: tuple[int, int, int]
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["text"]:
+        from robust_pretrain.text_cli import main as text_main
+
+        return text_main(argv[1:])
     args = build_parser().parse_args(argv)
     method_parameters(args)  # refuse contradicting flags before any data is read
     if args.threads > 0:
