@@ -14,7 +14,7 @@ from reaas_server.config import MODES, ServerConfig
 from reaas_server.ledger import MEMORY_LEDGER, default_ledger_path
 from reaas_server.memory import limit_heap_growth
 from reaas_server.tls import ServerTls
-from robust_pretrain.demo import DEFAULT_DEMO_KIND, DEMO_KINDS
+from robust_pretrain.demo import DEFAULT_DEMO_KIND, DEMO_KINDS, TEXT_DEMO_KINDS
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
@@ -42,10 +42,11 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     )
     parser.add_argument(
         "--demo-kind",
-        choices=DEMO_KINDS,
+        choices=DEMO_KINDS + TEXT_DEMO_KINDS,
         default=None,
         help="shipped demo encoder to serve when no --checkpoint is given (default: "
-        f"{DEFAULT_DEMO_KIND}); a kind whose asset is absent is served as its labelled seeded-init stand-in",
+        f"{DEFAULT_DEMO_KIND}); a kind whose asset is absent is served as its labelled seeded-init stand-in. "
+        "text-* kinds are text encoders (token ids or embedding matrices in; README, 'Text')",
     )
     parser.add_argument(
         "--mode",
