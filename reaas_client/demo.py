@@ -1,4 +1,4 @@
-"""`make demo`: the paper's comparison in miniature, on a fresh clone, with no data to download.
+"""`make demo` / `make demo-text`: the paper's comparison in miniature, on a fresh clone, with no data to download.
 
 Starts two background servers on free loopback ports (a REaaS deployment and a standard SEaaS one, both
 serving the shipped demo encoder `--encoder`, by default robust_pretrain's DEFAULT_DEMO_KIND), runs REaaS-BC,
@@ -12,6 +12,10 @@ features. SEaaS-SC keeps the paper's MLP, trained on noisy images.
 
 To stay under a few minutes on 2 CPU cores it certifies a test subset and, for SEaaS-SC only, a reduced N
 and fewer inputs; the table says so. `make bench-certify` runs SEaaS-SC with the full N = 100 000.
+
+`--dataset rt-embedded` (`make demo-text`) runs the same comparison on text: the shipped text encoder, Rotten
+Tomatoes reviews tokenized with the provider's vocabulary, radii in embedding space (README, "Text"). Each data set
+brings its own defaults (`DEMO_DEFAULTS`); a flag given on the command line wins.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import argparse
 import contextlib
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,25 +32,56 @@ import torch
 from reaas_client.background_server import background_server
 from reaas_client.client import EncoderClient
 from reaas_client.downstream import TrainConfig, feature_spread, fetch_features, stratified_subset
+from reaas_client.downstream_data import load_downstream
 from reaas_client.head_selection import HeadSearch
 from reaas_client.metrics import summary_table_markdown, write_records_csv
 from reaas_client.pipelines import PathConfig, PathResult, run_path
 from reaas_client.plotting import plot_certified_accuracy
 
 
+@dataclass(frozen=True)
+class DemoDefaults:
+    """What a data set's demo runs when its flags are not given (see build_parser for each one's meaning)."""
+
+    encoder: str
+    train_size: int
+    image_sigma: float
+    margins: str
+    min_val_accuracy: float
+    margin_unit: str
+
+
+DEMO_DEFAULTS = {
+    # 0.2 x spread and 0.5 px: the sigmas bench-certify selects on the digits
+    "mnist-embedded": DemoDefaults(encoder="pca", train_size=0, image_sigma=0.5, margins="1,1.5,2",
+                                   min_val_accuracy=0.95, margin_unit="feature"),
+    # text: SEaaS noise in embedding units (rows of E have norm 1); margins as multiples of the feature spread,
+    # since a text encoder's features are small (mean pooling divides by max_length)
+    "rt-embedded": DemoDefaults(encoder="text-pca", train_size=2_000, image_sigma=0.25, margins="0,0.1,0.2,0.4",
+                                min_val_accuracy=0.0, margin_unit="spread"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from robust_pretrain.demo import DEFAULT_DEMO_KIND, DEMO_KINDS
+    from robust_pretrain.demo import DEMO_KINDS, TEXT_DEMO_KINDS
 
     parser = argparse.ArgumentParser(
         prog="python -m reaas_client.demo",
-        description="REaaS-BC vs REaaS-SC vs SEaaS-SC on the embedded MNIST digits with the shipped demo "
-                    "encoder, against two background servers it starts and stops itself.",
+        description="REaaS-BC vs REaaS-SC vs SEaaS-SC on the embedded MNIST digits (or, with --dataset "
+                    "rt-embedded, Rotten Tomatoes reviews) with a shipped demo encoder, against two background "
+                    "servers it starts and stops itself.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--out", type=Path, default=Path("runs") / "demo", help="output folder")
-    parser.add_argument("--encoder", choices=DEMO_KINDS, default=DEFAULT_DEMO_KIND,
-                        help="shipped demo encoder both servers serve (a kind whose asset is absent is served as "
-                             "its labelled seeded-init stand-in)")
+    parser.add_argument("--dataset", choices=tuple(DEMO_DEFAULTS), default="mnist-embedded",
+                        help="the downstream task: digits (image encoder) or movie reviews (text encoder)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/demo[-text])")
+    parser.add_argument("--encoder", choices=DEMO_KINDS + TEXT_DEMO_KINDS, default=None,
+                        help="shipped demo encoder both servers serve (default: the data set's, "
+                             + ", ".join(f"{name}: {d.encoder}" for name, d in DEMO_DEFAULTS.items())
+                             + "; a kind whose asset is absent is served as its labelled seeded-init stand-in)")
+    parser.add_argument("--train-size", type=int, default=None,
+                        help="training inputs (class-balanced seeded subset; 0 = all; default: the data set's, "
+                             + ", ".join(f"{name}: {d.train_size}" for name, d in DEMO_DEFAULTS.items()) + ")")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="encoder checkpoint both servers serve instead of --encoder")
     parser.add_argument("--test-size", type=int, default=20,
@@ -60,37 +96,47 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--feature-sigma-fraction", type=float, default=0.2,
                         help="REaaS-SC noise in feature space, as a fraction of the training features' spread "
                              "(RMS distance to their mean)")
-    parser.add_argument("--image-sigma", type=float, default=0.5,
-                        help="SEaaS-SC noise in pixel units (0.2 x spread and 0.5 px: the sigmas bench-certify selects)")
+    parser.add_argument("--image-sigma", type=float, default=None,
+                        help="SEaaS-SC noise in the encoder's input units: pixels, or embedding units for text "
+                             "(default: the data set's, "
+                             + ", ".join(f"{name}: {d.image_sigma:g}" for name, d in DEMO_DEFAULTS.items()) + ")")
     parser.add_argument("--bound", default="",
                         help="F2IPerturb bound for both REaaS paths (empty: the server's default, the tightest)")
     parser.add_argument("--heads", default="linear,lipschitz",
                         help="REaaS head kinds selected among on held-out training features (comma-separated; "
                              "'mlp' adds the paper's MLP + CROWN)")
-    parser.add_argument("--margins", default="1,1.5,2",
-                        help="margin eps grid of the REaaS heads, in feature-space units (comma-separated)")
-    parser.add_argument("--min-val-accuracy", type=float, default=0.95,
+    parser.add_argument("--margins", default=None,
+                        help="margin eps grid of the REaaS heads (comma-separated), in --margin-unit (default: the "
+                             "data set's, " + "; ".join(f"{name}: {d.margins} {d.margin_unit}"
+                                                          for name, d in DEMO_DEFAULTS.items()) + ")")
+    parser.add_argument("--margin-unit", choices=("feature", "spread"), default=None,
+                        help="feature: --margins are feature-space distances; spread: multiples of the training "
+                             "features' spread (RMS distance to their mean)")
+    parser.add_argument("--min-val-accuracy", type=float, default=None,
                         help="the largest held-out ACR is chosen among heads with at least this held-out accuracy "
-                             "(the most accurate head if none reaches it; a constant head's radius is huge)")
+                             "(the most accurate head if none reaches it; a constant head's radius is huge; "
+                             "default: the data set's, " + ", ".join(f"{name}: {d.min_val_accuracy:g}"
+                                                                     for name, d in DEMO_DEFAULTS.items()) + ")")
     parser.add_argument("--epochs", type=int, default=40, help="training epochs of every head")
     parser.add_argument("--seed", type=int, default=0, help="seed of subsets, training and noise")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from robust_pretrain import load_embedded_mnist
+def with_dataset_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """`args` with every flag left unset taken from the data set's DemoDefaults."""
+    defaults = DEMO_DEFAULTS[args.dataset]
+    filled = {name: getattr(defaults, name) for name in DemoDefaults.__dataclass_fields__
+              if getattr(args, name) is None}
+    if args.out is None:
+        filled["out"] = Path("runs") / ("demo" if args.dataset == "mnist-embedded" else "demo-text")
+    return argparse.Namespace(**{**vars(args), **filled})
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = with_dataset_defaults(build_parser().parse_args(argv))
     torch.set_num_threads(1)  # h and the feature-space samples are small; the servers get the other core
-    splits = load_embedded_mnist()
-    train, test = splits.downstream_train, splits.downstream_test
-    test_idx = stratified_subset(test.labels, args.test_size, args.seed)
-    seaas_idx = test_idx[: args.seaas_test_size]
     train_config = TrainConfig(epochs=args.epochs, seed=args.seed)
-    search = HeadSearch(heads=tuple(h for h in args.heads.split(",") if h),
-                        margins=tuple(float(m) for m in args.margins.split(",") if m),
-                        min_accuracy=args.min_val_accuracy)
     served = {"checkpoint": args.checkpoint} if args.checkpoint else {"extra_args": ("--demo-kind", args.encoder)}
     cache_dir = args.out / "feature_cache"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -103,19 +149,29 @@ def main(argv: list[str] | None = None) -> int:
         clients = {mode: stack.enter_context(EncoderClient(address, timeout_s=3600.0))
                    for mode, address in addresses.items()}
         info = clients["reaas"].info()
+        data = load_downstream(args.dataset, None, clients["reaas"])
+        train_idx = stratified_subset(data.train_labels, args.train_size, args.seed)
+        train_inputs, train_labels = data.train_inputs[train_idx], data.train_labels[train_idx]
+        test_idx = stratified_subset(data.test_labels, args.test_size, args.seed)
+        seaas_idx = test_idx[: args.seaas_test_size]
         # The REaaS training features (1 query each, cached) also set the feature-space noise scale.
-        spread = feature_spread(fetch_features(clients["reaas"], train.images, train.labels,
-                                               dataset="mnist-embedded", cache_dir=cache_dir).features)
+        spread = feature_spread(fetch_features(clients["reaas"], train_inputs, train_labels,
+                                               dataset=args.dataset, cache_dir=cache_dir).features)
         feature_sigma = args.feature_sigma_fraction * spread
+        unit = spread if args.margin_unit == "spread" else 1.0
+        search = HeadSearch(heads=tuple(h for h in args.heads.split(",") if h),
+                            margins=tuple(float(m) * unit for m in args.margins.split(",") if m),
+                            min_accuracy=args.min_val_accuracy)
         print(f"servers up: REaaS {addresses['reaas']}, SEaaS {addresses['seaas']}; encoder {info.model_id} "
               f"({info.description}), feature_dim {info.feature_dim}, Lipschitz <= {info.lipschitz_upper:.3g}, "
               f"feature spread {spread:.3g}", file=sys.stderr)
         bound = args.bound or info.default_bound
-        common = {"dataset": "mnist-embedded", "cache_dir": cache_dir, "progress": not args.quiet}
+        common = {"dataset": args.dataset, "cache_dir": cache_dir, "progress": not args.quiet}
+        noise_unit = "px" if data.modality == "image" else "(embedding units)"
 
         def certify(config: PathConfig, indices: torch.Tensor, mode: str, note: str) -> PathResult:
-            result = run_path(config, clients[mode], train.images, train.labels, test.images[indices],
-                              test.labels[indices], train.num_classes, note=note, **common)
+            result = run_path(config, clients[mode], train_inputs, train_labels, data.test_inputs[indices],
+                              data.test_labels[indices], data.num_classes, note=note, **common)
             write_records_csv(result.records, args.out / f"{config.path}.csv")
             results.append(result)
             return result
@@ -127,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                 test_idx, "reaas", f"sigma_F={feature_sigma:.3g} ({args.feature_sigma_fraction:g} x spread), "
                                    f"N={args.n}; BC's head kind and margin; F2I bound {bound}")
         certify(PathConfig("seaas-sc", sigma=args.image_sigma, n=args.seaas_n, seed=args.seed, train=train_config),
-                seaas_idx, "seaas", f"sigma={args.image_sigma:g} px; N REDUCED to {args.seaas_n} (paper: 100 000; "
+                seaas_idx, "seaas", f"sigma={args.image_sigma:g} {noise_unit}; N REDUCED to {args.seaas_n} (paper: 100 000; "
                                     "full N in make bench-certify)")
         for mode, client in clients.items():
             client.ledger.to_csv(args.out / f"ledger-{mode}.csv")
@@ -136,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
              + "heads: " + "; ".join(f"{service} {head}" for service, head in heads.items()) + "\n\n"
              + summary_table_markdown([r.summary for r in results]))
     plot = plot_certified_accuracy({r.summary.service: r.records for r in results},
-                                   args.out / "certified_accuracy.png", title=f"mnist-embedded, {info.model_id}")
+                                   args.out / "certified_accuracy.png", title=f"{args.dataset}, {info.model_id}")
     (args.out / "summary.md").write_text(table + "\n")
     print(table)
     print(f"\ntotal {time.perf_counter() - started:.0f} s; per-input CSVs, ledgers and {plot} in {args.out}/")

@@ -100,8 +100,10 @@ def select_head(train_features: torch.Tensor, train_labels: torch.Tensor, num_cl
     """Train each candidate on the fit part of the *training* features [N, dim], score it on the held-out part,
     and retrain the best on all of them.
 
-    Best: the highest validation ACR among candidates whose validation accuracy is >= `min_accuracy` (when none
-    reaches it, the most accurate candidate). Ties go to the earlier candidate. No test input is involved."""
+    Best: the highest validation ACR among candidates whose validation accuracy is >= `min_accuracy` and beats
+    always answering the validation part's most common class (when none does, the most accurate candidate): a head
+    no better than a constant one certifies huge, worthless radii (every input of its class, far out). Ties go to
+    the earlier candidate. No test input is involved."""
     if not candidates:
         raise ValueError("no candidate head to select from")
     fit, validation = stratified_split(train_labels, validation_fraction, seed)
@@ -110,7 +112,8 @@ def select_head(train_features: torch.Tensor, train_labels: torch.Tensor, num_cl
         model = train_classifier(train_features[fit], train_labels[fit], num_classes, config)
         scores.append(CandidateScore(config, *score_head(model, train_features[validation],
                                                         train_labels[validation], method)))
-    eligible = [s for s in scores if s.validation_accuracy >= min_accuracy]
+    majority = float(torch.bincount(train_labels[validation]).max()) / len(validation)
+    eligible = [s for s in scores if s.validation_accuracy >= min_accuracy and s.validation_accuracy > majority]
     best = (max(eligible, key=lambda s: s.validation_acr) if eligible
             else max(scores, key=lambda s: s.validation_accuracy))
     model = train_classifier(train_features, train_labels, num_classes, best.config)

@@ -68,3 +68,22 @@ def test_minimum_validation_accuracy_excludes_candidates() -> None:
     assert accurate.scores == free.scores
     assert all(s.validation_accuracy >= max(t.validation_accuracy for t in free.scores)
                for s in accurate.scores if s.config == accurate.chosen)
+
+
+def test_a_head_no_better_than_the_majority_class_is_never_chosen_for_its_radius(monkeypatch) -> None:
+    """A constant head certifies every input of its class far out; its ACR must not win it the selection."""
+    train, labels = blobs(150, 0)
+    candidates = HeadSearch(heads=("linear",), margins=(0.5, 1.0)).candidates(TrainConfig(epochs=15, lr=1e-2))
+    constant_wins = {0.5: (10 / 30, 1e6), 1.0: (0.9, 1.0)}  # margin -> (validation accuracy, ACR); 10 of 30 per class
+    monkeypatch.setattr(head_selection, "score_head",
+                        lambda model, features, labels, method: constant_wins[model.margin_for_test])
+    real_train = head_selection.train_classifier
+
+    def tagged(features, labels, num_classes, config):
+        model = real_train(features, labels, num_classes, config)
+        model.margin_for_test = config.margin
+        return model
+
+    monkeypatch.setattr(head_selection, "train_classifier", tagged)
+    chosen = select_head(train, labels, 3, candidates, seed=1)
+    assert chosen.chosen.margin == 1.0
