@@ -31,11 +31,15 @@ from benchmarks.attack_radius import AttackConfig
 from benchmarks.certify_rows import Data, EncoderReport, Settings, parse_encoders, reaas_rows, seaas_row
 from benchmarks.environment import RESULTS, machine_summary, write_results
 from reaas_client.downstream import TrainConfig, stratified_subset
+from reaas_client.downstream_data import TEXT_TEST_FRACTION, is_text_dataset
 from reaas_client.head_selection import HeadSearch
 
 
 def load_data(args: argparse.Namespace) -> Data:
-    """All test inputs in class-balanced order (the shared subset is the first --test-size)."""
+    """All test inputs in class-balanced order (the shared subset is the first --test-size). Text: tokenized with
+    the vocabulary of --new-encoder (every text row must serve the same one)."""
+    if is_text_dataset(args.dataset):
+        return load_text_data(args)
     from robust_pretrain import load_dataset
 
     train = load_dataset(args.dataset, args.data, "train")
@@ -44,6 +48,21 @@ def load_data(args: argparse.Namespace) -> Data:
     test_idx = stratified_subset(test.labels, 0, args.seed)
     return Data(args.dataset, train.images[train_idx], train.labels[train_idx], test.images[test_idx],
                 test.labels[test_idx], train.num_classes, min(args.test_size, len(test_idx)))
+
+
+def load_text_data(args: argparse.Namespace) -> Data:
+    from robust_pretrain.text_data import REVIEW_SPLIT, load_text_dataset, split_text_set
+
+    vocabulary = parse_encoders([args.new_encoder])[0].load().text.vocabulary
+    texts = load_text_dataset(args.dataset, args.data)
+    held_out = max(1, round(len(texts) * TEXT_TEST_FRACTION))
+    sizes = REVIEW_SPLIT if args.dataset == "rt-embedded" else (len(texts) - held_out, held_out)
+    train, test = split_text_set(texts, sizes)
+    train_idx = stratified_subset(train.labels, args.train_size, args.seed)
+    test_idx = stratified_subset(test.labels, 0, args.seed)
+    return Data(args.dataset, vocabulary.encode(train.texts)[train_idx], train.labels[train_idx],
+                vocabulary.encode(test.texts)[test_idx], test.labels[test_idx], len(texts.classes),
+                min(args.test_size, len(test_idx)), vocabulary)
 
 
 def floats(text: str) -> tuple[float, ...]:
@@ -60,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.certify", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--dataset", default="mnist-embedded", help="data set name (robust_pretrain.DATASETS)")
+    add("--dataset", default="mnist-embedded",
+        help="data set name (robust_pretrain.DATASETS, or a text one: rt-embedded, sst2, imdb, with text encoders)")
     add("--data", type=Path, default=None, help="data set folder (not for mnist-embedded)")
     add("--encoders", type=names, default=("pca", "lipschitz", "spectral", "nonrobust"),
         help="encoders of the REaaS rows: shipped demo kinds or checkpoint paths (comma-separated)")
@@ -83,7 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="REaaS-SC sigma grid as fractions of the training features' spread (RMS distance to their mean)")
     add("--image-sigmas", type=floats, default=(0.25, 0.5, 1.0), help="SEaaS-SC sigma grid in pixel units")
     add("--heads", type=names, default=("linear", "lipschitz"), help="REaaS-BC margin head kinds to select among")
-    add("--margins", type=floats, default=(1.0, 1.5, 2.0), help="REaaS-BC margin grid (feature units)")
+    add("--margins", type=floats, default=(1.0, 1.5, 2.0), help="REaaS-BC margin grid (in --margin-unit)")
+    add("--margin-unit", choices=("feature", "spread"), default="feature",
+        help="--margins in feature-space units, or as multiples of each encoder's training-feature spread (text "
+             "encoders' features are small: mean pooling divides by max_length)")
+    add("--floor", default="pca", help="the floor encoder the new one must beat (text: text-pca)")
+    add("--nonrobust", default="nonrobust", help="the non-robust encoder of the pre-training comparison")
     add("--mlp-head-encoders", type=names, default=("spectral", "nonrobust", "adversarial"),
         help="encoders whose REaaS-BC selection also tries the paper's MLP head (CROWN)")
     add("--min-val-accuracy", type=float, default=0.95,
@@ -118,7 +143,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         feature_sigma_fractions=args.feature_sigma_fractions, image_sigmas=args.image_sigmas,
         search=HeadSearch(heads=args.heads, margins=args.margins, min_accuracy=args.min_val_accuracy),
         mlp_head_encoders=args.mlp_head_encoders, all_test_encoders=resolve(args.all_test_encoders),
-        margin_train=base, sc_heads=args.sc_heads, sc_train=replace(base, head="mlp"),
+        margin_train=base, margins_in_spread=args.margin_unit == "spread", sc_heads=args.sc_heads, sc_train=replace(base, head="mlp"),
         attack=AttackConfig(args.attack_max_radius, args.attack_search, args.attack_steps, args.attack_restarts,
                             args.seed),
         bound=args.bound, seed=args.seed)
@@ -127,7 +152,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.dataset != "mnist-embedded" and args.data is None:
+    if args.dataset not in ("mnist-embedded", "rt-embedded") and args.data is None:
         parser.error(f"--dataset {args.dataset} needs --data (its files) and checkpoint paths in --encoders")
     settings = settings_from(args)
     settings.log_dir.mkdir(parents=True, exist_ok=True)
@@ -145,22 +170,26 @@ def main(argv: list[str] | None = None) -> int:
     rows = [row for part in parts for row in part.rows]
     all_test = {row.encoder: part.bc_all for part in parts for row in part.rows[:1] if part.bc_all is not None}
     picture = report.plot(rows, RESULTS / f"{args.name}.png", title=f"{data.name}, {data.test_size} test inputs")
+    radius_space = ("embedding-space l2 radius r (over the whole [max_length x embed_dim] embedding matrix of "
+                    "unit-norm token rows)" if data.is_text else "image-space l2 radius r")
+    goals = (report.text_goals(rows, args.new_encoder, args.nonrobust) if data.is_text
+             else report.goals(rows, args.new_encoder, args.floor, args.nonrobust))
     sections = [
         f"Every row is on the same {data.test_size} class-balanced test inputs. New encoder (`--new-encoder`): "
         f"`{args.new_encoder}`. Clean acc is the certified classifier's (h(f(x)) for BC, the smoothed prediction "
-        "for SC; abstain = wrong); CA@r = certified accuracy at image-space l2 radius r; ACR counts wrong or "
+        "for SC; abstain = wrong); CA@r = certified accuracy at " + radius_space + "; ACR counts wrong or "
         "abstained inputs as 0. Attack radius: " + settings.attack.describe() + ", white-box on the served "
         "checkpoint, 0 for misclassified inputs. It attacks each row's base classifier h(f(.)) (h(f(clip(.))) for "
         "SEaaS, which clips before querying): for REaaS-BC that is the certified classifier, so certified / "
         "attack <= 1 must hold; an SC row certifies the *smoothed* classifier, so its ratio is a comparison, not "
         "a bound. Queries and bytes per input come from the client's QueryLedger.",
-        "### Rows\n\n" + report.main_table(rows),
+        "### Rows\n\n" + report.main_table(rows, report.TEXT_RADII if data.is_text else report.RADII),
         report.soundness_line(rows, settings.attack.max_radius),
         f"![certified accuracy vs radius]({picture.name})",
-        "### Goals (computed from the rows above)\n\n" + report.goals(rows, args.new_encoder),
+        "### Goals (computed from the rows above)\n\n" + goals,
         "### Pre-training: robust vs non-robust (ACR ratios from the rows above; paper, CIFAR-10: BC 0.139 vs "
         "0.010, SC 0.173 vs 0.014, about 13x)\n\n"
-        + report.pretraining_comparison(rows, [(args.new_encoder, "nonrobust"), ("spectral", "nonrobust")]),
+        + report.pretraining_comparison(rows, [(args.new_encoder, args.nonrobust), ("spectral", args.nonrobust)]),
     ]
     if all_test:
         sections.append(f"### REaaS-BC on all {len(data.test_images)} test inputs\n\n"
@@ -168,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     sections.append("### How each row chose its head and sigma\n\n" + "\n\n".join(t for p in parts for t in p.tables))
     sections.append(f"Total wall time {time.perf_counter() - started:.0f} s.")
     path = write_results(args.name, f"Certification: REaaS vs SEaaS on {data.name}", "\n\n".join(sections),
-                         make_target="bench-certify" if len(sys.argv) == 1 else None)
+                         make_target="bench-certify" if len(sys.argv) == 1 or args.name == "certify_text" else None)
     print(path.read_text())
     return 0
 

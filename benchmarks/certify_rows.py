@@ -36,7 +36,8 @@ from reaas_client.pipelines import PathConfig, PathResult, SmoothingConfig, cert
 @dataclass(frozen=True)
 class Data:
     """Training images and the test images in class-balanced order: any prefix is a stratified subset, so the
-    shared subset of `test_size` inputs is `test_images[:test_size]` for every row."""
+    shared subset of `test_size` inputs is `test_images[:test_size]` for every row. Text: the "images" are token
+    ids [N, max_length] made with `vocabulary`, which every served text encoder must share (checked per row)."""
 
     name: str
     train_images: torch.Tensor
@@ -45,6 +46,20 @@ class Data:
     test_labels: torch.Tensor
     num_classes: int
     test_size: int
+    vocabulary: object | None = None  # robust_pretrain.text_input.Vocabulary for text
+
+    @property
+    def is_text(self) -> bool:
+        return self.vocabulary is not None
+
+    def check_served(self, client: EncoderClient) -> None:
+        """Refuse an encoder whose modality or vocabulary does not fit the data (its ids would mean other words)."""
+        modality = client.info().modality
+        if modality != ("text" if self.is_text else "image"):
+            raise ValueError(f"{self.name} does not fit an encoder that reads {modality}")
+        if self.is_text and client.vocabulary() != self.vocabulary:
+            raise ValueError(f"the served text encoder's vocabulary differs from the one {self.name} was tokenized "
+                             "with; run text encoders that share one vocabulary")
 
 
 @dataclass(frozen=True)
@@ -82,6 +97,7 @@ class Settings:
     mlp_head_encoders: tuple[str, ...] = ("spectral", "nonrobust", "adversarial")
     all_test_encoders: tuple[str, ...] = ()
     margin_train: TrainConfig = field(default_factory=TrainConfig)
+    margins_in_spread: bool = False  # search.margins are multiples of the training features' spread
     sc_heads: tuple[str, ...] = ("selected", "mlp")  # REaaS-SC head candidates ("selected" = REaaS-BC's choice)
     sc_train: TrainConfig = field(default_factory=TrainConfig)  # SEaaS-SC's head (the paper's MLP)
     attack: AttackConfig = field(default_factory=AttackConfig)
@@ -141,11 +157,13 @@ def _attacked_row(encoder: Encoder, model_id: str, result: PathResult, data: Dat
                   clip: tuple[float, float] | None, note: str, started: float) -> Row:
     """The row on the shared subset, with the attack radius of h(f(.)) (h(f(clip(.))) for SEaaS) per input."""
     count = data.test_size
-    model = encoder.load().model
-    pipeline: list[nn.Module] = ([Clip(*clip)] if clip else []) + [model, result.classifier]
+    loaded = encoder.load()
+    pipeline: list[nn.Module] = ([Clip(*clip)] if clip else []) + [loaded.model, result.classifier]
+    inputs = data.test_images[:count]
+    if data.is_text:  # the threat model's input: the embedding matrix of the ids
+        inputs = loaded.text.embed(inputs)
     t0 = time.perf_counter()
-    radius = attack_radius(nn.Sequential(*pipeline), data.test_images[:count], data.test_labels[:count],
-                           settings.attack)
+    radius = attack_radius(nn.Sequential(*pipeline), inputs, data.test_labels[:count], settings.attack)
     summary = prefix_summary(result, count)
     _log(f"  {summary.service} {encoder.name}: ACR {summary.acr:.3f}, attack radius {radius.mean():.3f} "
          f"({time.perf_counter() - t0:.0f} s)", started)
@@ -157,10 +175,11 @@ def select_smoothing(features: torch.Tensor, labels: torch.Tensor, num_classes: 
                      settings: Settings, heads: dict[str, TrainConfig]) -> tuple[str, float, str]:
     """REaaS-SC's (head, sigma), chosen as a client would: on held-out *training* features it already has (no
     query, no test input), by the feature-space ACR (mean R_F, wrong/abstained 0) at N = grid_n. F2IPerturb maps
-    each R_F to R monotonically, so the feature-space ACR ranks the candidates without F2I calls."""
+    each R_F to R monotonically, so the feature-space ACR ranks the candidates without F2I calls. Only candidates
+    more accurate than the held-out inputs' majority class compete (the most accurate one when none is)."""
     order = stratified_subset(labels, 0, settings.seed)
     held, fit = order[: settings.holdout], order[settings.holdout:]
-    rows, scores = [], {}
+    rows, scores, accuracies = [], {}, {}
     for name, train in heads.items():
         for fraction in settings.feature_sigma_fractions:
             sigma = fraction * spread
@@ -170,9 +189,13 @@ def select_smoothing(features: torch.Tensor, labels: torch.Tensor, num_classes: 
                                                                                 seed=settings.seed))
             correct = [c.prediction == int(y) for c, y in zip(certificates, labels[held], strict=True)]
             scores[name, sigma] = sum(c.radius for c, ok in zip(certificates, correct, strict=True) if ok) / len(held)
+            accuracies[name, sigma] = sum(correct) / len(held)
             rows.append([name, f"{fraction:g}", f"{sigma:.4g}", len(held), settings.grid_n,
                          f"{scores[name, sigma]:.4f}", f"{sum(correct) / len(held):.3f}"])
-    head, sigma = max(scores, key=scores.get)
+    # as in head selection: a smoothed classifier no better than the majority class certifies worthless radii
+    majority = float(torch.bincount(labels[held]).max()) / len(held)
+    eligible = [key for key in scores if accuracies[key] > majority] or [max(accuracies, key=accuracies.get)]
+    head, sigma = max(eligible, key=scores.get)
     for row in rows:
         row.insert(0, "**yes**" if (row[0], row[2]) == (head, f"{sigma:.4g}") else "")
     table = markdown_table(["chosen", "head", "fraction of spread", "sigma (feature units)",
@@ -195,19 +218,21 @@ def reaas_rows(encoder: Encoder, data: Data, settings: Settings, started: float)
     with background_server("reaas", log_path=log, **encoder.server_args()) as address, \
             EncoderClient(address, timeout_s=7200.0) as client:
         info = client.info()
+        data.check_served(client)
         _log(f"{encoder.name}: {info.model_id} ({info.description}); Lipschitz <= {info.lipschitz_upper:.4g}",
              started)
+        fetched = fetch_features(client, data.train_images, data.train_labels, dataset=data.name,
+                                 cache_dir=settings.cache_dir)
+        spread = feature_spread(fetched.features)
         heads = settings.search.heads
         if encoder.name in settings.mlp_head_encoders and "mlp" not in heads:
             heads = ("mlp", *heads)
-        search = replace(settings.search, heads=heads)
+        unit = spread if settings.margins_in_spread else 1.0
+        search = replace(settings.search, heads=heads, margins=tuple(m * unit for m in settings.search.margins))
         bc_count = len(data.test_images) if encoder.name in settings.all_test_encoders else data.test_size
         common = {"bound": settings.bound, "seed": settings.seed}
         bc = _run(PathConfig("reaas-bc", search=search, train=settings.margin_train, **common), client, data,
                   bc_count, settings, note="head selected on held-out training features")
-        fetched = fetch_features(client, data.train_images, data.train_labels, dataset=data.name,
-                                 cache_dir=settings.cache_dir)
-        spread = feature_spread(fetched.features)
         candidates = {name: (bc.selection.chosen if name == "selected" else replace(settings.margin_train, head=name))
                       for name in settings.sc_heads}  # "selected": BC's head (its kind in the rows table)
         sc_name, sigma, sigma_table = select_smoothing(fetched.features, fetched.labels, data.num_classes, spread,
@@ -234,6 +259,8 @@ def seaas_row(encoder: Encoder, data: Data, settings: Settings, started: float) 
     with background_server("seaas", log_path=log, **encoder.server_args()) as address, \
             EncoderClient(address, timeout_s=7200.0) as client:
         info = client.info()
+        data.check_served(client)
+        unit = "(embedding units)" if data.is_text else "px"
         common = {"seed": settings.seed, "train": settings.sc_train}
         grid = []
         for sigma in settings.image_sigmas:
@@ -244,12 +271,12 @@ def seaas_row(encoder: Encoder, data: Data, settings: Settings, started: float) 
         sigma = float(best.summary.extra["sigma"])
         _log(f"SEaaS-SC {encoder.name}: sigma {sigma:g}, N {settings.seaas_n} on {data.test_size} inputs", started)
         full = _run(PathConfig("seaas-sc", sigma=sigma, n=settings.seaas_n, **common), client, data,
-                    data.test_size, settings, note=f"sigma {sigma:g} px (grid at N {settings.grid_n}), "
+                    data.test_size, settings, note=f"sigma {sigma:g} {unit} (grid at N {settings.grid_n}), "
                                                    f"N {settings.seaas_n}")
     row = _attacked_row(encoder, info.model_id, full, data, settings, clip=(info.value_min, info.value_max),
                         note=full.summary.note, started=started)
     table = markdown_table(
-        ["sigma (pixels)", "test inputs", "N", "ACR", "smoothed clean acc", "h train acc"],
+        [f"sigma ({'embedding units' if data.is_text else 'pixels'})", "test inputs", "N", "ACR", "smoothed clean acc", "h train acc"],
         [[r.summary.extra["sigma"], r.summary.num_test, r.summary.extra["n"], f"{r.summary.acr:.3f}",
           f"{r.summary.certified_accuracy[0.0]:.3f}", f"{r.train_accuracy:.3f}"] for r in grid])
     return EncoderReport([row], None, [f"#### {encoder.name}: SEaaS-SC sigma grid (first {settings.grid_test_size} "
@@ -259,10 +286,11 @@ def seaas_row(encoder: Encoder, data: Data, settings: Settings, started: float) 
 def parse_encoders(specs: Sequence[str]) -> list[Encoder]:
     """"pca" -> the shipped demo kind; anything with a "/" or ending in .safetensors -> a checkpoint path."""
     from robust_pretrain import DEMO_KINDS
+    from robust_pretrain.demo import TEXT_DEMO_KINDS
 
     encoders = []
     for spec in specs:
-        if spec in DEMO_KINDS:
+        if spec in DEMO_KINDS + TEXT_DEMO_KINDS:
             encoders.append(Encoder(spec, kind=spec))
         else:
             path = Path(spec.removesuffix(".safetensors"))
