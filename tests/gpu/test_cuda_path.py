@@ -91,3 +91,21 @@ def test_a_server_on_cuda_answers_feature_and_f2i():
                                    atol=1e-5)
         reply = client.f2i_perturb(images, [FEATURE_RADIUS] * 10, bound="auto")
         assert len(reply.image_radius) == 10 and all(r > 0 for r in reply.image_radius)
+
+
+def test_a_text_server_on_cuda_embeds_token_ids_on_the_device_and_agrees_with_the_cpu():
+    """Token ids are embedded on the serving device (TextInput.embed) and go down the image path there."""
+    from robust_pretrain.demo import DEFAULT_TEXT_DEMO_KIND
+    from robust_pretrain.text_data import DEMO_REVIEW_SPLIT, load_rotten_tomatoes, split_text_set
+
+    config = ServerConfig(port=0, mode="reaas", demo_kind=DEFAULT_TEXT_DEMO_KIND, device="cuda", max_batch_size=64)
+    reference = ServedEncoder.load(None, "cpu", demo_kind=DEFAULT_TEXT_DEMO_KIND)
+    _, test = split_text_set(load_rotten_tomatoes(), DEMO_REVIEW_SPLIT)
+    ids = reference.text.vocabulary.encode(test.texts[:10])
+    with run_server(config) as (_, port), EncoderClient(f"127.0.0.1:{port}", timeout_s=120) as client:
+        assert client.info().device.startswith("cuda") and client.info().modality == "text"
+        expected = reference.features(reference.text.embed(ids)).numpy()
+        np.testing.assert_allclose(client.features(token_ids=ids), expected, rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(client.embed(ids).numpy(), reference.text.embed(ids).numpy())
+        reply = client.f2i_perturb(token_ids=ids, feature_radii=[0.05] * 10, bound="auto")
+        assert all(r > 0 for r in reply.image_radius)
