@@ -16,9 +16,9 @@ slides over positions (a 1-D convolution over tokens) and AvgPool2d((1, max_leng
   (a + b)/2 ± |a - b|/2, so each feature is a random |<v, e> + c| ridge of a token's embedding e (random features,
   Rahimi & Recht 2007) and the pooled vector is the text's mean of them: the linear head sees a kernel bag of words
   instead of a mean of 32 coordinates. Conv norm 1, MaxMin 1, mean pool 1/sqrt(L): L = 1/sqrt(max_length), the
-  floor's constant; the bias moves no constant. Measured (1 024 features, first 500 test reviews, linear margin
-  head): 0.656 / ACR 0.024 at eps 0, 0.644 / 0.069 at eps 0.005, against the floor's 0.646 / 0.083 and 0.640 /
-  0.093: a point of accuracy at eps 0, dominated on the frontier, so it is not a shipped kind. Max pooling over
+  floor's constant; the bias moves no constant. Measured (benchmarks/results/text_encoders.md: 1 024 features,
+  first 500 test reviews, linear margin head): 0.654 / ACR 0.025 at eps 0, 0.642 / 0.070 at eps 0.005, against the
+  floor's 0.652 / 0.079 and 0.652 / 0.090: dominated on the frontier, so it is not a shipped kind. Max pooling over
   positions instead of the mean (1-Lipschitz, so L = 1) lifts the same 1 024 features to 0.702 clean at eps 0 on
   eigen_power-0 embeddings (0.686 at 0.5), but its ACR is 0.006 (0.020 at 0.678): the best accuracy point, not a
   robust one. bounds/ has no max-over-positions operator; building it from Conv2d + MaxMin needs channel pairs
