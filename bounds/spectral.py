@@ -11,7 +11,13 @@ Why each number is an upper bound (never a power-iteration estimate):
   of the embedded input, the embedding is an isometry, and striding keeps a subset of those coordinates. Neither a
   restriction nor a subsampling can raise the norm, so ||conv|| <= ||circular conv|| = max over the Hp·Wp
   frequencies of the largest singular value of the kernel's 2-D DFT (an [out, in] complex matrix), computed by
-  FFT + batched Hermitian eigenvalues in complex128.
+  FFT + batched Hermitian eigenvalues in complex128. The circular bound ignores the stride, so a pooling conv whose
+  windows do not overlap (stride >= dilated kernel extent in both directions: global mean pooling over a text's
+  positions, AvgPool2d(k) with stride k) also gets the disjoint-patch bound max_g ||W_g|| (W_g the group's kernel as
+  an [out/groups, in/groups·kh·kw] matrix), which is never above the circular one (on the torus every window is
+  whole, and a whole window's adjoint alone has norm ||W_g||), so it replaces it: each output position of group g is
+  W_g applied to its own patch of the zero-padded input, the patches share no input coordinate, so
+  ||y||^2 = sum_{g,p} ||W_g x_{g,p}||^2 <= max_g ||W_g||^2 · sum_{g,p} ||x_{g,p}||^2 <= max_g ||W_g||^2 · ||x||^2.
 * Flatten, PixelUnshuffle: 1 (permutations of coordinates). ReLU: 1 (1-Lipschitz, elementwise). MaxMin: 1 (on each
   pair (a, b) -> (max, min) is the identity or the swap, and between those regions it is continuous and piecewise
   isometric, so |y - y'| <= |x - x'| along every segment). Residual add: Lip(a + b) <= Lip(a) + Lip(b).
@@ -81,6 +87,16 @@ def _circular_conv_norm(op: ConvOperator) -> float:
     return float(matrix_norm_upper(per_frequency).max())
 
 
+def _disjoint_patch_conv_norm(op: ConvOperator) -> float | None:
+    """max_g ||W_g||_2 when no two output positions read a common input coordinate (module docstring), else None."""
+    out_channels, in_per_group, kh, kw = op.weight.shape
+    extent = (op.dilation[0] * (kh - 1) + 1, op.dilation[1] * (kw - 1) + 1)
+    if op.stride[0] < extent[0] or op.stride[1] < extent[1]:
+        return None
+    per_group = op.weight.to(torch.float64).reshape(op.groups, out_channels // op.groups, in_per_group * kh * kw)
+    return float(matrix_norm_upper(per_group).max())
+
+
 def operator_norm_upper(op: AffineOperator) -> float:
     """Sound upper bound of the l2 operator norm of an affine layer's linear part on its actual input shape."""
     if op.is_permutation:
@@ -92,7 +108,8 @@ def operator_norm_upper(op: AffineOperator) -> float:
         n_out = int(torch.tensor(op.out_shape).prod())
         if n_in * n_out <= EXPLICIT_LIMIT:
             return _explicit_conv_norm(op)
-        return _circular_conv_norm(op)
+        disjoint = _disjoint_patch_conv_norm(op)
+        return _circular_conv_norm(op) if disjoint is None else disjoint
     raise TypeError(f"no spectral bound for {type(op).__name__}")
 
 

@@ -15,14 +15,14 @@ from torch import nn
 
 from bounds import Residual
 from robust_pretrain.lipschitz_encoders import identity_encoder, lipschitz_conv, lipschitz_mlp, pca_encoder
-from robust_pretrain.text_encoders import text_bag_pca, text_cnn, text_lipschitz_conv
+from robust_pretrain.text_encoders import text_bag_features, text_bag_pca, text_cnn, text_lipschitz_conv
 
 ARCHITECTURES: tuple[str, ...] = ("small_cnn", "resnet", "identity", "pca", "lipschitz_mlp", "lipschitz_conv",
-                                  "text_bag_pca", "text_lipschitz_conv", "text_cnn")
+                                  "text_bag_pca", "text_lipschitz_conv", "text_cnn", "text_bag_features")
 #: Architectures whose Linear / Conv2d layers train as AOL layers (1-Lipschitz by construction).
 LIPSCHITZ_ARCHITECTURES: tuple[str, ...] = ("lipschitz_mlp", "lipschitz_conv", "text_lipschitz_conv")
 #: Architectures on text embedding matrices [embed_dim, 1, max_length] (robust_pretrain.text_encoders).
-TEXT_ARCHITECTURES: tuple[str, ...] = ("text_bag_pca", "text_lipschitz_conv", "text_cnn")
+TEXT_ARCHITECTURES: tuple[str, ...] = ("text_bag_pca", "text_lipschitz_conv", "text_cnn", "text_bag_features")
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,8 @@ class EncoderConfig:
       then Linear(-> ``hidden_dim``) -> MaxMin -> Linear(-> ``feature_dim``).
     * ``text_bag_pca``, ``text_lipschitz_conv`` (``widths``: its (1, 3) conv widths), ``text_cnn`` (the same
       with ReLU, unconstrained): text bodies on [embed_dim, 1, max_length], see ``text_encoders``.
+    * ``text_bag_features``: a per-token (1x1) conv to ``widths[0]`` = ``feature_dim`` channels -> MaxMin ->
+      mean pooling (random word features, fitted without training).
     """
 
     arch: str = "small_cnn"
@@ -66,6 +68,10 @@ class EncoderConfig:
             raise ValueError(f"{self.arch} reads embedding matrices (embed_dim, 1, max_length), got {self.input_shape}")
         if self.arch == "text_bag_pca" and not 0 < self.feature_dim <= channels:
             raise ValueError(f"text_bag_pca needs 0 < feature_dim <= embed_dim = {channels}")
+        if self.arch == "text_bag_features" and (len(self.widths) != 1 or self.widths[0] % 2
+                                                 or self.feature_dim != self.widths[0]):
+            raise ValueError("text_bag_features needs one even width equal to feature_dim (MaxMin pairs channels), "
+                             f"got widths {self.widths}, feature_dim {self.feature_dim}")
         if self.arch == "pca" and not 0 < self.feature_dim <= channels * height * width:
             raise ValueError(f"pca needs 0 < feature_dim <= C*H*W = {channels * height * width}")
         if self.arch in LIPSCHITZ_ARCHITECTURES:
@@ -109,6 +115,8 @@ def build_encoder(config: EncoderConfig, *, trainable: bool = False) -> nn.Modul
         return text_bag_pca(config.input_shape, config.feature_dim)
     if config.arch == "text_lipschitz_conv":
         return text_lipschitz_conv(config.input_shape, config.widths, config.feature_dim, trainable=trainable)
+    if config.arch == "text_bag_features":
+        return text_bag_features(config.input_shape, config.widths[0])
     if config.arch == "text_cnn":
         return text_cnn(config.input_shape, config.widths, config.feature_dim)
     if config.arch == "lipschitz_mlp":

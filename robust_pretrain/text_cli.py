@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reaas-pretrain text", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="checkpoint path (writes <out>.safetensors and <out>.json)")
     parser.add_argument("--arch", choices=TEXT_ARCHITECTURES, default=defaults.encoder.arch,
-                        help="text_bag_pca (the floor, fitted), text_lipschitz_conv (robust), text_cnn (non-robust)")
+                        help="text_bag_pca (the floor, fitted), text_lipschitz_conv (robust), text_cnn (non-robust), "
+                        "text_bag_features (random word features, fitted; --widths W --feature-dim W)")
     parser.add_argument("--vocabulary-size", type=int, default=VOCABULARY_SIZE, help="tokens incl. <pad>, <unk>")
     parser.add_argument("--max-length", type=int, default=MAX_LENGTH, help="positions per text")
     parser.add_argument("--embed-dim", type=int, default=EMBED_DIM, help="token embedding dimension")

@@ -3,10 +3,13 @@ Dagan, TACL 2015), a classic word embedding that takes seconds on a CPU.
 
 Counts of (token, context) pairs within ``window`` positions, PPMI(w, c) = max(0, log P(w, c) / (P(w) P_a(c)))
 with the context distribution smoothed by ``context_power`` (0.75), then the top ``embed_dim`` singular triplets
-of the sparse PPMI matrix; a token's row is U·sqrt(S), scaled to unit l2 norm (the threat model's unit: a word
-substitution moves the embedding matrix by at most 2). The padding row is 0. The unknown token's row is the unit
-direction of the mean of all token rows: a generic word, close to no particular one. Tokens never seen in a
-context keep a seeded random unit row.
+of the sparse PPMI matrix; a token's row is U·S^p (``eigen_power`` p, 0.5 by default), scaled to unit l2 norm
+(the threat model's unit: a word substitution moves the embedding matrix by at most 2). Measured on the first 500
+Rotten Tomatoes test reviews (linear margin head, eps 0): p = 0 and p = 0.5 give the mean-pooled floor the same
+accuracy / ACR (0.648 / 0.082 vs 0.652 / 0.079); p = 0 lifts random word features (text_bag_features) from 0.664
+to 0.690 standardised-logistic accuracy and spreads the rows (median nearest-neighbour distance 0.72 vs 0.66).
+The padding row is 0. The unknown token's row is the unit direction of the mean of all token rows: a generic word,
+close to no particular one. Tokens never seen in a context keep a seeded random unit row.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from robust_pretrain.text_input import Vocabulary
 
 DEFAULT_WINDOW = 4
 CONTEXT_POWER = 0.75
+EIGEN_POWER = 0.5
 
 
 def cooccurrence_counts(token_ids: torch.Tensor, vocabulary_size: int, window: int = DEFAULT_WINDOW
@@ -52,7 +56,8 @@ def ppmi(counts: scipy.sparse.csr_matrix, context_power: float = CONTEXT_POWER) 
 
 
 def ppmi_svd_embedding(texts: list[str] | tuple[str, ...], vocabulary: Vocabulary, embed_dim: int, *,
-                       window: int = DEFAULT_WINDOW, seed: int = 0) -> torch.Tensor:
+                       window: int = DEFAULT_WINDOW, eigen_power: float = EIGEN_POWER, seed: int = 0
+                       ) -> torch.Tensor:
     """The embedding table E [V, embed_dim] float32 of ``vocabulary`` fitted on ``texts`` (no labels):
     unit rows, zero pad row, unk row the unit mean direction (see the module docstring)."""
     token_ids = Vocabulary(vocabulary.tokens, max_length=max(len(vocabulary.tokenize(t)) for t in texts),
@@ -61,7 +66,7 @@ def ppmi_svd_embedding(texts: list[str] | tuple[str, ...], vocabulary: Vocabular
     start = np.random.default_rng(seed).standard_normal(vocabulary.size)  # svds' start vector: deterministic
     left, singular, _ = scipy.sparse.linalg.svds(matrix, k=embed_dim, v0=start)
     order = np.argsort(-singular)
-    rows = torch.from_numpy(left[:, order] * np.sqrt(singular[order]))
+    rows = torch.from_numpy(left[:, order] * singular[order] ** eigen_power)
     norms = rows.norm(dim=1, keepdim=True)
     unseen = (norms.squeeze(1) == 0).nonzero().squeeze(1)
     rows[unseen] = torch.randn(len(unseen), embed_dim, generator=torch.Generator().manual_seed(seed),

@@ -6,7 +6,8 @@ random and a random contiguous crop (on ids, before embedding), embedded by the 
 that is Lipschitz by construction (``text_lipschitz_conv``) trains with InfoNCE on squared feature distances (under
 a fixed Lipschitz constant the feature scale is the certified radius, and a normalised InfoNCE cannot see it); the
 non-robust baseline (``text_cnn``) with the usual cosine InfoNCE. The floor (``text_bag_pca``) is fitted in closed
-form. The provider's text has no labels and none are read.
+form and the random word features (``text_bag_features``) at a seeded point. The provider's text has no labels and
+none are read.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from robust_pretrain.checkpoint import CheckpointMetadata, save_checkpoint
 from robust_pretrain.moco import MoCo, contrastive_loss
 from robust_pretrain.text_data import TextSet, load_provider_corpus
 from robust_pretrain.text_embeddings import ppmi_svd_embedding
-from robust_pretrain.text_encoders import fit_text_bag_pca
+from robust_pretrain.text_encoders import fit_text_bag_features, fit_text_bag_pca
 from robust_pretrain.text_input import TextInput, Vocabulary
 
 #: Measured on the provider text (55 591 distinct tokens) and the 12 808 reviews: the 8 000 most frequent provider
@@ -62,6 +63,8 @@ class TextPretrainConfig:
     def method(self) -> str:
         if self.encoder.arch == "text_bag_pca":
             return "pca"
+        if self.encoder.arch == "text_bag_features":
+            return "random_features"
         return "lipschitz" if self.encoder.arch in LIPSCHITZ_ARCHITECTURES else "nonrobust"
 
     @property
@@ -123,6 +126,8 @@ def pretrain_text(config: TextPretrainConfig, out_path: str | Path, provider: Te
     history: list[dict] = []
     if config.method == "pca":
         model = fit_text_bag_pca(text.embed(token_ids), config.encoder.feature_dim)
+    elif config.method == "random_features":
+        model = fit_text_bag_features(config.encoder.input_shape, config.encoder.widths[0], seed=config.seed)
     else:
         model, history = _contrastive(config, text, token_ids, generator, progress)
     metadata = save_checkpoint(

@@ -82,3 +82,30 @@ def test_global_lipschitz_dominates_gradient_norms(encoder_name):
     y = x + 0.1 * torch.randn_like(x)
     ratio = (model(y) - model(x)).norm(dim=1) / (y - x).reshape(8, -1).norm(dim=1)
     assert float(ratio.max()) <= lipschitz
+
+
+@pytest.mark.parametrize(("in_shape", "kernel", "stride", "padding", "groups"), [
+    ((3, 1, 12), (1, 4), (1, 4), (0, 0), 1),  # disjoint windows, no padding
+    ((4, 6, 6), (2, 2), (3, 2), (1, 0), 2),  # grouped, gaps between windows, padding
+    ((5, 1, 10), (1, 10), (1, 10), (0, 0), 5),  # global mean pooling as a depthwise conv
+])
+def test_disjoint_patch_conv_norm_bounds_the_exact_norm(in_shape, kernel, stride, padding, groups):
+    """The disjoint-patch bound (non-overlapping windows) is never below the exact operator norm, and is exact
+    when every window lies inside the input."""
+    from bounds.operators import ConvOperator
+    from bounds.spectral import _disjoint_patch_conv_norm, _explicit_conv_norm
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(in_shape[0], 6 if groups < in_shape[0] else in_shape[0], kernel, stride, padding,
+                           groups=groups)
+    out_shape = tuple(conv(torch.zeros(1, *in_shape)).shape[1:])
+    op = ConvOperator(conv.weight.detach().double(), None, stride=stride, padding=padding, dilation=(1, 1),
+                      groups=groups, in_shape=in_shape, out_shape=out_shape)
+    exact = _explicit_conv_norm(op)
+    bound = _disjoint_patch_conv_norm(op)
+    assert bound is not None and bound >= exact
+    if padding == (0, 0):
+        assert bound == pytest.approx(exact, rel=1e-9)
+    overlapping = ConvOperator(op.weight, None, stride=(1, 1), padding=padding, dilation=(1, 1), groups=groups,
+                               in_shape=in_shape, out_shape=out_shape)
+    assert _disjoint_patch_conv_norm(overlapping) is None or kernel == (1, 1)

@@ -15,6 +15,7 @@ from bounds import BOUNDS_OFFERED, f2i_radius, global_lipschitz_upper, pgd_featu
 from robust_pretrain.architectures import EncoderConfig, build_encoder
 from robust_pretrain.checkpoint import LoadedEncoder, describe_encoder, encoder_weights_bytes, serving_model
 from robust_pretrain.demo import TEXT_DEMO_KINDS, load_demo_encoder
+from robust_pretrain.text_encoders import fit_text_bag_features
 from robust_pretrain.text_input import TextInput, Vocabulary
 
 REVIEWS = ["a fine , moving film", "dull , long and badly acted", "the plot makes no sense at all", "loved it"]
@@ -26,15 +27,20 @@ def _tiny(arch: str) -> LoadedEncoder:
     embedding = torch.nn.functional.normalize(torch.randn(len(tokens), 6, generator=generator), dim=1)
     embedding[0] = 0
     text = TextInput(Vocabulary(tokens, 8), embedding)
-    config = EncoderConfig(arch=arch, input_shape=text.input_shape, widths=(8, 8), feature_dim=4)
-    torch.manual_seed(7)
-    model = build_encoder(config)
+    if arch == "text_bag_features":
+        config = EncoderConfig(arch=arch, input_shape=text.input_shape, widths=(8,), feature_dim=8)
+        model = fit_text_bag_features(text.input_shape, 8, seed=7)
+    else:
+        config = EncoderConfig(arch=arch, input_shape=text.input_shape, widths=(8, 8), feature_dim=4)
+        torch.manual_seed(7)
+        model = build_encoder(config)
     metadata = describe_encoder(model, config, encoder_weights_bytes(model, text), model_id="tiny", description="",
                                 training={}, text=text)
     return LoadedEncoder(serving_model(model), metadata, text)
 
 
-ENCODERS = {f"tiny-{arch}": (lambda arch=arch: _tiny(arch)) for arch in ("text_lipschitz_conv", "text_cnn")}
+ENCODERS = {f"tiny-{arch}": (lambda arch=arch: _tiny(arch)) for arch in ("text_lipschitz_conv", "text_cnn",
+                                                                             "text_bag_features")}
 ENCODERS.update({kind: (lambda kind=kind: load_demo_encoder(kind)) for kind in TEXT_DEMO_KINDS})
 
 

@@ -9,7 +9,7 @@ from robust_pretrain import load_checkpoint
 from robust_pretrain.cli import main
 
 
-@pytest.mark.parametrize("arch", ["text_bag_pca", "text_lipschitz_conv", "text_cnn"])
+@pytest.mark.parametrize("arch", ["text_bag_pca", "text_lipschitz_conv", "text_cnn", "text_bag_features"])
 def test_cli_text_writes_a_loadable_text_checkpoint(tmp_path, arch):
     out = tmp_path / arch
     assert main(["text", "--out", str(out), "--arch", arch, "--max-texts", "600", "--vocabulary-size", "300",
