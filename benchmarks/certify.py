@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--head-hidden", type=lambda t: tuple(int(v) for v in t.split(",")), default=(512, 512),
         help="hidden widths of the lipschitz and mlp heads")
     add("--head-epochs", type=int, default=100, help="training epochs of every head")
+    add("--head-lr", type=float, default=TrainConfig.lr, help="Adam learning rate of the REaaS margin heads")
+    add("--head-weight-decay", type=float, default=TrainConfig.weight_decay,
+        help="Adam weight decay of the REaaS margin heads (text: 0, measured by bench-text-encoders)")
     add("--head-batch-size", type=int, default=128, help="training batch size of every head")
     add("--sc-heads", type=names, default=("selected", "mlp"),
         help="REaaS-SC head candidates, chosen with sigma on held-out training features and trained on noisy "
@@ -136,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from(args: argparse.Namespace) -> Settings:
     base = TrainConfig(hidden=args.head_hidden, epochs=args.head_epochs, batch_size=args.head_batch_size,
                        seed=args.seed)
+    margin_heads = replace(base, lr=args.head_lr, weight_decay=args.head_weight_decay)
     resolve = lambda items: tuple(args.new_encoder if v == "new" else v for v in items)  # noqa: E731
     return Settings(
         feature_n=args.feature_n, seaas_n=args.seaas_n, grid_n=args.grid_n,
@@ -143,7 +147,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         feature_sigma_fractions=args.feature_sigma_fractions, image_sigmas=args.image_sigmas,
         search=HeadSearch(heads=args.heads, margins=args.margins, min_accuracy=args.min_val_accuracy),
         mlp_head_encoders=args.mlp_head_encoders, all_test_encoders=resolve(args.all_test_encoders),
-        margin_train=base, margins_in_spread=args.margin_unit == "spread", sc_heads=args.sc_heads, sc_train=replace(base, head="mlp"),
+        margin_train=margin_heads, margins_in_spread=args.margin_unit == "spread", sc_heads=args.sc_heads, sc_train=replace(base, head="mlp"),
         attack=AttackConfig(args.attack_max_radius, args.attack_search, args.attack_steps, args.attack_restarts,
                             args.seed),
         bound=args.bound, seed=args.seed)
@@ -197,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     sections.append("### How each row chose its head and sigma\n\n" + "\n\n".join(t for p in parts for t in p.tables))
     sections.append(f"Total wall time {time.perf_counter() - started:.0f} s.")
     path = write_results(args.name, f"Certification: REaaS vs SEaaS on {data.name}", "\n\n".join(sections),
-                         make_target="bench-certify" if len(sys.argv) == 1 or args.name == "certify_text" else None)
+                         make_target="bench-certify-text" if args.name == "certify_text"
+                         else "bench-certify" if len(sys.argv) == 1 else None)
     print(path.read_text())
     return 0
 

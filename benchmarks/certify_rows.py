@@ -233,8 +233,10 @@ def reaas_rows(encoder: Encoder, data: Data, settings: Settings, started: float)
         common = {"bound": settings.bound, "seed": settings.seed}
         bc = _run(PathConfig("reaas-bc", search=search, train=settings.margin_train, **common), client, data,
                   bc_count, settings, note="head selected on held-out training features")
-        candidates = {name: (bc.selection.chosen if name == "selected" else replace(settings.margin_train, head=name))
-                      for name in settings.sc_heads}  # "selected": BC's head (its kind in the rows table)
+        # "selected": BC's head (its kind in the rows table); "mlp": the paper's MLP as SEaaS-SC trains it
+        candidates = {name: (bc.selection.chosen if name == "selected" else settings.sc_train if name == "mlp"
+                             else replace(settings.margin_train, head=name))
+                      for name in settings.sc_heads}
         sc_name, sigma, sigma_table = select_smoothing(fetched.features, fetched.labels, data.num_classes, spread,
                                                        settings, candidates)
         sc_train = candidates[sc_name]
