@@ -35,6 +35,23 @@ def test_cli_certifies_with_two_queries_per_test_input(tmp_path) -> None:
     assert (tmp_path / "certified_accuracy.png").stat().st_size > 0
 
 
+def test_cli_certifies_movie_reviews_through_a_text_encoder(tmp_path) -> None:
+    """--dataset rt-embedded: the reviews tokenized with the provider's vocabulary, ids sent, 2 queries each."""
+    config = ServerConfig(port=0, mode="reaas", demo_kind="text-pca")
+    with run_server(config) as (_, port):
+        code = cli.main(["--server", f"127.0.0.1:{port}", "--dataset", "rt-embedded", "--path", "reaas-bc",
+                         "--train-size", "60", "--test-size", "6", "--epochs", "2", "--head", "linear",
+                         "--margin", "0", "--no-cache", "--quiet", "--out", str(tmp_path)])
+        with pytest.raises(SystemExit):  # an image data set on a text encoder: a usage error, no query
+            cli.main(["--server", f"127.0.0.1:{port}", "--dataset", "mnist-embedded", "--path", "reaas-bc",
+                      "--quiet", "--out", str(tmp_path / "refused")])
+    assert code == 0
+    with (tmp_path / "records.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 6 and {r["label"] for r in rows} == {"0", "1"}
+    assert all(r["queries_Feature"] == "1" and r["queries_F2IPerturb"] == "1" for r in rows)
+
+
 def _serving(address: str) -> bool:
     with grpc.insecure_channel(address) as channel:
         try:
