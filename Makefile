@@ -79,8 +79,9 @@ bench-certify: setup
 	$(MAKE) bench-certify-text
 
 # The text section (issue 12): the shipped text encoders on Rotten Tomatoes reviews, radii in embedding space, SEaaS-SC
-# through text-nonrobust and the floor at N = 100 000 (about 40 min on 2 cores); the flags are bench-text-encoders'
-# measured head settings on a class-balanced 8 000-review training subset
+# through text-nonrobust and the floor at N = 100 000 on 100 reviews. About 80 min on 2 cores (measured: the three REaaS
+# encoders ~48 min, then SEaaS-SC streams 10^7 embedding matrices per encoder at ~5 700 a second, ~30 min each); the
+# flags are bench-text-encoders' measured head settings on a class-balanced 8 000-review training subset
 bench-certify-text: setup
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m benchmarks.certify --name certify_text --dataset rt-embedded \
 		--encoders text-pca,text-lipschitz,text-nonrobust --new-encoder text-pca --floor text-pca \
