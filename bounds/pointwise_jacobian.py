@@ -9,8 +9,15 @@ that such a bound cannot beat the global Lipschitz radius (bounds.f2i). Works on
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
+
+# torch's forward-mode AD levels are process-global, not per thread: two threads inside torch.func.jvp at once
+# corrupt each other's level ("Trying to access a forward AD level with an invalid index"). The server runs
+# concurrent F2I searches in threads, so every forward-mode pass goes through this lock.
+_FORWARD_AD = threading.Lock()
 
 
 def _unit(v: torch.Tensor) -> torch.Tensor:
@@ -44,7 +51,8 @@ def jacobian_norm_lower(
         if active.numel() == 0:
             break
         points = images[active]
-        _, forward = torch.func.jvp(model, (points,), (direction,))  # J v, in the output's shape
+        with _FORWARD_AD:
+            _, forward = torch.func.jvp(model, (points,), (direction,))  # J v, in the output's shape
         _, pullback = torch.func.vjp(model, points)
         (back,) = pullback(forward)  # J^T J v
         forward = forward.reshape(active.numel(), -1)

@@ -214,6 +214,35 @@ def test_jacobian_norm_lower_never_exceeds_the_exact_norm():
     assert (lower <= exact).all() and (lower >= 0.9 * exact).all(), (lower, exact)
 
 
+def test_jacobian_norm_lower_from_many_threads_at_once():
+    """The server searches concurrent F2I calls in threads; torch's forward-AD levels are process-global, so
+    unguarded jvp calls from several threads break each other (this test failed before the lock)."""
+    import threading
+
+    from bounds.pointwise_jacobian import jacobian_norm_lower
+
+    build, shape = ENCODERS["mnist_cnn"]
+    model = build(0)
+    images = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0))
+    alone = jacobian_norm_lower(model, images, generator=torch.Generator().manual_seed(0))
+    answers, errors = [], []
+
+    def work() -> None:
+        try:
+            for _ in range(30):
+                answers.append(jacobian_norm_lower(model, images, generator=torch.Generator().manual_seed(0)))
+        except Exception as error:  # noqa: BLE001 - collected for the assertion
+            errors.append(error)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert all(torch.equal(answer, alone) for answer in answers)
+
+
 # -- cancellation --------------------------------------------------------------------------------------------------
 
 
