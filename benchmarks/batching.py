@@ -5,6 +5,8 @@ to a ``reaas-server`` child for ``--seconds``; aggregate images/s against the in
 256 (the issue's goal: >= 0.7). Beside it, the ceiling no batcher can lift: the same clients calling
 GetEncoderInfo, which does no encoder work at all, times 4 images per call. Also the p50 latency of a lone
 1-image Feature call with the batcher on and off (the issue: not worse by more than the batcher's delay).
+Then F2I: ``--f2i-clients`` clients send ``--images``-image F2IPerturb requests with the server's default bound to the
+non-robust CNN (where the bound search is real work), the F2I batcher on and off.
 Writes ``benchmarks/results/batching.md``. Run: ``make bench-service`` (this is its second half).
 """
 
@@ -108,6 +110,27 @@ def feature_request(count: int) -> bytes:
     return pb.FeatureRequest(images=encode_tensor(images)).SerializeToString()
 
 
+def f2i_request(count: int, feature_radius: float) -> bytes:
+    images = np.random.default_rng(count).random((count, 1, 28, 28), dtype=np.float32)
+    return pb.F2IPerturbRequest(images=encode_tensor(images), feature_radii=[feature_radius] * count
+                                ).SerializeToString()
+
+
+def f2i_rows(kind: str, clients: int, images: int, seconds: float, feature_radius: float) -> list[list[str]]:
+    """F2I images/s of `clients` concurrent callers, the F2I batcher on and off, and the passes it ran."""
+    request = f2i_request(images, feature_radius)
+    measured = {}
+    for label, flags in (("on", ()), ("off", ("--batch-max-images", "0"))):
+        extra = ("--demo-kind", kind, "--log-level", "WARNING", "--bound-cost-budget", "0",
+                 "--max-f2i-calls", str(clients), "--max-calls-per-key", str(clients),
+                 "--workers", str(clients + 16), *flags)
+        with background_server(extra_args=extra) as address:
+            measured[label] = images * calls_per_second(address, "F2IPerturb", request, clients, seconds)
+        print(f"{kind} F2I batcher {label}: {measured[label]:,.1f} images/s", flush=True)
+    return [[kind, f"{clients} x {images} images, R_F {feature_radius}", f"{measured['off']:,.1f}",
+             f"{measured['on']:,.1f}", f"{measured['on'] / measured['off']:.2f}"]]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kinds", default="pca,nonrobust",
@@ -115,6 +138,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--images", type=int, default=4, help="images per request")
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--f2i-kind", default="nonrobust", help="encoder for the F2I section ('' skips it)")
+    parser.add_argument("--f2i-clients", type=int, default=16)
+    parser.add_argument("--f2i-seconds", type=float, default=20.0)
+    parser.add_argument("--f2i-feature-radius", type=float, default=0.5, help="R_F of every F2I request")
     args = parser.parse_args(argv)
     print(f"machine: {machine_summary()}", flush=True)
     rows, goals = [], []
@@ -148,6 +175,16 @@ def main(argv: list[str] | None = None) -> None:
                           "on / in-process", "call ceiling (/ in-process)", "lone 1-image p50 ms, off / on"], rows)
         + "\n\n## Goals (issue 13)\n\n" + markdown_table(["encoder", "goal", "measured", ""], goals) + "\n"
     )
+    if args.f2i_kind:
+        f2i = f2i_rows(args.f2i_kind, args.f2i_clients, args.images, args.f2i_seconds, args.f2i_feature_radius)
+        body += (
+            "\n## F2IPerturb\n\n"
+            f"{args.f2i_clients} clients send {args.images}-image F2IPerturb requests with the server's default bound "
+            f"for {args.f2i_seconds:.0f} s; requests for one searched bound share searches of up to one F2I chunk "
+            "(64 images). Closed-form bounds (a division) never queue.\n\n"
+            + markdown_table(["encoder", "load", "batcher off (images/s)", "batcher on (images/s)", "on / off"], f2i)
+            + "\n"
+        )
     print(body)
     path = write_results("batching", "Dynamic batching", body, make_target="bench-service")
     print(f"wrote {path}")

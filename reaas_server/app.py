@@ -18,7 +18,7 @@ import bounds
 from reaas.v1 import encoder_service_pb2 as pb
 from reaas.v1 import encoder_service_pb2_grpc as pb_grpc
 from reaas_server.admission import Admission, AdmissionInterceptor
-from reaas_server.batcher import ForwardBatcher
+from reaas_server.batcher import ForwardBatcher, RadiusBatcher
 from reaas_server.compute import BackgroundCompute
 from reaas_server.config import ServerConfig
 from reaas_server.decoding import RequestDecodingInterceptor
@@ -47,6 +47,7 @@ class RunningServer:
     compute: BackgroundCompute
     batcher: ForwardBatcher | None
     metrics: ServerMetrics
+    radius_batcher: RadiusBatcher | None = None
 
     def stop(self, grace_s: float | None, drain_delay_s: float = 0.0) -> None:
         """Drain the gRPC way: health says NOT_SERVING and new calls get UNAVAILABLE (clients retry elsewhere)
@@ -61,8 +62,9 @@ class RunningServer:
         self.admission.wait_idle(timeout_s=max(0.0, grace - (time.monotonic() - started)))
         self.server.stop(max(0.0, grace - (time.monotonic() - started)) if grace_s is not None else None).wait()
         self.compute.shutdown()
-        if self.batcher is not None:
-            self.batcher.close()
+        for batcher in (self.batcher, self.radius_batcher):
+            if batcher is not None:
+                batcher.close()
         self.ledger.close()
         self.metrics.close()
 
@@ -151,8 +153,15 @@ def start_server(config: ServerConfig, encoder: ServedEncoder | None = None, *,
     batcher = None if config.batch_max_images == 0 else ForwardBatcher(
         lambda images, wanted: encoder.features(images, chunk_size=config.forward_chunk_size, still_wanted=wanted),
         max_images=config.batch_max_images, max_delay_s=config.batch_max_delay_s, device=encoder.device)
+    # F2I requests for one searched bound share searches of up to one F2I chunk (the search runs chunk by chunk
+    # anyway: a larger merge would gain nothing and only delay the callers' cancellation checks)
+    radius_batcher = None if config.batch_max_images == 0 or config.mode != "reaas" else RadiusBatcher(
+        lambda images, radii, bound, wanted: encoder.image_radii(
+            images, radii, bound=bound, chunk_size=config.f2i_chunk_size,
+            memory_budget_bytes=config.f2i_memory_budget_bytes // config.max_f2i_calls, still_wanted=wanted),
+        max_images=config.f2i_chunk_size, max_delay_s=config.batch_max_delay_s, device=encoder.device)
     pb_grpc.add_EncoderServiceServicer_to_server(
-        EncoderServicer(encoder, config, ledger, quotas, compute, batcher, bound_costs), server)
+        EncoderServicer(encoder, config, ledger, quotas, compute, batcher, bound_costs, radius_batcher), server)
     health_servicer = _configure_health(server)
     _enable_reflection(server)
     port = _bind(server, config)
@@ -168,7 +177,8 @@ def start_server(config: ServerConfig, encoder: ServedEncoder | None = None, *,
         "insecure" if config.tls is None else "mutual TLS" if config.tls.mutual else "TLS",
         encoder.device,
     )
-    return RunningServer(server, port, encoder, ledger, health_servicer, admission, compute, batcher, metrics)
+    return RunningServer(server, port, encoder, ledger, health_servicer, admission, compute, batcher, metrics,
+                         radius_batcher)
 
 
 @contextlib.contextmanager

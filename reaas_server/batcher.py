@@ -1,13 +1,14 @@
-"""ForwardBatcher: forward passes of concurrent Feature and StreamFeatures requests, coalesced.
+"""Coalescing batchers: concurrent calls' work merged into shared passes (forward passes, F2I bound searches).
 
-Many clients each sending a few images is how an encoder service is used; one forward pass per call leaves
-the encoder (and a GPU most of all) running tiny batches. Requests queue here, and one worker thread runs a
-single forward pass over as many queued requests as fit in ``max_images`` — opportunistically: with
-``max_delay_s = 0`` it never waits for company, so an idle server answers a lone request as fast as before and
-batches form only while the previous pass runs (Triton's dynamic batcher with a zero queue delay). Results are
-split back in request order; a request that finds the batcher idle runs its pass in its own thread, without a
-hand-off. Per-call semantics stay exact: a caller who gives up is dropped before the pass
-(or stops it between chunks when every caller in it gave up), and accounting happens per call outside.
+Many clients each sending a few images is how an encoder service is used; one pass per call leaves the encoder
+(and a GPU most of all) running tiny batches. Requests queue here, and one worker thread runs a single pass over
+as many queued requests as fit in ``max_images`` — opportunistically: with ``max_delay_s = 0`` it never waits for
+company, so an idle server answers a lone request as fast as before and batches form only while the previous pass
+runs (Triton's dynamic batcher with a zero queue delay). Results are split back in request order; a request that
+finds the batcher idle runs its pass in its own thread, without a hand-off. Only requests of the same *key* share
+a pass (F2I's key is the bound: a CROWN search and an IBP search are different computations). Per-call semantics
+stay exact: a caller who gives up is dropped before the pass (or stops it when every caller in it gave up), and
+accounting happens per call outside.
 """
 
 from __future__ import annotations
@@ -15,52 +16,67 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
 import torch
 
 from reaas_server.compute import lower_thread_priority
+from reaas_server.encoder_host import ImageRadii
 
-Forward = Callable[[torch.Tensor, Callable[[], bool]], torch.Tensor | None]
+R = TypeVar("R")
+StillWanted = Callable[[], bool]
+# one pass: (key, the merged inputs, "does anyone still want it") -> the merged result, None when all gave up
+RunPass = Callable[[Hashable, tuple[torch.Tensor, ...], StillWanted], Any]
+Split = Callable[[Any, list[int]], Sequence[Any]]  # a merged result -> one part per request, in order
+Forward = Callable[[torch.Tensor, StillWanted], torch.Tensor | None]
+ImageRadiiPass = Callable[[torch.Tensor, torch.Tensor, str, StillWanted], ImageRadii | None]
 
 
 @dataclass
-class _Job:
-    images: torch.Tensor  # [batch, C, H, W]
-    still_wanted: Callable[[], bool]
+class _Job(Generic[R]):
+    key: Hashable
+    inputs: tuple[torch.Tensor, ...]  # each [batch, ...]; inputs[0] holds the images
+    still_wanted: StillWanted
     done: threading.Event = field(default_factory=threading.Event)
-    result: torch.Tensor | None = None
+    result: R | None = None
     error: BaseException | None = None
     abandoned: bool = False
 
+    @property
+    def size(self) -> int:
+        return self.inputs[0].shape[0]
 
-class ForwardBatcher:
-    """One worker thread; ``features`` may be called from any number of threads."""
 
-    def __init__(self, forward: Forward, *, max_images: int, max_delay_s: float = 0.0,
-                 device: torch.device | None = None) -> None:
+class CoalescingBatcher(Generic[R]):
+    """One worker thread; ``submit`` may be called from any number of threads."""
+
+    def __init__(self, run_pass: RunPass, split: Split, *, max_images: int, max_delay_s: float = 0.0,
+                 device: torch.device | None = None, name: str = "reaas-batcher") -> None:
         """``device``: where a shared pass gathers its requests' images (the serving device: a text encoder's
-        token requests arrive embedded there, its image requests on the CPU); None: where they are."""
+        token requests arrive embedded there, its image requests on the CPU); None: where they are. The other
+        inputs (F2I's feature radii) stay where they are."""
         if max_images < 1 or max_delay_s < 0:
             raise ValueError("max_images must be >= 1 and max_delay_s >= 0")
-        self._forward = forward
+        self._run_pass = run_pass
+        self._split = split
         self._device = device
         self.max_images = max_images
         self.max_delay_s = max_delay_s
-        self._queue: collections.deque[_Job] = collections.deque()
+        self._queue: collections.deque[_Job[R]] = collections.deque()
         self._wakeup = threading.Condition()
         self._closed = False
-        self._pass = threading.Lock()  # held while a forward pass runs, by the worker or a lone caller
-        self.passes = 0  # forward passes run (tests and benchmarks read how much coalescing happened)
-        self._worker = threading.Thread(target=self._run, name="reaas-batcher", daemon=True)
+        self._pass = threading.Lock()  # held while a pass runs, by the worker or a lone caller
+        self.passes = 0  # passes run (tests and benchmarks read how much coalescing happened)
+        self._worker = threading.Thread(target=self._run, name=name, daemon=True)
         self._worker.start()
 
-    def features(self, images: torch.Tensor, still_wanted: Callable[[], bool] = lambda: True
-                 ) -> torch.Tensor | None:
-        """f(images) [batch, feature_dim], computed in a pass shared with other callers; None if the caller gave
-        up (``still_wanted()`` false) before its result was ready."""
-        job = _Job(images, still_wanted)
+    def submit(self, key: Hashable, inputs: tuple[torch.Tensor, ...], still_wanted: StillWanted = lambda: True
+               ) -> R | None:
+        """The pass's result for `inputs`, computed in a pass shared with other callers of the same `key`; None if
+        the caller gave up (``still_wanted()`` false) before its result was ready."""
+        job: _Job[R] = _Job(key, inputs, still_wanted)
         with self._wakeup:
             if self._closed:
                 raise RuntimeError("the batcher is closed (the server is stopping)")
@@ -73,7 +89,7 @@ class ForwardBatcher:
         if alone:
             try:
                 self.passes += 1
-                return self._forward(images, still_wanted)
+                return self._run_pass(key, inputs, still_wanted)
             finally:
                 self._pass.release()
         while not job.done.wait(0.05):
@@ -84,18 +100,34 @@ class ForwardBatcher:
             raise job.error
         return job.result
 
-    def _gathered(self, images: torch.Tensor) -> torch.Tensor:
-        return images if self._device is None else images.to(self._device, non_blocking=True)
-
     def close(self) -> None:
         with self._wakeup:
             self._closed = True
             self._wakeup.notify()
         self._worker.join(timeout=10)
 
-    def _next_batch(self) -> list[_Job] | None:
-        """The oldest job, then more in arrival order while they fit in max_images (waiting up to max_delay_s
-        for them); a job larger than max_images runs alone. Returns with the pass lock held (None: closed)."""
+    def _merged(self, jobs: list[_Job[R]]) -> tuple[torch.Tensor, ...]:
+        if len(jobs) == 1:
+            return jobs[0].inputs
+        images = torch.cat([job.inputs[0] if self._device is None else
+                            job.inputs[0].to(self._device, non_blocking=True) for job in jobs])
+        rest = (torch.cat([job.inputs[i] for job in jobs]) for i in range(1, len(jobs[0].inputs)))
+        return (images, *rest)
+
+    def _take_fitting(self, key: Hashable, total: int) -> _Job[R] | None:
+        """The oldest queued job of `key`, removed from the queue, if it fits beside `total` images."""
+        for index, job in enumerate(self._queue):
+            if job.key == key:
+                if total + job.size > self.max_images:
+                    return None  # no overtaking within a key: requests of one key keep their order
+                del self._queue[index]
+                return job
+        return None
+
+    def _next_batch(self) -> list[_Job[R]] | None:
+        """The oldest job, then more of its key in arrival order while they fit in max_images (waiting up to
+        max_delay_s for them); a job larger than max_images runs alone. Returns with the pass lock held (None:
+        closed)."""
         with self._wakeup:
             while not self._queue and not self._closed:
                 self._wakeup.wait()
@@ -104,14 +136,12 @@ class ForwardBatcher:
         self._pass.acquire()  # a lone caller's pass may still run: queued jobs wait for it, then go together
         with self._wakeup:
             jobs = [self._queue.popleft()]
-            total = jobs[0].images.shape[0]
+            total = jobs[0].size
             deadline = time.monotonic() + self.max_delay_s
             while total < self.max_images:
-                if self._queue:
-                    if total + self._queue[0].images.shape[0] > self.max_images:
-                        break
-                    jobs.append(self._queue.popleft())
-                    total += jobs[-1].images.shape[0]
+                if (job := self._take_fitting(jobs[0].key, total)) is not None:
+                    jobs.append(job)
+                    total += job.size
                 elif (left := deadline - time.monotonic()) > 0:
                     self._wakeup.wait(left)
                 else:
@@ -125,12 +155,11 @@ class ForwardBatcher:
             try:
                 if wanted:
                     self.passes += 1
-                    merged = (torch.cat([self._gathered(job.images) for job in wanted]) if len(wanted) > 1
-                              else wanted[0].images)
-                    out = self._forward(merged, lambda wanted=wanted: any(j.still_wanted() for j in wanted))
+                    out = self._run_pass(wanted[0].key, self._merged(wanted),
+                                         lambda wanted=wanted: any(j.still_wanted() for j in wanted))
                     if out is not None:
-                        for job, part in zip(wanted, torch.split(out, [j.images.shape[0] for j in wanted]),
-                                             strict=True):
+                        parts = self._split(out, [job.size for job in wanted]) if len(wanted) > 1 else [out]
+                        for job, part in zip(wanted, parts, strict=True):
                             job.result = part
             except BaseException as error:  # noqa: BLE001 - handed to every caller of the pass
                 for job in wanted:
@@ -139,3 +168,34 @@ class ForwardBatcher:
                 self._pass.release()
                 for job in jobs:
                     job.done.set()
+
+
+class ForwardBatcher(CoalescingBatcher[torch.Tensor]):
+    """Feature and StreamFeatures: concurrent requests' images share forward passes."""
+
+    def __init__(self, forward: Forward, *, max_images: int, max_delay_s: float = 0.0,
+                 device: torch.device | None = None) -> None:
+        super().__init__(lambda _key, inputs, wanted: forward(inputs[0], wanted),
+                         lambda features, sizes: torch.split(features, sizes),
+                         max_images=max_images, max_delay_s=max_delay_s, device=device, name="reaas-batcher")
+
+    def features(self, images: torch.Tensor, still_wanted: StillWanted = lambda: True) -> torch.Tensor | None:
+        """f(images) [batch, feature_dim]; None if the caller gave up before its result was ready."""
+        return self.submit(None, (images,), still_wanted)
+
+
+class RadiusBatcher(CoalescingBatcher[ImageRadii]):
+    """F2IPerturb: concurrent requests for the same bound share one batched binary search. The search treats every
+    image on its own (each has its own bracket and bound evaluations), so a merged pass gives each caller the
+    radii its own pass would, sooner when many small calls arrive together."""
+
+    def __init__(self, image_radii: ImageRadiiPass, *, max_images: int, max_delay_s: float = 0.0,
+                 device: torch.device | None = None) -> None:
+        super().__init__(lambda bound, inputs, wanted: image_radii(inputs[0], inputs[1], bound, wanted),
+                         lambda radii, sizes: radii.split(sizes),
+                         max_images=max_images, max_delay_s=max_delay_s, device=device, name="reaas-f2i-batcher")
+
+    def image_radii(self, images: torch.Tensor, feature_radii: torch.Tensor, bound: str,
+                    still_wanted: StillWanted = lambda: True) -> ImageRadii | None:
+        """Certified image radii for `images` under `bound`; None if the caller gave up before they were ready."""
+        return self.submit(bound, (images, feature_radii), still_wanted)

@@ -115,8 +115,10 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         "--batch-max-images",
         type=int,
         default=defaults.batch_max_images,
-        help="concurrent Feature/StreamFeatures requests share forward passes of up to this many images; 0 runs "
-        "each request alone (default: %(default)s)",
+        help="concurrent Feature/StreamFeatures requests share forward passes of up to this many images (and "
+        f"concurrent F2IPerturb requests for one searched bound share searches of up to {defaults.f2i_chunk_size} "
+        "images); "
+        "0 runs each request alone (default: %(default)s)",
     )
     parser.add_argument(
         "--batch-max-delay-ms",

@@ -33,6 +33,12 @@ class ImageRadii:
     bound: tuple[str, ...]
     search_steps: torch.Tensor  # [batch] int64
 
+    def split(self, sizes: list[int]) -> list[ImageRadii]:
+        """One ImageRadii per consecutive run of `sizes` images (a shared pass's answer, handed back per call)."""
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        return [ImageRadii(self.image_radius[s:s + n], self.bound[s:s + n], self.search_steps[s:s + n])
+                for s, n in zip(starts, sizes, strict=True)]
+
 
 @dataclass(frozen=True)
 class BoundCost:

@@ -17,7 +17,7 @@ import bounds
 from reaas.v1 import encoder_service_pb2 as pb
 from reaas.v1 import encoder_service_pb2_grpc as pb_grpc
 from reaas_client.wire import IMAGE_DTYPES, encode_tensor
-from reaas_server.batcher import ForwardBatcher
+from reaas_server.batcher import ForwardBatcher, RadiusBatcher
 from reaas_server.compute import BackgroundCompute
 from reaas_server.config import ServerConfig
 from reaas_server.encoder_host import BoundCost, ServedEncoder
@@ -57,7 +57,7 @@ def _still_wanted(context: grpc.ServicerContext) -> bool:
 class EncoderServicer(pb_grpc.EncoderServiceServicer):
     def __init__(self, encoder: ServedEncoder, config: ServerConfig, ledger: UsageLedger, quotas: QuotaBook,
                  compute: BackgroundCompute, batcher: ForwardBatcher | None,
-                 bound_costs: tuple[BoundCost, ...] = ()) -> None:
+                 bound_costs: tuple[BoundCost, ...] = (), radius_batcher: RadiusBatcher | None = None) -> None:
         self._encoder = encoder
         self._config = config
         self._ledger = ledger
@@ -65,6 +65,7 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
         self._bound_costs = bound_costs
         self._compute = compute
         self._batcher = batcher
+        self._radius_batcher = radius_batcher
         meta = encoder.metadata
         self._spec = ImageSpec(
             input_shape=tuple(meta.input_shape),
@@ -219,14 +220,15 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
         inputs = self._decoded_inputs(request, field)
         feature_radii = decode_feature_radii(request.feature_radii, inputs.shape[0])
         images = self._encoder_inputs(inputs, field)
-        result = self._encoder.image_radii(
-            images,
-            feature_radii,
-            bound=bound,
-            chunk_size=self._config.f2i_chunk_size,
-            memory_budget_bytes=self._config.f2i_memory_budget_bytes // self._config.max_f2i_calls,
-            still_wanted=lambda: _still_wanted(context),
-        )
+        wanted = lambda: _still_wanted(context)  # noqa: E731
+        # a closed-form bound is a division (nothing to share) and a request of a full chunk is a full search
+        shared = (self._radius_batcher is not None and bound not in bounds.CLOSED_FORM_BOUNDS
+                  and images.shape[0] < self._config.f2i_chunk_size)
+        result = (self._radius_batcher.image_radii(images, feature_radii, bound, wanted) if shared else
+                  self._encoder.image_radii(
+                      images, feature_radii, bound=bound, chunk_size=self._config.f2i_chunk_size,
+                      memory_budget_bytes=self._config.f2i_memory_budget_bytes // self._config.max_f2i_calls,
+                      still_wanted=wanted))
         if result is None:
             raise RequestError(grpc.StatusCode.CANCELLED, "the call was cancelled or its deadline passed")
         radii = [

@@ -1,5 +1,6 @@
-"""Dynamic batching: concurrent requests share forward passes, results return to their callers in order, a caller
-who gave up is dropped, an oversized request runs alone, and an idle server does not wait for company."""
+"""Dynamic batching: concurrent requests share forward passes (and F2I searches of one bound), results return to
+their callers in order, a caller who gave up is dropped, an oversized request runs alone, and an idle server does not
+wait for company."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import torch
 
 from reaas_client import EncoderClient
 from reaas_server import ServerConfig, start_server
-from reaas_server.batcher import ForwardBatcher
+from reaas_server.batcher import ForwardBatcher, RadiusBatcher
+from reaas_server.encoder_host import ImageRadii
 
 
 class HeldForward:
@@ -148,5 +150,86 @@ def test_full_size_requests_bypass_the_batcher(demo_encoder, make_images):
             assert running.batcher.passes == 0
             client.features(make_images(3))
             assert running.batcher.passes == 1
+    finally:
+        running.stop(grace_s=0)
+
+
+class HeldSearch:
+    """An F2I pass (R = R_F / 2, the bound's name per image) that records each pass and can be held at its start."""
+
+    def __init__(self) -> None:
+        self.passes: list[tuple[str, int]] = []
+        self.entered = threading.Semaphore(0)
+        self.release = threading.Event()
+        self.release.set()
+
+    def __call__(self, images, feature_radii, bound, still_wanted) -> ImageRadii:
+        self.passes.append((bound, images.shape[0]))
+        self.entered.release()
+        assert self.release.wait(30), "the test never released the held pass"
+        return ImageRadii(feature_radii.double() / 2, (bound,) * images.shape[0],
+                          torch.full((images.shape[0],), images.shape[0]))
+
+
+def test_f2i_requests_share_a_search_only_with_requests_for_the_same_bound():
+    search = HeldSearch()
+    batcher = RadiusBatcher(search, max_images=64)
+    search.release.clear()
+    with ThreadPoolExecutor(5) as pool:
+        first = pool.submit(batcher.image_radii, images(1, 0.0), torch.tensor([1.0]), "crown")
+        assert search.entered.acquire(timeout=30)
+        queued = [pool.submit(batcher.image_radii, images(n, 0.0), torch.arange(n, dtype=torch.float64) + 10 * n,
+                              bound) for n, bound in ((2, "ibp"), (3, "crown"), (4, "ibp"))]
+        while len(batcher._queue) < 3:  # noqa: SLF001 - the queue is the state this test is about
+            threading.Event().wait(0.001)
+        search.release.set()
+        assert first.result(30).image_radius.tolist() == [0.5]
+        answers = [future.result(30) for future in queued]
+    batcher.close()
+    # the oldest queued request's bound (ibp) goes first with the other ibp request; crown waits for its own pass
+    assert search.passes == [("crown", 1), ("ibp", 6), ("crown", 3)]
+    for n, bound, answer in zip((2, 3, 4), ("ibp", "crown", "ibp"), answers, strict=True):
+        assert answer.image_radius.tolist() == [(10 * n + i) / 2 for i in range(n)]
+        assert answer.bound == (bound,) * n
+        assert answer.search_steps.shape == (n,)
+
+
+def test_concurrent_f2i_calls_get_the_radii_of_their_own_search(demo_encoder, make_images):
+    running = start_server(ServerConfig(port=0, bound_cost_budget_s=0.0, max_f2i_calls=8, max_calls_per_key=8,
+                                        workers=24), demo_encoder)
+    try:
+        requests = [(make_images(3, seed=s), np.full(3, 0.2 + 0.1 * (s % 4))) for s in range(24)]
+        expected = [demo_encoder.image_radii(images, torch.from_numpy(radii), bound="ibp", chunk_size=64,
+                                             memory_budget_bytes=2**26).image_radius.numpy()
+                    for images, radii in requests]
+        with EncoderClient(f"127.0.0.1:{running.port}", timeout_s=120) as client, ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda request: client.f2i_perturb(*request, bound="ibp"), requests))
+        for answer, reference in zip(answers, expected, strict=True):
+            # the same per-image search, to its relative tolerance (1e-3): a bound evaluated in a larger batch may
+            # round its last bit differently and move a bisection step; every answer is a radius the bound verified
+            np.testing.assert_allclose(answer.image_radius, reference, rtol=1e-3)
+            assert answer.bound == ("ibp",) * 3
+        assert 1 <= running.radius_batcher.passes <= len(requests)
+    finally:
+        running.stop(grace_s=0)
+
+
+def test_closed_form_and_full_chunk_f2i_requests_bypass_the_batcher(demo_encoder, make_images):
+    running = start_server(ServerConfig(port=0, bound_cost_budget_s=0.0, f2i_chunk_size=8), demo_encoder)
+    try:
+        with EncoderClient(f"127.0.0.1:{running.port}", timeout_s=120) as client:
+            client.f2i_perturb(make_images(3), np.full(3, 0.5), bound="lipschitz")  # a division: nothing to share
+            client.f2i_perturb(make_images(8), np.full(8, 0.5), bound="ibp")  # a full search already
+            assert running.radius_batcher.passes == 0
+            client.f2i_perturb(make_images(3), np.full(3, 0.5), bound="ibp")
+            assert running.radius_batcher.passes == 1
+    finally:
+        running.stop(grace_s=0)
+
+
+def test_a_seaas_deployment_has_no_f2i_batcher(demo_encoder):
+    running = start_server(ServerConfig(port=0, mode="seaas", bound_cost_budget_s=0.0), demo_encoder)
+    try:
+        assert running.radius_batcher is None and running.batcher is not None
     finally:
         running.stop(grace_s=0)
