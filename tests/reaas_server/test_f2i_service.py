@@ -106,3 +106,28 @@ def test_feature_radii_given_as_a_python_list_travel_in_float64(client, make_ima
     reply = client.f2i_perturb(make_images(2), radii, bound="lipschitz")
     expected = closed_form_radius(torch.tensor(radii, dtype=torch.float64), client.info().lipschitz_upper)
     assert reply.image_radius.tolist() == expected.tolist()
+
+
+def test_concurrent_default_bound_searches_on_a_non_affine_encoder_all_answer():
+    """Concurrent F2I calls each run their own search in a server thread (batching off); on a ReLU CNN the default
+    bound's decision runs forward-mode AD, whose process-global state once made such calls fail with INTERNAL."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from reaas_client import EncoderClient
+    from reaas_server import ServedEncoder, ServerConfig, start_server
+
+    encoder = ServedEncoder.load(None, "cpu", demo_kind="nonrobust")
+    running = start_server(ServerConfig(port=0, bound_cost_budget_s=0.0, batch_max_images=0, max_f2i_calls=6,
+                                        max_calls_per_key=6, workers=24), encoder)
+    try:
+        images = [torch.rand((2, *encoder.metadata.input_shape), generator=torch.Generator().manual_seed(s))
+                  for s in range(6)]
+        with EncoderClient(f"127.0.0.1:{running.port}", timeout_s=300) as client, ThreadPoolExecutor(6) as pool:
+            replies = list(pool.map(lambda batch: client.f2i_perturb(batch, [0.5, 0.5]), images))
+            closed_form = client.f2i_perturb(images[0], [0.5, 0.5], bound="lipschitz").image_radius
+        for reply in replies:
+            assert np.all(reply.image_radius >= closed_form * (1 - 1e-6))  # auto is never looser than Lipschitz
+    finally:
+        running.stop(grace_s=0)
