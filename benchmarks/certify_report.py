@@ -77,13 +77,15 @@ def _verdict(ok: bool) -> str:
     return "met" if ok else "**NOT met**"
 
 
-def _degenerate(row: Row) -> str:
-    """A head that predicts (nearly) one class has a huge radius on the inputs of that class: say so."""
+def _degenerate(row: Row, subject: str = "") -> str:
+    """A head that predicts (nearly) one class has a huge radius on the inputs of that class: say so (`subject`
+    names the row when it is not the one the line is about)."""
     acc = clean_accuracy(row)
     classes = [m for m in row.result.classifier.modules() if isinstance(m, nn.Linear)][-1].out_features
     # on class-balanced test inputs a constant classifier scores 1/K: within 0.05 of it (or below 0.5) is no better
     degenerate = acc < 0.5 or acc <= 1 / classes + 0.05
-    return f" -- but DEGENERATE: clean acc {acc:.3f}, a near-constant classifier" if degenerate else ""
+    return f" -- but {subject + ' is ' if subject else ''}DEGENERATE: clean acc {acc:.3f}, a near-constant classifier" \
+        if degenerate else ""
 
 
 PAPER_TEXT_ACR = 2.517  # the paper's NLP extension: another data set and encoder, for scale only
@@ -108,7 +110,8 @@ def text_goals(rows: Sequence[Row], new: str, nonrobust: str) -> str:
                          f"(ACR {acr:.3f} at clean acc {acc:.3f}, {row.summary.queries_per_test_input:g} queries per "
                          f"test input; SEaaS-SC through {best_seaas.encoder}: ACR {best_seaas.summary.acr:.3f} at "
                          f"clean acc {clean_accuracy(best_seaas):.3f}, "
-                         f"{best_seaas.summary.queries_per_test_input:g} queries){_degenerate(row)}")
+                         f"{best_seaas.summary.queries_per_test_input:g} queries)"
+                         f"{_degenerate(best_seaas, 'that SEaaS-SC row')}{_degenerate(row)}")
         plain = _find(rows, nonrobust, service)
         if plain is not None:
             lines.append(f"* robust vs non-robust pre-training ({service}, {new} vs {nonrobust}): ACR "
