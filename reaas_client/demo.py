@@ -64,8 +64,9 @@ DEMO_DEFAULTS = {
     # text: SEaaS noise in embedding units (rows of E have norm 1); margins as multiples of the feature spread,
     # since a text encoder's features are small (mean pooling divides by max_length)
     # lr 0.05 and no weight decay: measured best for margin heads on the text floor (bench-text-encoders)
-    # 0.4 x spread: what bench-certify-text selects for REaaS-SC from 0.2 to 1.6
-    "rt-embedded": DemoDefaults(encoder="text-pca", train_size=8_000, image_sigma=0.25, feature_sigma_fraction=0.4,
+    # 0.4 x spread and 0.5: what bench-certify-text selects through text-pca for REaaS-SC (from 0.2 to 1.6 x spread)
+    # and SEaaS-SC (from 0.25 to 2)
+    "rt-embedded": DemoDefaults(encoder="text-pca", train_size=8_000, image_sigma=0.5, feature_sigma_fraction=0.4,
                                 margins="0,0.005,0.01,0.02",
                                 min_val_accuracy=0.6, margin_unit="spread", lr=0.05, weight_decay=0.0,
                                 test_size=100, seaas_test_size=50),
