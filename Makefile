@@ -80,10 +80,10 @@ bench-certify: setup
 
 # The text section (issue 12): the served floor (text-pca) and the non-robust encoder on Rotten Tomatoes reviews, radii
 # in embedding space, SEaaS-SC through both at N = 100 000 on 100 reviews (text-lipschitz, which does not beat the
-# floor, is compared in bench-text-encoders). Both SC sigma grids reach past the sigma they choose: a narrower grid
-# (top 0.5 / 0.4 x spread) made both paths pick its edge. About 100 min on 2 cores (SEaaS-SC streams 10^7 embedding
-# matrices per encoder at ~5 700 a second, ~30 min each); the head flags are bench-text-encoders' measured settings
-# on a class-balanced 8 000-review training subset
+# floor, is compared in bench-text-encoders). Both SC sigma grids reach past what they select (REaaS-SC 0.4 x spread;
+# SEaaS-SC 0.5 through text-pca, 0.25 through text-nonrobust). 67 min on 2 cores (measured; SEaaS-SC streams 10^7
+# embedding matrices per encoder, 6-12 min each); the head flags are bench-text-encoders' measured settings on a
+# class-balanced 8 000-review training subset
 bench-certify-text: setup
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m benchmarks.certify --name certify_text --dataset rt-embedded \
 		--encoders text-pca,text-nonrobust --new-encoder text-pca --floor text-pca \
