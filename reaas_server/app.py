@@ -155,7 +155,9 @@ def start_server(config: ServerConfig, encoder: ServedEncoder | None = None, *,
         max_images=config.batch_max_images, max_delay_s=config.batch_max_delay_s, device=encoder.device)
     # F2I requests for one searched bound share searches of up to one F2I chunk (the search runs chunk by chunk
     # anyway: a larger merge would gain nothing and only delay the callers' cancellation checks)
-    radius_batcher = None if config.batch_max_images == 0 or config.mode != "reaas" else RadiusBatcher(
+    f2i_batching = encoder.device.type == "cuda" if config.f2i_batching is None else config.f2i_batching
+    shares_searches = f2i_batching and config.batch_max_images > 0 and config.mode == "reaas"
+    radius_batcher = None if not shares_searches else RadiusBatcher(
         lambda images, radii, bound, wanted: encoder.image_radii(
             images, radii, bound=bound, chunk_size=config.f2i_chunk_size,
             memory_budget_bytes=config.f2i_memory_budget_bytes // config.max_f2i_calls, still_wanted=wanted),

@@ -115,10 +115,17 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         "--batch-max-images",
         type=int,
         default=defaults.batch_max_images,
-        help="concurrent Feature/StreamFeatures requests share forward passes of up to this many images (and "
-        f"concurrent F2IPerturb requests for one searched bound share searches of up to {defaults.f2i_chunk_size} "
-        "images); "
-        "0 runs each request alone (default: %(default)s)",
+        help="concurrent Feature/StreamFeatures requests share forward passes of up to this many images (and, "
+        "with --f2i-batching, F2IPerturb requests share bound searches); 0 runs each request alone "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--f2i-batching",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help=f"concurrent F2IPerturb requests for one searched bound share searches of up to "
+        f"{defaults.f2i_chunk_size} images; auto: on CUDA only (on 2 CPU cores separate concurrent searches were "
+        "faster, benchmarks/results/batching.md) (default: %(default)s)",
     )
     parser.add_argument(
         "--batch-max-delay-ms",
@@ -184,6 +191,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             forward_chunk_size=args.forward_chunk_size,
             batch_max_images=args.batch_max_images,
             batch_max_delay_s=args.batch_max_delay_ms / 1000,
+            f2i_batching={"auto": None, "on": True, "off": False}[args.f2i_batching],
             bound_cost_budget_s=args.bound_cost_budget,
             workers=args.workers,
             max_feature_calls=args.max_feature_calls,

@@ -196,7 +196,7 @@ def test_f2i_requests_share_a_search_only_with_requests_for_the_same_bound():
 
 def test_concurrent_f2i_calls_get_the_radii_of_their_own_search(demo_encoder, make_images):
     running = start_server(ServerConfig(port=0, bound_cost_budget_s=0.0, max_f2i_calls=8, max_calls_per_key=8,
-                                        workers=24), demo_encoder)
+                                        workers=24, f2i_batching=True), demo_encoder)
     try:
         requests = [(make_images(3, seed=s), np.full(3, 0.2 + 0.1 * (s % 4))) for s in range(24)]
         expected = [demo_encoder.image_radii(images, torch.from_numpy(radii), bound="ibp", chunk_size=64,
@@ -215,7 +215,8 @@ def test_concurrent_f2i_calls_get_the_radii_of_their_own_search(demo_encoder, ma
 
 
 def test_closed_form_and_full_chunk_f2i_requests_bypass_the_batcher(demo_encoder, make_images):
-    running = start_server(ServerConfig(port=0, bound_cost_budget_s=0.0, f2i_chunk_size=8), demo_encoder)
+    running = start_server(ServerConfig(port=0, bound_cost_budget_s=0.0, f2i_chunk_size=8, f2i_batching=True),
+                           demo_encoder)
     try:
         with EncoderClient(f"127.0.0.1:{running.port}", timeout_s=120) as client:
             client.f2i_perturb(make_images(3), np.full(3, 0.5), bound="lipschitz")  # a division: nothing to share
@@ -227,9 +228,13 @@ def test_closed_form_and_full_chunk_f2i_requests_bypass_the_batcher(demo_encoder
         running.stop(grace_s=0)
 
 
-def test_a_seaas_deployment_has_no_f2i_batcher(demo_encoder):
-    running = start_server(ServerConfig(port=0, mode="seaas", bound_cost_budget_s=0.0), demo_encoder)
-    try:
-        assert running.radius_batcher is None and running.batcher is not None
-    finally:
-        running.stop(grace_s=0)
+def test_f2i_batching_is_on_for_cuda_only_unless_asked_and_never_on_seaas(demo_encoder):
+    # auto on a CPU encoder: off (bench-service measured separate searches faster on 2 cores)
+    for config, expected in ((ServerConfig(port=0, bound_cost_budget_s=0.0), False),
+                             (ServerConfig(port=0, bound_cost_budget_s=0.0, f2i_batching=True), True),
+                             (ServerConfig(port=0, bound_cost_budget_s=0.0, f2i_batching=True, mode="seaas"), False)):
+        running = start_server(config, demo_encoder)
+        try:
+            assert (running.radius_batcher is not None) == expected and running.batcher is not None
+        finally:
+            running.stop(grace_s=0)
