@@ -42,7 +42,7 @@ class ServerConfig:
     batch_max_delay_s: float = 0.0
     f2i_chunk_size: int = 64  # images per bound computation; cancellation is checked between chunks
     # F2I requests for one searched bound share searches (batcher.RadiusBatcher): None = on CUDA only. On 2 CPU
-    # cores concurrent searches of their own use the cores better (bench-service: 1.5 vs 0.9 images/s)
+    # cores concurrent searches of their own use the cores better (bench-service: 1.6 vs 0.9 images/s)
     f2i_batching: bool | None = None
     bound_cost_budget_s: float = 5.0  # start-up time cap for measuring each bound's cost (EncoderInfo.bound_costs)
     workers: int = 16  # gRPC handler threads, shared by every RPC including health checks
