@@ -160,7 +160,7 @@ def start_server(config: ServerConfig, encoder: ServedEncoder | None = None, *,
     radius_batcher = None if not shares_searches else RadiusBatcher(
         lambda images, radii, bound, wanted: encoder.image_radii(
             images, radii, bound=bound, chunk_size=config.f2i_chunk_size,
-            memory_budget_bytes=config.f2i_memory_budget_bytes // config.max_f2i_calls, still_wanted=wanted),
+            memory_budget_bytes=config.f2i_memory_budget_per_search, still_wanted=wanted),
         max_images=config.f2i_chunk_size, max_delay_s=config.batch_max_delay_s, device=encoder.device)
     pb_grpc.add_EncoderServiceServicer_to_server(
         EncoderServicer(encoder, config, ledger, quotas, compute, batcher, bound_costs, radius_batcher), server)

@@ -58,6 +58,11 @@ class ServerConfig:
     device: str | None = None  # None: "cuda" when available, else "cpu"
     tls: ServerTls | None = None  # None: insecure port
 
+    @property
+    def f2i_memory_budget_per_search(self) -> int:
+        """The bound computations' working set one F2I search may use: the admitted F2I calls share the budget."""
+        return self.f2i_memory_budget_bytes // self.max_f2i_calls
+
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")

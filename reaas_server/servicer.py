@@ -227,7 +227,7 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
         result = (self._radius_batcher.image_radii(images, feature_radii, bound, wanted) if shared else
                   self._encoder.image_radii(
                       images, feature_radii, bound=bound, chunk_size=self._config.f2i_chunk_size,
-                      memory_budget_bytes=self._config.f2i_memory_budget_bytes // self._config.max_f2i_calls,
+                      memory_budget_bytes=self._config.f2i_memory_budget_per_search,
                       still_wanted=wanted))
         if result is None:
             raise RequestError(grpc.StatusCode.CANCELLED, "the call was cancelled or its deadline passed")
