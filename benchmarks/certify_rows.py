@@ -10,9 +10,10 @@ grid at reduced N on the first test inputs: an advantage the baseline gets, said
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -32,6 +33,7 @@ from reaas_client.head_selection import HeadSearch
 from reaas_client.metrics import RunSummary, summarize
 from reaas_client.pipelines import PathConfig, PathResult, SmoothingConfig, certify_features, run_path
 
+T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Data:
@@ -193,9 +195,7 @@ def select_smoothing(features: torch.Tensor, labels: torch.Tensor, num_classes: 
             rows.append([name, f"{fraction:g}", f"{sigma:.4g}", len(held), settings.grid_n,
                          f"{scores[name, sigma]:.4f}", f"{sum(correct) / len(held):.3f}"])
     # as in head selection: a smoothed classifier no better than the majority class certifies worthless radii
-    majority = float(torch.bincount(labels[held]).max()) / len(held)
-    eligible = [key for key in scores if accuracies[key] > majority] or [max(accuracies, key=accuracies.get)]
-    head, sigma = max(eligible, key=scores.get)
+    head, sigma = max(_better_than_majority(list(scores), accuracies.get, labels[held]), key=scores.get)
     for row in rows:
         row.insert(0, "**yes**" if (row[0], row[2]) == (head, f"{sigma:.4g}") else "")
     table = markdown_table(["chosen", "head", "fraction of spread", "sigma (feature units)",
@@ -254,14 +254,14 @@ def reaas_rows(encoder: Encoder, data: Data, settings: Settings, started: float)
     return EncoderReport(rows, bc_all, tables)
 
 
-def _better_than_majority(grid: list[PathResult], labels: torch.Tensor) -> list[PathResult]:
-    """The grid runs whose smoothed clean accuracy beats the majority class of `labels` (all of them when none
-    does): the rule REaaS-SC's sigma and every head selection follow. A smoothed classifier that is right less often
-    than a constant guess can still post a large ACR by certifying one class with huge radii (issue 12's SEaaS-SC
-    through text-nonrobust chose sigma 2 by ACR 0.228 at clean accuracy 0.43, the balanced majority being 0.5)."""
+def _better_than_majority(candidates: list[T], accuracy: Callable[[T], float], labels: torch.Tensor) -> list[T]:
+    """The candidates whose (smoothed) clean accuracy beats the majority class of `labels`, or the most accurate one
+    when none does: the rule REaaS-SC's sigma, SEaaS-SC's sigma and every head selection follow. A smoothed
+    classifier that is right less often than a constant guess can still post a large ACR by certifying one class
+    with huge radii (issue 12's SEaaS-SC through text-nonrobust chose sigma 2 by ACR 0.228 at clean accuracy 0.43,
+    the balanced majority being 0.5)."""
     majority = float(torch.bincount(labels).max()) / len(labels)
-    eligible = [r for r in grid if r.summary.certified_accuracy[0.0] > majority]
-    return eligible or grid
+    return [c for c in candidates if accuracy(c) > majority] or [max(candidates, key=accuracy)]
 
 
 def seaas_row(encoder: Encoder, data: Data, settings: Settings, started: float) -> EncoderReport:
@@ -280,8 +280,8 @@ def seaas_row(encoder: Encoder, data: Data, settings: Settings, started: float) 
             _log(f"SEaaS-SC {encoder.name}: grid sigma {sigma:g}, N {settings.grid_n}", started)
             grid.append(_run(PathConfig("seaas-sc", sigma=sigma, n=settings.grid_n, **common), client, data,
                              settings.grid_test_size, settings))
-        best = max(_better_than_majority(grid, data.test_labels[: settings.grid_test_size]),
-                   key=lambda r: r.summary.acr)
+        best = max(_better_than_majority(grid, lambda r: r.summary.certified_accuracy[0.0],
+                                         data.test_labels[: settings.grid_test_size]), key=lambda r: r.summary.acr)
         sigma = float(best.summary.extra["sigma"])
         _log(f"SEaaS-SC {encoder.name}: sigma {sigma:g}, N {settings.seaas_n} on {data.test_size} inputs", started)
         full = _run(PathConfig("seaas-sc", sigma=sigma, n=settings.seaas_n, **common), client, data,
