@@ -2,14 +2,19 @@
 
 The client never imports the server: it starts the server's CLI in a child process, reads the port from the
 CLI's handshake line ("reaas-server listening on HOST:PORT ..."), waits for grpc.health.v1 SERVING, and
-always stops the child (SIGTERM, then SIGKILL) when the `with` block ends, on error or Ctrl-C too.
+always stops the child (SIGTERM, then SIGKILL) when the `with` block ends, on error or Ctrl-C too. On Linux the
+child also gets SIGTERM when its parent dies without reaching that block (SIGKILL, a crash): a killed benchmark
+must not leave a server behind holding CPU and memory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -22,6 +27,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 _HANDSHAKE = re.compile(r"listening on (\S+):(\d+)")
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class ServerStartError(RuntimeError):
@@ -55,7 +61,8 @@ def background_server_process(mode: str = "reaas", *, checkpoint: Path | None = 
     if checkpoint is not None:
         command += ["--checkpoint", str(checkpoint)]
     log = open(log_path, "w") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True,
+                               preexec_fn=_terminate_with(os.getpid()) if sys.platform == "linux" else None)
     try:
         address = _wait_for_handshake(process, startup_timeout_s, log_path)
         _wait_for_serving(address, process, startup_timeout_s, log_path)
@@ -71,6 +78,19 @@ def background_server_process(mode: str = "reaas", *, checkpoint: Path | None = 
             process.stdout.close()
         if log is not subprocess.DEVNULL:
             log.close()
+
+
+def _terminate_with(parent: int):
+    """The child's pre-exec hook: ask Linux for SIGTERM when the parent dies. Linux ties the signal to the thread
+    that forked, so the server lives as long as the thread inside the `with` block. If the parent is already gone
+    (it died between fork and here), exit at once."""
+
+    def hook() -> None:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return hook
 
 
 def _wait_for_handshake(process: subprocess.Popen, timeout_s: float, log_path: Path | None) -> str:
