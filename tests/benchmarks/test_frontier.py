@@ -47,3 +47,26 @@ def test_plot_is_written(tmp_path) -> None:
     points = [_point("SEaaS-SC", 0.6, 0.1, "sigma 0.5"), _point("REaaS-BC", 0.62, 0.12, "eps 0")]
     path = plot_frontier(points, 0.5, tmp_path / "f.png", "t")
     assert path.stat().st_size > 1000
+
+
+def test_points_go_through_the_service_at_each_paths_query_cost(tmp_path, monkeypatch) -> None:
+    from benchmarks import frontier
+    from benchmarks.certify_rows import Data, Encoder
+    from reaas_client.downstream import TrainConfig, stratified_subset
+    from robust_pretrain import load_embedded_mnist
+
+    monkeypatch.setattr(frontier, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(frontier, "LOG_DIR", tmp_path)
+    splits = load_embedded_mnist()
+    train, test = splits.downstream_train, splits.downstream_test
+    train_idx, test_idx = stratified_subset(train.labels, 100), stratified_subset(test.labels, 0)
+    data = Data("mnist-embedded", train.images[train_idx], train.labels[train_idx], test.images[test_idx],
+                test.labels[test_idx], 10, test_size=6)
+    head = TrainConfig(epochs=3, hidden=(32, 32), head="linear")
+    heads = frontier.Heads(margin=head, reaas_sc=head, seaas_sc=TrainConfig(epochs=3, hidden=(32, 32)))
+    pca = Encoder("pca", kind="pca")
+    points = frontier.reaas_points(pca, data, heads, (0.0, 0.1), (0.1,), 100, started=0.0)
+    points += frontier.seaas_points(pca, data, heads, (0.5,), 50, started=0.0)
+    assert [p.path for p in points] == ["REaaS-BC", "REaaS-BC", "REaaS-SC", "SEaaS-SC"]
+    assert [p.queries_per_test_input for p in points] == [2, 2, 2, 150]
+    assert all(0 <= p.clean_accuracy <= 1 and p.acr >= 0 for p in points)
