@@ -81,7 +81,7 @@ bench-certify: setup
 # The text section (issue 12): the served floor (text-pca) and the non-robust encoder on Rotten Tomatoes reviews, radii
 # in embedding space, SEaaS-SC through both at N = 100 000 on 100 reviews (text-lipschitz, which does not beat the
 # floor, is compared in bench-text-encoders). Both SC sigma grids reach past what they select (REaaS-SC 0.4 x spread;
-# SEaaS-SC 0.5 through text-pca, 0.25 through text-nonrobust). 67 min on 2 cores (measured; SEaaS-SC streams 10^7
+# SEaaS-SC 0.5 through text-pca, 0.25 through text-nonrobust). 58 min on 2 cores (measured; SEaaS-SC streams 10^7
 # embedding matrices per encoder, 6-12 min each); the head flags are bench-text-encoders' measured settings on a
 # class-balanced 8 000-review training subset
 bench-certify-text: setup
@@ -93,7 +93,7 @@ bench-certify-text: setup
 		--feature-sigma-fractions 0.2,0.4,0.8,1.6
 
 # ACR against clean accuracy on the text floor: REaaS-BC over its margin, REaaS-SC and SEaaS-SC (through text-pca and
-# text-nonrobust) over sigma, 200 reviews, SC N = 10 000; compared at matched accuracy (issue 12). ~25 min on 2 cores
+# text-nonrobust) over sigma, 200 reviews, SC N = 10 000; compared at matched accuracy (issue 12). 27 min on 2 cores
 bench-frontier: setup
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m benchmarks.frontier
 
