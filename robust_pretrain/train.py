@@ -15,6 +15,7 @@ training state goes to ``<out_dir>/resume.pt`` and a rerun with the same config 
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -233,6 +234,11 @@ def pretrain(
         )
     if world_size > 1:
         dist.barrier()
+        # The DDP wrapper's reducer holds the process group: free it here, not in a garbage collection during
+        # interpreter shutdown, where tearing down gloo's threads can abort the process (seen once in CI beside a
+        # CPU-heavy benchmark: "terminate called without an active exception", exit -6 on rank 1).
+        del model
+        gc.collect()
         dist.destroy_process_group()
     if metadata is None:  # the other processes read what rank 0 wrote
         metadata = load_checkpoint(out_dir / "encoder").metadata
