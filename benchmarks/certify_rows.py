@@ -136,7 +136,8 @@ class EncoderReport:
     tables: list[str]
 
 
-def _log(message: str, started: float) -> None:
+def log_progress(message: str, started: float) -> None:
+    """One progress line, stamped with the seconds since `started` (the long benchmarks print where they are)."""
     print(f"[{time.perf_counter() - started:7.0f} s] {message}", flush=True)
 
 
@@ -167,7 +168,7 @@ def _attacked_row(encoder: Encoder, model_id: str, result: PathResult, data: Dat
     t0 = time.perf_counter()
     radius = attack_radius(nn.Sequential(*pipeline), inputs, data.test_labels[:count], settings.attack)
     summary = prefix_summary(result, count)
-    _log(f"  {summary.service} {encoder.name}: ACR {summary.acr:.3f}, attack radius {radius.mean():.3f} "
+    log_progress(f"  {summary.service} {encoder.name}: ACR {summary.acr:.3f}, attack radius {radius.mean():.3f} "
          f"({time.perf_counter() - t0:.0f} s)", started)
     return Row(encoder.name, model_id, summary.service, summary.extra.get("head", ""), summary, result, radius,
                time.perf_counter() - t0, "h(f(clip(x)))" if clip else "h(f(x))", note)
@@ -219,7 +220,7 @@ def reaas_rows(encoder: Encoder, data: Data, settings: Settings, started: float)
             EncoderClient(address, timeout_s=7200.0) as client:
         info = client.info()
         data.check_served(client)
-        _log(f"{encoder.name}: {info.model_id} ({info.description}); Lipschitz <= {info.lipschitz_upper:.4g}",
+        log_progress(f"{encoder.name}: {info.model_id} ({info.description}); Lipschitz <= {info.lipschitz_upper:.4g}",
              started)
         fetched = fetch_features(client, data.train_images, data.train_labels, dataset=data.name,
                                  cache_dir=settings.cache_dir)
@@ -240,7 +241,7 @@ def reaas_rows(encoder: Encoder, data: Data, settings: Settings, started: float)
         sc_name, sigma, sigma_table = select_smoothing(fetched.features, fetched.labels, data.num_classes, spread,
                                                        settings, candidates)
         sc_train = candidates[sc_name]
-        _log(f"  REaaS-SC {encoder.name}: sigma_F {sigma:.4g} ({sigma / spread:g} x spread)", started)
+        log_progress(f"  REaaS-SC {encoder.name}: sigma_F {sigma:.4g} ({sigma / spread:g} x spread)", started)
         sc = _run(PathConfig("reaas-sc", sigma=sigma, n=settings.feature_n, train=sc_train, **common),
                   client, data, data.test_size, settings,
                   note=f"sigma_F {sigma:.3g} ({sigma / spread:g} x spread), N {settings.feature_n}")
@@ -277,13 +278,13 @@ def seaas_row(encoder: Encoder, data: Data, settings: Settings, started: float) 
         common = {"seed": settings.seed, "train": settings.sc_train}
         grid = []
         for sigma in settings.image_sigmas:
-            _log(f"SEaaS-SC {encoder.name}: grid sigma {sigma:g}, N {settings.grid_n}", started)
+            log_progress(f"SEaaS-SC {encoder.name}: grid sigma {sigma:g}, N {settings.grid_n}", started)
             grid.append(_run(PathConfig("seaas-sc", sigma=sigma, n=settings.grid_n, **common), client, data,
                              settings.grid_test_size, settings))
         best = max(_better_than_majority(grid, lambda r: r.summary.certified_accuracy[0.0],
                                          data.test_labels[: settings.grid_test_size]), key=lambda r: r.summary.acr)
         sigma = float(best.summary.extra["sigma"])
-        _log(f"SEaaS-SC {encoder.name}: sigma {sigma:g}, N {settings.seaas_n} on {data.test_size} inputs", started)
+        log_progress(f"SEaaS-SC {encoder.name}: sigma {sigma:g}, N {settings.seaas_n} on {data.test_size} inputs", started)
         full = _run(PathConfig("seaas-sc", sigma=sigma, n=settings.seaas_n, **common), client, data,
                     data.test_size, settings, note=f"sigma {sigma:g} {unit} (grid at N {settings.grid_n}), "
                                                    f"N {settings.seaas_n}")

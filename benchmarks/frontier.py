@@ -29,14 +29,14 @@ matplotlib.use("Agg")  # headless
 import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmarks.certify import floats, load_data, names  # noqa: E402
-from benchmarks.certify_rows import Data, Encoder, parse_encoders  # noqa: E402
+from benchmarks.certify_rows import Data, Encoder, Settings, log_progress, parse_encoders  # noqa: E402
 from benchmarks.environment import RESULTS, machine_summary, markdown_table, write_results  # noqa: E402
 from reaas_client import EncoderClient  # noqa: E402
 from reaas_client.background_server import background_server  # noqa: E402
 from reaas_client.downstream import TrainConfig, feature_spread, fetch_features  # noqa: E402
 from reaas_client.pipelines import PathConfig, PathResult, run_path  # noqa: E402
 
-CACHE_DIR = Path("runs") / "bench-certify" / "feature_cache"
+CACHE_DIR = Settings().cache_dir  # bench-certify's: the noisy SEaaS-SC training features are fetched once
 LOG_DIR = Path("runs") / "bench-frontier"
 
 
@@ -69,10 +69,6 @@ def _point(path: str, encoder: str, knob: str, result: PathResult) -> FrontierPo
                          s.wall_s + s.train_wall_s)
 
 
-def _log(message: str, started: float) -> None:
-    print(f"[{time.perf_counter() - started:7.0f} s] {message}", flush=True)
-
-
 def _run(config: PathConfig, client: EncoderClient, data: Data) -> PathResult:
     return run_path(config, client, data.train_images, data.train_labels, data.test_images[:data.test_size],
                     data.test_labels[:data.test_size], data.num_classes, dataset=data.name, cache_dir=CACHE_DIR)
@@ -90,11 +86,11 @@ def reaas_points(encoder: Encoder, data: Data, heads: Heads, margins: Sequence[f
         for margin in margins:
             result = _run(PathConfig("reaas-bc", train=replace(heads.margin, margin=margin * spread)), client, data)
             points.append(_point("REaaS-BC", encoder.name, f"eps {margin:g} x spread", result))
-            _log(f"REaaS-BC {encoder.name} eps {margin:g} x spread: {_describe(points[-1])}", started)
+            log_progress(f"REaaS-BC {encoder.name} eps {margin:g} x spread: {_describe(points[-1])}", started)
         for fraction in fractions:
             result = _run(PathConfig("reaas-sc", sigma=fraction * spread, n=n, train=heads.reaas_sc), client, data)
             points.append(_point("REaaS-SC", encoder.name, f"sigma_F {fraction:g} x spread", result))
-            _log(f"REaaS-SC {encoder.name} sigma_F {fraction:g} x spread: {_describe(points[-1])}", started)
+            log_progress(f"REaaS-SC {encoder.name} sigma_F {fraction:g} x spread: {_describe(points[-1])}", started)
     return points
 
 
@@ -108,7 +104,7 @@ def seaas_points(encoder: Encoder, data: Data, heads: Heads, sigmas: Sequence[fl
         for sigma in sigmas:
             result = _run(PathConfig("seaas-sc", sigma=sigma, n=n, train=heads.seaas_sc), client, data)
             points.append(_point("SEaaS-SC", encoder.name, f"sigma {sigma:g}", result))
-            _log(f"SEaaS-SC {encoder.name} sigma {sigma:g}: {_describe(points[-1])}", started)
+            log_progress(f"SEaaS-SC {encoder.name} sigma {sigma:g}: {_describe(points[-1])}", started)
     return points
 
 
