@@ -28,6 +28,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 _HANDSHAKE = re.compile(r"listening on (\S+):(\d+)")
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# Resolved here, in the parent: between fork and exec the child only calls it (no dlopen, whose locks another
+# thread of the parent may have held at fork time).
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
 
 
 class ServerStartError(RuntimeError):
@@ -62,7 +65,7 @@ def background_server_process(mode: str = "reaas", *, checkpoint: Path | None = 
         command += ["--checkpoint", str(checkpoint)]
     log = open(log_path, "w") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True,
-                               preexec_fn=_terminate_with(os.getpid()) if sys.platform == "linux" else None)
+                               preexec_fn=_terminate_with(os.getpid()) if _PRCTL is not None else None)
     try:
         address = _wait_for_handshake(process, startup_timeout_s, log_path)
         _wait_for_serving(address, process, startup_timeout_s, log_path)
@@ -86,7 +89,7 @@ def _terminate_with(parent: int):
     (it died between fork and here), exit at once."""
 
     def hook() -> None:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != parent:
             os._exit(1)
 
