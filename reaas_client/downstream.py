@@ -156,12 +156,11 @@ class TrainConfig:
     """How h is trained. `noise_sigma` > 0 adds N(0, sigma^2 I) to each feature vector at every step (any head).
 
     `head`: "mlp" (the paper's ReLU MLP, cross-entropy), "linear" or "lipschitz" (reaas_client.heads: trained with
-    the Lipschitz-margin loss at `margin` eps, in feature-space units, and `temperature`). `hidden`: the MLP's or
+    the distance-unit Lipschitz-margin loss at `margin` eps and `temperature`, both in feature-space units). `hidden`: the MLP's or
     the lipschitz body's widths (even for lipschitz; ignored by linear). `margin_warmup`: share of the training steps
     over which the margin ramps linearly from 0 up to `margin` (0: the full margin from the first step).
-    Defaults measured on PCA-64 digit features (lipschitz 512-512, selected on held-out training features):
-    temperature 1 beats 0.25 (ACR +0.1 at equal accuracy), and the ramp keeps eps 1.5-2 from trading ~2-5
-    points of accuracy away (eps 4 still collapses to one class).
+    Defaults measured on PCA-64 digit features (lipschitz 512-512; benchmarks/results/heads.md): temperature 0.25
+    (t = 4 per feature unit, issue 21), and the ramp keeps large eps from trading accuracy away early.
     """
 
     hidden: tuple[int, ...] = (256, 256)
@@ -173,7 +172,7 @@ class TrainConfig:
     seed: int = 0
     head: str = "mlp"
     margin: float = 1.0
-    temperature: float = 1.0
+    temperature: float = 0.25
     margin_warmup: float = 0.5
 
     def __post_init__(self) -> None:
