@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="REaaS-SC sigma grid as fractions of the training features' spread (RMS distance to their mean)")
     add("--image-sigmas", type=floats, default=(0.25, 0.5, 1.0), help="SEaaS-SC sigma grid in pixel units")
     add("--heads", type=names, default=("linear", "lipschitz"), help="REaaS-BC margin head kinds to select among")
-    add("--margins", type=floats, default=(1.0, 1.5, 2.0), help="REaaS-BC margin grid (in --margin-unit)")
+    add("--margins", type=floats, default=(1.0, 2.0, 3.0, 4.0, 5.0, 6.0),
+        help="REaaS-BC margin grid (in --margin-unit; on the digits the held-out frontier turns at eps 5-6)")
     add("--margin-unit", choices=("feature", "spread"), default="feature",
         help="--margins in feature-space units, or as multiples of each encoder's training-feature spread (text "
              "encoders' features are small: mean pooling divides by max_length)")
