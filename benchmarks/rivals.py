@@ -35,6 +35,7 @@ from benchmarks.environment import RESULTS, markdown_table, write_results  # noq
 from benchmarks.heads import pca_features  # noqa: E402
 from bounds import certify_feature_radius, pgd_margin_attack  # noqa: E402
 from reaas_client.downstream import TrainConfig, feature_spread, train_classifier  # noqa: E402
+from reaas_client.heads import consistency_penalty  # noqa: E402
 from reaas_client.pipelines import SmoothingConfig, certify_features  # noqa: E402
 from reaas_client.smoothing_selection import select_smoothing  # noqa: E402
 from robust_pretrain import load_embedded_mnist  # noqa: E402
@@ -89,11 +90,7 @@ def train_noisy_lenet(images: torch.Tensor, labels: torch.Tensor, sigma: float, 
             logits = model(x + sigma * torch.randn(x.shape, generator=generator))
             loss = nn.functional.cross_entropy(logits, y)
             if consistency > 0:
-                log_p = logits.log_softmax(dim=1).view(m, len(batch), -1)
-                mean = log_p.exp().mean(dim=0)
-                kl = (mean * (mean.clamp_min(1e-12).log() - log_p)).sum(dim=-1).mean()
-                entropy = -(mean * mean.clamp_min(1e-12).log()).sum(dim=-1).mean()
-                loss = loss + consistency * kl + 0.5 * entropy
+                loss = loss + consistency_penalty(logits, m, consistency)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -45,6 +45,21 @@ def lipschitz_margin_loss(logits: torch.Tensor, labels: torch.Tensor, last_weigh
     return torch.logsumexp(offset, dim=1).mean()
 
 
+def consistency_penalty(logits: torch.Tensor, copies: int, weight: float, entropy_weight: float = 0.5
+                        ) -> torch.Tensor:
+    """Jeong & Shin (2020)'s consistency term for a smoothed classifier's base model: `logits` [copies * batch, K]
+    of `copies` noisy views of each input (copy-major), weight · mean_i KL(p_mean || p_i) + entropy_weight ·
+    H(p_mean) (their lambda and eta = 0.5). It
+    pulls the noisy views' predictions together, which raises the smoothed top-class probability and so the radius."""
+    if copies < 2 or logits.shape[0] % copies:
+        raise ValueError(f"need >= 2 copies dividing the batch, got {copies} for {logits.shape[0]} rows")
+    log_p = logits.log_softmax(dim=1).view(copies, logits.shape[0] // copies, -1)
+    mean = log_p.exp().mean(dim=0)
+    log_mean = mean.clamp_min(1e-12).log()
+    kl = (mean * (log_mean - log_p)).sum(dim=-1).mean()
+    return weight * kl - entropy_weight * (mean * log_mean).sum(dim=-1).mean()
+
+
 def build_lipschitz_body(feature_dim: int, hidden: tuple[int, ...]) -> nn.Sequential:
     """AOLLinear(d, w1) -> MaxMin -> AOLLinear(w1, w2) -> MaxMin ...: 1-Lipschitz for any weights (AOL
     rescaling, MaxMin permutes pairs). Widths must be even (MaxMin pairs the channels)."""

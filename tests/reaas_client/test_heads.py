@@ -132,3 +132,23 @@ def test_unknown_head_or_odd_lipschitz_width_is_refused() -> None:
         TrainConfig(head="resnet")
     with pytest.raises(ValueError, match="even"):
         train_classifier(*blobs(30, 0), 3, TrainConfig(head="lipschitz", hidden=(15,), epochs=1))
+
+
+def test_consistency_penalty_is_zero_for_agreeing_views_and_positive_otherwise() -> None:
+    from reaas_client.heads import consistency_penalty
+
+    same = torch.tensor([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0]]).repeat(2, 1)  # 2 copies of 2 inputs, views agree
+    apart = torch.tensor([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 5.0, 0.0], [5.0, 0.0, 0.0]])
+    assert consistency_penalty(same, 2, 1.0, entropy_weight=0.0) < 1e-6
+    assert consistency_penalty(apart, 2, 1.0, entropy_weight=0.0) > 1.0
+    with pytest.raises(ValueError, match="copies"):
+        consistency_penalty(apart, 3, 1.0)
+
+
+def test_consistency_training_keeps_noisy_heads_accurate() -> None:
+    train, labels = blobs(300, 0, spacing=4.0)
+    test, test_labels = blobs(300, 1, spacing=4.0)
+    for head in ("mlp", "lipschitz"):
+        config = TrainConfig(head=head, hidden=(32,), margin=0.5, epochs=40, lr=1e-2, noise_sigma=1.0,
+                             consistency=5.0)
+        assert accuracy(train_classifier(train, labels, 3, config), test, test_labels) > 0.9, head
