@@ -89,7 +89,8 @@ bench-certify-text: setup
 		--encoders text-pca,text-nonrobust --new-encoder text-pca --floor text-pca \
 		--nonrobust text-nonrobust --seaas-encoders text-nonrobust,new --mlp-head-encoders text-nonrobust \
 		--all-test-encoders "" --train-size 8000 --margin-unit spread --margins 0,0.005,0.01,0.02 \
-		--min-val-accuracy 0.6 --head-lr 0.05 --head-weight-decay 0 --image-sigmas 0.25,0.5,1,2 \
+		--min-val-accuracy 0.6 --head-lr 0.05 --head-weight-decay 0 --head-temperature 0.002 \
+		--image-sigmas 0.25,0.5,1,2 \
 		--feature-sigma-fractions 0.2,0.4,0.8,1.6
 
 # ACR against clean accuracy on the text floor: REaaS-BC over its margin, REaaS-SC and SEaaS-SC (through text-pca and

@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--head-lr", type=float, default=TrainConfig.lr, help="Adam learning rate of the REaaS margin heads")
     add("--head-weight-decay", type=float, default=TrainConfig.weight_decay,
         help="Adam weight decay of the REaaS margin heads (text: 0, measured by bench-text-encoders)")
+    add("--head-temperature", type=float, default=TrainConfig.temperature,
+        help="temperature of the margin heads' distance-unit loss, in --margin-unit (text: 0.002 x spread)")
     add("--head-batch-size", type=int, default=128, help="training batch size of every head")
     add("--sc-heads", type=names, default=("selected", "mlp"),
         help="REaaS-SC head candidates, chosen with sigma on held-out training features and trained on noisy "
@@ -140,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from(args: argparse.Namespace) -> Settings:
     base = TrainConfig(hidden=args.head_hidden, epochs=args.head_epochs, batch_size=args.head_batch_size,
                        seed=args.seed)
-    margin_heads = replace(base, lr=args.head_lr, weight_decay=args.head_weight_decay)
+    margin_heads = replace(base, lr=args.head_lr, weight_decay=args.head_weight_decay,
+                           temperature=args.head_temperature)
     resolve = lambda items: tuple(args.new_encoder if v == "new" else v for v in items)  # noqa: E731
     return Settings(
         feature_n=args.feature_n, seaas_n=args.seaas_n, grid_n=args.grid_n,

@@ -96,7 +96,7 @@ class Settings:
     search: HeadSearch = field(default_factory=HeadSearch)
     mlp_head_encoders: tuple[str, ...] = ("spectral", "nonrobust", "adversarial")
     all_test_encoders: tuple[str, ...] = ()
-    margin_train: TrainConfig = field(default_factory=TrainConfig)
+    margin_train: TrainConfig = field(default_factory=TrainConfig)  # temperature in the margins' unit
     margins_in_spread: bool = False  # search.margins are multiples of the training features' spread
     sc_heads: tuple[str, ...] = ("selected", "mlp")  # REaaS-SC head candidates ("selected" = REaaS-BC's choice)
     sc_train: TrainConfig = field(default_factory=TrainConfig)  # SEaaS-SC's head (the paper's MLP)
@@ -212,13 +212,14 @@ def reaas_rows(encoder: Encoder, data: Data, settings: Settings, started: float)
             heads = ("mlp", *heads)
         unit = spread if settings.margins_in_spread else 1.0
         search = replace(settings.search, heads=heads, margins=tuple(m * unit for m in settings.search.margins))
+        margin_train = replace(settings.margin_train, temperature=settings.margin_train.temperature * unit)
         bc_count = len(data.test_images) if encoder.name in settings.all_test_encoders else data.test_size
         common = {"bound": settings.bound, "seed": settings.seed}
-        bc = _run(PathConfig("reaas-bc", search=search, train=settings.margin_train, **common), client, data,
+        bc = _run(PathConfig("reaas-bc", search=search, train=margin_train, **common), client, data,
                   bc_count, settings, note="head selected on held-out training features")
         # "selected": BC's head (its kind in the rows table); "mlp": the paper's MLP as SEaaS-SC trains it
         candidates = {name: (bc.selection.chosen if name == "selected" else settings.sc_train if name == "mlp"
-                             else replace(settings.margin_train, head=name))
+                             else replace(margin_train, head=name))
                       for name in settings.sc_heads}
         sc_name, sigma, sigma_table = select_smoothing(fetched.features, fetched.labels, data.num_classes, spread,
                                                        settings, candidates)
