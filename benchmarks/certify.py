@@ -125,9 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--head-temperature", type=float, default=TrainConfig.temperature,
         help="temperature of the margin heads' distance-unit loss, in --margin-unit (text: 0.002 x spread)")
     add("--head-batch-size", type=int, default=128, help="training batch size of every head")
-    add("--sc-heads", type=names, default=("selected", "mlp"),
+    add("--sc-heads", type=names, default=("selected", "mlp", "mlp+cr"),
         help="REaaS-SC head candidates, chosen with sigma on held-out training features and trained on noisy "
-             "features ('selected': REaaS-BC's chosen kind and margin); SEaaS-SC trains the paper's MLP")
+             "features ('selected': REaaS-BC's chosen kind and margin; '+cr': with consistency regularisation); "
+             "SEaaS-SC trains the paper's MLP")
     add("--attack-steps", type=int, default=100, help="PGD steps per probe radius")
     add("--attack-restarts", type=int, default=2, help="PGD restarts per probe radius")
     add("--attack-search", type=int, default=8, help="bisection steps over the attack radius")

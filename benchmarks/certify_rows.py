@@ -29,7 +29,7 @@ from reaas_client.downstream import (
 from reaas_client.head_selection import HeadSearch
 from reaas_client.metrics import RunSummary, summarize
 from reaas_client.pipelines import PathConfig, PathResult, run_path
-from reaas_client.smoothing_selection import better_than_majority
+from reaas_client.smoothing_selection import better_than_majority, smoothing_candidates
 from reaas_client.smoothing_selection import select_smoothing as choose_smoothing
 
 
@@ -98,7 +98,7 @@ class Settings:
     all_test_encoders: tuple[str, ...] = ()
     margin_train: TrainConfig = field(default_factory=TrainConfig)  # temperature in the margins' unit
     margins_in_spread: bool = False  # search.margins are multiples of the training features' spread
-    sc_heads: tuple[str, ...] = ("selected", "mlp")  # REaaS-SC head candidates ("selected" = REaaS-BC's choice)
+    sc_heads: tuple[str, ...] = ("selected", "mlp", "mlp+cr")  # REaaS-SC head candidates ("selected" = REaaS-BC's choice)
     sc_train: TrainConfig = field(default_factory=TrainConfig)  # SEaaS-SC's head (the paper's MLP)
     attack: AttackConfig = field(default_factory=AttackConfig)
     bound: str = ""
@@ -218,9 +218,8 @@ def reaas_rows(encoder: Encoder, data: Data, settings: Settings, started: float)
         bc = _run(PathConfig("reaas-bc", search=search, train=margin_train, **common), client, data,
                   bc_count, settings, note="head selected on held-out training features")
         # "selected": BC's head (its kind in the rows table); "mlp": the paper's MLP as SEaaS-SC trains it
-        candidates = {name: (bc.selection.chosen if name == "selected" else settings.sc_train if name == "mlp"
-                             else replace(margin_train, head=name))
-                      for name in settings.sc_heads}
+        candidates = smoothing_candidates(settings.sc_heads, selected=bc.selection.chosen, mlp=settings.sc_train,
+                                          margin=margin_train)
         sc_name, sigma, sigma_table = select_smoothing(fetched.features, fetched.labels, data.num_classes, spread,
                                                        settings, candidates)
         sc_train = candidates[sc_name]

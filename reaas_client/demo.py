@@ -39,7 +39,7 @@ from reaas_client.head_selection import HeadSearch
 from reaas_client.metrics import summary_table_markdown, write_records_csv
 from reaas_client.pipelines import PathConfig, PathResult, run_path
 from reaas_client.plotting import plot_certified_accuracy
-from reaas_client.smoothing_selection import select_smoothing
+from reaas_client.smoothing_selection import select_smoothing, smoothing_candidates
 
 
 @dataclass(frozen=True)
@@ -125,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: the data set's, "
                              + "; ".join(f"{name}: {d.feature_sigma_fractions}" for name, d in DEMO_DEFAULTS.items())
                              + ")")
-    parser.add_argument("--sc-heads", default="selected,mlp",
-                        help="REaaS-SC head candidates ('selected': REaaS-BC's chosen head; 'mlp': the paper's MLP)")
+    parser.add_argument("--sc-heads", default="selected,mlp,mlp+cr",
+                        help="REaaS-SC head candidates ('selected': REaaS-BC's chosen head; 'mlp': the paper's MLP; "
+                             "'+cr': trained with consistency regularisation)")
     parser.add_argument("--holdout", type=int, default=200,
                         help="held-out training inputs on which REaaS-SC's head and sigma are selected")
     parser.add_argument("--grid-n", type=int, default=2_000, help="REaaS-SC N while selecting its sigma")
@@ -226,8 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                      test_idx, "reaas", f"head selected on held-out training features; F2I bound {bound}")
         print(f"REaaS-BC head, selected on held-out training features:\n{bc.selection.table()}", file=sys.stderr)
         # REaaS-SC's head and sigma_F, chosen as bench-certify chooses them (no query, no test input)
-        sc_heads = {name: bc.selection.chosen if name == "selected" else train_config if name == "mlp"
-                    else replace(margin_config, head=name) for name in args.sc_heads.split(",") if name}
+        sc_heads = smoothing_candidates([n for n in args.sc_heads.split(",") if n], selected=bc.selection.chosen,
+                                        mlp=train_config, margin=margin_config)
         fractions = [float(f) for f in args.feature_sigma_fractions.split(",") if f]
         sc_choice = select_smoothing(train_features, train_labels, data.num_classes, sc_heads,
                                      [f * spread for f in fractions], holdout=args.holdout, n=args.grid_n,

@@ -43,3 +43,16 @@ def test_an_empty_grid_or_holdout_is_refused() -> None:
         select_smoothing(features, labels, 3, {}, [0.5])
     with pytest.raises(ValueError, match="holdout"):
         select_smoothing(features, labels, 3, {"mlp": TrainConfig()}, [0.5], holdout=30)
+
+
+def test_candidates_name_their_training_and_refuse_unknown_suffixes() -> None:
+    from reaas_client.smoothing_selection import CONSISTENCY_WEIGHT, smoothing_candidates
+
+    chosen, mlp, margin = TrainConfig(head="lipschitz", margin=4.0), TrainConfig(), TrainConfig(margin=2.0)
+    candidates = smoothing_candidates(["selected", "mlp", "mlp+cr", "linear"], selected=chosen, mlp=mlp,
+                                      margin=margin)
+    assert candidates["selected"] == chosen and candidates["mlp"] == mlp
+    assert candidates["mlp+cr"].consistency == CONSISTENCY_WEIGHT and candidates["mlp+cr"].head == "mlp"
+    assert candidates["linear"].head == "linear" and candidates["linear"].margin == 2.0
+    with pytest.raises(ValueError, match="suffix"):
+        smoothing_candidates(["mlp+tta"], selected=chosen, mlp=mlp, margin=margin)
