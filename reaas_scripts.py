@@ -70,14 +70,16 @@ def _installed(name: str) -> bool:
     return True
 
 
-def missing_distributions(extra: str, *, installed: Callable[[str], bool] = _installed) -> list[str]:
-    """The distributions of ``extra`` that are not installed; none when reaas itself is not (a source tree run
-    without an install, where there is no metadata to read and the imports speak for themselves)."""
+def missing_distributions(extra: str, *, installed: Callable[[str], bool] | None = None) -> list[str]:
+    """The distributions of ``extra`` that are not ``installed`` (default: found by importlib.metadata); none when
+    reaas itself is not installed (a source tree run as is, with no metadata to read: its imports speak for
+    themselves)."""
     try:
         requirements = metadata.requires(DISTRIBUTION) or []
     except metadata.PackageNotFoundError:
         return []
-    return [name for name in extra_requirements(requirements, extra) if not installed(name)]
+    is_installed = installed if installed is not None else _installed
+    return [name for name in extra_requirements(requirements, extra) if not is_installed(name)]
 
 
 def missing_extra_message(script: ConsoleScript, missing: list[str]) -> str:
