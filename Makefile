@@ -46,7 +46,7 @@ test-slow: setup
 	$(TEST_ENV) $(PY) -m pytest -m slow -q
 
 # The package as users install it: builds the wheel, installs it into fresh virtual environments (the light client
-# without torch, and with [server]) and runs the console scripts and a features call from there (about 2 minutes).
+# without torch, and with every extra) and runs the console scripts and a features call from there (90 s on 2 cores).
 test-wheel: setup
 	$(TEST_ENV) $(PY) -m pytest -q tests/packaging/test_wheel.py
 
