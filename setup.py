@@ -91,7 +91,7 @@ def generate_protos(target: Path) -> list[Path]:
     return sorted(p for package in GENERATED_PACKAGES for p in (target / package).iterdir() if p.is_file())
 
 
-class build_py_with_protos(build_py):  # noqa: N801 (setuptools command classes are named after their command)
+class BuildPyWithProtos(build_py):
     """``build_py``, then the generated reaas.v1 code: into the build directory for a wheel, into the source tree
     for an editable install (whose compat mode puts the project root on sys.path)."""
 
@@ -105,7 +105,7 @@ class build_py_with_protos(build_py):  # noqa: N801 (setuptools command classes 
 
 
 setup(
-    cmdclass={"build_py": build_py_with_protos},
+    cmdclass={"build_py": BuildPyWithProtos},
     install_requires=runtime_requirements(),
     extras_require={
         "server": SERVER,
