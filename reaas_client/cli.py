@@ -27,7 +27,7 @@ from reaas_client.command_line import (
 )
 from reaas_client.downstream import DEFAULT_CACHE_DIR, TrainConfig, stratified_subset
 from reaas_client.head_selection import HeadSearch
-from reaas_client.metrics import summary_table_markdown, write_records_csv
+from reaas_client.metrics import summary_table_markdown, summary_table_text, write_records_csv
 from reaas_client.pipelines import PATHS, PathConfig, run_path
 from reaas_client.plotting import plot_certified_accuracy
 from reaas_client.seaas import WIRE_DTYPES
@@ -215,12 +215,12 @@ def _certify(args: argparse.Namespace, config: PathConfig, tls: ClientTls | None
         args.out.mkdir(parents=True, exist_ok=True)
         write_records_csv(result.records, args.out / "records.csv")
         client.ledger.to_csv(args.out / "ledger.csv")
-    table = summary_table_markdown([result.summary])
-    (args.out / "summary.md").write_text(table + "\n")
+    (args.out / "summary.md").write_text(summary_table_markdown([result.summary]) + "\n")
     plot_certified_accuracy({result.summary.service: result.records}, args.out / "certified_accuracy.png",
                             title=args.dataset, modality=info.modality)
-    print(table)
-    print(f"h accuracy on its training features: {result.train_accuracy:.3f}; outputs in {args.out}/")
+    print(summary_table_text([result.summary]))
+    print(f"h accuracy on its training features: {result.train_accuracy:.3f}; full table in {args.out}/summary.md, "
+          f"per-input records, ledger and plot in {args.out}/")
     return 0
 
 
