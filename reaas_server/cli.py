@@ -12,6 +12,7 @@ from pathlib import Path
 import bounds
 from reaas_client.command_line import (
     CommandLineParser,
+    UsageError,
     add_standard_flags,
     available_device,
     reported_errors,
@@ -264,8 +265,12 @@ def checkpoint_argument(text: str) -> Path:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     config, args = config_from(parser, argv)
-    with reported_errors(parser.prog, debug=args.debug, usage_errors=(CheckpointError, BindError)):
-        _serve(config)
+    with reported_errors(parser.prog, debug=args.debug, usage_errors=(BindError,)):
+        try:
+            _serve(config)
+        except CheckpointError as error:
+            raise UsageError(f"{error}; write the checkpoint again with reaas-pretrain, or leave --checkpoint out "
+                             "to serve a shipped --demo-kind") from error
 
 
 def _serve(config: ServerConfig) -> None:

@@ -122,7 +122,7 @@ def test_server_with_a_corrupt_checkpoint_says_which_file(tmp_path, capsys) -> N
     (tmp_path / "encoder.json").write_text(json.dumps({"format_version": 1}))
     line = one_line_error(capsys, lambda: server_cli.main(
         ["--port", "0", "--ledger", ":memory:", "--checkpoint", str(tmp_path / "encoder")]), 2)
-    assert "encoder.json" in line
+    assert "encoder.json" in line and "reaas-pretrain" in line
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
