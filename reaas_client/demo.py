@@ -187,7 +187,7 @@ def _demo(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         addresses = {mode: stack.enter_context(background_server(mode, log_path=args.out / f"server-{mode}.log",
                                                                  **served))
-                     for mode in ("reaas", "seaas")}
+                     for mode in progress.bar(("reaas", "seaas"), desc="starting servers", unit="server")}
         clients = {mode: stack.enter_context(EncoderClient(address, timeout_s=3600.0))
                    for mode, address in addresses.items()}
         info = clients["reaas"].info()

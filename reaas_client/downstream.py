@@ -105,7 +105,7 @@ def fetch_features(
     if path is not None and path.exists():
         cached = np.load(path)
         meta = json.loads(str(cached["meta"]))
-        step(f"{images.shape[0] * copies} {id_prefix} features from the cache {path}")
+        step(f"{images.shape[0] * copies} {id_prefix} features from the cache ({path.name})")
         return FeatureSet(torch.from_numpy(cached["features"]), labels, meta["queries_per_input"], True, path)
     ids = input_ids(id_prefix, images.shape[0])
     before = sum(client.ledger.queries(i) for i in ids)
