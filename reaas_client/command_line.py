@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shutil
 import sys
 import textwrap
 import traceback
@@ -57,9 +58,10 @@ class CommandLineParser(argparse.ArgumentParser):
         text = super().format_help()
         if not self.environment:
             return text
+        width = min(shutil.get_terminal_size().columns - 2, 100)  # argparse's own width rule, capped
         lines = ["", "environment variables:"]
         for name, meaning in self.environment.items():
-            lines += textwrap.wrap(meaning, width=100, initial_indent=f"  {name:<16}", subsequent_indent=" " * 18)
+            lines += textwrap.wrap(meaning, width=width, initial_indent=f"  {name:<16}", subsequent_indent=" " * 18)
         return text + "\n".join(lines) + "\n"
 
 

@@ -9,12 +9,14 @@ import json
 import socket
 from collections.abc import Callable
 
+import grpc
 import pytest
 import torch
 
 from reaas_client import cli as certify_cli
 from reaas_client import demo
-from reaas_client.command_line import package_version
+from reaas_client.client import ServiceError
+from reaas_client.command_line import UsageError, explain, package_version, reported_errors
 from reaas_server import ServerConfig, keys_cli, run_server
 from reaas_server import cli as server_cli
 from reaas_server.ledger import UsageLedger
@@ -193,3 +195,26 @@ def test_help_lists_the_environment_variables_read(main, variables, capsys) -> N
         main(["--help"])
     help_text = capsys.readouterr().out
     assert "environment variables:" in help_text and all(v in help_text for v in variables)
+
+
+# --- the mapping itself -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("error", "code", "fix"), [
+    (ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, "quota of 'alice' used up"), 1, "next quota period"),
+    (ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"), 1, "raise --timeout"),
+    (ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "unknown bound 'foo'"), 1, "unknown bound 'foo'"),
+    (ServiceError(grpc.StatusCode.INTERNAL, "boom"), 1, "send the provider this line"),
+    (FileNotFoundError(2, "No such file or directory", "data/x.tsv"), 2, "data/x.tsv does not exist"),
+    (IsADirectoryError(21, "Is a directory", "runs/out"), 2, "runs/out is a folder"),
+    (PermissionError(13, "Permission denied", "/var/lib/x"), 2, "permission denied on /var/lib/x"),
+    (UsageError("--path reaas-bc needs F2IPerturb"), 2, "--path reaas-bc needs F2IPerturb"),
+])
+def test_explain_names_a_fix(error, code, fix) -> None:
+    explained = explain(error)
+    assert explained is not None and explained[0] == code and fix in explained[1]
+
+
+def test_a_bug_keeps_its_traceback() -> None:
+    assert explain(KeyError("config")) is None and explain(OSError("no file name")) is None
+    with pytest.raises(ZeroDivisionError), reported_errors("prog"):
+        _ = 1 / 0
