@@ -79,6 +79,25 @@ def existing_path(text: str) -> Path:
     return Path(text)
 
 
+def checkpoint_argument(text: str) -> Path:
+    """argparse ``type=`` for --checkpoint: PATH of PATH.safetensors + PATH.json (either suffix may be given), both
+    present; a folder gets a message naming the checkpoint inside it. Contents are checked when loading."""
+    from robust_pretrain.checkpoint import (
+        checkpoint_paths,  # the one naming rule; torch only when the flag is given
+    )
+
+    path = Path(text)
+    if path.is_dir():
+        inside = sorted(p.with_suffix("").as_posix() for p in path.glob("*.safetensors"))
+        hint = f"give {' or '.join(inside)}" if inside else "it holds no .safetensors checkpoint"
+        raise argparse.ArgumentTypeError(f"{text} is a folder, not a checkpoint; {hint}")
+    missing = [str(p) for p in checkpoint_paths(path) if not p.is_file()]
+    if missing:
+        raise argparse.ArgumentTypeError(f"{' and '.join(missing)} not found; give the PATH reaas-pretrain wrote "
+                                         "PATH.safetensors and PATH.json to")
+    return path
+
+
 def available_device(text: str) -> str:
     """argparse ``type=`` for --device: cpu or a CUDA device this machine has, so cuda without CUDA is refused at
     parse time, not seconds later while loading. torch is imported only when the flag is given."""

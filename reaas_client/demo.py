@@ -33,7 +33,12 @@ import torch
 from reaas_client import progress
 from reaas_client.background_server import ServerStartError, background_server
 from reaas_client.client import EncoderClient
-from reaas_client.command_line import CommandLineParser, add_standard_flags, reported_errors
+from reaas_client.command_line import (
+    CommandLineParser,
+    add_standard_flags,
+    checkpoint_argument,
+    reported_errors,
+)
 from reaas_client.downstream import TrainConfig, feature_spread, fetch_features, stratified_subset
 from reaas_client.downstream_data import load_downstream
 from reaas_client.head_selection import HeadSearch
@@ -103,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-size", type=int, default=None,
                         help="training inputs (class-balanced seeded subset; 0 = all; default: the data set's, "
                              + ", ".join(f"{name}: {d.train_size}" for name, d in DEMO_DEFAULTS.items()) + ")")
-    parser.add_argument("--checkpoint", type=Path, default=None,
+    parser.add_argument("--checkpoint", type=checkpoint_argument, default=None,
                         help="encoder checkpoint both servers serve instead of --encoder")
     parser.add_argument("--test-size", type=int, default=None,
                         help="test inputs certified by the REaaS paths (on images each F2IPerturb can cost the "

@@ -15,6 +15,7 @@ from reaas_client.command_line import (
     UsageError,
     add_standard_flags,
     available_device,
+    checkpoint_argument,
     reported_errors,
 )
 from reaas_server.app import BindError, start_server
@@ -23,7 +24,7 @@ from reaas_server.keys_cli import LEDGER_ENVIRONMENT, ledger_argument
 from reaas_server.ledger import MEMORY_LEDGER, default_ledger_path
 from reaas_server.memory import limit_heap_growth
 from reaas_server.tls import ServerTls
-from robust_pretrain.checkpoint import CheckpointError, checkpoint_paths
+from robust_pretrain.checkpoint import CheckpointError
 from robust_pretrain.demo import DEFAULT_DEMO_KIND, DEMO_KINDS, TEXT_DEMO_KINDS
 
 
@@ -245,21 +246,6 @@ def _server_tls(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Se
         return ServerTls.from_files(args.tls_cert, args.tls_key, args.tls_client_ca)
     except ValueError as error:
         parser.error(str(error))
-
-
-def checkpoint_argument(text: str) -> Path:
-    """argparse ``type=`` for --checkpoint: PATH of PATH.safetensors + PATH.json (either suffix may be given), both
-    present; a folder gets a message naming the checkpoint inside it. Contents are checked when loading."""
-    path = Path(text)
-    if path.is_dir():
-        inside = sorted(p.with_suffix("").as_posix() for p in path.glob("*.safetensors"))
-        hint = f"give {' or '.join(inside)}" if inside else "it holds no .safetensors checkpoint"
-        raise argparse.ArgumentTypeError(f"{text} is a folder, not a checkpoint; {hint}")
-    missing = [str(p) for p in checkpoint_paths(path) if not p.is_file()]
-    if missing:
-        raise argparse.ArgumentTypeError(f"{' and '.join(missing)} not found; give the PATH reaas-pretrain wrote "
-                                         "PATH.safetensors and PATH.json to")
-    return path
 
 
 def main(argv: list[str] | None = None) -> None:

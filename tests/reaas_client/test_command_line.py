@@ -108,8 +108,9 @@ def test_certify_with_a_data_folder_that_does_not_exist(tmp_path, capsys) -> Non
     assert "--data" in line and "does not exist" in line
 
 
-def test_server_with_a_missing_checkpoint(tmp_path, capsys) -> None:
-    line = one_line_error(capsys, lambda: server_cli.main(["--checkpoint", str(tmp_path / "encoder")]), 2)
+@pytest.mark.parametrize("main", [server_cli.main, demo.main])
+def test_a_missing_checkpoint(main, tmp_path, capsys) -> None:
+    line = one_line_error(capsys, lambda: main(["--checkpoint", str(tmp_path / "encoder")]), 2)
     assert "encoder.safetensors" in line and "reaas-pretrain" in line
 
 
