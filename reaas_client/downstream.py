@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from reaas_client.heads import HEAD_KINDS, build_margin_head, finalize_margin_head, lipschitz_margin_loss
+from reaas_client.progress import bar, step
 from reaas_client.seaas import noisy_copies
 
 if TYPE_CHECKING:
@@ -104,6 +105,7 @@ def fetch_features(
     if path is not None and path.exists():
         cached = np.load(path)
         meta = json.loads(str(cached["meta"]))
+        step(f"{images.shape[0] * copies} {id_prefix} features from the cache ({path.name})")
         return FeatureSet(torch.from_numpy(cached["features"]), labels, meta["queries_per_input"], True, path)
     ids = input_ids(id_prefix, images.shape[0])
     before = sum(client.ledger.queries(i) for i in ids)
@@ -124,7 +126,13 @@ def fetch_features(
             yield chunk.contiguous(), [i for i in ids[start:start + per_request] for _ in range(copies)]
 
     streamed = client.stream_features(batches(), inputs="token_ids" if sends_ids else "images")
-    features = np.concatenate(list(streamed))
+    step(f"fetching {images.shape[0] * copies} {id_prefix} features ({copies} per input) ...")
+    parts = []
+    with bar(desc=f"{id_prefix} features", total=images.shape[0] * copies, unit="input") as fetched:
+        for part in streamed:
+            parts.append(part)
+            fetched.update(part.shape[0])
+    features = np.concatenate(parts)
     spent = (sum(client.ledger.queries(i) for i in ids) - before) / images.shape[0]
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -215,7 +223,7 @@ def train_classifier(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     warmup_steps = config.margin_warmup * total_steps
     step = 0
     model.train()
-    for _ in range(config.epochs):
+    for _ in bar(range(config.epochs), desc=f"training h ({config.head})", unit="epoch", leave=False):
         order = torch.randperm(features.shape[0], generator=generator)
         for start in range(0, features.shape[0], config.batch_size):
             batch = order[start:start + config.batch_size]
