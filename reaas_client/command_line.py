@@ -20,10 +20,11 @@ import sys
 import textwrap
 import traceback
 from collections.abc import Iterator, Mapping
-from importlib import metadata
 from pathlib import Path
 
 import grpc
+
+from reaas_scripts import version as package_version
 
 EXIT_SERVICE = 1
 """Exit status when the service (or the channel to it) refused or failed a call."""
@@ -33,14 +34,6 @@ EXIT_USAGE = 2
 
 class UsageError(Exception):
     """A mistake in how the program was called; the message says what to do instead."""
-
-
-def package_version() -> str:
-    """The installed ``reaas`` distribution's version, "unknown" when running from a tree that is not installed."""
-    try:
-        return metadata.version("reaas")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 class CommandLineParser(argparse.ArgumentParser):
