@@ -9,6 +9,7 @@ holds no second list. Standard library only: it runs before anything else is imp
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import sys
 from collections.abc import Callable, Iterable
@@ -94,6 +95,9 @@ def run(name: str) -> int | None:
     if script.extra is not None and (missing := missing_distributions(script.extra)):
         print(missing_extra_message(script, missing), file=sys.stderr)
         sys.exit(MISSING_EXTRA_STATUS)
+    # gRPC core logs INFO lines (a failed TLS handshake, say) on stderr beside the CLI's own one-line error; a
+    # person running a command wants the one line. Set before grpc is imported; an operator's own value wins.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     module_name, _, function = script.target.partition(":")
     return getattr(importlib.import_module(module_name), function)()
 

@@ -58,3 +58,18 @@ def test_certified_image_radius_survives_a_strong_attack(kind, bound):
         distance, _ = pgd_feature_distance(encoder.model, images, result.image_radius.float(), steps=100,
                                            restarts=5, generator=torch.Generator().manual_seed(4))
         assert bool((distance < feature_radius).all()), (kind, bound, feature_radius, distance.max())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("bound", ["auto", "ibp", "best_ibp", "local_lipschitz"])
+def test_tiny_feature_radii_survive_a_float64_attack(kind, bound):
+    """Issue 25's audit on the shipped encoders: R_F 1e-6 … 1e-12, the attack on a float64 copy of the model."""
+    encoder = load_demo_encoder(kind)
+    images = load_embedded_mnist().downstream_test.images[[600, 300, 400, 0]]
+    exact = copy.deepcopy(encoder.model).double()
+    for feature_radius in (1e-6, 1e-9, 1e-12):
+        result = f2i_radius(encoder.model, images, torch.full((4,), feature_radius), bound=bound, tolerance=1e-2,
+                            lipschitz_upper=encoder.metadata.lipschitz_upper)
+        distance, _ = pgd_feature_distance(exact, images.double(), result.image_radius, steps=50, restarts=3,
+                                           generator=torch.Generator().manual_seed(5))
+        assert bool((distance < feature_radius).all()), (kind, bound, feature_radius, distance / feature_radius)
