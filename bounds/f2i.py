@@ -12,7 +12,8 @@ radius (measured: R_F = 1e-9 certified R with a feature distance of 2·R_F, 1e-1
 search only *finds* a radius; every searched radius is then confirmed once in float64 with the same bounds (IEEE
 float64 rounding is ~1e-16 of the activations, covered by the margin m at every radius above the floor below), and
 one that fails falls back to what the float64 evaluation proves (a K·r bound's R_F/(K(1 + m))) or to the closed form.
-Below the floor R_F < LOCAL_BOUND_FLOOR·(1 + ||f(x)||_2) even float64 intervals lose the margin, so those images
+Below the floor R_F < LOCAL_BOUND_FLOOR·(1 + ||f(x)||_2) even float64 intervals lose the margin, and above the
+ceiling (a closed-form radius LOCAL_BOUND_CEILING times wider than the input) float32 overflows, so those images
 get the closed form, which is exact arithmetic on a sound L and needs no evaluation of f at all. R_F below
 SMALLEST_FEATURE_RADIUS (where float64 leaves normal numbers and R_F(1 - m)/L could round up) is answered R = 0.
 
@@ -63,6 +64,10 @@ SAFETY_MARGIN = 1e-4
 # float64 rounding of a bound is ~1e-16 x activation scale x depth x fan-in (< 1e-12 here), 1e-4 of it at this floor
 # is ~1e-10: a hundredfold cushion.
 LOCAL_BOUND_FLOOR = 1e-6
+# ... and only where the closed-form radius is <= LOCAL_BOUND_CEILING·(1 + ||x||_2): a ball that much wider than the
+# input itself holds every input a client could send, every ReLU is unstable on it, and a float32 search there
+# overflows (R_F = 1e308 once ended in a failed eigendecomposition); the closed form answers, as it would anyway.
+LOCAL_BOUND_CEILING = 1e3
 # Smallest R_F answered with a non-zero radius: far above float64's smallest normal (2.2e-308) divided by any L.
 SMALLEST_FEATURE_RADIUS = 1e-200
 # "best": the minimum of every bound, intermediate bounds by CROWN (largest radii); "best_ibp": the same minimum
@@ -141,9 +146,11 @@ def evaluate_bound_once(
 
 def closed_form_radius(feature_radii: torch.Tensor, lipschitz_upper: float) -> torch.Tensor:
     """R_F·(1 - m)/L [batch] float64: L·r·(1 + m) < R_F there, verified by construction (R_F = 0 gives 0, and so
-    does R_F < SMALLEST_FEATURE_RADIUS, where the float64 quotient could round above the exact one)."""
+    does R_F < SMALLEST_FEATURE_RADIUS, where the float64 quotient could round above the exact one; a quotient past
+    float64's range is the largest double)."""
     radii_f = feature_radii.to(torch.float64).cpu()
-    radius = (radii_f * (1 - SAFETY_MARGIN) / lipschitz_upper).clamp(min=0)
+    # an L < 1 can carry a huge R_F past float64's range: the largest double is below the exact quotient, inf is not
+    radius = (radii_f * (1 - SAFETY_MARGIN) / lipschitz_upper).clamp(min=0, max=torch.finfo(torch.float64).max)
     return torch.where(radii_f >= SMALLEST_FEATURE_RADIUS, radius, torch.zeros_like(radius))
 
 
@@ -436,7 +443,10 @@ def _search(
         return F2IResult(radius, tuple(deciders), steps)
     with torch.no_grad():
         scale = 1 + graph.forward(images).reshape(batch, -1).to(torch.float64).norm(dim=1).cpu()
-        searched = (radii_f >= LOCAL_BOUND_FLOOR * scale).nonzero().squeeze(1)
+        width = 1 + images.reshape(batch, -1).to(torch.float64).norm(dim=1).cpu()
+        searched = ((radii_f >= LOCAL_BOUND_FLOOR * scale)
+                    & (closed_form_radius(radii_f, max(lipschitz_upper, 1e-300)) <= LOCAL_BOUND_CEILING * width))
+        searched = searched.nonzero().squeeze(1)
         if not searched.numel():
             return F2IResult(radius, tuple(deciders), steps)
         graph64 = build_graph(model, shape, dtype=torch.float64, device=device)

@@ -1,4 +1,5 @@
-"""F2I radii stay sound at tiny feature radii (issue 25), where float32 can no longer represent the ball.
+"""F2I radii stay sound at tiny feature radii (issue 25), where float32 can no longer represent the ball, and every
+bound answers at absurdly large ones, where a float32 search would overflow.
 
 At R_F = 1e-9 a float32 IBP search once certified radii whose feature distance, measured in float64, was 2x R_F
 (1 000x at 1e-12): x ± r rounded onto x. The attack here runs on a float64 copy of the model, so it measures the
@@ -14,7 +15,7 @@ import torch
 from bounds_models import ENCODERS, MAXMIN_ENCODERS
 
 from bounds import BOUNDS_OFFERED, SAFETY_MARGIN, f2i_radius, global_lipschitz_upper, pgd_feature_distance
-from bounds.f2i import LOCAL_BOUND_FLOOR, SMALLEST_FEATURE_RADIUS, closed_form_radius
+from bounds.f2i import LOCAL_BOUND_CEILING, LOCAL_BOUND_FLOOR, SMALLEST_FEATURE_RADIUS, closed_form_radius
 
 ALL_ENCODERS = {**ENCODERS, **MAXMIN_ENCODERS}
 TINY_RADII = (1e-6, 1e-8, 1e-10, 1e-12)
@@ -63,3 +64,17 @@ def test_radii_below_the_smallest_normal_range_certify_nothing():
     assert torch.equal(result.image_radius, torch.zeros(3, dtype=torch.float64))
     smallest = closed_form_radius(torch.tensor([SMALLEST_FEATURE_RADIUS]), 1e6)
     assert float(smallest) * 1e6 * (1 + SAFETY_MARGIN) < SMALLEST_FEATURE_RADIUS
+
+
+@pytest.mark.parametrize("encoder_name", ["mnist_cnn", "random_maxmin"])
+def test_every_bound_is_total_at_huge_feature_radii(encoder_name):
+    """R_F = 1e308 once ended in a failed eigendecomposition (INTERNAL): above the ceiling the closed form answers."""
+    build, shape = ALL_ENCODERS[encoder_name]
+    model = build(0).eval()
+    images = torch.rand(2, *shape, generator=torch.Generator().manual_seed(3))
+    lipschitz = global_lipschitz_upper(model, shape)
+    radii = torch.tensor([1e308, lipschitz * LOCAL_BOUND_CEILING * (2 + images[1].norm().item())], dtype=torch.float64)
+    for bound in BOUNDS_OFFERED:
+        result = f2i_radius(model, images, radii, bound=bound, lipschitz_upper=lipschitz)
+        assert torch.equal(result.image_radius, closed_form_radius(radii, lipschitz)), bound
+        assert bool(torch.isfinite(result.image_radius).all())
