@@ -298,20 +298,20 @@ def _confirm_in_float64(
 ) -> torch.Tensor:
     """The float32 search's radii [batch], each re-proved in float64 with the same bounds (module docstring).
 
-    A radius float64 rejects is tried once more a `tolerance` lower (the search stops within that of where
-    verification stops, so a float32 crossing a rounding away from float64's is found again), then lowered to what
+    A radius float64 rejects is tried once more at r/score (float64's own crossing where the bound is near-linear in
+    r; at most a `tolerance` lower, the precision the search promises), then lowered to what
     either evaluation proves through a K·r bound, else to `closed` (the closed form, verified by construction).
     With "lipschitz" among `names` the closed form always counts; a single named bound answers with its own proof,
     and with the closed form only where that proves nothing. `decider` is updated in place."""
     searched = (radius > closed).nonzero().squeeze(1) if "lipschitz" in names else torch.arange(len(radius))
     if not searched.numel():
         return radius
-    proven, proven_by = _prove_in_float64(graph64, images, radii_f, radius, searched, names, **evaluation)
-    retry = searched[(proven < radius[searched]) & (radius[searched] * (1 - tolerance) > proven)]
+    proven, proven_by, score = _prove_in_float64(graph64, images, radii_f, radius, searched, names, **evaluation)
+    # where the bound is near-linear in r, r/score is float64's own crossing; never more than a tolerance below
+    lowered = radius * torch.clamp((1 - 1e-6) / score, min=1 - tolerance, max=1)
+    retry = searched[(proven[searched] < radius[searched]) & (lowered[searched] > proven[searched])]
     if retry.numel():
-        lowered = radius.clone()
-        lowered[retry] = radius[retry] * (1 - tolerance)
-        again, again_by = _prove_in_float64(graph64, images, radii_f, lowered, retry, names, **evaluation)
+        again, again_by, _ = _prove_in_float64(graph64, images, radii_f, lowered, retry, names, **evaluation)
         for image in retry.tolist():
             if again[image] > proven[image]:
                 proven[image], proven_by[image] = again[image], again_by[image]
@@ -327,10 +327,12 @@ def _prove_in_float64(
     graph64: BoundGraph, images: torch.Tensor, radii_f: torch.Tensor, radius: torch.Tensor, which_images: torch.Tensor,
     names: tuple[str, ...], *, lipschitz_upper: float, intermediate: str, spec_chunk: int, memory_budget_bytes: int,
     should_stop: StopCheck,
-) -> tuple[torch.Tensor, list[str | None]]:
+) -> tuple[torch.Tensor, list[str | None], torch.Tensor]:
     """For the images `which_images`: the radius one float64 evaluation of the bounds at `radius` proves (the radius
-    itself where verified, a K·r bound's smaller one, else 0) and the bound that proves it; [batch], 0 elsewhere."""
+    itself where verified, a K·r bound's smaller one, else 0), the bound that proves it, and the evaluation's score
+    (min UB·(1 + m)/R_F); [batch], 0 (score 1) elsewhere."""
     proven = torch.zeros_like(radius)
+    scores = torch.ones_like(radius)
     proven_by: list[str | None] = [None] * len(radius)
     per_chunk = max(1, (images.shape[0] + 1) // 2)  # float64 takes twice the bytes the float32 chunk was sized for
     for start in range(0, len(which_images), per_chunk):
@@ -340,11 +342,12 @@ def _prove_in_float64(
             lipschitz_upper=lipschitz_upper, intermediate=intermediate, spec_chunk=spec_chunk,
             memory_budget_bytes=memory_budget_bytes, should_stop=should_stop,
         )
-        verified, _, which, certified, certified_by = _verdict(values, names, radius[index], radii_f[index])
+        verified, score, which, certified, certified_by = _verdict(values, names, radius[index], radii_f[index])
         proven[index] = torch.where(verified, radius[index], certified)
+        scores[index] = torch.where(torch.isfinite(score) & (score > 0), score, torch.full_like(score, math.inf))
         for position, image in enumerate(index.tolist()):
             proven_by[image] = names[int(which[position])] if verified[position] else certified_by[position]
-    return proven, proven_by
+    return proven, proven_by, scores
 
 
 def f2i_radius(
