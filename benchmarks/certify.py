@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         parts.append(seaas_row(encoder, data, settings, started))
     rows = [row for part in parts for row in part.rows]
     all_test = {row.encoder: part.bc_all for part in parts for row in part.rows[:1] if part.bc_all is not None}
-    picture = report.plot(rows, RESULTS / f"{args.name}.png", title=f"{data.name}, {data.test_size} test inputs")
+    picture = report.plot(rows, RESULTS / f"{args.name}.png", title=f"{data.name}, {data.test_size} test inputs",
+                          modality="text" if data.is_text else "image")
     radius_space = ("embedding-space l2 radius r (over the whole [max_length x embed_dim] embedding matrix of "
                     "unit-norm token rows)" if data.is_text else "image-space l2 radius r")
     goals = (report.text_goals(rows, args.new_encoder, args.nonrobust) if data.is_text

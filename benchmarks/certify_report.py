@@ -176,6 +176,6 @@ def pretraining_comparison(rows: Sequence[Row], pairs: Sequence[tuple[str, str]]
     return markdown_table(["pair", "path", "robust ACR", "non-robust ACR", "ratio"], body)
 
 
-def plot(rows: Sequence[Row], path: Path, title: str) -> Path:
+def plot(rows: Sequence[Row], path: Path, title: str, modality: str = "image") -> Path:
     curves = {f"{r.service} / {r.encoder}": r.result.records[: r.summary.num_test] for r in rows}
-    return plot_certified_accuracy(curves, path, title=title)
+    return plot_certified_accuracy(curves, path, title=title, modality=modality)

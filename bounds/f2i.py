@@ -6,6 +6,17 @@ UB(x, r)·(1 + SAFETY_MARGIN) < R_F; bounds are computed in IEEE float32 (roundi
 build_graph turns TensorFloat-32 off, bounds.layers.require_ieee_float32), SAFETY_MARGIN is 1e-4. The true
 feature distance is monotone in r, so every radius below a verified one is certified too.
 
+Rounding at small radii. A float32 bound is only as good as float32 can represent the ball: once r nears the
+spacing of float32 numbers around x, x ± r rounds onto x, interval widths collapse and a bound of ~0 "verifies" any
+radius (measured: R_F = 1e-9 certified R with a feature distance of 2·R_F, 1e-12 with 1 000·R_F). So the float32
+search only *finds* a radius; every searched radius is then confirmed once in float64 with the same bounds (IEEE
+float64 rounding is ~1e-16 of the activations, covered by the margin m at every radius above the floor below), and
+one that fails falls back to what the float64 evaluation proves (a K·r bound's R_F/(K(1 + m))) or to the closed form.
+Below the floor R_F < LOCAL_BOUND_FLOOR·(1 + ||f(x)||_2) even float64 intervals lose the margin, and above the
+ceiling (a closed-form radius LOCAL_BOUND_CEILING times wider than the input) float32 overflows, so those images
+get the closed form, which is exact arithmetic on a sound L and needs no evaluation of f at all. R_F below
+SMALLEST_FEATURE_RADIUS (where float64 leaves normal numbers and R_F(1 - m)/L could round up) is answered R = 0.
+
 "auto" (DEFAULT_BOUND) spends the expensive local bounds only where they can pay. Facts it rests on:
 
 * The closed-form radius R_F·(1 - m)/L (L a sound global Lipschitz bound, m = SAFETY_MARGIN) is always sound:
@@ -49,6 +60,16 @@ from bounds.propagation import InputBall, compute_bounds
 from bounds.search import batched_binary_search
 
 SAFETY_MARGIN = 1e-4
+# Local (searched) bounds only for R_F >= LOCAL_BOUND_FLOOR·(1 + ||f(x)||_2); below, the closed form (module docstring).
+# float64 rounding of a bound is ~1e-16 x activation scale x depth x fan-in (< 1e-12 here), 1e-4 of it at this floor
+# is ~1e-10: a hundredfold cushion.
+LOCAL_BOUND_FLOOR = 1e-6
+# ... and only where the closed-form radius is <= LOCAL_BOUND_CEILING·(1 + ||x||_2): a ball that much wider than the
+# input itself holds every input a client could send, every ReLU is unstable on it, and a float32 search there
+# overflows (R_F = 1e308 once ended in a failed eigendecomposition); the closed form answers, as it would anyway.
+LOCAL_BOUND_CEILING = 1e3
+# Smallest R_F answered with a non-zero radius: far above float64's smallest normal (2.2e-308) divided by any L.
+SMALLEST_FEATURE_RADIUS = 1e-200
 # "best": the minimum of every bound, intermediate bounds by CROWN (largest radii); "best_ibp": the same minimum
 # with IBP intermediate bounds (about half the time of a CROWN-only search, somewhat smaller radii); "auto": the
 # closed form where the local bounds cannot pay, best_ibp elsewhere (module docstring).
@@ -124,8 +145,37 @@ def evaluate_bound_once(
 
 
 def closed_form_radius(feature_radii: torch.Tensor, lipschitz_upper: float) -> torch.Tensor:
-    """R_F·(1 - m)/L [batch] float64: L·r·(1 + m) < R_F there, verified by construction (R_F = 0 gives 0)."""
-    return (feature_radii.to(torch.float64).cpu() * (1 - SAFETY_MARGIN) / lipschitz_upper).clamp(min=0)
+    """R_F·(1 - m)/L [batch] float64: L·r·(1 + m) < R_F there, verified by construction (R_F = 0 gives 0, and so
+    does R_F < SMALLEST_FEATURE_RADIUS, where the float64 quotient could round above the exact one; a quotient past
+    float64's range is the largest double)."""
+    radii_f = feature_radii.to(torch.float64).cpu()
+    # an L < 1 can carry a huge R_F past float64's range: the largest double is below the exact quotient, inf is not
+    radius = (radii_f * (1 - SAFETY_MARGIN) / lipschitz_upper).clamp(min=0, max=torch.finfo(torch.float64).max)
+    return torch.where(radii_f >= SMALLEST_FEATURE_RADIUS, radius, torch.zeros_like(radius))
+
+
+def _verdict(values: dict[str, torch.Tensor], names: tuple[str, ...], radius: torch.Tensor,
+             radii_f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str | None]]:
+    """What one evaluation of the bounds `values` (each [k], at `radius` [k]) proves against `radii_f` [k]:
+    `(verified, score, which, certified, certified_by)`. verified <=> min UB·(1 + m) < R_F; `which` the index of
+    the minimising bound; `certified` the radius a K·r bound valid on the whole probed ball proves,
+    min(r, R_F/(K(1 + m))·(1 - 1e-9)) (0 where none), and the bound that proves it."""
+    radius = radius.cpu().to(torch.float64)
+    stacked = torch.stack([values[n] for n in names], dim=1).cpu()  # one device-to-host wait per step
+    best, which = stacked.min(dim=1)
+    score = best * (1 + SAFETY_MARGIN) / radii_f
+    verified = score < 1
+    certified = torch.zeros_like(score)
+    certified_by: list[str | None] = [None] * len(radius)
+    for name in _LINEAR_IN_RADIUS:
+        if name in values:
+            constant = stacked[:, names.index(name)] / radius
+            candidate = torch.minimum(radii_f / (constant * (1 + SAFETY_MARGIN)) * (1 - 1e-9), radius)
+            candidate = torch.where(torch.isfinite(candidate), candidate, torch.zeros_like(candidate))
+            better = candidate > certified
+            certified = torch.where(better, candidate, certified)
+            certified_by = [name if b else c for b, c in zip(better.tolist(), certified_by, strict=True)]
+    return verified, score, which, certified, certified_by
 
 
 def global_radius_suffices(
@@ -152,6 +202,7 @@ def _chunk_sizes(graph: BoundGraph, names: tuple[str, ...], batch: int, budget: 
 
 def _search_chunk(
     graph: BoundGraph,
+    graph64: BoundGraph,
     images: torch.Tensor,
     feature_radii: torch.Tensor,
     names: tuple[str, ...],
@@ -170,8 +221,10 @@ def _search_chunk(
     lower = torch.zeros(batch, dtype=torch.float64)
     if "lipschitz" in names and lipschitz_upper > 0:
         # L·r·(1 + m) < R_F at r = R_F·(1 - m)/L: the Lipschitz radius in closed form, verified by construction.
-        lower = (radii_f * (1 - SAFETY_MARGIN) / lipschitz_upper).clamp(min=0)
+        lower = closed_form_radius(radii_f, lipschitz_upper)
         decider = ["lipschitz"] * batch
+    # what a searched radius falls back to when float64 does not confirm it: the closed form, whichever bound
+    closed = closed_form_radius(radii_f, lipschitz_upper) if lipschitz_upper > 0 else lower.clone()
     probe_above_global = "lipschitz" in names and lipschitz_upper > 0 and names != ("lipschitz",)
     if names == ("lipschitz",):
         upper = (radii_f / lipschitz_upper) if lipschitz_upper > 0 else torch.full_like(radii_f, math.inf)
@@ -199,20 +252,7 @@ def _search_chunk(
             lipschitz_upper=lipschitz_upper, intermediate=intermediate, spec_chunk=spec_chunk,
             memory_budget_bytes=memory_budget_bytes, should_stop=should_stop,
         )
-        stacked = torch.stack([values[n] for n in names], dim=1).cpu()  # one device-to-host wait per step
-        best, which = stacked.min(dim=1)
-        score = best * (1 + SAFETY_MARGIN) / radii_f[index]
-        verified = score < 1
-        # A Lipschitz constant K valid on the whole probed ball certifies R_F / (K (1 + m)) if that is smaller.
-        certified = torch.zeros_like(score)
-        certified_by = [None] * len(index)
-        for name in _LINEAR_IN_RADIUS:
-            if name in values:
-                constant = stacked[:, names.index(name)] / radius.cpu().clamp(min=1e-300)
-                candidate = torch.minimum(radii_f[index] / (constant * (1 + SAFETY_MARGIN)) * (1 - 1e-9), radius.cpu())
-                better = candidate > certified
-                certified = torch.where(better, candidate, certified)
-                certified_by = [name if b else c for b, c in zip(better.tolist(), certified_by, strict=True)]
+        verified, score, which, certified, certified_by = _verdict(values, names, radius, radii_f[index])
         for position, image in enumerate(index.tolist()):
             if verified[position]:
                 decider[image] = names[int(which[position])]
@@ -236,7 +276,78 @@ def _search_chunk(
             probed[wanted] = 1
     radius, steps = batched_binary_search(certify, lower, upper, tolerance=tolerance, max_steps=max_steps,
                                           should_stop=should_stop)
+    if names != ("lipschitz",):
+        radius = _confirm_in_float64(graph64, images, radii_f, radius, closed, names, decider, tolerance=tolerance,
+                                     lipschitz_upper=lipschitz_upper, intermediate=intermediate,
+                                     spec_chunk=spec_chunk, memory_budget_bytes=memory_budget_bytes,
+                                     should_stop=should_stop)
     return radius, decider, steps + probed
+
+
+def _confirm_in_float64(
+    graph64: BoundGraph,
+    images: torch.Tensor,
+    radii_f: torch.Tensor,
+    radius: torch.Tensor,
+    closed: torch.Tensor,
+    names: tuple[str, ...],
+    decider: list[str],
+    *,
+    tolerance: float,
+    **evaluation,
+) -> torch.Tensor:
+    """The float32 search's radii [batch], each re-proved in float64 with the same bounds (module docstring).
+
+    A radius float64 rejects is tried once more at r/score (float64's own crossing where the bound is near-linear in
+    r; at most a `tolerance` lower, the precision the search promises), then lowered to what
+    either evaluation proves through a K·r bound, else to `closed` (the closed form, verified by construction).
+    With "lipschitz" among `names` the closed form always counts; a single named bound answers with its own proof,
+    and with the closed form only where that proves nothing. `decider` is updated in place."""
+    searched = (radius > closed).nonzero().squeeze(1) if "lipschitz" in names else torch.arange(len(radius))
+    if not searched.numel():
+        return radius
+    proven, proven_by, score = _prove_in_float64(graph64, images, radii_f, radius, searched, names, **evaluation)
+    # where the bound is near-linear in r, r/score is float64's own crossing; never more than a tolerance below
+    lowered = radius * torch.clamp((1 - 1e-6) / score, min=1 - tolerance, max=1)
+    retry = searched[(proven[searched] < radius[searched]) & (lowered[searched] > proven[searched])]
+    if retry.numel():
+        again, again_by, _ = _prove_in_float64(graph64, images, radii_f, lowered, retry, names, **evaluation)
+        for image in retry.tolist():
+            if again[image] > proven[image]:
+                proven[image], proven_by[image] = again[image], again_by[image]
+    confirmed = radius.clone()
+    for image in searched.tolist():
+        counts = proven[image] > 0 and (proven[image] >= closed[image] or "lipschitz" not in names)
+        confirmed[image] = proven[image] if counts else closed[image]
+        decider[image] = proven_by[image] if counts else ("lipschitz" if closed[image] > 0 else names[0])
+    return confirmed
+
+
+def _prove_in_float64(
+    graph64: BoundGraph, images: torch.Tensor, radii_f: torch.Tensor, radius: torch.Tensor, which_images: torch.Tensor,
+    names: tuple[str, ...], *, lipschitz_upper: float, intermediate: str, spec_chunk: int, memory_budget_bytes: int,
+    should_stop: StopCheck,
+) -> tuple[torch.Tensor, list[str | None], torch.Tensor]:
+    """For the images `which_images`: the radius one float64 evaluation of the bounds at `radius` proves (the radius
+    itself where verified, a K·r bound's smaller one, else 0), the bound that proves it, and the evaluation's score
+    (min UB·(1 + m)/R_F); [batch], 0 (score 1) elsewhere."""
+    proven = torch.zeros_like(radius)
+    scores = torch.ones_like(radius)
+    proven_by: list[str | None] = [None] * len(radius)
+    per_chunk = max(1, (images.shape[0] + 1) // 2)  # float64 takes twice the bytes the float32 chunk was sized for
+    for start in range(0, len(which_images), per_chunk):
+        index = which_images[start:start + per_chunk]
+        values = feature_distance_upper(
+            graph64, images[index.to(images.device)].to(torch.float64), radius[index].to(images.device), names,
+            lipschitz_upper=lipschitz_upper, intermediate=intermediate, spec_chunk=spec_chunk,
+            memory_budget_bytes=memory_budget_bytes, should_stop=should_stop,
+        )
+        verified, score, which, certified, certified_by = _verdict(values, names, radius[index], radii_f[index])
+        proven[index] = torch.where(verified, radius[index], certified)
+        scores[index] = torch.where(torch.isfinite(score) & (score > 0), score, torch.full_like(score, math.inf))
+        for position, image in enumerate(index.tolist()):
+            proven_by[image] = names[int(which[position])] if verified[position] else certified_by[position]
+    return proven, proven_by, scores
 
 
 def f2i_radius(
@@ -323,24 +434,38 @@ def _search(
     if bound == "best_ibp":
         intermediate = "ibp"
     device = module_device(model, images.device)
-    graph = build_graph(model, tuple(images.shape[1:]), dtype=torch.float32, device=device)
+    shape = tuple(images.shape[1:])
+    graph = build_graph(model, shape, dtype=torch.float32, device=device)
     images = images.to(device=device, dtype=torch.float32)
-    budget = memory_budget_bytes if memory_budget_bytes is not None else DEFAULT_MEMORY_BUDGET_BYTES
-    per_chunk, spec_chunk = _chunk_sizes(graph, names, images.shape[0], budget, itemsize=4)
-    radii, deciders, steps = [], [], []
+    radii_f = feature_radii.to(torch.float64).cpu()
+    batch = images.shape[0]
+    radius = closed_form_radius(radii_f, lipschitz_upper) if lipschitz_upper > 0 else torch.zeros_like(radii_f)
+    deciders = ["lipschitz" if lipschitz_upper > 0 else names[0]] * batch
+    steps = torch.zeros(batch, dtype=torch.int64)
+    if names == ("lipschitz",) or batch == 0:
+        return F2IResult(radius, tuple(deciders), steps)
     with torch.no_grad():
-        for start in range(0, images.shape[0], per_chunk):
+        scale = 1 + graph.forward(images).reshape(batch, -1).to(torch.float64).norm(dim=1).cpu()
+        width = 1 + images.reshape(batch, -1).to(torch.float64).norm(dim=1).cpu()
+        searched = ((radii_f >= LOCAL_BOUND_FLOOR * scale)
+                    & (closed_form_radius(radii_f, max(lipschitz_upper, 1e-300)) <= LOCAL_BOUND_CEILING * width))
+        searched = searched.nonzero().squeeze(1)
+        if not searched.numel():
+            return F2IResult(radius, tuple(deciders), steps)
+        graph64 = build_graph(model, shape, dtype=torch.float64, device=device)
+        budget = memory_budget_bytes if memory_budget_bytes is not None else DEFAULT_MEMORY_BUDGET_BYTES
+        per_chunk, spec_chunk = _chunk_sizes(graph, names, len(searched), budget, itemsize=4)
+        for start in range(0, len(searched), per_chunk):
             stop_if_asked(should_stop)
-            radius, decider, step = _search_chunk(
-                graph, images[start:start + per_chunk], feature_radii[start:start + per_chunk], names,
+            index = searched[start:start + per_chunk]
+            chunk_radius, decider, step = _search_chunk(
+                graph, graph64, images[index.to(device)], radii_f[index], names,
                 lipschitz_upper=lipschitz_upper, tolerance=tolerance, max_steps=max_steps,
                 spec_chunk=spec_chunk, intermediate=intermediate, memory_budget_bytes=budget,
                 should_stop=should_stop,
             )
-            radii.append(radius)
-            deciders.extend(decider)
-            steps.append(step)
-    if not radii:
-        empty = torch.zeros(0, dtype=torch.float64)
-        return F2IResult(empty, (), torch.zeros(0, dtype=torch.int64))
-    return F2IResult(torch.cat(radii), tuple(deciders), torch.cat(steps))
+            radius[index] = chunk_radius
+            steps[index] = step
+            for image, name in zip(index.tolist(), decider, strict=True):
+                deciders[image] = name
+    return F2IResult(radius, tuple(deciders), steps)

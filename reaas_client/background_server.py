@@ -47,19 +47,22 @@ class BackgroundServer:
 
 @contextlib.contextmanager
 def background_server(mode: str = "reaas", *, checkpoint: Path | None = None, log_path: Path | None = None,
-                      startup_timeout_s: float = 120.0, extra_args: tuple[str, ...] = ()) -> Iterator[str]:
-    """Yield "127.0.0.1:PORT" of a healthy `reaas-server --mode MODE` child; stop it on exit."""
+                      startup_timeout_s: float = 120.0, extra_args: tuple[str, ...] = (),
+                      python: str | None = None) -> Iterator[str]:
+    """Yield "127.0.0.1:PORT" of a healthy `reaas-server --mode MODE` child; stop it on exit. ``python``: the
+    interpreter that runs the server (default this one's), e.g. another virtual environment's."""
     with background_server_process(mode, checkpoint=checkpoint, log_path=log_path,
-                                   startup_timeout_s=startup_timeout_s, extra_args=extra_args) as server:
+                                   startup_timeout_s=startup_timeout_s, extra_args=extra_args,
+                                   python=python) as server:
         yield server.address
 
 
 @contextlib.contextmanager
 def background_server_process(mode: str = "reaas", *, checkpoint: Path | None = None, log_path: Path | None = None,
-                              startup_timeout_s: float = 120.0, extra_args: tuple[str, ...] = ()
-                              ) -> Iterator[BackgroundServer]:
+                              startup_timeout_s: float = 120.0, extra_args: tuple[str, ...] = (),
+                              python: str | None = None) -> Iterator[BackgroundServer]:
     """Like `background_server`, yielding the child process too."""
-    command = [sys.executable, "-m", "reaas_server.cli", "--host", "127.0.0.1", "--port", "0", "--mode", mode,
+    command = [python or sys.executable, "-m", "reaas_server.cli", "--host", "127.0.0.1", "--port", "0", "--mode", mode,
                "--grace", "2", "--ledger", ":memory:", *extra_args]
     if checkpoint is not None:
         command += ["--checkpoint", str(checkpoint)]

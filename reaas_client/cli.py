@@ -12,23 +12,35 @@ Example (a REaaS server on port 50051, the embedded MNIST digits):
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from bounds import CERTIFY_METHODS
 from reaas_client.client import EncoderClient
+from reaas_client.command_line import (
+    CommandLineParser,
+    UsageError,
+    add_standard_flags,
+    existing_path,
+    reported_errors,
+)
 from reaas_client.downstream import DEFAULT_CACHE_DIR, TrainConfig, stratified_subset
 from reaas_client.head_selection import HeadSearch
-from reaas_client.metrics import summary_table_markdown, write_records_csv
+from reaas_client.metrics import summary_table_markdown, summary_table_text, write_records_csv
 from reaas_client.pipelines import PATHS, PathConfig, run_path
 from reaas_client.plotting import plot_certified_accuracy
 from reaas_client.seaas import WIRE_DTYPES
 from reaas_client.tls import ClientTls
 
+API_KEY_VARIABLE = "REAAS_API_KEY"
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandLineParser(
         prog="reaas-certify",
+        environment={API_KEY_VARIABLE: "API key sent as x-api-key when --api-key is not given (unlike a flag, "
+                                       "not visible in ps)"},
         description="Train a downstream classifier h on features from an encoder service, then certify every "
                     "test input's l2 robustness by one of the paper's three paths, and print ACR, certified "
                     "accuracy and the queries each input cost.",
@@ -38,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     service.add_argument("--server", required=True, action="append",
                          help="server address host:port; repeat (or comma-separate) for several replicas, "
                               "spread by gRPC round_robin")
-    service.add_argument("--api-key", default=None, help="API key sent as x-api-key (none: anonymous)")
+    service.add_argument("--api-key", default=None,
+                         help=f"API key sent as x-api-key (default: ${API_KEY_VARIABLE}, else none: anonymous); "
+                              f"prefer ${API_KEY_VARIABLE}, since a flag is visible to every user in ps")
     service.add_argument("--timeout", type=float, default=3600.0,
                          help="deadline of each RPC in seconds (a SEaaS-SC stream of n0 + n images is one RPC)")
     tls = parser.add_argument_group("TLS", "without any of these the channel is insecure (loopback servers)")
@@ -57,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="images: cifar10, svhn, stl10, tiny-imagenet (need --data) or mnist-embedded (shipped); "
                            "text, for a text encoder: rt-embedded (shipped Rotten Tomatoes reviews, fresh/rotten), "
                            "sst2 (--data: a GLUE SST-2 TSV) or imdb (--data: a folder of pos/ and neg/ .txt files)")
-    data.add_argument("--data", type=Path, default=None,
+    data.add_argument("--data", type=existing_path, default=None,
                       help="folder (or, for sst2, file) with the data set's standard files")
     data.add_argument("--train-size", type=int, default=0,
                       help="training inputs used (class-balanced seeded subset; 0 = all)")
@@ -131,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-cache", action="store_true", help="always fetch training features")
     parser.add_argument("--out", type=Path, default=Path("runs") / "certify",
                         help="folder for records.csv, ledger.csv, summary.md and the certified-accuracy PNG")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars or step lines (bars draw only when stderr is a terminal anyway)")
+    add_standard_flags(parser)
     return parser
 
 
@@ -154,27 +170,40 @@ def main(argv: list[str] | None = None) -> int:
     margins = tuple(float(m) for m in args.margin.split(",") if m)
     if not args.select_head and (len(heads) != 1 or len(margins) != 1):
         parser.error("several --head or --margin values need --select-head")
+    try:
+        search = (HeadSearch(heads, margins, args.validation_fraction, args.min_validation_accuracy, args.method)
+                  if args.select_head else None)
+        config = PathConfig(
+            path=args.path, sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.alpha, method=args.method,
+            bound=args.bound, seed=args.seed, batch_size=args.batch_size, search=search,
+            sample_batch_size=args.sample_batch_size, seaas_wire_dtype=args.seaas_wire_dtype,
+            train=TrainConfig(hidden=tuple(int(w) for w in args.hidden.split(",") if w), epochs=args.epochs,
+                              lr=args.lr, head=heads[0], margin=margins[0], temperature=args.temperature,
+                              margin_warmup=args.margin_warmup),
+        )
+    except ValueError as error:
+        parser.error(str(error))
+    with reported_errors(parser.prog, debug=args.debug):
+        return _certify(args, config, tls)
+
+
+def _certify(args: argparse.Namespace, config: PathConfig, tls: ClientTls | None) -> int:
+    """Train h over the service, certify, write the outputs."""
     from reaas_client.downstream_data import load_downstream  # imported late so --help stays instant
 
-    search = (HeadSearch(heads, margins, args.validation_fraction, args.min_validation_accuracy, args.method)
-              if args.select_head else None)
-    config = PathConfig(
-        path=args.path, sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.alpha, method=args.method,
-        bound=args.bound, seed=args.seed, batch_size=args.batch_size, search=search,
-        sample_batch_size=args.sample_batch_size, seaas_wire_dtype=args.seaas_wire_dtype,
-        train=TrainConfig(hidden=tuple(int(w) for w in args.hidden.split(",") if w), epochs=args.epochs,
-                          lr=args.lr, head=heads[0], margin=margins[0], temperature=args.temperature,
-                          margin_warmup=args.margin_warmup),
-    )
     addresses = [a for item in args.server for a in item.split(",") if a]
-    with EncoderClient(addresses, api_key=args.api_key, timeout_s=args.timeout, tls=tls) as client:
+    api_key = args.api_key or os.environ.get(API_KEY_VARIABLE) or None
+    with EncoderClient(addresses, api_key=api_key, timeout_s=args.timeout, tls=tls) as client:
         info = client.info()
+        if config.path != "seaas-sc" and info.mode != "reaas":  # refused now, not after training h
+            raise UsageError(f"--path {config.path} needs F2IPerturb, which this server (--mode {info.mode}) does not "
+                             "offer; use --path seaas-sc, or a server in --mode reaas")
         print(f"encoder {info.model_id} ({info.model_sha256[:12]}), {info.modality}, mode {info.mode}, "
               f"feature_dim {info.feature_dim}, {info.description}", file=sys.stderr)
         try:
             data = load_downstream(args.dataset, args.data, client)
-        except (ValueError, FileNotFoundError) as error:
-            parser.error(str(error))
+        except ValueError as error:  # a data set the encoder cannot read, a malformed data file
+            raise UsageError(str(error)) from error
         train_idx = stratified_subset(data.train_labels, args.train_size, args.seed)
         test_idx = stratified_subset(data.test_labels, args.test_size, args.seed)
         result = run_path(config, client, data.train_inputs[train_idx], data.train_labels[train_idx],
@@ -186,12 +215,12 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         write_records_csv(result.records, args.out / "records.csv")
         client.ledger.to_csv(args.out / "ledger.csv")
-    table = summary_table_markdown([result.summary])
-    (args.out / "summary.md").write_text(table + "\n")
+    (args.out / "summary.md").write_text(summary_table_markdown([result.summary]) + "\n")
     plot_certified_accuracy({result.summary.service: result.records}, args.out / "certified_accuracy.png",
-                            title=args.dataset)
-    print(table)
-    print(f"h accuracy on its training features: {result.train_accuracy:.3f}; outputs in {args.out}/")
+                            title=args.dataset, modality=info.modality)
+    print(summary_table_text([result.summary]))
+    print(f"h accuracy on its training features: {result.train_accuracy:.3f}; full table in {args.out}/summary.md, "
+          f"per-input records, ledger and plot in {args.out}/")
     return 0
 
 

@@ -16,11 +16,10 @@ import json
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, TypeAlias
 
 import grpc
 import numpy as np
-import torch
 
 from reaas.v1 import encoder_service_pb2 as pb
 from reaas.v1 import encoder_service_pb2_grpc as pb_grpc
@@ -31,15 +30,18 @@ from reaas_client.tls import ClientTls
 from reaas_client.wire import as_numpy, decode_tensor, encode_tensor
 
 if TYPE_CHECKING:
+    import torch
+
     from robust_pretrain.text_input import Vocabulary
 
 API_KEY_HEADER = "x-api-key"
 _MESSAGE_HEADROOM = 0.9  # leave room for the message's non-pixel fields
 
-ImageBatch = np.ndarray | torch.Tensor
+# torch is optional (a light client has none): a torch tensor is accepted wherever an array is (wire.as_numpy)
+ImageBatch: TypeAlias = "np.ndarray | torch.Tensor"
 #: token ids [batch, length] of any integer dtype (a LongTensor from Vocabulary.encode, an int array); they travel
 #: as INT32
-TokenIdBatch = np.ndarray | torch.Tensor
+TokenIdBatch: TypeAlias = "np.ndarray | torch.Tensor"
 #: which request field a batch travels in
 InputKind = Literal["images", "token_ids"]
 
@@ -261,6 +263,8 @@ class EncoderClient:
         """Embedding matrices [batch, embed_dim, 1, max_length] float32 of token ids [batch, length] (length <=
         max_length; shorter rows are padded with pad_id by the server): the exact input the text encoder reads,
         e.g. to add SEaaS-SC's noise to. Each sequence is one query (recorded as "Embed")."""
+        import torch  # SEaaS-SC's noise is torch's: the certify extra, not the light client
+
         array = _token_id_array(token_ids)
         ids = _ids_for(input_ids, len(array))
         step = self._chunk_size(array)
@@ -366,8 +370,7 @@ class EncoderClient:
             raise ValueError("give feature_radii: one R_F per image or sequence")
         array, kind = _batch_array(images, token_ids)
         # float64 end to end: torch.as_tensor would round a Python list to float32 before it is sent
-        radii = (as_numpy(feature_radii) if isinstance(feature_radii, torch.Tensor)
-                 else np.asarray(feature_radii)).astype(np.float64).reshape(-1)
+        radii = as_numpy(feature_radii).astype(np.float64).reshape(-1)
         if len(radii) != len(array):
             raise ValueError(f"{len(radii)} feature radii for {len(array)} images; give one R_F per image")
         ids = _ids_for(input_ids, len(array))

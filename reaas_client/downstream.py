@@ -25,6 +25,7 @@ from reaas_client.heads import (
     finalize_margin_head,
     lipschitz_margin_loss,
 )
+from reaas_client.progress import bar, step
 from reaas_client.seaas import noisy_copies
 
 if TYPE_CHECKING:
@@ -110,6 +111,7 @@ def fetch_features(
     if path is not None and path.exists():
         cached = np.load(path)
         meta = json.loads(str(cached["meta"]))
+        step(f"{images.shape[0] * copies} {id_prefix} features from the cache ({path.name})")
         return FeatureSet(torch.from_numpy(cached["features"]), labels, meta["queries_per_input"], True, path)
     ids = input_ids(id_prefix, images.shape[0])
     before = sum(client.ledger.queries(i) for i in ids)
@@ -130,7 +132,13 @@ def fetch_features(
             yield chunk.contiguous(), [i for i in ids[start:start + per_request] for _ in range(copies)]
 
     streamed = client.stream_features(batches(), inputs="token_ids" if sends_ids else "images")
-    features = np.concatenate(list(streamed))
+    step(f"fetching {images.shape[0] * copies} {id_prefix} features ({copies} per input) ...")
+    parts = []
+    with bar(desc=f"{id_prefix} features", total=images.shape[0] * copies, unit="input") as fetched:
+        for part in streamed:
+            parts.append(part)
+            fetched.update(part.shape[0])
+    features = np.concatenate(parts)
     spent = (sum(client.ledger.queries(i) for i in ids) - before) / images.shape[0]
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -228,7 +236,7 @@ def train_classifier(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     step = 0
     views = config.consistency_copies if config.consistency > 0 and config.noise_sigma > 0 else 1
     model.train()
-    for _ in range(config.epochs):
+    for _ in bar(range(config.epochs), desc=f"training h ({config.head})", unit="epoch", leave=False):
         order = torch.randperm(features.shape[0], generator=generator)
         for start in range(0, features.shape[0], config.batch_size):
             batch = order[start:start + config.batch_size]

@@ -18,6 +18,7 @@ from torch import nn
 from bounds import certify_feature_radius
 from reaas_client.downstream import TrainConfig, train_classifier
 from reaas_client.heads import MARGIN_HEADS
+from reaas_client.progress import bar
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ def select_head(train_features: torch.Tensor, train_labels: torch.Tensor, num_cl
         raise ValueError("no candidate head to select from")
     fit, validation = stratified_split(train_labels, validation_fraction, seed)
     scores = []
-    for config in candidates:
+    for config in bar(candidates, desc="head selection", unit="head"):
         model = train_classifier(train_features[fit], train_labels[fit], num_classes, config)
         scores.append(CandidateScore(config, *score_head(model, train_features[validation],
                                                         train_labels[validation], method)))

@@ -7,6 +7,7 @@ and is never certified-accurate, whatever radius the pipeline computed for it.
 from __future__ import annotations
 
 import csv
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,3 +154,24 @@ def summary_table_markdown(summaries: Sequence[RunSummary]) -> str:
                  human_bytes(s.bytes_per_test_input), f"{s.train_wall_s:.1f}", f"{s.wall_s:.1f}", s.note]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def summary_table_text(summaries: Sequence[RunSummary], width: int = 100) -> str:
+    """The same rows as summary_table_markdown for a terminal: short aligned columns within `width` characters
+    (the dataset goes into the caller's title), time as train + certify, and each row's note wrapped below the
+    table instead of in a column. The markdown table stays the full record (summary.md)."""
+    radii = RADII_REPORTED
+    header = ["service", "inputs", "ACR", *(f"CA@{r:g}".replace("0.", ".") for r in radii), "q/train", "q/test",
+              "bytes/test", "time (s)"]
+    rows = [[s.service, str(s.num_test), f"{s.acr:.3f}", *(f"{s.certified_accuracy[r]:.3f}" for r in radii),
+             f"{s.queries_per_train_input:g}", f"{s.queries_per_test_input:g}", human_bytes(s.bytes_per_test_input),
+             f"{s.train_wall_s + s.wall_s:.0f}"] for s in summaries]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths,
+                                                                                                      strict=True)))
+             for row in [header, *rows]]
+    lines.insert(1, "-" * len(lines[0]))
+    notes = [textwrap.fill(f"{s.service}: {s.note}", width=width, subsequent_indent="  ")
+             for s in summaries if s.note]
+    return "\n".join(lines + ([""] + notes if notes else []))
+

@@ -15,6 +15,7 @@ input's embedding matrix (Embed, 1 query) and smooths in embedding space around 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -23,7 +24,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from bounds import certify_feature_radius
 from reaas_client.downstream import (
@@ -39,6 +39,7 @@ from reaas_client.downstream import (
 from reaas_client.downstream import train_classifier as _train_head
 from reaas_client.head_selection import HeadSearch, HeadSelection, select_head
 from reaas_client.metrics import InputRecord, RunSummary, summarize
+from reaas_client.progress import bar, reporting, step
 from reaas_client.seaas import WIRE_DTYPES, StreamedImageSamples
 from reaas_client.smoothing import GaussianFeatureSamples, Smooth, SmoothCertificate, label_classifier
 
@@ -110,10 +111,12 @@ def train_downstream(
         noise = sigma if path == "reaas-sc" else 0.0
         config = replace(config, noise_sigma=noise)
     if search is not None:
+        step(f"selecting h among {len(search.candidates(config))} head candidates on held-out training features ...")
         selection = select_head(fetched.features, fetched.labels, num_classes, search.candidates(config),
                                 validation_fraction=search.validation_fraction, min_accuracy=search.min_accuracy,
                                 method=search.method, seed=config.seed)
         return TrainedClassifier(selection.model, fetched, fetched.queries_per_input, selection)
+    step(f"training h ({_head_name(config)}, {config.epochs} epochs) on {fetched.features.shape[0]} features ...")
     model = _train_head(fetched.features, fetched.labels, num_classes, config)
     return TrainedClassifier(model, fetched, fetched.queries_per_input)
 
@@ -126,7 +129,7 @@ def certify_reaas_bc(client: EncoderClient, h: nn.Module, images: torch.Tensor, 
     Exactly 2 queries per test input. Sound: h(f(x + d)) = h(f(x)) for every ||d||_2 < R.
     """
     records: list[InputRecord] = []
-    with tqdm(total=images.shape[0], desc="REaaS-BC", disable=not progress) as bar:
+    with bar(total=images.shape[0], desc="REaaS-BC", unit="input", enabled=progress) as shown:
         for start in range(0, images.shape[0], batch_size):
             batch, ids, started, before = _begin_batch(client, images, start, batch_size, id_prefix)
             features = torch.from_numpy(client.features(**encoder_inputs(batch), input_ids=ids))
@@ -137,7 +140,7 @@ def certify_reaas_bc(client: EncoderClient, h: nn.Module, images: torch.Tensor, 
             records += _records(client.ledger, ids, before, labels[start:start + len(ids)],
                                 certificate.prediction.tolist(), reply.image_radius.tolist(),
                                 feature_radius.tolist(), started)
-            bar.update(len(ids))
+            shown.update(len(ids))
     return records
 
 
@@ -150,7 +153,8 @@ def certify_reaas_sc(client: EncoderClient, h: nn.Module, images: torch.Tensor, 
     least 1 - alpha per input, a non-abstained prediction is certified on the image-space ball of radius R.
     """
     records: list[InputRecord] = []
-    with tqdm(total=images.shape[0], desc=f"REaaS-SC sigma={smoothing.sigma:g}", disable=not progress) as bar:
+    with bar(total=images.shape[0], desc=f"REaaS-SC sigma={smoothing.sigma:g}", unit="input",
+             enabled=progress) as shown:
         for start in range(0, images.shape[0], batch_size):
             batch, ids, started, before = _begin_batch(client, images, start, batch_size, id_prefix)
             features = torch.from_numpy(client.features(**encoder_inputs(batch), input_ids=ids))
@@ -158,7 +162,7 @@ def certify_reaas_sc(client: EncoderClient, h: nn.Module, images: torch.Tensor, 
             for offset in range(len(ids)):  # one at a time, so the progress bar moves per input
                 certificates += certify_features(h, features[offset:offset + 1], smoothing,
                                                  first_index=start + offset)
-                bar.update(1)
+                shown.update(1)
             feature_radius = np.array([c.radius for c in certificates], dtype=np.float64)
             reply = client.f2i_perturb(feature_radii=feature_radius, **encoder_inputs(batch), input_ids=ids,
                                        bound=bound)
@@ -197,7 +201,8 @@ def certify_seaas_sc(client: EncoderClient, h: nn.Module, images: torch.Tensor, 
     per_request = stream_batch_size or info.max_batch_size
     smooth = Smooth(label_classifier(h), _num_classes(h), smoothing.sigma)
     records: list[InputRecord] = []
-    for index in tqdm(range(images.shape[0]), desc=f"SEaaS-SC sigma={smoothing.sigma:g}", disable=not progress):
+    for index in bar(range(images.shape[0]), desc=f"SEaaS-SC sigma={smoothing.sigma:g}", unit="input",
+                     enabled=progress):
         batch, ids, started, before = _begin_batch(client, images, index, 1, id_prefix)
         if is_token_ids(batch):
             batch = client.embed(batch, input_ids=ids)
@@ -321,9 +326,13 @@ def run_path(config: PathConfig, client: EncoderClient, train_images: torch.Tens
              cache_dir: Path | None = DEFAULT_CACHE_DIR, progress: bool = False, note: str = "") -> PathResult:
     """Train h for `config.path` over the service, certify every test input, summarise."""
     started = time.perf_counter()
-    trained = train_downstream(config.path, client, train_images, train_labels, num_classes, dataset=dataset,
-                               sigma=config.sigma, config=replace(config.train, seed=config.seed),
-                               cache_dir=cache_dir, search=config.search)
+    name = SERVICE_NAMES[config.path]
+    with reporting() if progress else contextlib.nullcontext():
+        step(f"{name}: training h on {train_images.shape[0]} training inputs ...")
+        trained = train_downstream(config.path, client, train_images, train_labels, num_classes, dataset=dataset,
+                                   sigma=config.sigma, config=replace(config.train, seed=config.seed),
+                                   cache_dir=cache_dir, search=config.search)
+        step(f"{name}: certifying {test_images.shape[0]} test inputs ...")
     train_wall = time.perf_counter() - started
     started = time.perf_counter()
     tag = "" if config.path == "reaas-bc" else f"-s{config.sigma:g}"

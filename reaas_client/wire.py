@@ -2,18 +2,23 @@
 
 Server and client both use this module, so the two sides cannot disagree about byte order, dtype names or
 shapes. Decoding validates everything a remote peer could get wrong and raises :class:`TensorDecodeError`
-with a message a person can act on; the server turns that into ``INVALID_ARGUMENT``.
+with a message a person can act on; the server turns that into ``INVALID_ARGUMENT``. It needs numpy only: a
+torch tensor is recognised when its caller has imported torch, so a light client (no torch) shares the codec.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Collection
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from reaas.v1 import encoder_service_pb2 as pb
+
+if TYPE_CHECKING:
+    import torch
 
 # Wire dtype -> numpy dtype, always little-endian on the wire whatever the host's byte order.
 NUMPY_DTYPES: dict[int, np.dtype] = {
@@ -49,9 +54,16 @@ def dtype_name(wire_dtype: int) -> str:
     return pb.DType.Name(wire_dtype) if wire_dtype in pb.DType.values() else f"<unknown dtype {wire_dtype}>"
 
 
+def is_torch_tensor(value: object) -> bool:
+    """Whether ``value`` is a torch tensor, without importing torch: a process that has not imported torch holds
+    none."""
+    torch_module = sys.modules.get("torch")
+    return torch_module is not None and isinstance(value, torch_module.Tensor)
+
+
 def as_numpy(array: np.ndarray | torch.Tensor) -> np.ndarray:
     """A C-ordered numpy view of a numpy array or a (CPU or CUDA) torch tensor."""
-    if isinstance(array, torch.Tensor):
+    if is_torch_tensor(array):
         array = array.detach().cpu().numpy()
     return np.ascontiguousarray(array)
 

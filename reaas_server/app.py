@@ -97,6 +97,10 @@ def _enable_reflection(server: grpc.Server) -> None:
     }),))
 
 
+class BindError(OSError):
+    """The server could not open its port (the message says what to change)."""
+
+
 def _bind(server: grpc.Server, config: ServerConfig) -> int:
     """Open the one port every service shares: TLS when ``config.tls`` is set, else insecure (with a warning off
     loopback, since every client's x-api-key would cross the network readable)."""
@@ -105,15 +109,19 @@ def _bind(server: grpc.Server, config: ServerConfig) -> int:
         if not is_loopback(config.host):
             log.warning("serving without TLS on %s: API keys would travel in clear text; give --tls-cert and "
                         "--tls-key", address)
-        port = server.add_insecure_port(address)
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as error:  # gRPC says only "Failed to bind"
+            raise BindError(f"could not bind {address}: check --host (an address of this machine) and --port "
+                            f"(free, or 0 for any free one) ({error})") from None
     else:
         try:
             port = server.add_secure_port(address, config.tls.server_credentials())
         except RuntimeError as error:  # gRPC says only "Failed to bind"; a key that does not fit is the usual cause
-            raise OSError(f"could not bind {address} with TLS: is the private key the certificate's, and the "
-                          f"port free? ({error})") from None
+            raise BindError(f"could not bind {address} with TLS: is the private key the certificate's, and the "
+                            f"port free? ({error})") from None
     if port == 0:
-        raise OSError(f"could not bind {address}")
+        raise BindError(f"could not bind {address}")
     return port
 
 

@@ -9,18 +9,30 @@ import sys
 import threading
 from pathlib import Path
 
-from reaas_server.app import start_server
+import bounds
+from reaas_client.command_line import (
+    CommandLineParser,
+    UsageError,
+    add_standard_flags,
+    available_device,
+    checkpoint_argument,
+    reported_errors,
+)
+from reaas_server.app import BindError, start_server
 from reaas_server.config import MODES, ServerConfig
+from reaas_server.keys_cli import LEDGER_ENVIRONMENT, ledger_argument
 from reaas_server.ledger import MEMORY_LEDGER, default_ledger_path
 from reaas_server.memory import limit_heap_growth
 from reaas_server.tls import ServerTls
+from robust_pretrain.checkpoint import CheckpointError
 from robust_pretrain.demo import DEFAULT_DEMO_KIND, DEMO_KINDS, TEXT_DEMO_KINDS
 
 
-def parse_args(argv: list[str] | None = None) -> ServerConfig:
+def build_parser() -> argparse.ArgumentParser:
     defaults = ServerConfig()
-    parser = argparse.ArgumentParser(
+    parser = CommandLineParser(
         prog="reaas-server",
+        environment=LEDGER_ENVIRONMENT,
         description="Serve a pre-trained encoder over gRPC (reaas.v1.EncoderService). In 'reaas' mode the "
         "server also answers F2IPerturb: it turns each client's feature-space certified radius into an "
         "image-space one. Health (grpc.health.v1) and server reflection are always on.",
@@ -35,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     )
     parser.add_argument(
         "--checkpoint",
-        type=Path,
+        type=checkpoint_argument,
         default=None,
         help="encoder checkpoint written by reaas-pretrain (PATH.safetensors + PATH.json); "
         "default: the demo encoder --demo-kind shipped with robust_pretrain",
@@ -68,10 +80,11 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     )
     parser.add_argument(
         "--ledger",
+        type=ledger_argument,
         default=str(default_ledger_path()),
         help="SQLite file of API keys (hashed) and the usage ledger, kept across restarts; manage keys with "
         "reaas-keys. With no active key every caller is billed as 'anonymous' (open access). ':memory:' keeps "
-        "it in memory, lost at exit (default: %(default)s)",
+        "it in memory, lost at exit (default: $REAAS_LEDGER, else %(default)s)",
     )
     tls = parser.add_argument_group(
         "TLS",
@@ -86,8 +99,9 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
                      help="PEM CA bundle for mutual TLS: every client must present a certificate it issued")
     parser.add_argument(
         "--default-bound",
+        choices=bounds.BOUNDS_OFFERED,
         default=None,
-        help="bound F2IPerturb uses when a request names none (default: bounds.DEFAULT_BOUND, 'auto': the "
+        help=f"bound F2IPerturb uses when a request names none (default: {bounds.DEFAULT_BOUND}: the "
         "closed form where local bounds cannot beat it, best_ibp elsewhere)",
     )
     parser.add_argument(
@@ -167,16 +181,28 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         "closes, so load balancers stop routing here first; counted within --grace (default: %(default)s)",
     )
     parser.add_argument(
-        "--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cuda if available)"
+        "--device", type=available_device, default=None,
+        help="torch device, e.g. cpu or cuda:0 (default: cuda if available)"
     )
-    parser.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
+    parser.add_argument("--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"), default="INFO",
+                        help="logging level (default: %(default)s)")
+    add_standard_flags(parser)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> ServerConfig:
+    """The ServerConfig the flags describe; any mistake is one line and exit 2, before anything is loaded."""
+    return config_from(build_parser(), argv)[0]
+
+
+def config_from(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[ServerConfig, argparse.Namespace]:
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     server_tls = _server_tls(parser, args)
     try:
-        return ServerConfig(
+        config = ServerConfig(
             host=args.host,
             port=args.port,
             metrics_port=args.metrics_port,
@@ -206,6 +232,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         )
     except ValueError as error:
         parser.error(str(error))
+    return config, args
 
 
 def _server_tls(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ServerTls | None:
@@ -222,7 +249,17 @@ def _server_tls(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Se
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = parse_args(argv)
+    parser = build_parser()
+    config, args = config_from(parser, argv)
+    with reported_errors(parser.prog, debug=args.debug, usage_errors=(BindError,)):
+        try:
+            _serve(config)
+        except CheckpointError as error:
+            raise UsageError(f"{error}; write the checkpoint again with reaas-pretrain, or leave --checkpoint out "
+                             "to serve a shipped --demo-kind") from error
+
+
+def _serve(config: ServerConfig) -> None:
     limit_heap_growth()
     # A handler thread answering a health check waits for the GIL behind the threads decoding and forwarding
     # requests; Python hands the GIL over every switch interval (5 ms by default). 1 ms keeps that wait short
@@ -240,21 +277,25 @@ def main(argv: list[str] | None = None) -> None:
         log.info("signal %d: draining in-flight calls (grace %.1f s)", signum, config.grace_s)
         stopping.set()
 
-    # Handlers go in before the port is announced: a SIGTERM right after "listening on" must drain, not kill.
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    running = start_server(config)
-    # The port line is the machine-readable handshake scripts wait for (with --port 0 it is the only way).
-    print(
-        f"reaas-server listening on {config.host}:{running.port} mode={config.mode} "
-        f"model={running.encoder.metadata.model_id} device={running.encoder.device}",
-        flush=True,
-    )
-    # Python runs signal handlers in the main thread between bytecodes: wake it regularly rather than block in
-    # one untimed wait.
-    while not stopping.wait(timeout=0.2):
-        pass
-    running.stop(config.grace_s, drain_delay_s=config.drain_delay_s)
+    # Handlers go in before the port is announced: a SIGTERM right after "listening on" must drain, not kill. They
+    # are put back on the way out, so a caller running main() in-process (tests) keeps its own.
+    previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        running = start_server(config)
+        # The port line is the machine-readable handshake scripts wait for (with --port 0 it is the only way).
+        print(
+            f"reaas-server listening on {config.host}:{running.port} mode={config.mode} "
+            f"model={running.encoder.metadata.model_id} device={running.encoder.device}",
+            flush=True,
+        )
+        # Python runs signal handlers in the main thread between bytecodes: wake it regularly rather than block in
+        # one untimed wait.
+        while not stopping.wait(timeout=0.2):
+            pass
+        running.stop(config.grace_s, drain_delay_s=config.drain_delay_s)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

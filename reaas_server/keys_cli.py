@@ -7,11 +7,13 @@ added or revoked here takes effect on the server's next call.
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
+from reaas_client.command_line import CommandLineParser, UsageError, add_standard_flags, reported_errors
 from reaas_server.ledger import LedgerError, UsageLedger, default_ledger_path
 from reaas_server.quotas import QuotaBook, describe_period
 
@@ -37,12 +39,33 @@ def _since(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected an ISO date like 2026-11-01 or 2026-11-01T12:00, got {text!r}") from None
 
 
+LEDGER_ENVIRONMENT = {"REAAS_LEDGER": "the ledger file when --ledger is not given (default: "
+                                      "$XDG_STATE_HOME/reaas/ledger.sqlite3, i.e. ~/.local/state/reaas/...)"}
+
+
+def ledger_argument(text: str) -> str:
+    """argparse ``type=`` for --ledger: a file (created if absent), not a folder."""
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give the ledger file, e.g. {Path(text) / 'ledger.sqlite3'}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="reaas-keys", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ledger", type=Path, default=default_ledger_path(),
-                        help="the server's ledger file (default: %(default)s)")
+    parser = CommandLineParser(prog="reaas-keys", description=__doc__.split("\n\n")[0],
+                               environment=LEDGER_ENVIRONMENT)
+    help_text = "the server's ledger file; may also follow the subcommand (default: $REAAS_LEDGER, else %(default)s)"
+    parser.add_argument("--ledger", type=ledger_argument, default=str(default_ledger_path()), help=help_text)
+    add_standard_flags(parser)
+    # The same flag after the subcommand; SUPPRESS leaves the one given before it (or the default) alone when absent.
+    ledger_after = argparse.ArgumentParser(add_help=False)
+    ledger_after.add_argument("--ledger", type=ledger_argument, default=argparse.SUPPRESS,
+                              help="the server's ledger file (as before the subcommand)")
     commands = parser.add_subparsers(dest="command", required=True)
-    add = commands.add_parser("add", help="issue a key; its secret is printed once and stored only hashed")
+
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=[ledger_after], environment=LEDGER_ENVIRONMENT, **kwargs)
+
+    add = command("add", help="issue a key; its secret is printed once and stored only hashed")
     add.add_argument("name", help="who the key is for; shown in usage reports, logs and exports")
     add.add_argument("--quota", type=int, default=None, metavar="QUERIES",
                      help="queries (images) allowed per --period (default: no quota)")
@@ -51,10 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "since the Unix epoch, so 'day' resets at 00:00 UTC (default: day)")
     add.add_argument("--max-concurrent-calls", type=int, default=None,
                      help="calls this key may have in flight at once (default: the server's --max-calls-per-key)")
-    commands.add_parser("list", help="every key: name, state, quota and what it used")
-    revoke = commands.add_parser("revoke", help="revoke a key by name (its usage stays in the ledger)")
+    command("list", help="every key: name, state, quota and what it used")
+    revoke = command("revoke", help="revoke a key by name (its usage stays in the ledger)")
     revoke.add_argument("name")
-    export = commands.add_parser("export", help="write the usage ledger as CSV, one row per answered call")
+    export = command("export", help="write the usage ledger as CSV, one row per answered call")
     export.add_argument("csv", type=Path, help="output file")
     export.add_argument("--since", type=_since, default=None, help="only calls from this date on (local time)")
     return parser
@@ -76,8 +99,18 @@ def _list(ledger: UsageLedger) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    ledger = UsageLedger(args.ledger)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    with reported_errors(parser.prog, debug=args.debug, usage_errors=(LedgerError,)):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        ledger = UsageLedger(args.ledger)
+    except sqlite3.Error as error:
+        raise UsageError(f"cannot open the ledger {args.ledger} ({error}); give --ledger (or $REAAS_LEDGER) a file "
+                         "you may write, the one reaas-server --ledger uses") from error
     try:
         if args.command == "add":
             secret = ledger.add_key(args.name, quota_queries=args.quota,
@@ -93,9 +126,6 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             rows = ledger.export_csv(args.csv, since=args.since)
             print(f"{rows} usage rows written to {args.csv}", file=sys.stderr)
-    except LedgerError as error:
-        print(f"reaas-keys: error: {error}", file=sys.stderr)
-        return 2
     finally:
         ledger.close()
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,20 @@ def read_pem(path: Path, what: str, mark: bytes) -> bytes:
     return data
 
 
+def check_key_pair(certificate: Path, private_key: Path) -> None:
+    """ValueError naming both files unless `private_key` is an unencrypted PEM key of `certificate`'s leaf."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # the empty password makes an encrypted key fail here instead of prompting (gRPC cannot use one anyway)
+        context.load_cert_chain(certificate, private_key, password=lambda: b"")
+    except ssl.SSLError as error:
+        if error.reason == "KEY_VALUES_MISMATCH":
+            raise ValueError(f"{private_key} is not the private key of {certificate}; give the key issued with that "
+                             "certificate") from None
+        raise ValueError(f"{certificate} with {private_key}: not a certificate and its unencrypted private key "
+                         f"({error.reason or error}); give the pair as PEM, the key without a passphrase") from None
+
+
 @dataclass(frozen=True)
 class ServerTls:
     """What the server presents (``certificate_chain``, PEM, leaf first, and its ``private_key``) and, for mutual
@@ -37,12 +52,15 @@ class ServerTls:
 
     @classmethod
     def from_files(cls, certificate: Path, private_key: Path, client_ca: Path | None = None) -> ServerTls:
-        """Read the PEM files; ValueError names the file that is missing, unreadable or of the wrong kind."""
-        return cls(
+        """Read the PEM files; ValueError names the file that is missing, unreadable or of the wrong kind, or the
+        two files when the key is not the certificate's (gRPC would only say "Failed to bind" at start)."""
+        tls = cls(
             certificate_chain=read_pem(certificate, "certificate", _CERTIFICATE_MARK),
             private_key=read_pem(private_key, "private key", _PRIVATE_KEY_MARK),
             client_ca=None if client_ca is None else read_pem(client_ca, "client CA certificate", _CERTIFICATE_MARK),
         )
+        check_key_pair(certificate, private_key)
+        return tls
 
     @property
     def mutual(self) -> bool:

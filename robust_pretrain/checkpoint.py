@@ -184,6 +184,9 @@ def load_checkpoint(path: str | Path) -> LoadedEncoder:
     Checks: both files exist, the sidecar parses, the weights' sha256 matches the sidecar, and the
     weights fit the architecture the sidecar describes (strict ``load_state_dict``).
     """
+    if Path(path).is_dir():  # the --out-dir of reaas-pretrain, a likely slip: name the file it wrote there
+        raise CheckpointError(f"{path} is a folder; give a checkpoint's path without its suffix, e.g. "
+                              f"{Path(path) / 'encoder'} (reaas-pretrain writes <out-dir>/encoder.safetensors + .json)")
     weights_path, sidecar_path = checkpoint_paths(path)
     for needed in (weights_path, sidecar_path):
         if not needed.is_file():

@@ -16,9 +16,17 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from reaas_client.command_line import (
+    CommandLineParser,
+    UsageError,
+    add_standard_flags,
+    available_device,
+    existing_path,
+    reported_errors,
+)
 from robust_pretrain.architectures import ARCHITECTURES, LIPSCHITZ_ARCHITECTURES, EncoderConfig
 from robust_pretrain.augment import AugmentConfig
-from robust_pretrain.checkpoint import save_checkpoint
+from robust_pretrain.checkpoint import CheckpointError, save_checkpoint
 from robust_pretrain.datasets import DATASETS, ImageSet, load_dataset
 from robust_pretrain.lipschitz_encoders import REFERENCE_KINDS, reference_encoder
 from robust_pretrain.train import METHODS, PretrainConfig, pretrain
@@ -36,7 +44,7 @@ ALL_METHODS: tuple[str, ...] = (*METHODS, *REFERENCE_KINDS)
 def build_parser() -> argparse.ArgumentParser:
     defaults = PretrainConfig()
     augment = AugmentConfig()
-    parser = argparse.ArgumentParser(
+    parser = CommandLineParser(
         prog="reaas-pretrain",
         description="Pre-training of an image encoder for REaaS: a 1-Lipschitz-by-construction encoder (MaxMin "
         "+ AOL layers, MoCo on feature distances), the paper's MoCo + spectral-norm product penalty, its two "
@@ -54,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data.add_argument(
         "--data-path",
+        type=existing_path,
         default=None,
         help="folder holding the data set's standard files (not used for mnist-embedded)",
     )
@@ -196,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=defaults.seed, help="seed of weights, order, views, attacks")
     run.add_argument(
         "--device",
+        type=_device,
         default=defaults.device,
         help="'auto' (cuda:<local rank> when CUDA is available, else cpu), 'cpu' or 'cuda:N'",
     )
@@ -219,7 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
         "fastest with 1; under torchrun give each process its share of the cores",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
+    add_standard_flags(parser)
     return parser
+
+
+def _device(text: str) -> str:
+    return text if text == "auto" else available_device(text)
 
 
 def method_parameters(args: argparse.Namespace) -> tuple[float, float]:
@@ -315,20 +330,37 @@ def main(argv: list[str] | None = None) -> int:
         from robust_pretrain.text_cli import main as text_main
 
         return text_main(argv[1:])
-    args = build_parser().parse_args(argv)
-    method_parameters(args)  # refuse contradicting flags before any data is read
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        method_parameters(args)  # refuse contradicting flags before any data is read
+    except SystemExit as error:
+        parser.error(str(error))
+    with reported_errors(parser.prog, debug=args.debug, usage_errors=(CheckpointError,)):
+        return _pretrain(args)
+
+
+def _load(name: str, path: str | None, split: str) -> ImageSet:
+    """load_dataset, its refusals (no path given, files in the wrong format) reported as usage errors."""
+    try:
+        return load_dataset(name, path, split)
+    except ValueError as error:
+        raise UsageError(f"{error}; check --data and --data-path") from error
+
+
+def _pretrain(args: argparse.Namespace) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     split = args.split or ("pretrain" if args.data == "mnist-embedded" else "train")
-    data = _prepared(load_dataset(args.data, args.data_path, split), args.image_size, args.max_images)
+    data = _prepared(_load(args.data, args.data_path, split), args.image_size, args.max_images)
     config = config_from_args(args, data.input_shape)
     probe = None
     if args.probe_every > 0:
         if args.data == "mnist-embedded":
-            probe_train = load_dataset("mnist-embedded", None, "downstream_train")
+            probe_train = _load("mnist-embedded", None, "downstream_train")
         else:
             probe_train = data
-        probe_test = load_dataset(args.data, args.data_path, "test")
+        probe_test = _load(args.data, args.data_path, "test")
         probe = tuple(
             _prepared(part, args.image_size, args.probe_images) for part in (probe_train, probe_test)
         )

@@ -11,6 +11,7 @@ import json
 
 import torch
 
+from reaas_client.command_line import CommandLineParser, add_standard_flags, reported_errors
 from robust_pretrain.architectures import TEXT_ARCHITECTURES, EncoderConfig
 from robust_pretrain.text_train import (
     EMBED_DIM,
@@ -23,7 +24,7 @@ from robust_pretrain.text_train import (
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = TextPretrainConfig()
-    parser = argparse.ArgumentParser(prog="reaas-pretrain text", description=__doc__.splitlines()[0])
+    parser = CommandLineParser(prog="reaas-pretrain text", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="checkpoint path (writes <out>.safetensors and <out>.json)")
     parser.add_argument("--arch", choices=TEXT_ARCHITECTURES, default=defaults.encoder.arch,
                         help="text_bag_pca (the floor, fitted), text_lipschitz_conv (robust), text_cnn (non-robust), "
@@ -45,19 +46,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of views, init and the SVD start")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_standard_flags(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    encoder = EncoderConfig(arch=args.arch, input_shape=(args.embed_dim, 1, args.max_length), widths=args.widths,
-                            feature_dim=args.feature_dim)
-    config = TextPretrainConfig(encoder=encoder, vocabulary_size=args.vocabulary_size, epochs=args.epochs,
-                                batch_size=args.batch_size, learning_rate=args.learning_rate,
-                                temperature=args.temperature, token_dropout=args.token_dropout,
-                                min_crop=args.min_crop, max_texts=args.max_texts, seed=args.seed)
-    result = pretrain_text(config, args.out, progress=not args.no_progress)
+    try:
+        encoder = EncoderConfig(arch=args.arch, input_shape=(args.embed_dim, 1, args.max_length),
+                                widths=args.widths, feature_dim=args.feature_dim)
+        config = TextPretrainConfig(encoder=encoder, vocabulary_size=args.vocabulary_size, epochs=args.epochs,
+                                    batch_size=args.batch_size, learning_rate=args.learning_rate,
+                                    temperature=args.temperature, token_dropout=args.token_dropout,
+                                    min_crop=args.min_crop, max_texts=args.max_texts, seed=args.seed)
+    except ValueError as error:
+        parser.error(str(error))
+    with reported_errors(parser.prog, debug=args.debug):
+        result = pretrain_text(config, args.out, progress=not args.no_progress)
     print(json.dumps({"checkpoint": args.out, "lipschitz_upper": result.metadata.lipschitz_upper,
                       "history": result.history, "train_seconds": round(result.train_seconds, 1)}))
     return 0

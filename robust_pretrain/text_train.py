@@ -13,6 +13,7 @@ none are read.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,7 +155,9 @@ def _contrastive(config: TextPretrainConfig, text: TextInput, token_ids: torch.T
     for epoch in range(config.epochs):
         order = torch.randperm(len(token_ids), generator=generator)
         total = 0.0
-        bar = tqdm(range(steps_per_epoch), desc=f"text {config.method} epoch {epoch + 1}", disable=not progress)
+        # disable=None: a bar on a terminal only; a log gets the epoch line below instead
+        bar = tqdm(range(steps_per_epoch), desc=f"text {config.method} epoch {epoch + 1}",
+                   disable=None if progress else True)
         for step in bar:
             batch = token_ids[order[step * config.batch_size:(step + 1) * config.batch_size]]
             view_q = text.embed(augment_ids(batch, **views))
@@ -170,6 +173,9 @@ def _contrastive(config: TextPretrainConfig, text: TextInput, token_ids: torch.T
             total += loss.item()
             bar.set_postfix(loss=f"{total / (step + 1):.3f}")
         history.append({"epoch": epoch + 1, "loss": round(total / max(1, steps_per_epoch), 4)})
+        if progress:
+            tqdm.write(f"text {config.method} epoch {epoch + 1}/{config.epochs}: loss {history[-1]['loss']}",
+                       file=sys.stderr)
     return materialize(encoder.eval()), history
 
 

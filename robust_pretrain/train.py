@@ -162,7 +162,7 @@ def pretrain(
         bar = tqdm(
             range(steps_per_epoch),
             desc=f"{config.method} epoch {epoch + 1}/{config.epochs}",
-            disable=not progress or rank != 0,
+            disable=None if progress and rank == 0 else True,  # None: a bar on a terminal only; logs get epoch lines
             leave=False,
         )
         for step in bar:

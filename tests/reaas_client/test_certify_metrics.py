@@ -13,6 +13,7 @@ from reaas_client.metrics import (
     certified_accuracy,
     summarize,
     summary_table_markdown,
+    summary_table_text,
     write_records_csv,
 )
 from reaas_client.plotting import plot_certified_accuracy
@@ -60,3 +61,16 @@ def test_records_csv_and_plot(tmp_path) -> None:
     assert rows[0]["queries_F2IPerturb"] == "1"
     png = plot_certified_accuracy({"a": RECORDS}, tmp_path / "plot.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_terminal_table_fits_100_columns_and_keeps_every_row_and_note() -> None:
+    long_note = "first 50 of the 100 test inputs (each costs n0 + N queries); " * 3
+    summaries = [summarize(RECORDS, service=service, dataset="rt-embedded", queries_per_train_input=25,
+                           wall_s=1234.5, train_wall_s=99.0, note=long_note if service == "SEaaS-SC" else "")
+                 for service in ("REaaS-BC", "REaaS-SC", "SEaaS-SC")]
+    text = summary_table_text(summaries)
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert [line.split()[0] for line in text.splitlines()[2:5]] == ["REaaS-BC", "REaaS-SC", "SEaaS-SC"]
+    assert "SEaaS-SC: first 50 of the 100 test inputs" in text
+    assert len(summary_table_markdown(summaries).splitlines()[0]) > 100  # the full record stays in summary.md
+

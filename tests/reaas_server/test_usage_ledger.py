@@ -107,8 +107,9 @@ def test_reaas_keys_adds_lists_revokes_and_exports(ledger_path, tmp_path, capsys
     features = [(r["key_name"], r["queries"]) for r in rows if r["rpc"] == "Feature"]
     assert features == [("alice", "3"), ("alice", "2")]
     assert {r["rpc"] for r in rows} == {"Feature", "GetEncoderInfo"}  # free calls are listed too, at 0 queries
-    assert keys_main(["--ledger", str(ledger_path), "revoke", "alice"]) == 2  # a clear error, not a traceback
-    assert "no active key" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # a clear error, not a traceback
+        keys_main(["--ledger", str(ledger_path), "revoke", "alice"])
+    assert refused.value.code == 2 and "no active key" in capsys.readouterr().err
 
 
 def _start(ledger_path) -> tuple[subprocess.Popen, str]:

@@ -74,6 +74,8 @@ def test_tampered_weights_are_rejected(tmp_path):
 def test_missing_and_corrupt_files_give_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="missing"):
         load_checkpoint(tmp_path / "absent")
+    with pytest.raises(CheckpointError, match=r"is a folder; .* e\.g\. .*/encoder \(reaas-pretrain writes"):
+        load_checkpoint(tmp_path)  # a reaas-pretrain --out-dir
     _saved(tmp_path, small_cnn_config())
     (tmp_path / "enc.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="corrupt checkpoint sidecar"):
