@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="REaaS-SC sigma grid as fractions of the training features' spread (RMS distance to their mean)")
     add("--image-sigmas", type=floats, default=(0.25, 0.5, 1.0), help="SEaaS-SC sigma grid in pixel units")
     add("--heads", type=names, default=("linear", "lipschitz"), help="REaaS-BC margin head kinds to select among")
-    add("--margins", type=floats, default=(1.0, 1.5, 2.0), help="REaaS-BC margin grid (in --margin-unit)")
+    add("--margins", type=floats, default=(1.0, 2.0, 3.0, 4.0, 5.0, 6.0),
+        help="REaaS-BC margin grid (in --margin-unit; on the digits the held-out frontier turns at eps 5-6)")
     add("--margin-unit", choices=("feature", "spread"), default="feature",
         help="--margins in feature-space units, or as multiples of each encoder's training-feature spread (text "
              "encoders' features are small: mean pooling divides by max_length)")
@@ -121,10 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--head-lr", type=float, default=TrainConfig.lr, help="Adam learning rate of the REaaS margin heads")
     add("--head-weight-decay", type=float, default=TrainConfig.weight_decay,
         help="Adam weight decay of the REaaS margin heads (text: 0, measured by bench-text-encoders)")
+    add("--head-temperature", type=float, default=TrainConfig.temperature,
+        help="temperature of the margin heads' distance-unit loss, in --margin-unit (text: 0.002 x spread)")
     add("--head-batch-size", type=int, default=128, help="training batch size of every head")
-    add("--sc-heads", type=names, default=("selected", "mlp"),
+    add("--sc-heads", type=names, default=("selected", "mlp", "mlp+cr"),
         help="REaaS-SC head candidates, chosen with sigma on held-out training features and trained on noisy "
-             "features ('selected': REaaS-BC's chosen kind and margin); SEaaS-SC trains the paper's MLP")
+             "features ('selected': REaaS-BC's chosen kind and margin; '+cr': with consistency regularisation); "
+             "SEaaS-SC trains the paper's MLP")
     add("--attack-steps", type=int, default=100, help="PGD steps per probe radius")
     add("--attack-restarts", type=int, default=2, help="PGD restarts per probe radius")
     add("--attack-search", type=int, default=8, help="bisection steps over the attack radius")
@@ -139,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from(args: argparse.Namespace) -> Settings:
     base = TrainConfig(hidden=args.head_hidden, epochs=args.head_epochs, batch_size=args.head_batch_size,
                        seed=args.seed)
-    margin_heads = replace(base, lr=args.head_lr, weight_decay=args.head_weight_decay)
+    margin_heads = replace(base, lr=args.head_lr, weight_decay=args.head_weight_decay,
+                           temperature=args.head_temperature)
     resolve = lambda items: tuple(args.new_encoder if v == "new" else v for v in items)  # noqa: E731
     return Settings(
         feature_n=args.feature_n, seaas_n=args.seaas_n, grid_n=args.grid_n,

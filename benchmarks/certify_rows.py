@@ -10,10 +10,9 @@ grid at reduced N on the first test inputs: an advantage the baseline gets, said
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 from torch import nn
@@ -26,14 +25,13 @@ from reaas_client.downstream import (
     TrainConfig,
     feature_spread,
     fetch_features,
-    stratified_subset,
-    train_classifier,
 )
 from reaas_client.head_selection import HeadSearch
 from reaas_client.metrics import RunSummary, summarize
-from reaas_client.pipelines import PathConfig, PathResult, SmoothingConfig, certify_features, run_path
+from reaas_client.pipelines import PathConfig, PathResult, run_path
+from reaas_client.smoothing_selection import better_than_majority, smoothing_candidates
+from reaas_client.smoothing_selection import select_smoothing as choose_smoothing
 
-T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Data:
@@ -98,9 +96,9 @@ class Settings:
     search: HeadSearch = field(default_factory=HeadSearch)
     mlp_head_encoders: tuple[str, ...] = ("spectral", "nonrobust", "adversarial")
     all_test_encoders: tuple[str, ...] = ()
-    margin_train: TrainConfig = field(default_factory=TrainConfig)
+    margin_train: TrainConfig = field(default_factory=TrainConfig)  # temperature in the margins' unit
     margins_in_spread: bool = False  # search.margins are multiples of the training features' spread
-    sc_heads: tuple[str, ...] = ("selected", "mlp")  # REaaS-SC head candidates ("selected" = REaaS-BC's choice)
+    sc_heads: tuple[str, ...] = ("selected", "mlp", "mlp+cr")  # REaaS-SC head candidates ("selected" = REaaS-BC's choice)
     sc_train: TrainConfig = field(default_factory=TrainConfig)  # SEaaS-SC's head (the paper's MLP)
     attack: AttackConfig = field(default_factory=AttackConfig)
     bound: str = ""
@@ -176,33 +174,17 @@ def _attacked_row(encoder: Encoder, model_id: str, result: PathResult, data: Dat
 
 def select_smoothing(features: torch.Tensor, labels: torch.Tensor, num_classes: int, spread: float,
                      settings: Settings, heads: dict[str, TrainConfig]) -> tuple[str, float, str]:
-    """REaaS-SC's (head, sigma), chosen as a client would: on held-out *training* features it already has (no
-    query, no test input), by the feature-space ACR (mean R_F, wrong/abstained 0) at N = grid_n. F2IPerturb maps
-    each R_F to R monotonically, so the feature-space ACR ranks the candidates without F2I calls. Only candidates
-    more accurate than the held-out inputs' majority class compete (the most accurate one when none is)."""
-    order = stratified_subset(labels, 0, settings.seed)
-    held, fit = order[: settings.holdout], order[settings.holdout:]
-    rows, scores, accuracies = [], {}, {}
-    for name, train in heads.items():
-        for fraction in settings.feature_sigma_fractions:
-            sigma = fraction * spread
-            h = train_classifier(features[fit], labels[fit], num_classes,
-                                 replace(train, noise_sigma=sigma, seed=settings.seed))
-            certificates = certify_features(h, features[held], SmoothingConfig(sigma, n=settings.grid_n,
-                                                                                seed=settings.seed))
-            correct = [c.prediction == int(y) for c, y in zip(certificates, labels[held], strict=True)]
-            scores[name, sigma] = sum(c.radius for c, ok in zip(certificates, correct, strict=True) if ok) / len(held)
-            accuracies[name, sigma] = sum(correct) / len(held)
-            rows.append([name, f"{fraction:g}", f"{sigma:.4g}", len(held), settings.grid_n,
-                         f"{scores[name, sigma]:.4f}", f"{sum(correct) / len(held):.3f}"])
-    # as in head selection: a smoothed classifier no better than the majority class certifies worthless radii
-    head, sigma = max(_better_than_majority(list(scores), accuracies.get, labels[held]), key=scores.get)
-    for row in rows:
-        row.insert(0, "**yes**" if (row[0], row[2]) == (head, f"{sigma:.4g}") else "")
+    """REaaS-SC's (head, sigma), chosen as a client would (reaas_client.smoothing_selection, as the demo does) over
+    the settings' fractions of the feature spread, and the grid as a markdown table."""
+    chosen = choose_smoothing(features, labels, num_classes, heads,
+                              [f * spread for f in settings.feature_sigma_fractions], holdout=settings.holdout,
+                              n=settings.grid_n, seed=settings.seed)
+    rows = [["**yes**" if (s.head, s.sigma) == (chosen.head, chosen.sigma) else "", s.head, f"{s.sigma / spread:g}",
+             f"{s.sigma:.4g}", chosen.holdout, chosen.n, f"{s.acr:.4f}", f"{s.accuracy:.3f}"] for s in chosen.scores]
     table = markdown_table(["chosen", "head", "fraction of spread", "sigma (feature units)",
                             "held-out training inputs", "N", "feature-space ACR (mean R_F)", "smoothed accuracy"],
                            rows)
-    return head, sigma, table
+    return chosen.head, chosen.sigma, table
 
 
 def _selection_table(result: PathResult) -> str:
@@ -230,14 +212,14 @@ def reaas_rows(encoder: Encoder, data: Data, settings: Settings, started: float)
             heads = ("mlp", *heads)
         unit = spread if settings.margins_in_spread else 1.0
         search = replace(settings.search, heads=heads, margins=tuple(m * unit for m in settings.search.margins))
+        margin_train = replace(settings.margin_train, temperature=settings.margin_train.temperature * unit)
         bc_count = len(data.test_images) if encoder.name in settings.all_test_encoders else data.test_size
         common = {"bound": settings.bound, "seed": settings.seed}
-        bc = _run(PathConfig("reaas-bc", search=search, train=settings.margin_train, **common), client, data,
+        bc = _run(PathConfig("reaas-bc", search=search, train=margin_train, **common), client, data,
                   bc_count, settings, note="head selected on held-out training features")
         # "selected": BC's head (its kind in the rows table); "mlp": the paper's MLP as SEaaS-SC trains it
-        candidates = {name: (bc.selection.chosen if name == "selected" else settings.sc_train if name == "mlp"
-                             else replace(settings.margin_train, head=name))
-                      for name in settings.sc_heads}
+        candidates = smoothing_candidates(settings.sc_heads, selected=bc.selection.chosen, mlp=settings.sc_train,
+                                          margin=margin_train)
         sc_name, sigma, sigma_table = select_smoothing(fetched.features, fetched.labels, data.num_classes, spread,
                                                        settings, candidates)
         sc_train = candidates[sc_name]
@@ -253,16 +235,6 @@ def reaas_rows(encoder: Encoder, data: Data, settings: Settings, started: float)
               + sigma_table]
     bc_all = bc.summary if bc_count > data.test_size else None
     return EncoderReport(rows, bc_all, tables)
-
-
-def _better_than_majority(candidates: list[T], accuracy: Callable[[T], float], labels: torch.Tensor) -> list[T]:
-    """The candidates whose (smoothed) clean accuracy beats the majority class of `labels`, or the most accurate one
-    when none does: the rule REaaS-SC's sigma, SEaaS-SC's sigma and every head selection follow. A smoothed
-    classifier that is right less often than a constant guess can still post a large ACR by certifying one class
-    with huge radii (issue 12's SEaaS-SC through text-nonrobust chose sigma 2 by ACR 0.228 at clean accuracy 0.43,
-    the balanced majority being 0.5)."""
-    majority = float(torch.bincount(labels).max()) / len(labels)
-    return [c for c in candidates if accuracy(c) > majority] or [max(candidates, key=accuracy)]
 
 
 def seaas_row(encoder: Encoder, data: Data, settings: Settings, started: float) -> EncoderReport:
@@ -281,7 +253,7 @@ def seaas_row(encoder: Encoder, data: Data, settings: Settings, started: float) 
             log_progress(f"SEaaS-SC {encoder.name}: grid sigma {sigma:g}, N {settings.grid_n}", started)
             grid.append(_run(PathConfig("seaas-sc", sigma=sigma, n=settings.grid_n, **common), client, data,
                              settings.grid_test_size, settings))
-        best = max(_better_than_majority(grid, lambda r: r.summary.certified_accuracy[0.0],
+        best = max(better_than_majority(grid, lambda r: r.summary.certified_accuracy[0.0],
                                          data.test_labels[: settings.grid_test_size]), key=lambda r: r.summary.acr)
         sigma = float(best.summary.extra["sigma"])
         log_progress(f"SEaaS-SC {encoder.name}: sigma {sigma:g}, N {settings.seaas_n} on {data.test_size} inputs", started)

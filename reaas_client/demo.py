@@ -6,9 +6,11 @@ REaaS-SC and SEaaS-SC on the embedded MNIST digits, prints a table in the shape 
 and each row's head), and writes per-input CSVs, the query ledgers and the certified-accuracy plot under runs/demo/.
 The servers are stopped on success, error and Ctrl-C alike.
 
-REaaS-BC's head (linear or 1-Lipschitz MaxMin, x margin) is selected on held-out training features
-(reaas_client.head_selection, no query, no test input); REaaS-SC trains the same head kind and margin on noisy
-features. SEaaS-SC keeps the paper's MLP, trained on noisy images.
+Every choice is made as bench-certify makes it, on held-out *training* features (no query, no test input), and
+printed: REaaS-BC's head (linear or 1-Lipschitz MaxMin, x margin; reaas_client.head_selection) and REaaS-SC's
+(head, sigma_F) pair, BC's head or the paper's MLP trained on noisy features at each fraction of the feature spread
+(reaas_client.smoothing_selection). SEaaS-SC keeps the paper's MLP, trained on noisy images, at the image sigma
+bench-certify selects.
 
 To stay under a few minutes on 2 CPU cores it certifies a test subset and, for SEaaS-SC only, a reduced N
 and fewer inputs; the table says so. `make bench-certify` runs SEaaS-SC with the full N = 100 000.
@@ -25,7 +27,7 @@ import contextlib
 import sys
 import textwrap
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -45,6 +47,7 @@ from reaas_client.head_selection import HeadSearch
 from reaas_client.metrics import summary_table_markdown, summary_table_text, write_records_csv
 from reaas_client.pipelines import PathConfig, PathResult, run_path
 from reaas_client.plotting import plot_certified_accuracy
+from reaas_client.smoothing_selection import select_smoothing, smoothing_candidates
 
 
 @dataclass(frozen=True)
@@ -54,29 +57,32 @@ class DemoDefaults:
     encoder: str
     train_size: int
     image_sigma: float
-    feature_sigma_fraction: float
+    feature_sigma_fractions: str
     margins: str
     min_val_accuracy: float
     margin_unit: str
     lr: float = 1e-3
     weight_decay: float = 1e-4
+    temperature: float = TrainConfig.temperature
     test_size: int = 20
     seaas_test_size: int = 20
 
 
 DEMO_DEFAULTS = {
-    # 0.2 x spread and 0.5 px: the sigmas bench-certify selects on the digits
-    "mnist-embedded": DemoDefaults(encoder="pca", train_size=0, image_sigma=0.5, feature_sigma_fraction=0.2,
-                                   margins="1,1.5,2",
-                                   min_val_accuracy=0.95, margin_unit="feature"),
+    # REaaS-SC's sigma grid and SEaaS-SC's 0.5 px: bench-certify's (its grid selects 0.5 px on the digits)
+    "mnist-embedded": DemoDefaults(encoder="pca", train_size=0, image_sigma=0.5,
+                                   feature_sigma_fractions="0.05,0.1,0.2,0.4",
+                                   margins="2,3,4,5",
+                                   min_val_accuracy=0.92, margin_unit="feature"),
     # text: SEaaS noise in embedding units (rows of E have norm 1); margins as multiples of the feature spread,
     # since a text encoder's features are small (mean pooling divides by max_length)
     # lr 0.05 and no weight decay: measured best for margin heads on the text floor (bench-text-encoders)
-    # 0.4 x spread and 0.5: what bench-certify-text selects through text-pca for REaaS-SC (from 0.2 to 1.6 x spread)
-    # and SEaaS-SC (from 0.25 to 2)
-    "rt-embedded": DemoDefaults(encoder="text-pca", train_size=8_000, image_sigma=0.5, feature_sigma_fraction=0.4,
+    # REaaS-SC's grid is bench-certify-text's; 0.5: what it selects for SEaaS-SC through text-pca (from 0.25 to 2)
+    "rt-embedded": DemoDefaults(encoder="text-pca", train_size=8_000, image_sigma=0.5,
+                                feature_sigma_fractions="0.2,0.4,0.8,1.6",
                                 margins="0,0.005,0.01,0.02",
                                 min_val_accuracy=0.6, margin_unit="spread", lr=0.05, weight_decay=0.0,
+                                temperature=0.002,
                                 test_size=100, seaas_test_size=50),
 }
 
@@ -121,11 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seaas-n", type=int, default=2_000,
                         help="SEaaS-SC N (paper: 100 000; reduced here for time, which lowers its radii)")
     parser.add_argument("--n", type=int, default=100_000, help="REaaS-SC N (local, costs no queries)")
-    parser.add_argument("--feature-sigma-fraction", type=float, default=None,
-                        help="REaaS-SC noise in feature space, as a fraction of the training features' spread "
-                             "(RMS distance to their mean; default: the data set's, "
-                             + ", ".join(f"{name}: {d.feature_sigma_fraction:g}" for name, d in DEMO_DEFAULTS.items())
+    parser.add_argument("--feature-sigma-fractions", default=None,
+                        help="REaaS-SC noise grid in feature space, as fractions of the training features' spread "
+                             "(RMS distance to their mean), selected with the head on held-out training features "
+                             "(default: the data set's, "
+                             + "; ".join(f"{name}: {d.feature_sigma_fractions}" for name, d in DEMO_DEFAULTS.items())
                              + ")")
+    parser.add_argument("--sc-heads", default="selected,mlp,mlp+cr",
+                        help="REaaS-SC head candidates ('selected': REaaS-BC's chosen head; 'mlp': the paper's MLP; "
+                             "'+cr': trained with consistency regularisation)")
+    parser.add_argument("--holdout", type=int, default=200,
+                        help="held-out training inputs on which REaaS-SC's head and sigma are selected")
+    parser.add_argument("--grid-n", type=int, default=2_000, help="REaaS-SC N while selecting its sigma")
     parser.add_argument("--image-sigma", type=float, default=None,
                         help="SEaaS-SC noise in the encoder's input units: pixels, or embedding units for text "
                              "(default: the data set's, "
@@ -153,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weight-decay", type=float, default=None,
                         help="Adam weight decay of the REaaS heads (default: the data set's, "
                              + ", ".join(f"{name}: {d.weight_decay:g}" for name, d in DEMO_DEFAULTS.items()) + ")")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="temperature of the margin heads' distance-unit loss, in --margin-unit (default: the "
+                             "data set's, " + ", ".join(f"{name}: {d.temperature:g}" for name, d in DEMO_DEFAULTS.items())
+                             + ")")
     parser.add_argument("--seed", type=int, default=0, help="seed of subsets, training and noise")
     parser.add_argument("--quiet", action="store_true",
                         help="no progress bars or step lines (bars draw only when stderr is a terminal anyway)")
@@ -182,7 +199,8 @@ def _demo(args: argparse.Namespace) -> int:
     """The comparison itself: servers up, three paths certified, outputs written, servers down."""
     torch.set_num_threads(1)  # h and the feature-space samples are small; the servers get the other core
     train_config = TrainConfig(epochs=args.epochs, seed=args.seed)  # SEaaS-SC's MLP: the paper's head, as it is
-    margin_config = TrainConfig(epochs=args.epochs, seed=args.seed, lr=args.lr, weight_decay=args.weight_decay)
+    margin_config = TrainConfig(epochs=args.epochs, seed=args.seed, lr=args.lr, weight_decay=args.weight_decay,
+                                hidden=(512, 512), batch_size=128)  # bench-certify's margin heads
     served = {"checkpoint": args.checkpoint} if args.checkpoint else {"extra_args": ("--demo-kind", args.encoder)}
     cache_dir = args.out / "feature_cache"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -202,13 +220,14 @@ def _demo(args: argparse.Namespace) -> int:
         test_idx = stratified_subset(data.test_labels, args.test_size, args.seed)
         seaas_idx = test_idx[: args.seaas_test_size]
         # The REaaS training features (1 query each, cached) also set the feature-space noise scale.
-        spread = feature_spread(fetch_features(clients["reaas"], train_inputs, train_labels,
-                                               dataset=args.dataset, cache_dir=cache_dir).features)
-        feature_sigma = args.feature_sigma_fraction * spread
+        train_features = fetch_features(clients["reaas"], train_inputs, train_labels, dataset=args.dataset,
+                                        cache_dir=cache_dir).features
+        spread = feature_spread(train_features)
         unit = spread if args.margin_unit == "spread" else 1.0
         search = HeadSearch(heads=tuple(h for h in args.heads.split(",") if h),
                             margins=tuple(float(m) * unit for m in args.margins.split(",") if m),
                             min_accuracy=args.min_val_accuracy)
+        margin_config = replace(margin_config, temperature=args.temperature * unit)
         print(textwrap.fill(f"servers up: REaaS {addresses['reaas']}, SEaaS {addresses['seaas']}; encoder "
                             f"{info.model_id} ({info.description}), feature_dim {info.feature_dim}, Lipschitz <= "
                             f"{info.lipschitz_upper:.3g}, feature spread {spread:.3g}", width=100,
@@ -226,10 +245,21 @@ def _demo(args: argparse.Namespace) -> int:
 
         bc = certify(PathConfig("reaas-bc", bound=args.bound, seed=args.seed, train=margin_config, search=search),
                      test_idx, "reaas", f"head selected on held-out training features; F2I bound {bound}")
-        chosen = bc.selection.chosen
-        certify(PathConfig("reaas-sc", sigma=feature_sigma, n=args.n, bound=args.bound, seed=args.seed, train=chosen),
-                test_idx, "reaas", f"sigma_F={feature_sigma:.3g} ({args.feature_sigma_fraction:g} x spread), "
-                                   f"N={args.n}; BC's head kind and margin; F2I bound {bound}")
+        print(f"REaaS-BC head, selected on held-out training features:\n{bc.selection.table()}", file=sys.stderr)
+        # REaaS-SC's head and sigma_F, chosen as bench-certify chooses them (no query, no test input)
+        sc_heads = smoothing_candidates([n for n in args.sc_heads.split(",") if n], selected=bc.selection.chosen,
+                                        mlp=train_config, margin=margin_config)
+        fractions = [float(f) for f in args.feature_sigma_fractions.split(",") if f]
+        sc_choice = select_smoothing(train_features, train_labels, data.num_classes, sc_heads,
+                                     [f * spread for f in fractions], holdout=args.holdout, n=args.grid_n,
+                                     seed=args.seed)
+        feature_sigma = sc_choice.sigma
+        print(f"REaaS-SC head x sigma_F, selected on {args.holdout} held-out training features at N={args.grid_n}:"
+              f"\n{sc_choice.table()}", file=sys.stderr)
+        certify(PathConfig("reaas-sc", sigma=feature_sigma, n=args.n, bound=args.bound, seed=args.seed,
+                           train=sc_heads[sc_choice.head]),
+                test_idx, "reaas", f"sigma_F={feature_sigma:.3g} ({feature_sigma / spread:.3g} x spread), N={args.n}; "
+                                   f"head and sigma selected on held-out training features; F2I bound {bound}")
         certify(PathConfig("seaas-sc", sigma=args.image_sigma, n=args.seaas_n, seed=args.seed, train=train_config),
                 seaas_idx, "seaas", f"{_fewer(len(seaas_idx), len(test_idx))}sigma={args.image_sigma:g} {noise_unit}; "
                                     f"N REDUCED to {args.seaas_n} (paper: 100 000; full N in make bench-certify)")

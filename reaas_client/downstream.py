@@ -18,7 +18,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from reaas_client.heads import HEAD_KINDS, build_margin_head, finalize_margin_head, lipschitz_margin_loss
+from reaas_client.heads import (
+    HEAD_KINDS,
+    build_margin_head,
+    consistency_penalty,
+    finalize_margin_head,
+    lipschitz_margin_loss,
+)
 from reaas_client.progress import bar, step
 from reaas_client.seaas import noisy_copies
 
@@ -164,12 +170,13 @@ class TrainConfig:
     """How h is trained. `noise_sigma` > 0 adds N(0, sigma^2 I) to each feature vector at every step (any head).
 
     `head`: "mlp" (the paper's ReLU MLP, cross-entropy), "linear" or "lipschitz" (reaas_client.heads: trained with
-    the Lipschitz-margin loss at `margin` eps, in feature-space units, and `temperature`). `hidden`: the MLP's or
+    the distance-unit Lipschitz-margin loss at `margin` eps and `temperature`, both in feature-space units). `hidden`: the MLP's or
     the lipschitz body's widths (even for lipschitz; ignored by linear). `margin_warmup`: share of the training steps
     over which the margin ramps linearly from 0 up to `margin` (0: the full margin from the first step).
-    Defaults measured on PCA-64 digit features (lipschitz 512-512, selected on held-out training features):
-    temperature 1 beats 0.25 (ACR +0.1 at equal accuracy), and the ramp keeps eps 1.5-2 from trading ~2-5
-    points of accuracy away (eps 4 still collapses to one class).
+    `consistency` > 0 and noise_sigma > 0 (it is a no-op without noise, so one config serves BC and SC): each step sees `consistency_copies` noisy views of every input and adds
+    reaas_client.heads.consistency_penalty at that weight (Jeong & Shin 2020's lambda), for SC heads.
+    Defaults measured on PCA-64 digit features (lipschitz 512-512; benchmarks/results/heads.md): temperature 0.25
+    (t = 4 per feature unit, issue 21), and the ramp keeps large eps from trading accuracy away early.
     """
 
     hidden: tuple[int, ...] = (256, 256)
@@ -181,14 +188,19 @@ class TrainConfig:
     seed: int = 0
     head: str = "mlp"
     margin: float = 1.0
-    temperature: float = 1.0
+    temperature: float = 0.25
     margin_warmup: float = 0.5
+    consistency: float = 0.0
+    consistency_copies: int = 2
 
     def __post_init__(self) -> None:
         if self.head not in HEAD_KINDS:
             raise ValueError(f"unknown head {self.head!r}; valid: {', '.join(HEAD_KINDS)}")
         if self.margin < 0 or self.temperature <= 0:
             raise ValueError(f"need margin >= 0 and temperature > 0, got {self.margin}, {self.temperature}")
+        if self.consistency < 0 or self.consistency_copies < 2:
+            raise ValueError(f"need consistency >= 0 and >= 2 copies, got {self.consistency}, "
+                             f"{self.consistency_copies}")
         if not 0 <= self.margin_warmup <= 1:
             raise ValueError(f"margin_warmup must be in [0, 1], got {self.margin_warmup}")
 
@@ -222,22 +234,25 @@ def train_classifier(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps)
     warmup_steps = config.margin_warmup * total_steps
     step = 0
+    views = config.consistency_copies if config.consistency > 0 and config.noise_sigma > 0 else 1
     model.train()
     for _ in bar(range(config.epochs), desc=f"training h ({config.head})", unit="epoch", leave=False):
         order = torch.randperm(features.shape[0], generator=generator)
         for start in range(0, features.shape[0], config.batch_size):
             batch = order[start:start + config.batch_size]
-            inputs = features[batch]
+            inputs = features[batch].repeat(views, 1)
             if config.noise_sigma > 0:
                 inputs = inputs + config.noise_sigma * torch.randn(inputs.shape, generator=generator)
             logits = model(((inputs - mean) / scale).to(device))
-            targets = labels[batch].to(device)
+            targets = labels[batch].repeat(views).to(device)
             if config.head == "mlp":
                 loss = nn.functional.cross_entropy(logits, targets)
             else:  # the AOL body is 1-Lipschitz by construction, so L_body = 1 while training
                 margin = config.margin * min(1.0, step / warmup_steps) if warmup_steps > 0 else config.margin
                 loss = lipschitz_margin_loss(logits, targets, model[-1].weight, margin=margin,
                                              temperature=config.temperature)
+            if views > 1:
+                loss = loss + consistency_penalty(logits, views, config.consistency)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

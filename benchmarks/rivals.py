@@ -1,0 +1,240 @@
+"""End-to-end rivals of REaaS on the same 2 000 training / 1 000 test digits (issue 21): certified quality per query.
+
+Rows, every radius an l2 radius in pixel space:
+
+* REaaS-BC: the 1-Lipschitz margin head on the shipped PCA-64 features (L = 1, so the feature radius is the image
+  radius); 1 query per training input, 2 per test input (Feature + F2IPerturb). All test digits.
+* REaaS-SC: the paper's MLP on noisy PCA-64 features, Cohen CERTIFY in feature space (no query), sigma_F from the
+  held-out training features (reaas_client.smoothing_selection). The first --smooth-test digits.
+* Cohen smoothing of a LeNet-5 trained on the pixels with Gaussian noise (Cohen et al. 2019), optionally with
+  consistency regularisation (Jeong & Shin 2020: m noisy copies, lambda · KL(mean || each) + 0.5 · entropy of the
+  mean), certified at N on the first --smooth-test digits. A client would run it itself: 0 queries, all compute.
+* A 1-Lipschitz network on the pixels (AOL 784-1024-1024 + MaxMin, reaas_client.heads, the same distance-unit loss).
+  All test digits.
+
+Every deterministic row (REaaS-BC, the pixel network) is checked by an l2 PGD on the margin (float64, --attack-steps
+x --attack-restarts) at each certified radius: the flips column must be 0. These are baselines, not product; they
+live here and reuse the project's loss, heads, smoothing and certificates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from dataclasses import dataclass, replace
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from benchmarks.environment import RESULTS, markdown_table, write_results  # noqa: E402
+from benchmarks.heads import pca_features  # noqa: E402
+from bounds import certify_feature_radius, pgd_margin_attack  # noqa: E402
+from reaas_client.downstream import TrainConfig, feature_spread, train_classifier  # noqa: E402
+from reaas_client.heads import consistency_penalty  # noqa: E402
+from reaas_client.pipelines import SmoothingConfig, certify_features  # noqa: E402
+from reaas_client.smoothing_selection import select_smoothing  # noqa: E402
+from robust_pretrain import load_embedded_mnist  # noqa: E402
+
+RADII = (0.5, 1.0, 1.5, 2.0, 2.5)
+
+
+@dataclass(frozen=True)
+class RivalRow:
+    """One row: per-test-input certified radii (0 where wrong or abstained), correctness, and what it cost."""
+
+    name: str
+    radius: torch.Tensor
+    correct: torch.Tensor
+    queries: str
+    client_s: float
+    pgd_flips: str
+    note: str
+
+    def cells(self) -> list[object]:
+        acr = float(torch.where(self.correct, self.radius, 0.0).mean())
+        at = [f"{float(((self.radius >= r) & self.correct).float().mean()):.3f}" for r in RADII]
+        return [self.name, len(self.correct), f"{float(self.correct.float().mean()):.3f}", f"{acr:.3f}", *at,
+                self.queries, f"{self.client_s:.0f}", self.pgd_flips, self.note]
+
+
+def lenet() -> nn.Sequential:
+    """LeNet-5 on flattened 28 x 28 digits (flat, so the project's GaussianFeatureSamples draws its noise)."""
+    return nn.Sequential(nn.Unflatten(1, (1, 28, 28)), nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(400, 120),
+                         nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
+
+
+def train_noisy_lenet(images: torch.Tensor, labels: torch.Tensor, sigma: float, *, consistency: float,
+                      copies: int = 2, epochs: int = 60, batch_size: int = 128, lr: float = 1e-3,
+                      seed: int = 0) -> nn.Sequential:
+    """Gaussian data augmentation at `sigma` (Cohen et al.); `consistency` > 0 adds Jeong & Shin's term over
+    `copies` noisy copies of each input: lambda · mean_i KL(p_mean || p_i) + 0.5 · H(p_mean)."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = lenet()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    steps = epochs * -(-images.shape[0] // batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    m = copies if consistency > 0 else 1
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(images.shape[0], generator=generator)
+        for start in range(0, images.shape[0], batch_size):
+            batch = order[start:start + batch_size]
+            x, y = images[batch].repeat(m, 1), labels[batch].repeat(m)
+            logits = model(x + sigma * torch.randn(x.shape, generator=generator))
+            loss = nn.functional.cross_entropy(logits, y)
+            if consistency > 0:
+                loss = loss + consistency_penalty(logits, m, consistency)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return model.eval()
+
+
+def smoothed_row(name: str, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, sigma: float, n: int,
+                 seed: int, *, queries: str, train_s: float, note: str) -> RivalRow:
+    """Cohen CERTIFY at N = n of `model` around each flat input (the project's certify_features)."""
+    started = time.perf_counter()
+    with torch.no_grad():
+        certificates = certify_features(model, inputs, SmoothingConfig(sigma, n=n, seed=seed))
+    correct = torch.tensor([c.prediction == int(y) for c, y in zip(certificates, labels, strict=True)])
+    radius = torch.tensor([c.radius if ok else 0.0 for c, ok in zip(certificates, correct.tolist(), strict=True)])
+    return RivalRow(name, radius, correct, queries, train_s + time.perf_counter() - started, "n/a (smoothed)",
+                    note)
+
+
+def deterministic_row(name: str, model: nn.Sequential, inputs: torch.Tensor, labels: torch.Tensor, *,
+                      queries: str, train_s: float, note: str, steps: int, restarts: int, seed: int) -> RivalRow:
+    """bounds.certify_feature_radius on `inputs` (L = 1 from input to them) and an l2 PGD at every certified
+    radius, in float64 (float32 rounding can tie a margin proved in exact arithmetic)."""
+    started = time.perf_counter()
+    cert = certify_feature_radius(model, inputs)
+    certify_s = time.perf_counter() - started
+    correct = cert.prediction == labels
+    radius = torch.where(correct, cert.feature_radius, 0.0)
+    certified = radius > 0
+    worst, _ = pgd_margin_attack(copy.deepcopy(model).double(), inputs[certified].double(),
+                                 cert.prediction[certified], radius[certified], steps=steps, restarts=restarts,
+                                 generator=torch.Generator().manual_seed(seed))
+    flips = f"{int((worst < 0).sum())} of {int(certified.sum())}"
+    return RivalRow(name, radius.float(), correct, queries, train_s + certify_s, flips, note)
+
+
+def plot(rows: list[RivalRow], path) -> None:
+    grid = torch.linspace(0, 3, 61)
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        curve = [float(((row.radius >= r) & row.correct).float().mean()) for r in grid]
+        axes.plot(grid, curve, label=f"{row.name} ({len(row.correct)})",
+                  linestyle="-" if row.name.startswith("REaaS") else "--")
+    axes.set_xlabel("l2 radius (pixels)")
+    axes.set_ylabel("certified accuracy")
+    axes.set_title("Digits: REaaS vs end-to-end rivals (same 2 000 training digits)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(",") if v)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add = parser.add_argument
+    add("--bc-margin", type=float, default=4.0, help="REaaS-BC lipschitz head's margin eps (feature units)")
+    add("--bc-epochs", type=int, default=100, help="REaaS-BC head's training epochs")
+    add("--sc-fractions", type=floats, default=(0.05, 0.1, 0.2, 0.4),
+        help="REaaS-SC sigma grid, fractions of the feature spread, selected on 200 held-out training features")
+    add("--sigmas", type=floats, default=(0.25, 0.5, 1.0), help="Cohen LeNet noise levels (pixels)")
+    add("--consistency", type=floats, default=(0.0, 5.0),
+        help="consistency weights lambda of the LeNet rows (0: plain noise training; > 0: 2 noisy copies)")
+    add("--lenet-epochs", type=int, default=60, help="LeNet training epochs")
+    add("--n", type=int, default=100_000, help="N of every smoothing certificate (LeNet and REaaS-SC)")
+    add("--smooth-test", type=int, default=100, help="first test digits certified by the smoothing rows")
+    add("--pixel-epochs", type=int, default=120, help="training epochs of the 1-Lipschitz pixel network")
+    add("--pixel-margin", type=float, default=4.0, help="margin eps of the 1-Lipschitz pixel network (pixels)")
+    add("--pixel-hidden", default="1024,1024", help="widths of the 1-Lipschitz pixel network")
+    add("--attack-steps", type=int, default=100, help="PGD steps at each certified radius")
+    add("--attack-restarts", type=int, default=5, help="PGD restarts at each certified radius")
+    add("--seed", type=int, default=0, help="seed of training, noise and attacks")
+    add("--name", default="rivals", help="results file stem under benchmarks/results/")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    splits = load_embedded_mnist()
+    images = splits.downstream_train.images.flatten(1)
+    labels = splits.downstream_train.labels
+    test, test_labels = splits.downstream_test.images.flatten(1), splits.downstream_test.labels
+    few, few_labels = test[:args.smooth_test], test_labels[:args.smooth_test]
+    features, _, test_features, _ = pca_features()
+    pgd = {"steps": args.attack_steps, "restarts": args.attack_restarts, "seed": args.seed}
+    rows: list[RivalRow] = []
+
+    def log(row: RivalRow) -> None:
+        rows.append(row)
+        print("| " + " | ".join(map(str, row.cells())) + " |", flush=True)
+
+    margin_head = TrainConfig(head="lipschitz", hidden=(512, 512), batch_size=128, seed=args.seed)
+    started = time.perf_counter()
+    bc = train_classifier(features, labels, 10, replace(margin_head, margin=args.bc_margin, epochs=args.bc_epochs))
+    log(deterministic_row("REaaS-BC", bc, test_features, test_labels, queries="1 train + 2 test",
+                          train_s=time.perf_counter() - started, note=f"lipschitz 512-512, eps {args.bc_margin:g}",
+                          **pgd))
+
+    started = time.perf_counter()
+    spread = feature_spread(features)
+    mlp = TrainConfig(hidden=(512, 512), epochs=100, batch_size=128, seed=args.seed)
+    chosen = select_smoothing(features, labels, 10, {"mlp": mlp}, [f * spread for f in args.sc_fractions],
+                              seed=args.seed)
+    sc = train_classifier(features, labels, 10, replace(mlp, noise_sigma=chosen.sigma))
+    log(smoothed_row("REaaS-SC", sc, test_features[:args.smooth_test], few_labels, chosen.sigma, args.n, args.seed,
+                     queries="1 train + 2 test", train_s=time.perf_counter() - started,
+                     note=f"mlp, sigma_F {chosen.sigma:.3g} ({chosen.sigma / spread:g} x spread, held-out), "
+                          f"N {args.n}"))
+
+    hidden = tuple(int(w) for w in args.pixel_hidden.split(","))
+    started = time.perf_counter()
+    pixel = train_classifier(images, labels, 10, replace(margin_head, hidden=hidden, margin=args.pixel_margin,
+                                                         epochs=args.pixel_epochs))
+    log(deterministic_row("1-Lipschitz net on pixels", pixel, test, test_labels, queries="0 (no encoder)",
+                          train_s=time.perf_counter() - started,
+                          note=f"AOL 784-{'-'.join(map(str, hidden))} + MaxMin, eps {args.pixel_margin:g}, "
+                               f"{args.pixel_epochs} epochs", **pgd))
+
+    for sigma in args.sigmas:
+        for weight in args.consistency:
+            started = time.perf_counter()
+            model = train_noisy_lenet(images, labels, sigma, consistency=weight, epochs=args.lenet_epochs,
+                                      seed=args.seed)
+            label = f"Cohen LeNet sigma {sigma:g}" + (f" + consistency (m 2, lambda {weight:g})" if weight else "")
+            log(smoothed_row(label, model, few, few_labels, sigma, args.n, args.seed, queries="0 (no encoder)",
+                             train_s=time.perf_counter() - started,
+                             note=f"{args.lenet_epochs} epochs noise training, N {args.n}"))
+
+    headers = ["row", "test digits", "clean acc", "ACR", *[f"CA@{r:g}" for r in RADII], "queries / input",
+               "client compute s", "PGD flips inside R (certified)", "note"]
+    png = RESULTS / f"{args.name}.png"
+    plot(rows, png)
+    body = ("Same 2 000 training digits and the same test digits in order (smoothing rows: the first "
+            f"{args.smooth_test}); radii are l2 in pixel space, wrong or abstained inputs count 0. Client compute: "
+            "training plus certification on this machine (REaaS rows exclude the provider's Feature / F2IPerturb "
+            "time). PGD: l2, float64, at each certified radius, "
+            f"{args.attack_steps} steps x {args.attack_restarts} restarts.\n\n"
+            + markdown_table(headers, [row.cells() for row in rows])
+            + f"\n\n![certified accuracy vs radius]({png.name})\n")
+    print(write_results(args.name, "REaaS against end-to-end rivals on the embedded digits", body,
+                        make_target="bench-rivals"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
