@@ -16,24 +16,17 @@ Writes ``benchmarks/results/many_clients.md``. Run: ``make bench-service`` (its 
 from __future__ import annotations
 
 import argparse
-import os
 
 import numpy as np
 
 from benchmarks.bare_server import bare_server_process
 from benchmarks.batching import feature_request, in_process_rate
 from benchmarks.client_swarm import SwarmOutcome, swarm
-from benchmarks.environment import machine_summary, markdown_table, write_results
+from benchmarks.environment import load_line, machine_summary, markdown_table, write_results
 from benchmarks.service_throughput import images_per_second
 from reaas_client import EncoderClient
 from reaas_client.background_server import background_server
 from reaas_server import ServedEncoder
-
-
-def load_line() -> str:
-    """The 1/5/15-minute load averages, said plainly: on a shared machine they tell how busy the cores were."""
-    one, five, fifteen = os.getloadavg()
-    return f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} (1 / 5 / 15 min) on {os.cpu_count()} cores"
 
 
 def measure_server(address: str, request: bytes, images: int, args: argparse.Namespace
