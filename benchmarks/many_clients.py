@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+import torch
 
 from benchmarks.bare_server import bare_server_process
 from benchmarks.batching import feature_request, in_process_rate
@@ -27,6 +28,18 @@ from benchmarks.service_throughput import images_per_second
 from reaas_client import EncoderClient
 from reaas_client.background_server import background_server
 from reaas_server import ServedEncoder
+
+
+def in_process_rates(kind: str, seconds: float) -> str:
+    """The forward pass at batch 256 with torch's threads and with one: on cores other jobs share, OpenMP threads
+    wait for a descheduled sibling and the default can be many times slower than one thread."""
+    default = torch.get_num_threads()
+    rates = []
+    for threads in dict.fromkeys((default, 1)):
+        torch.set_num_threads(threads)
+        rates.append(f"{in_process_rate(kind, seconds=seconds):,.0f} ({threads} thr)")
+    torch.set_num_threads(default)
+    return " / ".join(rates)
 
 
 def measure_server(address: str, request: bytes, images: int, args: argparse.Namespace
@@ -47,17 +60,17 @@ def _refusals(outcome: SwarmOutcome) -> str:
     return f"{outcome.refused:,}" + (f" (+ {other})" if other else "")
 
 
-def rows_for(kind: str, local: float, bare: dict, reaas: dict, images: int, args: argparse.Namespace
+def rows_for(kind: str, local: str, bare: dict, reaas: dict, images: int, args: argparse.Namespace
              ) -> list[list[str]]:
     """Table rows of one encoder: each load with the bare ceiling, the real server and their ratio."""
     rows = []
     for key, load in (("raw", f"{args.clients} clients x {images} images, unary, raw stubs"),
                       ("typed", f"{args.clients} clients x {images} images, unary, EncoderClient")):
         b, r = bare[key].answered_per_second * images, reaas[key].answered_per_second * images
-        rows.append([kind, load, f"{local:,.0f}", f"{b:,.0f}", f"{r:,.0f}", f"{r / b:.3f}",
+        rows.append([kind, load, local, f"{b:,.0f}", f"{r:,.0f}", f"{r / b:.3f}",
                      f"{_refusals(bare[key])} / {_refusals(reaas[key])}"])
     b, r = bare["stream"], reaas["stream"]
-    rows.append([kind, f"1 stream, {args.stream_batches} x {args.stream_batch} images per call", f"{local:,.0f}",
+    rows.append([kind, f"1 stream, {args.stream_batches} x {args.stream_batch} images per call", local,
                  f"{b:,.0f}", f"{r:,.0f}", f"{r / b:.3f}", "-"])
     return rows
 
@@ -76,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     request = feature_request(args.images)
     rows = []
     for kind in args.kinds.split(","):
-        local = in_process_rate(kind, seconds=min(args.seconds, 3.0))
+        local = in_process_rates(kind, seconds=min(args.seconds, 3.0))
         feature_dim = ServedEncoder.load(None, "cpu", demo_kind=kind).metadata.feature_dim
         with bare_server_process(feature_dim) as (_, address):
             bare = measure_server(address, request, args.images, args)
