@@ -16,6 +16,7 @@ Writes ``benchmarks/results/many_clients.md``. Run: ``make bench-service`` (its 
 from __future__ import annotations
 
 import argparse
+import os
 
 import numpy as np
 import torch
@@ -28,6 +29,11 @@ from benchmarks.service_throughput import images_per_second
 from reaas_client import EncoderClient
 from reaas_client.background_server import background_server
 from reaas_server import ServedEncoder
+
+
+def shared_cores_note() -> str:
+    return ("The load average exceeded the core count: other jobs shared these cores during the run, so absolute "
+            "rates are lower than on an idle machine. ")
 
 
 def in_process_rates(kind: str, seconds: float) -> str:
@@ -84,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stream-batch", type=int, default=256)
     parser.add_argument("--stream-batches", type=int, default=16)
     args = parser.parse_args(argv)
-    load_before = load_line()
+    load_before, load_at_start = load_line(), os.getloadavg()[0]
     print(f"machine: {machine_summary()}\n{load_before}", flush=True)
     request = feature_request(args.images)
     rows = []
@@ -100,19 +106,22 @@ def main(argv: list[str] | None = None) -> None:
         print(markdown_table(["encoder", "load", "in-process", "bare", "reaas", "reaas / bare", "refusals"],
                              rows[-3:]), flush=True)
     load_after = load_line()
+    shared = max(os.getloadavg()[0], load_at_start) > (os.cpu_count() or 1)
     body = (
-        f"Before the run: {load_before}; after it: {load_after}. Other jobs (a test-suite sweep, a training run) "
-        "shared these cores during the run, so the absolute rates are low; every row measures the bare server and "
-        "`reaas-server` one after the other in the same run under the same load, so the ratio column is the "
-        "number to read.\n\n"
+        f"Before the run: {load_before}; after it: {load_after}. "
+        + (shared_cores_note() if shared else "The load stayed below the core count. ")
+        + "Every row measures the bare server and `reaas-server` one after the other in the same run under the same "
+        "load, so the ratio column is the number to compare across runs.\n\n"
         "`bare`: `benchmarks.bare_server`, a gRPC Python server (16 handler threads) that parses each FeatureRequest "
         "and answers zeros of the real reply's size, no encoder, no interceptors, no admission. `reaas`: "
         "`reaas-server --demo-kind KIND` with its default admission (4 concurrent Feature calls, 4 per key, 16 "
         f"handler threads). Each load runs {args.seconds:g} s per server. Unary clients: 4 processes, each client "
         "on its own channel (raw stubs: its own connection; EncoderClient: gRPC shares one connection per "
         "process among channels of the same target). Raw stubs see every RESOURCE_EXHAUSTED; EncoderClient waits "
-        "out the retry hint and re-sends, so its refusals show as fewer answers. In-process: the encoder's forward "
-        "pass at batch 256, images/s.\n\n"
+        "out the retry hint and re-sends, so its refusals show as fewer answers. Refusals: RESOURCE_EXHAUSTED answers "
+        "the raw clients got in the window. In-process: the encoder's forward pass at batch 256, images/s, with "
+        "torch's default threads and with one (under a shared load the default can be many times slower: OpenMP "
+        "threads wait for a descheduled sibling).\n\n"
         + markdown_table(["encoder", "load", "in-process forward (images/s)", "bare (answered images/s)",
                           "reaas (answered images/s)", "reaas / bare", "refusals bare / reaas"], rows)
         + "\n\nWhere the time goes on the real server under the 64-client load: `service_profile.md`.\n"
