@@ -45,6 +45,13 @@ def _where_the_gap_is(cost_rows: list[list[str]], batch_ms: float) -> str:
     """The sentence under the cost table, computed from it: what one streamed batch costs against its steps."""
     steps = {step: float(ms) for step, ms in cost_rows}
     measured = sum(steps.values())
+    if measured > batch_ms:
+        return (
+            f"The steps above, timed alone in this process, add up to {measured:.2f} ms, more than the "
+            f"{batch_ms:.2f} ms a streamed 256-image batch takes: other jobs held the cores (see the load above), and "
+            "torch's OpenMP threads in this process waited for descheduled siblings. Rerun on an idle machine for "
+            "this breakdown; the bare / reaas ratios above stay comparable.\n"
+        )
     return (
         f"The steps above add up to {measured:.2f} ms of the {batch_ms:.2f} ms a 256-image batch takes when "
         f"streamed ({100 * measured / batch_ms:.0f}%); the rest is gRPC's transport and threading, and client and "
