@@ -60,10 +60,13 @@ demo: setup
 demo-text: setup
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m reaas_client.demo --dataset rt-embedded
 
-# 8 images per F2IPerturb call: CROWN runs at ~0.2 images/s on the benchmark's noise images, so 32 took minutes a row
+# 8 images per F2IPerturb call: CROWN runs at ~0.2 images/s on the benchmark's noise images, so 32 took minutes a row.
+# Every Feature/StreamFeatures row has the bare gRPC server (benchmarks/bare_server.py) beside it; many_clients is
+# issue 22's 64 small clients, raw and typed, and a 256 x 16 stream, PCA and the non-robust CNN (~3 min)
 bench-service: setup
 	$(PY) -m benchmarks.service_throughput --f2i-batch 8
 	$(PY) -m benchmarks.batching
+	$(PY) -m benchmarks.many_clients
 
 # The service under load and faults (issue 10): 50 streaming clients, 8 slow F2I callers, 100 SIGTERM drains
 # under a CPU hog, a replica killed mid-job; loopback only, about 15 minutes on 2 cores.

@@ -13,15 +13,14 @@ Writes ``benchmarks/results/batching.md``. Run: ``make bench-service`` (this is 
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import statistics
-import threading
 import time
 
 import grpc
 import numpy as np
 import torch
 
+from benchmarks.client_swarm import swarm
 from benchmarks.environment import machine_summary, markdown_table, write_results
 from reaas.v1 import encoder_service_pb2 as pb
 from reaas_client import encode_tensor
@@ -31,63 +30,14 @@ from reaas_server import ServedEncoder
 _METHOD = "/reaas.v1.EncoderService/"
 
 
-def _client_process(address: str, method: str, request: bytes, threads: int, seconds: float, ready, go,
-                    results, timeout_s: float) -> None:
-    """`threads` clients, each on its own connection, starting calls to `method` for `seconds` once `go` is set;
-    reports the calls answered and the seconds from `go` until the last of them returned."""
-    answered, errors = [0] * threads, []
-    started: list[float] = []
-
-    def client(index: int, connected: threading.Barrier) -> None:
-        with grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
-            call = channel.unary_unary(_METHOD + method)
-            call(request, timeout=timeout_s)  # connected and warm before the clock starts
-            connected.wait()
-            go.wait()
-            if not started:
-                started.append(time.monotonic())
-            end = time.monotonic() + seconds
-            while time.monotonic() < end:
-                try:
-                    call(request, timeout=timeout_s)
-                    answered[index] += 1
-                except grpc.RpcError as error:
-                    errors.append(error.code().name)
-
-    connected = threading.Barrier(threads + 1)
-    workers = [threading.Thread(target=client, args=(i, connected)) for i in range(threads)]
-    for worker in workers:
-        worker.start()
-    connected.wait()
-    ready.put(1)
-    for worker in workers:
-        worker.join()
-    results.put((sum(answered), errors[:3], len(errors), time.monotonic() - started[0]))
-
-
 def calls_per_second(address: str, method: str, request: bytes, clients: int, seconds: float,
                      processes: int = 4, timeout_s: float = 60.0) -> float:
-    """Answered calls per second of `clients` clients spread over `processes` processes (one GIL each): calls
-    started in the first `seconds`, over the time until the last one returned (a call of many seconds, as an F2I
-    search is, must not count as if it fitted in the window)."""
-    spawn = multiprocessing.get_context("spawn")
-    ready, go, results = spawn.Queue(), spawn.Event(), spawn.Queue()
-    workers = [spawn.Process(target=_client_process, args=(address, method, request, clients // processes,
-                                                           seconds, ready, go, results, timeout_s))
-               for _ in range(processes)]
-    for worker in workers:
-        worker.start()
-    for _ in workers:
-        ready.get(timeout=300)
-    go.set()
-    outcomes = [results.get(timeout=seconds + 2 * timeout_s + 300) for _ in workers]
-    for worker in workers:
-        worker.join()
-    failed = sum(n for _, _, n, _ in outcomes)
-    if failed:
-        print(f"  {method}: {failed} calls failed, e.g. {[e for _, some, _, _ in outcomes for e in some][:3]}",
-              flush=True)
-    return sum(n for n, _, _, _ in outcomes) / max(elapsed for _, _, _, elapsed in outcomes)
+    """Answered calls per second of `clients` clients spread over `processes` processes (client_swarm.swarm)."""
+    outcome = swarm(address, method, request, clients, seconds, processes=processes, timeout_s=timeout_s)
+    failed = {"RESOURCE_EXHAUSTED": outcome.refused, **outcome.other_errors}
+    if any(failed.values()):
+        print(f"  {method}: calls failed: {failed}", flush=True)
+    return outcome.answered_per_second
 
 
 def lone_latency_ms(address: str, request: bytes, calls: int = 200) -> float:

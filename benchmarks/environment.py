@@ -34,6 +34,12 @@ def machine_summary() -> str:
     )
 
 
+def load_line() -> str:
+    """The 1/5/15-minute load averages, said plainly: on a shared machine they tell how busy the cores were."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} (1 / 5 / 15 min) on {os.cpu_count()} cores"
+
+
 def invoked_command() -> str:
     """The command line that ran this benchmark (module form, as the Makefile targets call it)."""
     args = sys.argv[1:]

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.environment import machine_summary, markdown_table, write_results
+from benchmarks.bare_server import bare_server_process
+from benchmarks.environment import load_line, machine_summary, markdown_table, write_results
 from reaas.v1 import encoder_service_pb2 as pb
 from reaas_client import EncoderClient, encode_tensor
 from reaas_server import ServedEncoder
@@ -44,6 +45,13 @@ def _where_the_gap_is(cost_rows: list[list[str]], batch_ms: float) -> str:
     """The sentence under the cost table, computed from it: what one streamed batch costs against its steps."""
     steps = {step: float(ms) for step, ms in cost_rows}
     measured = sum(steps.values())
+    if measured > batch_ms:
+        return (
+            f"The steps above, timed alone in this process, add up to {measured:.2f} ms, more than the "
+            f"{batch_ms:.2f} ms a streamed 256-image batch takes: other jobs held the cores (see the load above), and "
+            "torch's OpenMP threads in this process waited for descheduled siblings. Rerun on an idle machine for "
+            "this breakdown; the bare / reaas ratios above stay comparable.\n"
+        )
     return (
         f"The steps above add up to {measured:.2f} ms of the {batch_ms:.2f} ms a 256-image batch takes when "
         f"streamed ({100 * measured / batch_ms:.0f}%); the rest is gRPC's transport and threading, and client and "
@@ -160,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
         "--f2i-radius", type=float, default=0.5, help="feature radius R_F of every F2I image (default: %(default)s)"
     )
     args = parser.parse_args(argv)
-    print(f"machine: {machine_summary()}", flush=True)
+    load_before = load_line()
+    print(f"machine: {machine_summary()}\n{load_before}", flush=True)
 
     encoder = ServedEncoder.load(args.checkpoint)
     shape = tuple(encoder.metadata.input_shape)
@@ -168,25 +177,33 @@ def main(argv: list[str] | None = None) -> None:
     process, address = start_server_process(checkpoint=args.checkpoint)
     rows, ratios, stream_rates = [], {}, {}
     try:
-        with EncoderClient(address, timeout_s=600) as client:
+        with EncoderClient(address, timeout_s=600) as client, \
+                bare_server_process(encoder.metadata.feature_dim, shape) as (_, bare_address), \
+                EncoderClient(bare_address, timeout_s=600) as bare_client:
             for batch in BATCH_SIZES:
                 images = torch.rand((batch, *shape), generator=generator)
                 as_numpy = images.numpy()
                 local = images_per_second(lambda b=images: encoder.features(b).shape[0], args.seconds)
-                unary = images_per_second(lambda a=as_numpy: client.features(a).shape[0], args.seconds)
+                unary, bare_unary = (
+                    images_per_second(lambda a=as_numpy, c=c: c.features(a).shape[0], args.seconds)
+                    for c in (client, bare_client))
 
-                def stream(a=as_numpy) -> int:
-                    replies = client.stream_features((a, None) for _ in range(args.stream_batches))
+                def stream(c: EncoderClient, a=as_numpy) -> int:
+                    replies = c.stream_features((a, None) for _ in range(args.stream_batches))
                     return sum(r.shape[0] for r in replies)
 
-                streamed = images_per_second(stream, args.seconds)
+                streamed = images_per_second(lambda: stream(client), args.seconds)
+                bare_streamed = images_per_second(lambda: stream(bare_client), args.seconds)
                 ratios[batch] = streamed / local
                 stream_rates[batch] = streamed
                 rows.append(
-                    [batch, f"{local:,.0f}", f"{unary:,.0f}", f"{streamed:,.0f}", f"{streamed / local:.2f}"]
+                    [batch, f"{local:,.0f}", f"{bare_unary:,.0f}", f"{unary:,.0f}", f"{unary / bare_unary:.2f}",
+                     f"{bare_streamed:,.0f}", f"{streamed:,.0f}", f"{streamed / bare_streamed:.2f}",
+                     f"{streamed / local:.2f}"]
                 )
                 print(
-                    f"batch {batch}: in-process {local:,.0f}/s unary {unary:,.0f}/s stream {streamed:,.0f}/s",
+                    f"batch {batch}: in-process {local:,.0f}/s unary {unary:,.0f}/s (bare {bare_unary:,.0f}/s) "
+                    f"stream {streamed:,.0f}/s (bare {bare_streamed:,.0f}/s)",
                     flush=True,
                 )
 
@@ -216,12 +233,18 @@ def main(argv: list[str] | None = None) -> None:
     body = (
         "Loopback, `reaas-server` in a subprocess serving "
         + ("the shipped demo encoder " if args.checkpoint is None else f"the checkpoint `{args.checkpoint}` ")
-        + f"({encoder.metadata.model_id}, input {list(shape)}, float32 pixels), client in this process.\n\n"
+        + f"({encoder.metadata.model_id}, input {list(shape)}, float32 pixels), client in this process. "
+        f"Before the run: {load_before}; after it: {load_line()} (a load above the core count means other jobs "
+        "shared the cores: the bare and reaas columns of a row ran one after the other under the same load, so "
+        "their ratio is the number to compare across runs).\n\n"
         "## Features (images/s)\n\n"
         + markdown_table(
-            ["batch", "in-process forward", "Feature (unary)", "StreamFeatures", "stream / in-process"], rows
+            ["batch", "in-process forward", "Feature: bare", "Feature: reaas", "reaas / bare", "StreamFeatures: bare",
+             "StreamFeatures: reaas", "reaas / bare", "reaas stream / in-process"], rows
         )
-        + f"\n\nStream: {args.stream_batches} batches per StreamFeatures call.\n\n"
+        + f"\n\nStream: {args.stream_batches} batches per StreamFeatures call. 'bare': `benchmarks.bare_server`, "
+        "gRPC Python answering the same requests with zero features of the same size (no encoder, no interceptors, "
+        "no admission), in its own process, measured in the same run: the transport's ceiling on this machine.\n\n"
         f"Goal: stream / in-process >= 0.9 at batch 256 — {'met' if goal_met else 'NOT met'} "
         f"({ratios[256]:.2f}).\n"
         + (

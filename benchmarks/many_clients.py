@@ -1,0 +1,135 @@
+"""Many clients on one replica against the transport's ceiling (issue 22), in one run under one load.
+
+For each served encoder (the default PCA, whose forward pass is nearly free, and the non-robust CNN, the heaviest
+shipped one, where the forward pass should decide): the in-process forward pass at batch 256, then the same loads
+against a ``reaas-server`` child with its default admission and against ``benchmarks.bare_server`` (gRPC Python with
+no encoder, no interceptors; replies of the real size):
+
+* ``--clients`` clients (own connections, 4 processes) sending ``--images``-image unary Feature requests through raw
+  stubs for ``--seconds``: answered images/s and RESOURCE_EXHAUSTED refusals, counted apart;
+* the same through ``EncoderClient``, which retries a refusal that carries a retry hint (a real client's view);
+* one client streaming ``--stream-batches`` batches of ``--stream-batch`` images per StreamFeatures call.
+
+Writes ``benchmarks/results/many_clients.md``. Run: ``make bench-service`` (its last part).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+import torch
+
+from benchmarks.bare_server import bare_server_process
+from benchmarks.batching import feature_request, in_process_rate
+from benchmarks.client_swarm import SwarmOutcome, swarm
+from benchmarks.environment import load_line, machine_summary, markdown_table, write_results
+from benchmarks.service_throughput import images_per_second
+from reaas_client import EncoderClient
+from reaas_client.background_server import background_server
+from reaas_server import ServedEncoder
+
+
+def shared_cores_note() -> str:
+    return ("The load average exceeded the core count: other jobs shared these cores during the run, so absolute "
+            "rates are lower than on an idle machine. ")
+
+
+def in_process_rates(kind: str, seconds: float) -> str:
+    """The forward pass at batch 256 with torch's threads and with one: on cores other jobs share, OpenMP threads
+    wait for a descheduled sibling and the default can be many times slower than one thread."""
+    default = torch.get_num_threads()
+    rates = []
+    for threads in dict.fromkeys((default, 1)):
+        torch.set_num_threads(threads)
+        rates.append(f"{in_process_rate(kind, seconds=seconds):,.0f} ({threads} thr)")
+    torch.set_num_threads(default)
+    return " / ".join(rates)
+
+
+def measure_server(address: str, request: bytes, images: int, args: argparse.Namespace
+                   ) -> dict[str, SwarmOutcome | float]:
+    """The three loads against one server: raw unary swarm, typed unary swarm, one stream (images/s)."""
+    raw = swarm(address, "Feature", request, args.clients, args.seconds)
+    typed = swarm(address, "Feature", request, args.clients, args.seconds, typed=True, timeout_s=30.0)
+    batch = np.random.default_rng(1).random((args.stream_batch, 1, 28, 28), dtype=np.float32)
+    with EncoderClient(address, timeout_s=120) as client:
+        def stream() -> int:
+            return sum(r.shape[0] for r in client.stream_features((batch, None) for _ in range(args.stream_batches)))
+        streamed = images_per_second(stream, args.seconds)
+    return {"raw": raw, "typed": typed, "stream": streamed}
+
+
+def _refusals(outcome: SwarmOutcome) -> str:
+    other = ", ".join(f"{n} {code}" for code, n in outcome.other_errors.items())
+    return f"{outcome.refused:,}" + (f" (+ {other})" if other else "")
+
+
+def rows_for(kind: str, local: str, bare: dict, reaas: dict, images: int, args: argparse.Namespace
+             ) -> list[list[str]]:
+    """Table rows of one encoder: each load with the bare ceiling, the real server and their ratio."""
+    rows = []
+    for key, load in (("raw", f"{args.clients} clients x {images} images, unary, raw stubs"),
+                      ("typed", f"{args.clients} clients x {images} images, unary, EncoderClient")):
+        b, r = bare[key].answered_per_second * images, reaas[key].answered_per_second * images
+        rows.append([kind, load, local, f"{b:,.0f}", f"{r:,.0f}", f"{r / b:.3f}",
+                     f"{_refusals(bare[key])} / {_refusals(reaas[key])}"])
+    b, r = bare["stream"], reaas["stream"]
+    rows.append([kind, f"1 stream, {args.stream_batches} x {args.stream_batch} images per call", local,
+                 f"{b:,.0f}", f"{r:,.0f}", f"{r / b:.3f}", "-"])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kinds", default="pca,nonrobust", help="shipped encoders to serve (--demo-kind)")
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--images", type=int, default=4, help="images per unary request")
+    parser.add_argument("--seconds", type=float, default=4.0, help="measuring time per load and server")
+    parser.add_argument("--stream-batch", type=int, default=256)
+    parser.add_argument("--stream-batches", type=int, default=16)
+    args = parser.parse_args(argv)
+    load_before, load_at_start = load_line(), os.getloadavg()[0]
+    print(f"machine: {machine_summary()}\n{load_before}", flush=True)
+    request = feature_request(args.images)
+    rows = []
+    for kind in args.kinds.split(","):
+        local = in_process_rates(kind, seconds=min(args.seconds, 3.0))
+        feature_dim = ServedEncoder.load(None, "cpu", demo_kind=kind).metadata.feature_dim
+        with bare_server_process(feature_dim) as (_, address):
+            bare = measure_server(address, request, args.images, args)
+        extra = ("--demo-kind", kind, "--log-level", "WARNING", "--bound-cost-budget", "0")
+        with background_server(extra_args=extra) as address:
+            reaas = measure_server(address, request, args.images, args)
+        rows += rows_for(kind, local, bare, reaas, args.images, args)
+        print(markdown_table(["encoder", "load", "in-process", "bare", "reaas", "reaas / bare", "refusals"],
+                             rows[-3:]), flush=True)
+    load_after = load_line()
+    shared = max(os.getloadavg()[0], load_at_start) > (os.cpu_count() or 1)
+    body = (
+        f"Before the run: {load_before}; after it: {load_after}. "
+        + (shared_cores_note() if shared else "The load stayed below the core count. ")
+        + "Every row measures the bare server and `reaas-server` one after the other in the same run under the same "
+        "load, so the ratio column is the number to compare across runs.\n\n"
+        "`bare`: `benchmarks.bare_server`, a gRPC Python server (16 handler threads) that parses each FeatureRequest "
+        "and answers zeros of the real reply's size, no encoder, no interceptors, no admission. `reaas`: "
+        "`reaas-server --demo-kind KIND` with its default admission (4 concurrent Feature calls, 4 per key, 16 "
+        f"handler threads). Each load runs {args.seconds:g} s per server. Unary clients: 4 processes, each client "
+        "on its own channel (raw stubs: its own connection; EncoderClient: gRPC shares one connection per "
+        "process among channels of the same target). Raw stubs see every RESOURCE_EXHAUSTED; EncoderClient waits "
+        "out the retry hint and re-sends, so its refusals show as fewer answers. Refusals: RESOURCE_EXHAUSTED answers "
+        "the raw clients got in the window. In-process: the encoder's forward pass at batch 256, images/s, with "
+        "torch's default threads and with one (under a shared load the default can be many times slower: OpenMP "
+        "threads wait for a descheduled sibling).\n\n"
+        + markdown_table(["encoder", "load", "in-process forward (images/s)", "bare (answered images/s)",
+                          "reaas (answered images/s)", "reaas / bare", "refusals bare / reaas"], rows)
+        + "\n\nWhere the time goes on the real server under the 64-client load: `service_profile.md`.\n"
+    )
+    path = write_results("many_clients", "Many clients on one replica, against the transport's ceiling", body,
+                         make_target="bench-service")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

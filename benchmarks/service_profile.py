@@ -1,0 +1,104 @@
+"""Where a server's time goes under many small clients (issue 22, item 2): server CPU per call and a py-spy profile.
+
+Starts the server (``reaas-server`` with its default admission, or ``benchmarks.bare_server``), runs the many-clients
+load (``client_swarm.swarm``, raw stubs) and, while it runs, ``py-spy record`` on the server's process (all threads,
+idle frames dropped, collapsed stacks). Prints the server's CPU seconds per handled call (answered + refused, from
+/proc), and the functions holding the most samples, inclusive, so a reader sees which layer costs what.
+py-spy is not a project dependency: ``pip install --target /tmp/pyspy py-spy``, then ``--py-spy /tmp/pyspy/bin/py-spy``.
+Findings go, by hand, into ``benchmarks/results/service_profile.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import subprocess
+import threading
+from collections import Counter
+from pathlib import Path
+
+from benchmarks.bare_server import bare_server_process
+from benchmarks.batching import feature_request
+from benchmarks.client_swarm import SwarmOutcome, swarm
+from benchmarks.environment import load_line, machine_summary
+from reaas_client.background_server import background_server_process
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far, all its threads (from /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def inclusive_samples(collapsed: Path) -> tuple[Counter[str], Counter[str], int]:
+    """Per function: samples with it anywhere on the stack (inclusive) and on top (self); and the total."""
+    inclusive: Counter[str] = Counter()
+    own: Counter[str] = Counter()
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = [f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0] + ")" if " (" in f else f
+                  for f in stack.split(";")]
+        n = int(count)
+        total += n
+        for frame in set(frames):
+            inclusive[frame] += n
+        own[frames[-1]] += n
+    return inclusive, own, total
+
+
+@contextlib.contextmanager
+def _server(kind: str, encoder: str, server_args: tuple[str, ...]):
+    if kind == "bare":
+        with bare_server_process(64) as (process, address):
+            yield process, address
+    else:
+        extra = ("--demo-kind", encoder, "--log-level", "WARNING", "--bound-cost-budget", "0", *server_args)
+        with background_server_process(extra_args=extra) as server:
+            yield server.process, server.address
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--server", choices=("reaas", "bare"), default="reaas")
+    parser.add_argument("--encoder", default="pca", help="--demo-kind of the reaas server")
+    parser.add_argument("--server-args", default="",
+                        help="more reaas-server flags, space-separated, e.g. '--max-feature-calls 64 "
+                             "--max-calls-per-key 64 --workers 80' (admit every client: no refusals)")
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--images", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=12.0)
+    parser.add_argument("--py-spy", default=None, help="py-spy executable; without it, CPU per call only")
+    parser.add_argument("--output", type=Path, default=Path("/tmp/service_profile.txt"), help="collapsed stacks")
+    parser.add_argument("--top", type=int, default=40)
+    args = parser.parse_args(argv)
+    print(f"machine: {machine_summary()}\n{load_line()}", flush=True)
+    with _server(args.server, args.encoder, tuple(args.server_args.split())) as (process, address):
+        outcome: list[SwarmOutcome] = []
+        load = threading.Thread(target=lambda: outcome.append(
+            swarm(address, "Feature", feature_request(args.images), args.clients, args.seconds)))
+        cpu_before = cpu_seconds(process.pid)
+        load.start()
+        if args.py_spy:
+            # the swarm's processes take a few seconds to connect; sample the middle of the window
+            subprocess.run([args.py_spy, "record", "--pid", str(process.pid), "--duration",
+                            str(max(1, int(args.seconds) - 2)), "--format", "raw", "--rate", "200", "--threads",
+                            "--nonblocking", "--output", str(args.output)], check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        load.join()
+        cpu = cpu_seconds(process.pid) - cpu_before
+    result = outcome[0]
+    handled = result.answered + result.refused
+    print(f"{args.server}: {result.answered:,} answered, {result.refused:,} refused, other {result.other_errors}, "
+          f"in {result.elapsed_s:.1f} s; server CPU {cpu:.2f} s (incl. connection set-up) = "
+          f"{1e3 * cpu / max(handled, 1):.3f} ms per handled call")
+    if args.py_spy:
+        inclusive, own, total = inclusive_samples(args.output)
+        print(f"{total} samples (all threads, idle dropped); inclusive % / self % / function")
+        for frame, n in inclusive.most_common(args.top):
+            print(f"{100 * n / total:6.1f} {100 * own[frame] / total:6.1f}  {frame}")
+
+
+if __name__ == "__main__":
+    main()
