@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> None:
         measured = {}
         for label, flags in (("on", ()), ("off", ("--batch-max-images", "0"))):
             extra = ("--demo-kind", kind, "--log-level", "WARNING", "--bound-cost-budget", "0",
-                     # room for every client's call: this measures batching, not admission
-                     "--max-feature-calls", str(args.clients), "--workers", str(args.clients + 16), *flags)
+                     # the default admission (by images) runs every client's call: this measures batching
+                     *flags)
             with background_server(extra_args=extra) as address:
                 rate = args.images * calls_per_second(address, "Feature", request, args.clients, args.seconds)
                 latency = lone_latency_ms(address, lone)

@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--server", choices=("reaas", "bare"), default="reaas")
     parser.add_argument("--encoder", default="pca", help="--demo-kind of the reaas server")
     parser.add_argument("--server-args", default="",
-                        help="more reaas-server flags, space-separated, e.g. '--max-feature-calls 64 "
-                             "--max-calls-per-key 64 --workers 80' (admit every client: no refusals)")
+                        help="more reaas-server flags, space-separated, e.g. '--max-feature-images 128' (a "
+                             "smaller image pool, so calls queue)")
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=12.0)

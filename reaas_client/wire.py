@@ -107,9 +107,11 @@ def decode_tensor(tensor: pb.Tensor, *, name: str = "tensor", dtypes: Collection
     if math.prod(d for d in shape if d) * dtype.itemsize > _MAX_EXTENT_BYTES:
         raise TensorDecodeError(f"{name}: shape {list(shape)} describes more bytes than any array can hold")
     expected = math.prod(shape) * dtype.itemsize
-    if len(tensor.raw_data) != expected:
+    raw = tensor.raw_data  # each read of a bytes field copies it out of the message: read it once
+    if len(raw) != expected:
         raise TensorDecodeError(
-            f"{name}: raw_data has {len(tensor.raw_data)} bytes but shape {list(shape)} of "
-            f"{dtype_name(tensor.dtype)} needs {expected}"
+            f"{name}: raw_data has {len(raw)} bytes but shape {list(shape)} of {dtype_name(tensor.dtype)} needs "
+            f"{expected}"
         )
-    return np.frombuffer(tensor.raw_data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+    # astype copies: the array owns writable memory in native byte order (frombuffer's view is read-only)
+    return np.frombuffer(raw, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))

@@ -1,27 +1,47 @@
-"""Admission control: bounded pools per kind of work, per-key limits, and a drain switch.
+"""Admission control by work: bounded pools, a fair wait queue in front of them, and a drain switch.
 
-gRPC Python runs every handler — health checks included — on one thread pool. A pool filled by slow F2I calls
-or long feature streams would leave health checks queued until a load balancer declares the replica dead. So
-each EncoderService call must win a slot in its *pool* (unary Feature, feature streams, F2I) and in its
-caller's per-key allowance before it runs; the pools together hold fewer calls than there are handler
-threads, which keeps threads free for health, GetEncoderInfo and prompt refusals. A call that finds no slot
-is refused at once with RESOURCE_EXHAUSTED and a retry hint (in the message and in the standard
-``grpc-retry-pushback-ms`` trailer), never left to spend its deadline in a queue. While draining, new calls
-get UNAVAILABLE, which clients retry on another replica.
+An encoder service is used by many clients at once, each sending a few images. Counting *calls* refused the fifth
+concurrent 4-image call while the dynamic batcher would have put all of them in one pass, and raw clients answered
+the refusals by re-sending at once (half the server's CPU went to refusing). So each pool is measured in what
+costs: unary Feature (and Embed) in **images** running, feature streams and F2I calls in **calls** running (an F2I
+search is seconds of CPU whatever its size; a stream holds its pool for its life). A call that does not fit
+**waits** in the pool's queue, as Triton queues requests for its dynamic batcher, and is admitted when work ends:
+
+* **Fair between keys.** When room frees, the waiting call of the key that holds the least of that pool goes first
+  (ties: the oldest), so a key beside a heavy one is admitted within one slot time; and one key may hold at most
+  ``key_share`` of a pool (the image pool keeps a quarter free for other keys: a light key's 4 images are never
+  queued behind one key's 4 096-image calls).
+* **Bounded.** Every call held here — running or waiting — holds a gRPC handler thread, so the calls held are
+  capped below the handler threads (``--reserved-workers`` stay free: health checks and refusals never queue), a
+  key may hold at most three quarters of them, and no call waits longer than ``max_wait_s`` or its deadline. Past
+  that a call is refused with RESOURCE_EXHAUSTED, the reason, and a retry hint in the message and in the standard
+  ``grpc-retry-pushback-ms`` trailer. A caller who gives up while waiting leaves the queue at once.
+* **Per key.** A key's own limit on running calls (``reaas-keys add --max-concurrent-calls``, default
+  ``--max-calls-per-key``) makes its further calls wait, never fail. In open access each connection counts as its
+  own key (one account "anonymous" would let one busy client take everybody's share).
+
+While draining, waiting and new calls get UNAVAILABLE, which clients retry on another replica.
 """
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
 
 from reaas_client.retry import RETRY_PUSHBACK_HEADER
-from reaas_server.interceptors import CURRENT_CALLER, api_key_of, replace_behavior, rpc_name
+from reaas_server.interceptors import (
+    CURRENT_CALLER,
+    PerMethodInterceptor,
+    api_key_of,
+    image_count,
+    replace_behavior,
+    rpc_name,
+)
 
 # Which pool each EncoderService RPC draws from; RPCs not listed (descriptions, vocabulary, usage) are always
 # admitted. Embed is a table lookup that costs a query like Feature, and shares its pool.
@@ -32,25 +52,48 @@ POOL_OF_RPC = {
     "F2IPerturb": "f2i",
     "StreamF2IPerturb": "f2i",
 }
+#: pools whose unit is the images (or token sequences) of a request; the others count calls
+IMAGE_POOLS = frozenset({"feature"})
+WAIT_POLL_S = 0.05  # how often a waiting call looks whether its client is still there
+
+
+@dataclass(frozen=True)
+class PoolLimit:
+    """How much of one pool may run at once (``capacity`` units: images or calls) and how much of it one key may
+    hold (``key_share``). A call larger than either still runs when it is its key's only work in an idle pool."""
+
+    capacity: int
+    key_share: int
+
+    def __post_init__(self) -> None:
+        if self.capacity < 1 or not 1 <= self.key_share <= self.capacity:
+            raise ValueError(f"a pool needs capacity >= 1 and 1 <= key share <= capacity, got {self}")
 
 
 @dataclass(frozen=True)
 class AdmissionLimits:
-    """Concurrent calls admitted per pool and per API key (a call holds its slots until it ends)."""
+    """The pools, the calls that may be held at once (running or waiting), and the per-key limits."""
 
-    pool_calls: dict[str, int]
-    calls_per_key: int
+    pools: dict[str, PoolLimit]
+    max_held_calls: int  # running + waiting, all pools: each holds a handler thread
+    calls_per_key: int  # running calls of one key (all pools) unless its ApiKey says otherwise; more wait
+    max_wait_s: float = 30.0
 
     def __post_init__(self) -> None:
         for pool in set(POOL_OF_RPC.values()):
-            if self.pool_calls.get(pool, 0) < 1:
-                raise ValueError(f"pool {pool!r} needs at least one call slot")
-        if self.calls_per_key < 1:
-            raise ValueError("calls_per_key must be >= 1")
+            if pool not in self.pools:
+                raise ValueError(f"pool {pool!r} needs limits")
+        if self.max_held_calls < 1 or self.calls_per_key < 1 or self.max_wait_s < 0:
+            raise ValueError("held calls and calls per key must be >= 1 and the longest wait >= 0")
 
     @property
-    def total_calls(self) -> int:
-        return sum(self.pool_calls.values())
+    def held_calls_per_key(self) -> int:
+        """One key may hold three quarters of the held calls, so others always find room to queue."""
+        return max(1, self.max_held_calls * 3 // 4)
+
+    @staticmethod
+    def with_share(capacity: int, free_for_others: float) -> PoolLimit:
+        return PoolLimit(capacity, max(1, capacity - int(capacity * free_for_others)))
 
 
 class _Refusal(Exception):
@@ -61,11 +104,44 @@ class _Refusal(Exception):
         self.retry_after_s = retry_after_s
 
 
-class Admission:
-    """The slot accounting behind the interceptor: thread-safe, never blocks."""
+@dataclass(eq=False)
+class _Ticket:
+    """One call held by admission: waiting until it is ``decided`` (granted, or refused by a drain), then running
+    until released."""
 
-    # a slot frees, on average, after the pool's mean call duration divided by its slots (and no sooner than the
-    # oldest running call's age divided by them, which matters before any call has finished); the hint stays in
+    pool: str
+    key: str
+    units: int
+    key_limit: int
+    arrived: float
+    decided: bool = False
+    # a waiting call sleeps on this lock until the decision releases it (made only for calls that wait: most are
+    # admitted at once, and a bare lock is the cheapest one-shot signal)
+    wake: threading.Lock | None = None
+    started: float = 0.0
+    refusal: _Refusal | None = None  # set instead of a grant when draining empties the queue
+
+    def decide(self) -> None:
+        self.decided = True
+        if self.wake is not None:
+            self.wake.release()
+
+
+class _PoolState:
+    def __init__(self, limit: PoolLimit) -> None:
+        self.limit = limit
+        self.in_use = 0
+        self.running: set[_Ticket] = set()
+        self.by_key: dict[str, int] = collections.defaultdict(int)  # units each key holds here
+        self.waiting: dict[str, collections.deque[_Ticket]] = {}  # key → its waiting calls, oldest first
+        self.mean_duration_s: float | None = None
+
+
+class Admission:
+    """The accounting behind the interceptor: thread-safe; ``admit`` blocks only while its call waits its turn."""
+
+    # a slot frees, on average, after the pool's mean call duration divided by its capacity (and no sooner than the
+    # oldest running call's age divided by it, which matters before any call has finished); the hint stays in
     # [MIN, MAX] so that a first burst and a pathological call both give sensible advice
     MIN_RETRY_S = 0.05
     MAX_RETRY_S = 5.0
@@ -73,48 +149,102 @@ class Admission:
     def __init__(self, limits: AdmissionLimits) -> None:
         self.limits = limits
         self._lock = threading.Lock()
-        self._in_pool: dict[str, int] = defaultdict(int)
-        self._started: dict[str, dict[int, float]] = defaultdict(dict)  # pool → call → monotonic start
-        self._per_key: dict[str, int] = defaultdict(int)
-        self._mean_duration_s: dict[str, float] = {}
-        self._draining = False
-        self.refusals: dict[str, int] = defaultdict(int)  # pool → calls refused (busy or draining)
         self._idle = threading.Condition(self._lock)
+        self._pools = {name: _PoolState(limit) for name, limit in limits.pools.items()}
+        self._running_calls: dict[str, int] = collections.defaultdict(int)  # key → running calls, all pools
+        self._held = 0
+        self._held_by_key: dict[str, int] = collections.defaultdict(int)
+        self._draining = False
+        self.refusals: dict[str, int] = collections.defaultdict(int)  # pool → calls refused (busy or draining)
+        self.waited: dict[str, int] = collections.defaultdict(int)  # pool → calls that queued before running
 
-    def start_draining(self) -> None:
-        with self._lock:
-            self._draining = True
-
+    # -- what tests, metrics and the drain look at --------------------------------------------------------------
     @property
     def in_flight(self) -> int:
+        """Calls held: running or waiting."""
         with self._lock:
-            return sum(self._in_pool.values())
+            return self._held
+
+    def waiting(self, pool: str) -> int:
+        with self._lock:
+            return sum(len(queue) for queue in self._pools[pool].waiting.values())
+
+    def in_use(self, pool: str) -> int:
+        """Units (images or calls) running in `pool`."""
+        with self._lock:
+            return self._pools[pool].in_use
+
+    def start_draining(self) -> None:
+        """New calls get UNAVAILABLE from now on, and so do the calls still waiting (they never ran)."""
+        with self._lock:
+            self._draining = True
+            for state in self._pools.values():
+                for queue in state.waiting.values():
+                    for ticket in queue:
+                        ticket.refusal = self._unavailable(ticket.pool)
+                        self._unhold(ticket.key)
+                        ticket.decide()
+                state.waiting.clear()
 
     def wait_idle(self, timeout_s: float) -> bool:
-        """Block until no admitted call is running (True) or `timeout_s` passes (False)."""
+        """Block until no call is held (True) or `timeout_s` passes (False)."""
         with self._idle:
-            return self._idle.wait_for(lambda: sum(self._in_pool.values()) == 0, timeout=timeout_s)
+            return self._idle.wait_for(lambda: self._held == 0, timeout=timeout_s)
 
-    def admit(self, pool: str, key: str, key_limit: int | None = None) -> Callable[[], None]:
-        """Take a slot in `pool` and one of `key`'s (at most `key_limit`, default the server's per-key limit), or
-        raise _Refusal. Returns the (idempotent) release."""
-        key_limit = key_limit or self.limits.calls_per_key
+    # -- admission ----------------------------------------------------------------------------------------------
+    def admit(self, pool: str, key: str, units: int = 1, key_limit: int | None = None,
+              still_wanted: Callable[[], bool] = lambda: True, deadline: float | None = None) -> Callable[[], None]:
+        """Hold `units` of `pool` for `key`, waiting for them if need be; returns the (idempotent) release.
+
+        Raises _Refusal when the call cannot even queue (draining, the held calls or the key's share of them used
+        up), when it waited ``max_wait_s`` or until `deadline` (a ``time.monotonic()`` instant), or when
+        ``still_wanted()`` turns false while it waits.
+        """
+        now = time.monotonic()
+        ticket = _Ticket(pool, key, max(1, units), key_limit or self.limits.calls_per_key, now)
         with self._lock:
             if self._draining:
-                self.refusals[pool] += 1
-                raise _Refusal(grpc.StatusCode.UNAVAILABLE,
-                               "this replica is shutting down; retry on another replica", None)
-            capacity = self.limits.pool_calls[pool]
-            if self._in_pool[pool] >= capacity:
-                raise self._busy(pool, f"server busy: all {capacity} {pool} call slots are in use")
-            if self._per_key[key] >= key_limit:
-                raise self._busy(pool, f"this API key already has {key_limit} calls in flight (its concurrent-call "
-                                       "limit); wait for one to finish")
-            self._in_pool[pool] += 1
-            self._per_key[key] += 1
-            started = time.monotonic()
-            call = object()
-            self._started[pool][id(call)] = started
+                raise self._unavailable(pool)
+            if self._held >= self.limits.max_held_calls:
+                raise self._busy(pool, f"server busy: {self._held} calls are running or queued, its limit")
+            if self._held_by_key[key] >= self.limits.held_calls_per_key:
+                raise self._busy(pool, f"this API key has {self._held_by_key[key]} calls running or queued, its "
+                                       "share of the queue; wait for some to finish")
+            self._held += 1
+            self._held_by_key[key] += 1
+            state = self._pools[pool]
+            if not state.waiting and self._fits(state, ticket):
+                self._start(state, ticket)
+            else:
+                ticket.wake = threading.Lock()
+                ticket.wake.acquire()
+                state.waiting.setdefault(key, collections.deque()).append(ticket)
+                self.waited[pool] += 1
+                self._dispatch(state)
+        if not ticket.decided:
+            self._wait(ticket, now + self.limits.max_wait_s if deadline is None
+                       else min(deadline, now + self.limits.max_wait_s), still_wanted)
+        return self._release_of(ticket)
+
+    def _wait(self, ticket: _Ticket, until: float, still_wanted: Callable[[], bool]) -> None:
+        while not ticket.wake.acquire(timeout=min(WAIT_POLL_S, max(0.0, until - time.monotonic()))):
+            gone = not still_wanted()
+            if not gone and time.monotonic() < until:
+                continue
+            with self._lock:
+                if ticket.decided:
+                    break  # decided while we looked: run it (the release follows as usual)
+                self._pools[ticket.pool].waiting[ticket.key].remove(ticket)
+                self._forget_waiting(ticket)
+                self._unhold(ticket.key)
+                if gone:
+                    raise _Refusal(grpc.StatusCode.CANCELLED, "the call was cancelled while it waited", None)
+                raise self._busy(ticket.pool, f"server busy: no room in the {ticket.pool} pool within "
+                                              f"{time.monotonic() - ticket.arrived:.1f} s of waiting")
+        if ticket.refusal is not None:
+            raise ticket.refusal
+
+    def _release_of(self, ticket: _Ticket) -> Callable[[], None]:
         released = False
 
         def release() -> None:
@@ -123,28 +253,85 @@ class Admission:
                 if released:
                     return
                 released = True
-                self._in_pool[pool] -= 1
-                del self._started[pool][id(call)]
-                self._per_key[key] -= 1
-                if self._per_key[key] == 0:
-                    del self._per_key[key]
-                duration = time.monotonic() - started
-                mean = self._mean_duration_s.get(pool)
-                self._mean_duration_s[pool] = duration if mean is None else 0.8 * mean + 0.2 * duration
+                state = self._pools[ticket.pool]
+                state.in_use -= ticket.units
+                state.running.discard(ticket)
+                state.by_key[ticket.key] -= ticket.units
+                if state.by_key[ticket.key] == 0:
+                    del state.by_key[ticket.key]
+                self._running_calls[ticket.key] -= 1
+                if self._running_calls[ticket.key] == 0:
+                    del self._running_calls[ticket.key]
+                self._unhold(ticket.key)
+                duration = time.monotonic() - ticket.started
+                mean = state.mean_duration_s
+                state.mean_duration_s = duration if mean is None else 0.8 * mean + 0.2 * duration
+                for other in self._pools.values():  # the key's running-call limit spans the pools
+                    if other.waiting:
+                        self._dispatch(other)
                 self._idle.notify_all()
 
         return release
 
+    # -- under the lock -----------------------------------------------------------------------------------------
+    def _fits(self, state: _PoolState, ticket: _Ticket) -> bool:
+        if self._running_calls.get(ticket.key, 0) >= ticket.key_limit:
+            return False
+        holds = state.by_key.get(ticket.key, 0)
+        if holds == 0:  # a key's first call needs only room in the pool (all of it when it is larger)
+            return state.in_use == 0 or state.in_use + ticket.units <= state.limit.capacity
+        return (state.in_use + ticket.units <= state.limit.capacity
+                and holds + ticket.units <= state.limit.key_share)
+
+    def _start(self, state: _PoolState, ticket: _Ticket) -> None:
+        state.in_use += ticket.units
+        state.running.add(ticket)
+        state.by_key[ticket.key] += ticket.units
+        self._running_calls[ticket.key] += 1
+        ticket.started = time.monotonic()
+        ticket.decide()
+
+    def _dispatch(self, state: _PoolState) -> None:
+        """Start waiting calls while any fits: each time the head of the key that holds least of the pool."""
+        while state.waiting:
+            heads = [queue[0] for queue in state.waiting.values()]
+            fitting = [t for t in heads if self._fits(state, t)]
+            if not fitting:
+                return
+            ticket = min(fitting, key=lambda t: (state.by_key.get(t.key, 0), t.arrived))
+            state.waiting[ticket.key].popleft()
+            self._forget_waiting(ticket)
+            self._start(state, ticket)
+
+    def _forget_waiting(self, ticket: _Ticket) -> None:
+        state = self._pools[ticket.pool]
+        if not state.waiting.get(ticket.key, True):
+            del state.waiting[ticket.key]
+
+    def _unhold(self, key: str) -> None:
+        self._held -= 1
+        self._held_by_key[key] -= 1
+        if self._held_by_key[key] == 0:
+            del self._held_by_key[key]
+        if self._held == 0:
+            self._idle.notify_all()
+
+    def _unavailable(self, pool: str) -> _Refusal:
+        self.refusals[pool] += 1
+        return _Refusal(grpc.StatusCode.UNAVAILABLE, "this replica is shutting down; retry on another replica", None)
+
     def _busy(self, pool: str, why: str) -> _Refusal:
-        """A RESOURCE_EXHAUSTED refusal saying `why` and when to come back (lock held)."""
+        """A RESOURCE_EXHAUSTED refusal saying `why` and when to come back."""
         self.refusals[pool] += 1
         retry = self._retry_after_s(pool)
         return _Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
                         f"{why}; retry after {retry:.2f} s ({RETRY_PUSHBACK_HEADER} trailer)", retry)
 
     def _retry_after_s(self, pool: str) -> float:
-        oldest_age = time.monotonic() - min(self._started[pool].values(), default=time.monotonic())
-        expected = max(self._mean_duration_s.get(pool, 0.0), oldest_age) / self.limits.pool_calls[pool]
+        state = self._pools[pool]
+        now = time.monotonic()
+        oldest_age = now - min((t.started for t in state.running), default=now)
+        expected = max(state.mean_duration_s or 0.0, oldest_age) / state.limit.capacity
         return min(self.MAX_RETRY_S, max(self.MIN_RETRY_S, expected))
 
 
@@ -155,12 +342,12 @@ def _refuse(context: grpc.ServicerContext, refusal: _Refusal) -> None:
 
 
 def _allowance_of(context: grpc.ServicerContext) -> tuple[str, int | None]:
-    """Whose per-key allowance a call draws on, and that key's own limit (None: the server's default).
+    """Whose allowance a call draws on, and that key's own running-call limit (None: the server's default).
 
     The account interceptor (outside this one) has resolved the caller. In open access every caller is the one
-    account "anonymous", and a shared allowance would let one busy client refuse everyone else's calls (measured:
-    8 slow F2I callers left a light client 4 answered Feature calls out of 281); there each connection (peer)
-    has its own allowance instead.
+    account "anonymous", and a shared allowance would let one busy client take everyone's share (measured: 8 slow
+    F2I callers left a light client 4 answered Feature calls out of 281); there each connection (peer) has its own
+    allowance instead.
     """
     caller = CURRENT_CALLER.get()
     if caller is None:  # served without accounting (the benchmark baseline)
@@ -170,30 +357,36 @@ def _allowance_of(context: grpc.ServicerContext) -> tuple[str, int | None]:
     return caller.name, caller.key.max_concurrent_calls
 
 
-class AdmissionInterceptor(grpc.ServerInterceptor):
-    """Admits each pooled EncoderService call through `admission`, holding its slots until the call ends."""
+def _deadline_of(context: grpc.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+class AdmissionInterceptor(PerMethodInterceptor):
+    """Admits each pooled EncoderService call through `admission`, holding its share until the call ends."""
 
     def __init__(self, admission: Admission) -> None:
+        super().__init__()
         self._admission = admission
 
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        pool = POOL_OF_RPC.get(rpc_name(handler_call_details.method) or "")
-        if handler is None or pool is None:
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        pool = POOL_OF_RPC.get(rpc_name(method) or "")
+        if pool is None:
             return handler
         admission = self._admission
+        counts_images = pool in IMAGE_POOLS
 
-        def admit(context: grpc.ServicerContext) -> Callable[[], None]:
+        def admit(context: grpc.ServicerContext, units: int) -> Callable[[], None]:
             key, key_limit = _allowance_of(context)
             try:
-                return admission.admit(pool, key, key_limit)
+                return admission.admit(pool, key, units, key_limit, context.is_active, _deadline_of(context))
             except _Refusal as refusal:
                 _refuse(context, refusal)
                 raise AssertionError("unreachable: abort raises") from None
 
         def admitted_unary(behavior):
             def admitted(request, context):
-                release = admit(context)
+                release = admit(context, image_count(request) if counts_images else 1)
                 try:
                     return behavior(request, context)
                 finally:
@@ -203,7 +396,7 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
 
         def admitted_stream(behavior):
             def admitted(request_iterator, context) -> Iterator:
-                release = admit(context)
+                release = admit(context, 1)
                 # gRPC may drop a cancelled stream's generator without closing it: the termination callback
                 # frees the slots then (release is idempotent)
                 context.add_callback(release)

@@ -19,7 +19,7 @@ from reaas.v1 import encoder_service_pb2 as pb
 from reaas.v1 import encoder_service_pb2_grpc as pb_grpc
 from reaas_server.admission import Admission, AdmissionInterceptor
 from reaas_server.batcher import ForwardBatcher, RadiusBatcher
-from reaas_server.compute import BackgroundCompute
+from reaas_server.compute import BackgroundCompute, set_torch_threads
 from reaas_server.config import ServerConfig
 from reaas_server.decoding import RequestDecodingInterceptor
 from reaas_server.encoder_host import ServedEncoder
@@ -136,6 +136,8 @@ def start_server(config: ServerConfig, encoder: ServedEncoder | None = None, *,
     ledger = UsageLedger(config.ledger_path)
     quotas = QuotaBook(ledger)
     admission = Admission(config.admission_limits)
+    # every thread made below that runs torch work gets the configured intra-op threads (compute.set_torch_threads)
+    torch_threads = config.intra_op_threads
     metrics = ServerMetrics(admission)
     # outermost first: observation sees every call and its final status; undecodable bytes are refused before
     # anything reads a request; then who pays (and is it allowed), then is there room; the ledger row is written
@@ -145,7 +147,8 @@ def start_server(config: ServerConfig, encoder: ServedEncoder | None = None, *,
         AdmissionInterceptor(admission),
     ] if accounting else [RequestDecodingInterceptor(), AdmissionInterceptor(admission)]
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="reaas"),
+        futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="reaas",
+                                   initializer=set_torch_threads, initargs=(torch_threads,)),
         interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -156,11 +159,13 @@ def start_server(config: ServerConfig, encoder: ServedEncoder | None = None, *,
     bound_costs = ()
     if config.mode == "reaas":
         bound_costs = encoder.measure_bound_costs(bounds.BOUNDS_OFFERED, budget_s=config.bound_cost_budget_s)
-    # one compute thread per call admission can let in, so an admitted call never queues for one
-    compute = BackgroundCompute(threads=config.admission_limits.total_calls)
+    # one compute thread per call admission may hold (made as needed), so an admitted call never queues for one
+    compute = BackgroundCompute(threads=config.admission_limits.max_held_calls, torch_threads=torch_threads)
+    # Feature handlers submit here themselves (servicer.py): the pass runs on the batcher's lowered worker
     batcher = None if config.batch_max_images == 0 else ForwardBatcher(
         lambda images, wanted: encoder.features(images, chunk_size=config.forward_chunk_size, still_wanted=wanted),
-        max_images=config.batch_max_images, max_delay_s=config.batch_max_delay_s, device=encoder.device)
+        max_images=config.batch_max_images, max_delay_s=config.batch_max_delay_s, device=encoder.device,
+        lone_pass_in_caller=False, torch_threads=torch_threads)
     # F2I requests for one searched bound share searches of up to one F2I chunk (the search runs chunk by chunk
     # anyway: a larger merge would gain nothing and only delay the callers' cancellation checks)
     f2i_batching = encoder.device.type == "cuda" if config.f2i_batching is None else config.f2i_batching
@@ -169,7 +174,8 @@ def start_server(config: ServerConfig, encoder: ServedEncoder | None = None, *,
         lambda images, radii, bound, wanted: encoder.image_radii(
             images, radii, bound=bound, chunk_size=config.f2i_chunk_size,
             memory_budget_bytes=config.f2i_memory_budget_per_search, still_wanted=wanted),
-        max_images=config.f2i_chunk_size, max_delay_s=config.batch_max_delay_s, device=encoder.device)
+        max_images=config.f2i_chunk_size, max_delay_s=config.batch_max_delay_s, device=encoder.device,
+        torch_threads=torch_threads)
     pb_grpc.add_EncoderServiceServicer_to_server(
         EncoderServicer(encoder, config, ledger, quotas, compute, batcher, bound_costs, radius_batcher), server)
     health_servicer = _configure_health(server)

@@ -34,34 +34,61 @@ Forward = Callable[[torch.Tensor, StillWanted], torch.Tensor | None]
 ImageRadiiPass = Callable[[torch.Tensor, torch.Tensor, str, StillWanted], ImageRadii | None]
 
 
+def _held_lock() -> threading.Lock:
+    lock = threading.Lock()
+    lock.acquire()
+    return lock
+
+
+Prepare = Callable[[], tuple[torch.Tensor, ...]]  # a request's inputs, decoded (may raise: that caller's error)
+Finish = Callable[[Any], Any]  # a request's part of the result -> what the caller gets (its reply)
+
+
 @dataclass
 class _Job(Generic[R]):
     key: Hashable
-    inputs: tuple[torch.Tensor, ...]  # each [batch, ...]; inputs[0] holds the images
+    inputs: tuple[torch.Tensor, ...] | None  # each [batch, ...]; inputs[0] holds the images (None: not prepared)
     still_wanted: StillWanted
-    done: threading.Event = field(default_factory=threading.Event)
+    size: int  # images
+    prepare: Prepare | None = None
+    finish: Finish | None = None
+    # released by the worker when the result (or error) is in: a bare lock is the cheapest one-shot signal (an
+    # Event is a Condition over a lock, three allocations and a notify per job)
+    done: threading.Lock = field(default_factory=_held_lock)
     result: R | None = None
     error: BaseException | None = None
     abandoned: bool = False
 
-    @property
-    def size(self) -> int:
-        return self.inputs[0].shape[0]
+    def prepared(self) -> bool:
+        """Decode the inputs if the caller left that to the worker; False (and ``error`` set) if they are bad."""
+        if self.inputs is None:
+            try:
+                self.inputs = self.prepare()
+            except Exception as error:  # noqa: BLE001 - the caller's own error (an invalid request), handed back
+                self.error = error
+                return False
+        return True
 
 
 class CoalescingBatcher(Generic[R]):
     """One worker thread; ``submit`` may be called from any number of threads."""
 
     def __init__(self, run_pass: RunPass, split: Split, *, max_images: int, max_delay_s: float = 0.0,
-                 device: torch.device | None = None, name: str = "reaas-batcher") -> None:
+                 device: torch.device | None = None, name: str = "reaas-batcher",
+                 lone_pass_in_caller: bool = True, torch_threads: int | None = None) -> None:
         """``device``: where a shared pass gathers its requests' images (the serving device: a text encoder's
         token requests arrive embedded there, its image requests on the CPU); None: where they are. The other
-        inputs (F2I's feature radii) stay where they are."""
+        inputs (F2I's feature radii) stay where they are. ``lone_pass_in_caller``: a request that finds the
+        batcher idle runs its pass in the calling thread; False when callers are gRPC handler threads, whose
+        priority must stay above compute (compute.py), so every pass runs on the lowered worker. ``torch_threads``:
+        the worker's intra-op threads (compute.set_torch_threads)."""
         if max_images < 1 or max_delay_s < 0:
             raise ValueError("max_images must be >= 1 and max_delay_s >= 0")
         self._run_pass = run_pass
         self._split = split
         self._device = device
+        self._lone_pass_in_caller = lone_pass_in_caller
+        self._torch_threads = torch_threads
         self.max_images = max_images
         self.max_delay_s = max_delay_s
         self._queue: collections.deque[_Job[R]] = collections.deque()
@@ -72,27 +99,39 @@ class CoalescingBatcher(Generic[R]):
         self._worker = threading.Thread(target=self._run, name=name, daemon=True)
         self._worker.start()
 
-    def submit(self, key: Hashable, inputs: tuple[torch.Tensor, ...], still_wanted: StillWanted = lambda: True
-               ) -> R | None:
+    def submit(self, key: Hashable, inputs: tuple[torch.Tensor, ...] | Prepare, still_wanted: StillWanted = lambda: True,
+               *, size: int | None = None, finish: Finish | None = None) -> R | None:
         """The pass's result for `inputs`, computed in a pass shared with other callers of the same `key`; None if
-        the caller gave up (``still_wanted()`` false) before its result was ready."""
-        job: _Job[R] = _Job(key, inputs, still_wanted)
+        the caller gave up (``still_wanted()`` false) before its result was ready.
+
+        `inputs` may be a callable that decodes them, with their number of images as `size`, and `finish` may turn
+        the caller's part of the result into its reply: both then run on the worker, beside the pass. Handler
+        threads then only wait: tensor work in many of them at once made each torch call a GIL hand-over among
+        dozens of threads (a handler's CPU per call tripled under 64 clients).
+        """
+        if callable(inputs):
+            job: _Job[R] = _Job(key, None, still_wanted, size, prepare=inputs, finish=finish)
+        else:
+            job = _Job(key, inputs, still_wanted, inputs[0].shape[0], finish=finish)
         with self._wakeup:
             if self._closed:
                 raise RuntimeError("the batcher is closed (the server is stopping)")
             # nothing queued and no pass running: run this pass right here, sparing a lone request the two
             # thread hand-offs of the queue (the idle server answers as fast as without a batcher)
-            alone = not self._queue and self._pass.acquire(blocking=False)
+            alone = self._lone_pass_in_caller and not self._queue and self._pass.acquire(blocking=False)
             if not alone:
                 self._queue.append(job)
                 self._wakeup.notify()
         if alone:
             try:
+                if not job.prepared():
+                    raise job.error
                 self.passes += 1
-                return self._run_pass(key, inputs, still_wanted)
+                out = self._run_pass(key, job.inputs, still_wanted)
+                return out if out is None or finish is None else finish(out)
             finally:
                 self._pass.release()
-        while not job.done.wait(0.05):
+        while not job.done.acquire(timeout=0.05):
             if not still_wanted():
                 job.abandoned = True
                 return None
@@ -149,9 +188,10 @@ class CoalescingBatcher(Generic[R]):
             return jobs
 
     def _run(self) -> None:
-        lower_thread_priority()  # the pass is compute, below the handler threads (compute.py says why)
+        # the pass is compute, below the handler threads (compute.py says why)
+        lower_thread_priority(torch_threads=self._torch_threads)
         while (jobs := self._next_batch()) is not None:
-            wanted = [job for job in jobs if not job.abandoned and job.still_wanted()]
+            wanted = [job for job in jobs if not job.abandoned and job.still_wanted() and job.prepared()]
             try:
                 if wanted:
                     self.passes += 1
@@ -160,28 +200,35 @@ class CoalescingBatcher(Generic[R]):
                     if out is not None:
                         parts = self._split(out, [job.size for job in wanted]) if len(wanted) > 1 else [out]
                         for job, part in zip(wanted, parts, strict=True):
-                            job.result = part
+                            job.result = part if job.finish is None else job.finish(part)
             except BaseException as error:  # noqa: BLE001 - handed to every caller of the pass
                 for job in wanted:
                     job.error = error
             finally:
                 self._pass.release()
                 for job in jobs:
-                    job.done.set()
+                    job.done.release()
 
 
 class ForwardBatcher(CoalescingBatcher[torch.Tensor]):
     """Feature and StreamFeatures: concurrent requests' images share forward passes."""
 
     def __init__(self, forward: Forward, *, max_images: int, max_delay_s: float = 0.0,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, lone_pass_in_caller: bool = True,
+                 torch_threads: int | None = None) -> None:
         super().__init__(lambda _key, inputs, wanted: forward(inputs[0], wanted),
                          lambda features, sizes: torch.split(features, sizes),
-                         max_images=max_images, max_delay_s=max_delay_s, device=device, name="reaas-batcher")
+                         max_images=max_images, max_delay_s=max_delay_s, device=device, name="reaas-batcher",
+                         lone_pass_in_caller=lone_pass_in_caller, torch_threads=torch_threads)
 
     def features(self, images: torch.Tensor, still_wanted: StillWanted = lambda: True) -> torch.Tensor | None:
         """f(images) [batch, feature_dim]; None if the caller gave up before its result was ready."""
         return self.submit(None, (images,), still_wanted)
+
+    def answer(self, decode: Prepare, size: int, reply: Finish, still_wanted: StillWanted = lambda: True) -> Any:
+        """``reply(f(images))`` for the `size` images ``decode()`` gives, both run on the worker (see ``submit``);
+        None if the caller gave up first. What ``decode`` raises (an invalid request) is raised here."""
+        return self.submit(None, decode, still_wanted, size=size, finish=reply)
 
 
 class RadiusBatcher(CoalescingBatcher[ImageRadii]):
@@ -190,10 +237,11 @@ class RadiusBatcher(CoalescingBatcher[ImageRadii]):
     radii its own pass would, sooner when many small calls arrive together."""
 
     def __init__(self, image_radii: ImageRadiiPass, *, max_images: int, max_delay_s: float = 0.0,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, torch_threads: int | None = None) -> None:
         super().__init__(lambda bound, inputs, wanted: image_radii(inputs[0], inputs[1], bound, wanted),
                          lambda radii, sizes: radii.split(sizes),
-                         max_images=max_images, max_delay_s=max_delay_s, device=device, name="reaas-f2i-batcher")
+                         max_images=max_images, max_delay_s=max_delay_s, device=device, name="reaas-f2i-batcher",
+                         torch_threads=torch_threads)
 
     def image_radii(self, images: torch.Tensor, feature_radii: torch.Tensor, bound: str,
                     still_wanted: StillWanted = lambda: True) -> ImageRadii | None:

@@ -9,6 +9,8 @@ import sys
 import threading
 from pathlib import Path
 
+import torch
+
 import bounds
 from reaas_client.command_line import (
     CommandLineParser,
@@ -150,23 +152,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     admission = parser.add_argument_group(
         "admission",
-        "Each Feature / StreamFeatures / F2I call needs a slot in its pool and in its API key's allowance; with "
-        "none free it is refused at once with RESOURCE_EXHAUSTED and a retry hint (grpc-retry-pushback-ms). "
-        "The pools must leave --reserved-workers handler threads free for health checks and refusals.",
+        "Work is admitted by what it costs: unary Feature by images running, streams and F2I by calls. A call that "
+        "finds no room waits in a fair queue (the key holding least goes first) and runs when room frees; it is "
+        "refused with RESOURCE_EXHAUSTED and a retry hint (grpc-retry-pushback-ms) only when the queue is full, "
+        "its key's share of it is used, or it waited --max-queue-wait. Every held call holds a handler thread; "
+        "--reserved-workers of the --workers stay free for health checks and refusals.",
     )
     admission.add_argument(
-        "--workers", type=int, default=defaults.workers, help="gRPC handler threads (default: %(default)s)"
+        "--workers", type=int, default=defaults.workers,
+        help="gRPC handler threads, created as needed; calls held (running or queued) <= workers - reserved "
+             "(default: %(default)s)"
     )
-    admission.add_argument("--max-feature-calls", type=int, default=defaults.max_feature_calls,
-                           help="concurrent unary Feature calls (default: %(default)s)")
+    admission.add_argument("--max-feature-images", type=int, default=defaults.max_feature_images,
+                           help="images of unary Feature/Embed calls running at once; one key may hold 3/4 "
+                                "(default: %(default)s)")
     admission.add_argument("--max-feature-streams", type=int, default=defaults.max_feature_streams,
-                           help="concurrent StreamFeatures calls (default: %(default)s)")
+                           help="concurrent StreamFeatures calls; one key may hold 3/4 (default: %(default)s)")
     admission.add_argument("--max-f2i-calls", type=int, default=defaults.max_f2i_calls,
                            help="concurrent F2IPerturb + StreamF2IPerturb calls (default: %(default)s)")
     admission.add_argument("--max-calls-per-key", type=int, default=defaults.max_calls_per_key,
-                           help="concurrent calls of one API key, all pools together (default: %(default)s)")
+                           help="running calls of one API key, all pools together; more wait their turn "
+                                "(default: %(default)s)")
     admission.add_argument("--reserved-workers", type=int, default=defaults.reserved_workers,
-                           help="handler threads no admitted call may take (default: %(default)s)")
+                           help="handler threads no admitted or queued call may take (default: %(default)s)")
+    admission.add_argument("--max-queue-wait", type=float, default=defaults.max_queue_wait_s,
+                           help="seconds a call may wait for room before it is refused (never past its deadline) "
+                                "(default: %(default)s)")
     parser.add_argument(
         "--grace",
         type=float,
@@ -183,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--device", type=available_device, default=None,
         help="torch device, e.g. cpu or cuda:0 (default: cuda if available)"
+    )
+    parser.add_argument(
+        "--torch-threads", type=int, default=None,
+        help="torch intra-op threads (default: the cores this process may use divided by --max-f2i-calls, at "
+             "least 1: concurrent calls fill the cores better than one pass's threads)"
     )
     parser.add_argument("--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"), default="INFO",
                         help="logging level (default: %(default)s)")
@@ -220,14 +236,16 @@ def config_from(parser: argparse.ArgumentParser, argv: list[str] | None) -> tupl
             f2i_batching={"auto": None, "on": True, "off": False}[args.f2i_batching],
             bound_cost_budget_s=args.bound_cost_budget,
             workers=args.workers,
-            max_feature_calls=args.max_feature_calls,
+            max_feature_images=args.max_feature_images,
             max_feature_streams=args.max_feature_streams,
             max_f2i_calls=args.max_f2i_calls,
             max_calls_per_key=args.max_calls_per_key,
             reserved_workers=args.reserved_workers,
+            max_queue_wait_s=args.max_queue_wait,
             grace_s=args.grace,
             drain_delay_s=args.drain_delay,
             device=args.device,
+            torch_threads=args.torch_threads,
             tls=server_tls,
         )
     except ValueError as error:
@@ -265,6 +283,7 @@ def _serve(config: ServerConfig) -> None:
     # requests; Python hands the GIL over every switch interval (5 ms by default). 1 ms keeps that wait short
     # under load at a negligible cost to throughput.
     sys.setswitchinterval(0.001)
+    torch.set_num_threads(config.intra_op_threads)  # this thread's (compute.set_torch_threads); start_server's own
     log = logging.getLogger(__name__)
     stopping = threading.Event()
     running = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,17 +46,23 @@ class ServerConfig:
     # cores concurrent searches of their own use the cores better (bench-service: 1.6 vs 0.9 images/s)
     f2i_batching: bool | None = None
     bound_cost_budget_s: float = 5.0  # start-up time cap for measuring each bound's cost (EncoderInfo.bound_costs)
-    workers: int = 16  # gRPC handler threads, shared by every RPC including health checks
-    # Admission (admission.py): concurrent calls per pool and per API key; the pools together must leave
-    # `reserved_workers` handler threads free so health checks and refusals are answered at once.
-    max_feature_calls: int = 4  # unary Feature
-    max_feature_streams: int = 4  # StreamFeatures
-    max_f2i_calls: int = 4  # F2IPerturb and StreamF2IPerturb
-    max_calls_per_key: int = 4
-    reserved_workers: int = 4
+    workers: int = 128  # gRPC handler threads, shared by every RPC including health checks; made as needed
+    # Admission (admission.py): what may run at once per pool, and how long a call may wait for it. Every call held
+    # (running or waiting) holds a handler thread, so at most workers - reserved_workers are held: the rest stay
+    # free for health checks, descriptions and refusals.
+    max_feature_images: int = 16384  # images of unary Feature / Embed calls running at once (a key: 3/4 of them)
+    max_feature_streams: int = 8  # StreamFeatures calls (a key: 3/4 of them)
+    max_f2i_calls: int = 4  # F2IPerturb and StreamF2IPerturb calls (a key: all, but others are admitted first)
+    max_calls_per_key: int = 32  # running calls of one key, all pools (reaas-keys may set a key's own); more wait
+    reserved_workers: int = 8
+    max_queue_wait_s: float = 30.0  # a call that found no room waits this long at most (and never past its deadline)
     grace_s: float = 10.0  # SIGTERM: in-flight calls get this long to finish
     drain_delay_s: float = 1.0  # SIGTERM: health says NOT_SERVING at least this long before the port closes
     device: str | None = None  # None: "cuda" when available, else "cpu"
+    # torch's intra-op threads in the serving process; None: the cores this process may use / max_f2i_calls, at
+    # least 1 (concurrent calls, not one pass's threads, fill the cores: on 2 busy cores two OpenMP threads made a
+    # 256-image forward 17x slower than one, 5.0 ms against 0.30)
+    torch_threads: int | None = None
     tls: ServerTls | None = None  # None: insecure port
 
     @property
@@ -76,21 +83,33 @@ class ServerConfig:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics port must be in 0..65535, got {self.metrics_port}")
-        if min(self.max_feature_calls, self.max_feature_streams, self.max_f2i_calls, self.max_calls_per_key) < 1:
-            raise ValueError("every admission limit (calls per pool, calls per key) must be >= 1")
-        admitted = self.max_feature_calls + self.max_feature_streams + self.max_f2i_calls
-        if admitted + self.reserved_workers > self.workers:
+        if min(self.max_feature_images, self.max_feature_streams, self.max_f2i_calls, self.max_calls_per_key) < 1:
+            raise ValueError("every admission limit (images or calls per pool, calls per key) must be >= 1")
+        if self.max_queue_wait_s < 0:
+            raise ValueError("the longest queue wait must be >= 0 seconds")
+        if self.workers - self.reserved_workers < 1 or self.reserved_workers < 1:
             raise ValueError(
-                f"{self.workers} workers cannot hold {admitted} admitted calls and keep {self.reserved_workers} "
-                "free for health checks and refusals; raise --workers or lower the per-pool limits"
+                f"{self.workers} workers must exceed the {self.reserved_workers} kept free for health checks and "
+                "refusals (and at least one must be kept free); raise --workers or lower --reserved-workers"
             )
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"torch threads must be >= 1, got {self.torch_threads}")
         if self.grace_s < 0 or self.drain_delay_s < 0:
             raise ValueError("grace and drain delay must be >= 0 seconds")
 
     @property
+    def intra_op_threads(self) -> int:
+        if self.torch_threads is not None:
+            return self.torch_threads
+        return max(1, len(os.sched_getaffinity(0)) // self.max_f2i_calls)
+
+    @property
     def admission_limits(self) -> AdmissionLimits:
         return AdmissionLimits(
-            pool_calls={"feature": self.max_feature_calls, "feature_stream": self.max_feature_streams,
-                        "f2i": self.max_f2i_calls},
+            pools={"feature": AdmissionLimits.with_share(self.max_feature_images, free_for_others=0.25),
+                   "feature_stream": AdmissionLimits.with_share(self.max_feature_streams, free_for_others=0.25),
+                   "f2i": AdmissionLimits.with_share(self.max_f2i_calls, free_for_others=0.0)},
+            max_held_calls=self.workers - self.reserved_workers,
             calls_per_key=self.max_calls_per_key,
+            max_wait_s=self.max_queue_wait_s,
         )

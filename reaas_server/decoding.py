@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.message import DecodeError
 
+from reaas_server.interceptors import PerMethodInterceptor
+
 log = logging.getLogger(__name__)
 
 
@@ -100,14 +102,12 @@ def _message_name(deserializer: Callable[[bytes], object]) -> str:
     return descriptor.full_name if descriptor is not None else "request"
 
 
-class RequestDecodingInterceptor(grpc.ServerInterceptor):
+class RequestDecodingInterceptor(PerMethodInterceptor):
     """Requests that do not parse — to the EncoderService, health or reflection — are answered INVALID_ARGUMENT
     with one WARNING log line, instead of gRPC's INTERNAL and traceback."""
 
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or handler.request_deserializer is None:
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        if handler.request_deserializer is None:
             return handler
         deserializer = _tolerant(handler.request_deserializer, _message_name(handler.request_deserializer))
         serializer = handler.response_serializer

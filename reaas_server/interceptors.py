@@ -46,6 +46,34 @@ def replace_behavior(handler: grpc.RpcMethodHandler, unary: Callable | None, str
     return handler
 
 
+class PerMethodInterceptor(grpc.ServerInterceptor):
+    """An interceptor whose wrapping depends on the method alone: each served method's handler is wrapped once.
+
+    gRPC Python asks every interceptor for a handler on every call, on its one polling thread, before a handler
+    thread takes the call: building four wrapped handlers there per call made that thread the server's
+    bottleneck (0.18 ms per call against the bare server's 0.07, measured under 64 clients). Everything about a
+    single call happens inside the wrapped behaviour, which reads it from the call's context. Methods the server
+    does not serve (their names are the caller's to choose) are never remembered.
+    """
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            handler = continuation(handler_call_details)
+            if handler is None:
+                return None
+            wrapped = self._wrapped.setdefault(method, self.wrap(handler, method))
+        return wrapped
+
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        """`handler` with this interceptor's behaviour around it (or `handler` itself where it does not apply)."""
+        raise NotImplementedError
+
+
 # The last two messages whose size was asked for in this call, pinned with their sizes: observation and
 # accounting both count a message's bytes, and ByteSize() walks the whole message (25 µs for a 256-image request).
 _RECENT_SIZES: contextvars.ContextVar[tuple[tuple[object, int], ...]] = contextvars.ContextVar(
@@ -97,7 +125,7 @@ CALLER_NAMED: contextvars.ContextVar[Callable[[str], None] | None] = contextvars
                                                                                            default=None)
 
 
-class AccountInterceptor(grpc.ServerInterceptor):
+class AccountInterceptor(PerMethodInterceptor):
     """Who pays for an EncoderService call, and the bill: authentication, quota, and one ledger row per answer.
 
     With active keys in the ledger, a call must carry one of them in ``x-api-key`` (UNAUTHENTICATED otherwise).
@@ -107,6 +135,7 @@ class AccountInterceptor(grpc.ServerInterceptor):
     """
 
     def __init__(self, ledger: UsageLedger, quotas: QuotaBook) -> None:
+        super().__init__()
         self._ledger = ledger
         self._quotas = quotas
 
@@ -136,10 +165,9 @@ class AccountInterceptor(grpc.ServerInterceptor):
             context.set_trailing_metadata(((RETRY_PUSHBACK_HEADER, str(exceeded.retry_after_ms)),))
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, exceeded.message) from None
 
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        rpc = rpc_name(handler_call_details.method)
-        if handler is None or rpc is None:
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        rpc = rpc_name(method)
+        if rpc is None:
             return handler
         ledger = self._ledger
 

@@ -32,7 +32,7 @@ from prometheus_client.core import CounterMetricFamily
 from reaas.v1 import encoder_service_pb2 as pb
 from reaas_server.access_log import ACCESS_LOG, access_line, key_label
 from reaas_server.admission import POOL_OF_RPC, Admission
-from reaas_server.interceptors import CALLER_NAMED, image_count, message_size, rpc_name
+from reaas_server.interceptors import CALLER_NAMED, PerMethodInterceptor, image_count, message_size, rpc_name
 
 log = logging.getLogger(__name__)
 
@@ -133,12 +133,11 @@ class ServerMetrics:
 class _Call:
     """One call while it runs: counts each message as it passes, and ends exactly once (the first end wins)."""
 
-    def __init__(self, metrics: ServerMetrics, rpc: str, metadata: tuple | None,
-                 context: grpc.ServicerContext) -> None:
+    def __init__(self, metrics: ServerMetrics, rpc: str, context: grpc.ServicerContext) -> None:
         self._metrics = metrics
         self._series = metrics.series(rpc)
         self._rpc = rpc
-        self._metadata = metadata
+        self._context = context  # its metadata names a caller refused before the account was resolved
         self.caller: str | None = None  # the account's name, once the account interceptor has resolved it
         self._peer = context.peer()
         self._lock = threading.Lock()
@@ -189,7 +188,7 @@ class _Call:
         self._metrics.calls.labels(self._rpc, code.name).inc()
         if ACCESS_LOG.isEnabledFor(logging.INFO):
             ACCESS_LOG.info(access_line(
-                rpc=self._rpc, key=self.caller or key_label(self._metadata), code=code.name, ms=f"{seconds * 1000:.2f}",
+                rpc=self._rpc, key=self.caller or key_label(self._context.invocation_metadata()), code=code.name, ms=f"{seconds * 1000:.2f}",
                 images=self.images, answered=self.answered, request_bytes=self.request_bytes,
                 response_bytes=self.response_bytes, peer=self._peer,
             ))
@@ -209,25 +208,21 @@ def final_code(context: grpc.ServicerContext, error: object, terminated: bool = 
     return context.code() or (grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN)
 
 
-class ObservingInterceptor(grpc.ServerInterceptor):
+class ObservingInterceptor(PerMethodInterceptor):
     """Counts, times and logs every served call (all four call shapes); changes nothing about it."""
 
     def __init__(self, metrics: ServerMetrics) -> None:
+        super().__init__()
         self._metrics = metrics
 
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         rpc = rpc_name(method) or method.lstrip("/")
-        metadata = handler_call_details.invocation_metadata
         metrics = self._metrics
         streaming_in, streaming_out = handler.request_streaming, handler.response_streaming
 
         def observe(behavior: Callable) -> Callable:
             def observed(request_or_requests, context):
-                call = _Call(metrics, rpc, metadata, context)
+                call = _Call(metrics, rpc, context)
                 CALLER_NAMED.set(call.name_caller)
                 if streaming_in:
                     request_or_requests = call.tap(request_or_requests)

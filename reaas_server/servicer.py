@@ -21,7 +21,7 @@ from reaas_server.batcher import ForwardBatcher, RadiusBatcher
 from reaas_server.compute import BackgroundCompute
 from reaas_server.config import ServerConfig
 from reaas_server.encoder_host import BoundCost, ServedEncoder
-from reaas_server.interceptors import CURRENT_CALLER
+from reaas_server.interceptors import CURRENT_CALLER, image_count
 from reaas_server.ledger import UsageLedger
 from reaas_server.quotas import QuotaBook
 from reaas_server.validation import (
@@ -182,25 +182,39 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
     def _feature_response(self, request: pb.FeatureRequest, context) -> pb.FeatureResponse:
         field = self._input_field(request)
         reply_dtype = feature_dtype(request.feature_dtype)
-        images = self._encoder_inputs(self._decoded_inputs(request, field), field)
         wanted = lambda: _still_wanted(context)  # noqa: E731
-        # only small requests gain from sharing a pass; one of forward_chunk_size images or more is a full pass
-        # already, and queueing it would make every small request behind it wait for the whole of it
-        shared = self._batcher is not None and images.shape[0] < self._config.forward_chunk_size
-        features = (self._batcher.features(images, wanted) if shared else
-                    self._encoder.features(images, chunk_size=self._config.forward_chunk_size, still_wanted=wanted))
-        if features is None:
+
+        def decode() -> tuple[torch.Tensor]:
+            return (self._encoder_inputs(self._decoded_inputs(request, field), field),)
+
+        def reply(features: torch.Tensor) -> pb.FeatureResponse:
+            return pb.FeatureResponse(features=encode_tensor(features.to(reply_dtype)))
+
+        # Only small requests gain from sharing a pass; one of forward_chunk_size images or more is a full pass
+        # already, and queueing it would make every small request behind it wait for the whole of it. Either way
+        # the tensor work runs on a lowered-priority thread (compute.py) and this handler thread waits: for a
+        # shared pass the batcher's worker decodes, runs and encodes every waiting request (one hand-off, and
+        # no GIL hand-over among dozens of handler threads at each torch call).
+        size = image_count(request)
+        if self._batcher is not None and size < self._config.forward_chunk_size:
+            response = self._batcher.answer(decode, size, reply, wanted)
+        else:
+            (images,) = decode()
+            features = self._compute.run(self._encoder.features, images, chunk_size=self._config.forward_chunk_size,
+                                         still_wanted=wanted)
+            response = None if features is None else reply(features)
+        if response is None:
             raise RequestError(grpc.StatusCode.CANCELLED, "the call was cancelled or its deadline passed")
-        return pb.FeatureResponse(features=encode_tensor(features.to(reply_dtype)))
+        return response
 
     def Feature(self, request, context):
         with _status_on_error(context):
-            return self._compute.run(self._feature_response, request, context)
+            return self._feature_response(request, context)
 
     def StreamFeatures(self, request_iterator, context) -> Iterator[pb.FeatureResponse]:
         with _status_on_error(context):
             for request in request_iterator:
-                yield self._compute.run(self._feature_response, request, context)
+                yield self._feature_response(request, context)
 
     # -- image-space radii --------------------------------------------------------------------------------
     def _f2i_response(self, request: pb.F2IPerturbRequest, context) -> pb.F2IPerturbResponse:

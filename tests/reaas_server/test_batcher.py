@@ -92,8 +92,41 @@ def test_errors_reach_every_caller_of_the_pass():
     batcher.close()
 
 
+def test_the_worker_decodes_and_replies_for_each_caller_and_a_bad_request_fails_only_its_own(held):
+    """Handler threads only wait: decoding and the reply run on the worker, and a request that does not decode is
+    its caller's error alone, not the pass's."""
+    batcher = ForwardBatcher(held, max_images=64, lone_pass_in_caller=False)
+    held.release.clear()
+
+    def bad() -> tuple[torch.Tensor]:
+        raise ValueError("images must have shape [batch, 1, 2, 2]")
+
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(batcher.features, images(1, 1.0))
+        assert held.entered.acquire(timeout=30)
+        decoded_by = []
+
+        def decode(n: int):
+            def run() -> tuple[torch.Tensor]:
+                decoded_by.append(threading.current_thread().name)
+                return (images(n, float(n)),)
+            return run
+
+        good = [pool.submit(batcher.answer, decode(n), n, lambda f: f.sum().item()) for n in (2, 3)]
+        failing = pool.submit(batcher.answer, bad, 5, lambda f: f.sum().item())
+        while len(batcher._queue) < 3:  # noqa: SLF001
+            threading.Event().wait(0.001)
+        held.release.set()
+        assert first.result(30).shape == (1, 4)
+        assert [future.result(30) for future in good] == [2 * 2 * 4 * 2.0, 3 * 3 * 4 * 2.0]
+        with pytest.raises(ValueError, match="must have shape"):
+            failing.result(30)
+    assert held.batches == [1, 2 + 3] and decoded_by == ["reaas-batcher"] * 2
+    batcher.close()
+
+
 def test_concurrent_clients_get_the_features_they_asked_for_in_fewer_passes(demo_encoder, make_images):
-    running = start_server(ServerConfig(port=0, bound_cost_budget_s=0.0, max_feature_calls=8, workers=24), demo_encoder)
+    running = start_server(ServerConfig(port=0, bound_cost_budget_s=0.0, workers=24), demo_encoder)
     try:
         requests = [make_images(4, seed=s).numpy() for s in range(48)]
         expected = [demo_encoder.features(torch.from_numpy(r)).numpy() for r in requests]

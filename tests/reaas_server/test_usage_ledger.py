@@ -5,8 +5,12 @@ from __future__ import annotations
 import csv
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -14,7 +18,7 @@ import pytest
 from reaas_client import EncoderClient, ServiceError
 from reaas_server import ServerConfig, run_server
 from reaas_server.keys_cli import main as keys_main
-from reaas_server.ledger import LedgerError, UsageLedger
+from reaas_server.ledger import OPEN_ACCESS_RECHECK_S, LedgerError, UsageLedger
 from reaas_server.quotas import QuotaBook, QuotaExceeded
 
 
@@ -73,6 +77,51 @@ def test_reservations_keep_concurrent_calls_from_overshooting_and_unanswered_one
     assert quotas.status(key).used == 10
     with pytest.raises(QuotaExceeded):
         quotas.reserve(key, 1)
+
+
+def test_concurrent_charges_are_each_committed_and_a_failed_commit_fails_every_call_in_it(ledger_path):
+    """Group commit: many calls' rows go in one transaction, and each call still learns whether its row is in."""
+    ledger = UsageLedger(ledger_path)
+    barrier = threading.Barrier(16)
+
+    def charge(index: int) -> None:
+        barrier.wait()
+        ledger.charge("anonymous", "Feature", queries=index, request_bytes=1, response_bytes=1)
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(charge, range(16)))
+    reader = UsageLedger(ledger_path)  # another connection sees every row: they were committed
+    assert sorted(row[3] for row in reader.rows()) == list(range(16))
+    reader.close()
+    ledger._db.execute("DROP TABLE usage")  # noqa: SLF001 - a database that can no longer take the row
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(lambda _: _raises(lambda: charge_one(ledger)), range(4)))
+    assert all(isinstance(error, sqlite3.OperationalError) for error in outcomes)
+    ledger.close()
+
+
+def charge_one(ledger: UsageLedger) -> None:
+    ledger.charge("anonymous", "Feature", queries=1, request_bytes=1, response_bytes=1)
+
+
+def _raises(call) -> BaseException | None:
+    try:
+        call()
+    except BaseException as error:  # noqa: BLE001 - returned to the test
+        return error
+    return None
+
+
+def test_a_key_issued_by_another_process_closes_open_access_within_the_recheck_time(ledger_path):
+    server_side, admin_side = UsageLedger(ledger_path), UsageLedger(ledger_path)
+    assert not server_side.has_keys()
+    admin_side.add_key("alice")
+    deadline = time.monotonic() + OPEN_ACCESS_RECHECK_S + 5
+    while not server_side.has_keys():
+        assert time.monotonic() < deadline, "the new key was never seen"
+        time.sleep(0.01)
+    server_side.close()
+    admin_side.close()
 
 
 def test_key_rules_are_checked_when_a_key_is_made():
