@@ -1,11 +1,13 @@
 """The service under load and faults (issue 10), against a real ``reaas-server`` child on loopback.
 
 Phases, each measured while probes run beside the load (a health check every 50 ms, a 4-image unary Feature
-every 100 ms):
+every 100 ms, in the f2i phase a light key's closed-form F2I call every 500 ms):
 
 * ``streams``: 50 clients, each on its own connection, stream 4 096-image StreamFeatures batches in a loop.
 * ``f2i``: 8 clients under one API key send slow F2IPerturb calls (``crown`` on the non-robust CNN); at the end
   they give up (cancel) and we time how long the server keeps using CPU.
+* ``heavy``: one key sends 8 back-to-back 4 096-image unary Feature calls; the probe is another key (issue 22).
+* ``small``: 64 clients send 4-image unary Feature calls, first as one key, then as 64 keys (issue 22).
 * ``drain``: a server started N times under a CPU hog, SIGTERMed with a stream in flight: health must say
   NOT_SERVING, new calls UNAVAILABLE, the stream must be served to its end and the process exit 0.
 
@@ -111,9 +113,15 @@ def feature_request(count: int, seed: int = 0) -> bytes:
     return pb.FeatureRequest(images=encode_tensor(images)).SerializeToString()
 
 
-def _probe(address: str, ready, stop, results) -> None:
+LIGHT_FEATURE = "unary Feature (4 images)"
+LIGHT_F2I = "light key's F2I (4 images, lipschitz)"
+
+
+def _probe(address: str, ready, stop, results, with_f2i: bool = False) -> None:
     """A load balancer's health checks (every 50 ms) and a light client's 4-image Feature calls (every 100 ms),
-    each on its own thread so that a slow answer to one does not space out the other.
+    each on its own thread so that a slow answer to one does not space out the other; with `with_f2i`, the light
+    client also sends a 4-image F2I call (a closed-form bound: its own cost is nothing, its latency is its wait
+    for an F2I slot) every 500 ms. The light client is its own key (its own connection, in open access).
 
     Runs in its own process so that the load generators' threads do not delay it on our side of the wire.
     """
@@ -121,7 +129,11 @@ def _probe(address: str, ready, stop, results) -> None:
     with grpc.insecure_channel(address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         feature = channel.unary_unary(_METHOD + "Feature")
+        f2i = channel.unary_unary(_METHOD + "F2IPerturb")
         request = feature_request(4, seed=1)
+        pixels = np.random.default_rng(3).random((4, *_INPUT_SHAPE), dtype=np.float32)
+        f2i_request = pb.F2IPerturbRequest(images=encode_tensor(pixels), feature_radii=[0.5] * 4,
+                                           bound="lipschitz").SerializeToString()
         health.Check(health_pb2.HealthCheckRequest(), timeout=60)
 
         def every(period_s: float, kind: str, call, images: int = 0) -> None:
@@ -131,9 +143,11 @@ def _probe(address: str, ready, stop, results) -> None:
         threads = [
             threading.Thread(target=every, args=(0.05, "health",
                                                  lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=30))),
-            threading.Thread(target=every, args=(0.1, "unary Feature (4 images)",
-                                                 lambda: feature(request, timeout=30), 4)),
+            threading.Thread(target=every, args=(0.1, LIGHT_FEATURE, lambda: feature(request, timeout=30), 4)),
         ]
+        if with_f2i:
+            threads.append(threading.Thread(target=every, args=(0.5, LIGHT_F2I,
+                                                                lambda: f2i(f2i_request, timeout=120), 4)))
         for thread in threads:
             thread.start()
         ready.set()
@@ -223,7 +237,66 @@ def run_f2i(server: BackgroundServer, clients: int, images: int, bound: str, sec
                 future.cancel()
         return _seconds_until_cpu_idle(server.process.pid)
 
-    return _run_phase("f2i", server, outcomes, [client] * clients, stop, seconds, on_stop=give_up)
+    return _run_phase("f2i", server, outcomes, [client] * clients, stop, seconds, on_stop=give_up, probe_f2i=True)
+
+
+def run_heavy_feature(server: BackgroundServer, clients: int, images: int, seconds: float) -> PhaseResult:
+    """`clients` threads of one key (one shared connection: one key in open access) sending `images`-image unary
+    Feature calls back to back, beside the light client of the probe (issue 22: its p99 stays <= 250 ms)."""
+    outcomes = Outcomes()
+    request = feature_request(images, seed=4)
+    stop = threading.Event()
+    kind = f"heavy key's Feature ({images} images)"
+
+    with grpc.insecure_channel(server.address) as channel:
+        feature = channel.unary_unary(_METHOD + "Feature")
+
+        def client() -> None:
+            while not stop.is_set():
+                start = time.perf_counter()
+                try:
+                    feature(request, timeout=300)
+                except grpc.RpcError as error:
+                    hint = outcomes.failed(kind, error)
+                    stop.wait(hint if hint is not None else 1.0)
+                    continue
+                outcomes.ok(kind, time.perf_counter() - start, images)
+
+        return _run_phase("heavy key", server, outcomes, [client] * clients, stop, seconds)
+
+
+def run_small_clients(server: BackgroundServer, clients: int, images: int, seconds: float, *,
+                      one_key: bool) -> PhaseResult:
+    """`clients` clients sending `images`-image unary Feature calls back to back, either as one key (one shared
+    connection) or as `clients` keys (a connection each). Raw calls: a refusal is counted, then retried after the
+    server's hint."""
+    outcomes = Outcomes()
+    request = feature_request(images, seed=5)
+    stop = threading.Event()
+    kind = f"{clients} small clients' Feature ({images} images)"
+    shared = grpc.insecure_channel(server.address) if one_key else None
+
+    def client() -> None:
+        channel = shared or grpc.insecure_channel(server.address, options=[("grpc.use_local_subchannel_pool", 1)])
+        feature = channel.unary_unary(_METHOD + "Feature")
+        while not stop.is_set():
+            start = time.perf_counter()
+            try:
+                feature(request, timeout=60)
+            except grpc.RpcError as error:
+                hint = outcomes.failed(kind, error)
+                stop.wait(hint if hint is not None else 1.0)
+                continue
+            outcomes.ok(kind, time.perf_counter() - start, images)
+        if shared is None:
+            channel.close()
+
+    try:
+        return _run_phase(f"{clients} small, {'one key' if one_key else f'{clients} keys'}", server, outcomes,
+                          [client] * clients, stop, seconds)
+    finally:
+        if shared is not None:
+            shared.close()
 
 
 def _seconds_until_cpu_idle(pid: int, window_s: float = 0.25, idle_fraction: float = 0.05,
@@ -239,14 +312,14 @@ def _seconds_until_cpu_idle(pid: int, window_s: float = 0.25, idle_fraction: flo
 
 
 def _run_phase(name: str, server: BackgroundServer, outcomes: Outcomes, clients, stop: threading.Event,
-               seconds: float, on_stop=None) -> PhaseResult:
+               seconds: float, on_stop=None, probe_f2i: bool = False) -> PhaseResult:
     pid = server.process.pid
     idle = rss_bytes(pid)
     sampler = RssSampler(pid)
     sampler.start()
     spawn = multiprocessing.get_context("spawn")
     probe_ready, probe_stop, probe_results = spawn.Event(), spawn.Event(), spawn.Queue()
-    probe = spawn.Process(target=_probe, args=(server.address, probe_ready, probe_stop, probe_results),
+    probe = spawn.Process(target=_probe, args=(server.address, probe_ready, probe_stop, probe_results, probe_f2i),
                           daemon=True)
     probe.start()
     if not probe_ready.wait(120):
@@ -478,10 +551,10 @@ def report(phases: list[PhaseResult], drains: list[DrainRun], kills: list[Replic
     goals = []
     for phase in phases:
         health = phase.outcomes.latencies_s.get("health", [])
-        unary = phase.outcomes.latencies_s.get("unary Feature (4 images)", [])
+        unary = phase.outcomes.latencies_s.get(LIGHT_FEATURE, [])
         bad = {(k, c, h): n for (k, c, h), n in phase.outcomes.errors.items()
                if c != "RESOURCE_EXHAUSTED" or not h}
-        unary_refused = sum(n for (k, _, _), n in phase.outcomes.errors.items() if k == "unary Feature (4 images)")
+        unary_refused = sum(n for (k, _, _), n in phase.outcomes.errors.items() if k == LIGHT_FEATURE)
         goals += [
             [phase.name, "health p99 ≤ 100 ms", f"{percentile_ms(health, 99)} ms",
              _goal(bool(health) and np.percentile(health, 99) <= 0.1)],
@@ -495,6 +568,23 @@ def report(phases: list[PhaseResult], drains: list[DrainRun], kills: list[Replic
             [phase.name, "peak RSS ≤ 2× idle", f"{phase.peak_rss / phase.idle_rss:.2f}×",
              _goal(phase.peak_rss <= 2 * phase.idle_rss)],
         ]
+        light_f2i = phase.outcomes.latencies_s.get(LIGHT_F2I, [])
+        heavy_f2i = phase.outcomes.latencies_s.get("F2IPerturb", [])
+        if phase.name == "heavy key":
+            goals.append([phase.name, "the light key's 4-image Feature p99 ≤ 250 ms (issue 22)",
+                          f"{percentile_ms(unary, 99)} ms", _goal(bool(unary) and np.percentile(unary, 99) <= 0.25)])
+        if light_f2i or phase.outcomes.errors.get((LIGHT_F2I, "RESOURCE_EXHAUSTED", True)):
+            refused = sum(n for (k, _, _), n in phase.outcomes.errors.items() if k == LIGHT_F2I)
+            goals.append([phase.name, "the light key's F2I waits at most one slot time (p99 ≤ the heavy calls' p99) "
+                          "and is never refused (issue 22)",
+                          f"p99 {percentile_ms(light_f2i, 99)} ms vs {percentile_ms(heavy_f2i, 99)} ms; "
+                          f"{refused} refused",
+                          _goal(bool(light_f2i) and bool(heavy_f2i) and refused == 0
+                                and np.percentile(light_f2i, 99) <= np.percentile(heavy_f2i, 99))])
+        if "small" in phase.name:
+            refused = sum(n for (k, _, _), n in phase.outcomes.errors.items() if "small clients" in k)
+            goals.append([phase.name, "0 refusals (their images stay under the queue's capacity) (issue 22)",
+                          f"{refused}", _goal(refused == 0)])
         if phase.cpu_stop_s is not None:
             goals.append([phase.name, "cancelled F2I stops using CPU within 1 s", f"{phase.cpu_stop_s:.2f} s",
                           _goal(phase.cpu_stop_s <= 1.0)])
@@ -530,16 +620,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--f2i-clients", type=int, default=8)
     parser.add_argument("--f2i-images", type=int, default=8)
     parser.add_argument("--f2i-bound", default="crown")
+    parser.add_argument("--heavy-clients", type=int, default=8, help="heavy key's concurrent Feature calls")
+    parser.add_argument("--heavy-images", type=int, default=4096, help="images per heavy Feature call")
+    parser.add_argument("--small-clients", type=int, default=64)
+    parser.add_argument("--small-images", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=30.0, help="length of each load phase")
     parser.add_argument("--drains", type=int, default=100, help="SIGTERM drains to run (0: skip)")
     parser.add_argument("--hogs", type=int, default=2, help="busy-looping processes beside the drains")
-    parser.add_argument("--phases", default="streams,f2i", help="load phases to run, comma-separated")
+    parser.add_argument("--phases", default="streams,f2i,heavy,small",
+                        help="load phases to run, comma-separated: streams, f2i, heavy (one key's big Feature "
+                             "calls beside a light key), small (many small clients as one key, then as many keys)")
     parser.add_argument("--kill-trials", type=int, default=5, help="replica kills per job kind (0: skip)")
     parser.add_argument("--kill-images", type=int, default=8192, help="images per replica-loss job")
     parser.add_argument("--name", default="load", help="results file stem in benchmarks/results/")
+    parser.add_argument("--server-args", default="", help="more reaas-server flags, space-separated")
     args = parser.parse_args(argv)
     print(f"machine: {machine_summary()}", flush=True)
-    encoder_args = ["--demo-kind", args.demo_kind]
+    encoder_args = ["--demo-kind", args.demo_kind, *args.server_args.split()]
     phases = []
     wanted = args.phases.split(",")
     if "streams" in wanted:
@@ -553,6 +650,18 @@ def main(argv: list[str] | None = None) -> None:
               flush=True)
         with warm_server(encoder_args) as server:
             phases.append(run_f2i(server, args.f2i_clients, args.f2i_images, args.f2i_bound, args.seconds))
+    if "heavy" in wanted:
+        print(f"heavy: one key's {args.heavy_clients} × {args.heavy_images}-image Feature calls, {args.seconds} s",
+              flush=True)
+        with warm_server(encoder_args) as server:
+            phases.append(run_heavy_feature(server, args.heavy_clients, args.heavy_images, args.seconds))
+    if "small" in wanted:
+        for one_key in (True, False):
+            print(f"small: {args.small_clients} clients × {args.small_images} images, one key: {one_key}, "
+                  f"{args.seconds} s", flush=True)
+            with warm_server(encoder_args) as server:
+                phases.append(run_small_clients(server, args.small_clients, args.small_images, args.seconds,
+                                                one_key=one_key))
     drains = run_drains(args.drains, encoder_args, args.hogs) if args.drains else []
     kills = run_replica_kills(encoder_args, args.kill_trials, args.kill_images) if args.kill_trials else []
     text = report(phases, drains, kills, args)

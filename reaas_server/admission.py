@@ -11,8 +11,8 @@ search is seconds of CPU whatever its size; a stream holds its pool for its life
   (ties: the oldest), so a key beside a heavy one is admitted within one slot time; and one key may hold at most
   ``key_share`` of a pool (the image pool keeps a quarter free for other keys: a light key's 4 images are never
   queued behind one key's 4 096-image calls).
-* **Bounded.** Every call held here — running or waiting — holds a gRPC handler thread, so the calls held are
-  capped below the handler threads (``--reserved-workers`` stay free: health checks and refusals never queue), a
+* **Bounded.** An image pool's queue is bounded in images (every held request is in memory). Every call held
+  here — running or waiting — holds a gRPC handler thread, so the calls held are capped below the handler threads (``--reserved-workers`` stay free: health checks and refusals never queue), a
   key may hold at most three quarters of them, and no call waits longer than ``max_wait_s`` or its deadline. Past
   that a call is refused with RESOURCE_EXHAUSTED, the reason, and a retry hint in the message and in the standard
   ``grpc-retry-pushback-ms`` trailer. A caller who gives up while waiting leaves the queue at once.
@@ -59,15 +59,23 @@ WAIT_POLL_S = 0.05  # how often a waiting call looks whether its client is still
 
 @dataclass(frozen=True)
 class PoolLimit:
-    """How much of one pool may run at once (``capacity`` units: images or calls) and how much of it one key may
-    hold (``key_share``). A call larger than either still runs when it is its key's only work in an idle pool."""
+    """How much of one pool may run at once (``capacity`` units: images or calls), how much of it one key may
+    hold (``key_share``), and how much may wait for it (``queue`` units; None: as many calls as may be held). A
+    call larger than the capacity or the share still runs when it is its key's only work in an idle pool.
+
+    Every call held keeps its request in memory, so an image pool bounds its queue in images: the capacity and
+    the queue together are the most image data the pool keeps (a 4 096-image request held is ~50 MB of buffers
+    and copies, measured)."""
 
     capacity: int
     key_share: int
+    queue: int | None = None
 
     def __post_init__(self) -> None:
         if self.capacity < 1 or not 1 <= self.key_share <= self.capacity:
             raise ValueError(f"a pool needs capacity >= 1 and 1 <= key share <= capacity, got {self}")
+        if self.queue is not None and self.queue < 0:
+            raise ValueError(f"a pool's queue must be >= 0 units, got {self.queue}")
 
 
 @dataclass(frozen=True)
@@ -92,8 +100,8 @@ class AdmissionLimits:
         return max(1, self.max_held_calls * 3 // 4)
 
     @staticmethod
-    def with_share(capacity: int, free_for_others: float) -> PoolLimit:
-        return PoolLimit(capacity, max(1, capacity - int(capacity * free_for_others)))
+    def with_share(capacity: int, free_for_others: float, queue: int | None = None) -> PoolLimit:
+        return PoolLimit(capacity, max(1, capacity - int(capacity * free_for_others)), queue)
 
 
 class _Refusal(Exception):
@@ -134,6 +142,7 @@ class _PoolState:
         self.running: set[_Ticket] = set()
         self.by_key: dict[str, int] = collections.defaultdict(int)  # units each key holds here
         self.waiting: dict[str, collections.deque[_Ticket]] = {}  # key → its waiting calls, oldest first
+        self.waiting_units = 0
         self.mean_duration_s: float | None = None
 
 
@@ -185,6 +194,7 @@ class Admission:
                         self._unhold(ticket.key)
                         ticket.decide()
                 state.waiting.clear()
+                state.waiting_units = 0
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Block until no call is held (True) or `timeout_s` passes (False)."""
@@ -213,9 +223,16 @@ class Admission:
             self._held += 1
             self._held_by_key[key] += 1
             state = self._pools[pool]
-            if not state.waiting and self._fits(state, ticket):
+            fits = self._fits(state, ticket)
+            if fits and not state.waiting:
                 self._start(state, ticket)
+            elif (not fits and state.limit.queue is not None
+                  and state.waiting_units + ticket.units > state.limit.queue):  # (one that fits is dispatched now)
+                self._unhold(key)
+                raise self._busy(pool, f"server busy: the {pool} pool is full and its queue has no room for "
+                                       f"{ticket.units} more (it holds at most {state.limit.queue})")
             else:
+                state.waiting_units += ticket.units
                 ticket.wake = threading.Lock()
                 ticket.wake.acquire()
                 state.waiting.setdefault(key, collections.deque()).append(ticket)
@@ -305,6 +322,7 @@ class Admission:
 
     def _forget_waiting(self, ticket: _Ticket) -> None:
         state = self._pools[ticket.pool]
+        state.waiting_units -= ticket.units
         if not state.waiting.get(ticket.key, True):
             del state.waiting[ticket.key]
 

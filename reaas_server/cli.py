@@ -164,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
              "(default: %(default)s)"
     )
     admission.add_argument("--max-feature-images", type=int, default=defaults.max_feature_images,
-                           help="images of unary Feature/Embed calls running at once; one key may hold 3/4 "
-                                "(default: %(default)s)")
+                           help="images of unary Feature/Embed calls running at once, one key at most 3/4; "
+                                "twice as many may wait (default: %(default)s)")
     admission.add_argument("--max-feature-streams", type=int, default=defaults.max_feature_streams,
                            help="concurrent StreamFeatures calls; one key may hold 3/4 (default: %(default)s)")
     admission.add_argument("--max-f2i-calls", type=int, default=defaults.max_f2i_calls,

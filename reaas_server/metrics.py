@@ -32,7 +32,14 @@ from prometheus_client.core import CounterMetricFamily
 from reaas.v1 import encoder_service_pb2 as pb
 from reaas_server.access_log import ACCESS_LOG, access_line, key_label
 from reaas_server.admission import POOL_OF_RPC, Admission
-from reaas_server.interceptors import CALLER_NAMED, PerMethodInterceptor, image_count, message_size, rpc_name
+from reaas_server.interceptors import (
+    CALLER_NAMED,
+    PerMethodInterceptor,
+    forget_call_state,
+    image_count,
+    message_size,
+    rpc_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -235,8 +242,11 @@ class ObservingInterceptor(PerMethodInterceptor):
                 except Exception as error:
                     call.end(final_code(context, error))
                     raise
+                finally:
+                    forget_call_state()
                 if response is not None:  # None is the servicer's bug: gRPC answers INTERNAL
                     call.sent(response)
+                    forget_call_state()
                 call.end(final_code(context, None))
                 return response
 
@@ -264,6 +274,8 @@ def _observed_stream(call: _Call, behavior: Callable, requests, context) -> Iter
     except Exception as error:
         ending.append(error)
         raise
+    finally:
+        forget_call_state()
     ending.append(None)
 
 

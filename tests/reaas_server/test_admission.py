@@ -81,6 +81,21 @@ def test_images_are_the_unit_of_the_feature_pool_and_one_key_leaves_a_quarter_to
     assert queued.result is None
 
 
+def test_an_image_pool_queues_at_most_its_queue_in_images_and_refuses_a_request_that_does_not_fit():
+    """Every held request is in memory: a big one that can neither run nor queue is refused with a hint."""
+    pools = {**LIMITS.pools, "feature": PoolLimit(capacity=100, key_share=75, queue=20)}
+    admission = Admission(AdmissionLimits(pools, max_held_calls=100, calls_per_key=100))
+    admission.admit("feature", "heavy", units=75)
+    admission.admit("feature", "other", units=25)  # the pool is full
+    small = _Caller(admission, "feature", "light", units=15)
+    _wait_until(lambda: admission.waiting("feature") == 1)
+    with pytest.raises(_Refusal) as refused:
+        admission.admit("feature", "light", units=10)  # 15 + 10 > the queue's 20 images
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue has no room" in refused.value.message
+    assert refused.value.retry_after_s is not None and admission.in_flight == 3
+    assert small.result is None
+
+
 def test_when_room_frees_the_key_holding_least_goes_first():
     """A key beside one running many slow calls is admitted within one slot time, before the heavy key's queue."""
     admission = Admission(LIMITS)
