@@ -25,6 +25,8 @@ const USAGE = `usage: node client.js --address HOST:PORT --images FILE [options]
   --bound NAME             F2IPerturb bound (default: empty, the server's default_bound)
   --api-key KEY            sent as gRPC metadata x-api-key
   --timeout-s S            deadline of each call, retries included (default 60)
+  --concurrency N          requests in flight at once when the images need several (default 1); the output's
+                           "retried_busy" counts RESOURCE_EXHAUSTED answers that were retried after the hint
   --tls                    TLS with the system's root certificates
   --tls-ca FILE            TLS, trusting this CA (PEM)
   --tls-client-cert FILE   with --tls-client-key: a client certificate for mutual TLS (PEM)
@@ -57,6 +59,8 @@ function retryPushbackMs(error) {
 // UNAVAILABLE -> back off 0.1 s doubling to 2 s and re-send, a few times; RESOURCE_EXHAUSTED with a pushback
 // hint (server busy) -> re-send after the hint plus 0-25 % jitter; anything else, RESOURCE_EXHAUSTED without
 // a hint (request too large) included, is the answer. All tries share one deadline.
+const busy = { retried: 0 };  // RESOURCE_EXHAUSTED answers with a hint that were retried (reported in the output)
+
 async function call(client, method, request, metadata, timeoutMs) {
   const deadline = Date.now() + timeoutMs;
   for (let unavailable = 0; ; ) {
@@ -69,6 +73,7 @@ async function call(client, method, request, metadata, timeoutMs) {
       const hint = error.code === grpc.status.RESOURCE_EXHAUSTED ? retryPushbackMs(error) : null;
       let waitMs;
       if (hint !== null) {
+        busy.retried += 1;
         waitMs = hint * (1 + 0.25 * Math.random());
       } else if (error.code === grpc.status.UNAVAILABLE && ++unavailable < UNAVAILABLE_TRIES) {
         const ceiling = Math.min(100 * 2 ** (unavailable - 1), 2000);
@@ -111,6 +116,7 @@ async function main() {
       bound: { type: 'string', default: '' },
       'api-key': { type: 'string' },
       'timeout-s': { type: 'string', default: '60' },
+      concurrency: { type: 'string', default: '1' },
       tls: { type: 'boolean', default: false },
       'tls-ca': { type: 'string' },
       'tls-client-cert': { type: 'string' },
@@ -143,9 +149,11 @@ async function main() {
     // split as the server requires: at most max_batch_size images and max_message_bytes per request
     const byBytes = Math.floor((info.max_message_bytes * MESSAGE_HEADROOM) / imageBytes);
     const step = Math.max(1, Math.min(info.max_batch_size, byBytes));
-    const features = [];
-    const radii = [];
-    for (let start = 0; start < batch; start += step) {
+    const starts = [];
+    for (let start = 0; start < batch; start += step) starts.push(start);
+    const parts = new Array(starts.length);  // [features, radii] per request, in request order
+    const answer = async (index) => {
+      const start = starts[index];
       const count = Math.min(step, batch - start);
       const images = {
         dtype: 'FLOAT32',
@@ -153,15 +161,25 @@ async function main() {
         raw_data: pixels.subarray(start * imageBytes, (start + count) * imageBytes),
       };
       const reply = await call(client, 'Feature', { images }, metadata, timeoutMs);
-      features.push(...float32Rows(reply.features));
+      let radii = [];
       if (featureRadii) {
         const request = {
           images, feature_radii: featureRadii.slice(start, start + count), bound: options.bound,
         };
-        radii.push(...(await call(client, 'F2IPerturb', request, metadata, timeoutMs)).radii);
+        radii = (await call(client, 'F2IPerturb', request, metadata, timeoutMs)).radii;
       }
-    }
-    process.stdout.write(`${JSON.stringify({ info, features, radii: featureRadii ? radii : null })}\n`);
+      parts[index] = [float32Rows(reply.features), radii];
+    };
+    // up to --concurrency requests in flight: each worker takes the next request until none is left
+    let next = 0;
+    const worker = async () => { while (next < starts.length) await answer(next++); };
+    const concurrency = Math.max(1, Number(options.concurrency));
+    await Promise.all(Array.from({ length: Math.min(concurrency, starts.length) }, worker));
+    const features = parts.flatMap(([rows]) => rows);
+    const radii = parts.flatMap(([, part]) => part);
+    process.stdout.write(`${JSON.stringify({
+      info, features, radii: featureRadii ? radii : null, retried_busy: busy.retried,
+    })}\n`);
   } finally {
     client.close();
   }

@@ -113,6 +113,20 @@ def test_node_client_matches_python_client(node_client, address, api_key, images
             assert radius["image_radius"] == pytest.approx(expected, rel=1e-12, abs=0)
 
 
+def test_64_concurrent_calls_of_one_key_are_all_answered_without_a_refusal(node_client, address, api_key, tmp_path):
+    """Issue 22: a raw client with 64 calls in flight is queued by admission, not refused (the server's limit on
+    one key's running calls makes the rest wait their turn)."""
+    many = np.random.default_rng(8).random((256, 1, 28, 28), dtype=np.float32)  # 64 requests of 4 images
+    done = run_node(node_client, address, many, tmp_path, "--api-key", api_key, "--concurrency", "64")
+    assert done.returncode == 0, done.stderr
+    node = json.loads(done.stdout)
+    assert node["retried_busy"] == 0
+    with EncoderClient(address, api_key=api_key) as client:
+        expected = client.features(many)
+    np.testing.assert_array_equal(np.asarray(node["features"], dtype=np.float32).view(np.uint32),
+                                  expected.view(np.uint32))
+
+
 def test_node_client_sends_the_api_key(node_client, address, images, tmp_path):
     done = run_node(node_client, address, images, tmp_path)
     assert done.returncode == 1
