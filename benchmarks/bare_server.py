@@ -14,6 +14,7 @@ was done), so a killed benchmark leaves no server behind.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import signal
 import subprocess
@@ -70,13 +71,49 @@ def bare_handler(feature_dim: int, input_shape: tuple[int, int, int], max_batch_
     })
 
 
+def bare_aio_handler(feature_dim: int, input_shape: tuple[int, int, int], max_batch_size: int,
+                     max_message_bytes: int) -> grpc.GenericRpcHandler:
+    """The same service for ``grpc.aio`` (one event loop, no handler threads): what adopting grpc.aio would give."""
+    sync = bare_handler(feature_dim, input_shape, max_batch_size, max_message_bytes)
+    info = sync.service(_Details(f"/{SERVICE}/GetEncoderInfo")).unary_unary(pb.EncoderInfoRequest(), None)
+
+    async def feature(request: pb.FeatureRequest, context) -> pb.FeatureResponse:
+        return zero_features(request, feature_dim)
+
+    async def stream_features(requests, context):
+        async for request in requests:
+            yield zero_features(request, feature_dim)
+
+    async def encoder_info(request: pb.EncoderInfoRequest, context) -> pb.EncoderInfo:
+        return info
+
+    return grpc.method_handlers_generic_handler(SERVICE, {
+        "Feature": grpc.unary_unary_rpc_method_handler(
+            feature, request_deserializer=pb.FeatureRequest.FromString,
+            response_serializer=pb.FeatureResponse.SerializeToString),
+        "StreamFeatures": grpc.stream_stream_rpc_method_handler(
+            stream_features, request_deserializer=pb.FeatureRequest.FromString,
+            response_serializer=pb.FeatureResponse.SerializeToString),
+        "GetEncoderInfo": grpc.unary_unary_rpc_method_handler(
+            encoder_info, request_deserializer=pb.EncoderInfoRequest.FromString,
+            response_serializer=pb.EncoderInfo.SerializeToString),
+    })
+
+
+class _Details(grpc.HandlerCallDetails):
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.invocation_metadata = ()
+
+
 @contextlib.contextmanager
-def bare_server_process(feature_dim: int, input_shape: tuple[int, int, int] = (1, 28, 28), workers: int = 16
-                        ) -> Iterator[tuple[subprocess.Popen, str]]:
-    """A bare server child on a free loopback port; yields (process, "127.0.0.1:PORT") and stops it on exit."""
+def bare_server_process(feature_dim: int, input_shape: tuple[int, int, int] = (1, 28, 28), workers: int = 128,
+                        aio: bool = False) -> Iterator[tuple[subprocess.Popen, str]]:
+    """A bare server child on a free loopback port; yields (process, "127.0.0.1:PORT") and stops it on exit.
+    ``aio``: served by grpc.aio (an event loop) instead of gRPC's thread-pool server."""
     process = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.bare_server", "--feature-dim", str(feature_dim),
-         "--input-shape", ",".join(map(str, input_shape)), "--workers", str(workers)],
+         "--input-shape", ",".join(map(str, input_shape)), "--workers", str(workers), *(["--aio"] if aio else [])],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         line = process.stdout.readline()
@@ -97,13 +134,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--feature-dim", type=int, required=True, help="features per image in each reply")
     parser.add_argument("--input-shape", default="1,28,28", help="C,H,W reported by GetEncoderInfo")
-    parser.add_argument("--workers", type=int, default=16, help="handler threads (the real server's default)")
+    parser.add_argument("--workers", type=int, default=128, help="handler threads (the real server's default)")
     parser.add_argument("--max-message-mb", type=float, default=64.0)
+    parser.add_argument("--aio", action="store_true", help="serve with grpc.aio (an event loop, no handler threads)")
     args = parser.parse_args(argv)
     shape = tuple(int(n) for n in args.input_shape.split(","))
     if len(shape) != 3 or args.feature_dim < 1:
         parser.error("--input-shape needs C,H,W and --feature-dim must be >= 1")
     message_bytes = int(args.max_message_mb * _MIB)
+    if args.aio:
+        asyncio.run(_serve_aio(args.feature_dim, shape, message_bytes))
+        return
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.workers), options=[
         ("grpc.max_receive_message_length", message_bytes), ("grpc.max_send_message_length", -1)])
     server.add_generic_rpc_handlers((bare_handler(args.feature_dim, shape, 4096, message_bytes),))
@@ -115,6 +156,21 @@ def main(argv: list[str] | None = None) -> None:
     print(f"bare-server listening on 127.0.0.1:{port} feature_dim={args.feature_dim}", flush=True)
     stop.wait()
     server.stop(grace=1).wait()
+
+
+async def _serve_aio(feature_dim: int, shape: tuple[int, int, int], message_bytes: int) -> None:
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", message_bytes),
+                                      ("grpc.max_send_message_length", -1)])
+    server.add_generic_rpc_handlers((bare_aio_handler(feature_dim, shape, 4096, message_bytes),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    threading.Thread(target=lambda: (sys.stdin.read(), loop.call_soon_threadsafe(stop.set)), daemon=True).start()
+    print(f"bare-server listening on 127.0.0.1:{port} feature_dim={feature_dim} aio", flush=True)
+    await stop.wait()
+    await server.stop(1)
 
 
 if __name__ == "__main__":

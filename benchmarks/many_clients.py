@@ -66,18 +66,20 @@ def _refusals(outcome: SwarmOutcome) -> str:
     return f"{outcome.refused:,}" + (f" (+ {other})" if other else "")
 
 
-def rows_for(kind: str, local: str, bare: dict, reaas: dict, images: int, args: argparse.Namespace
+def rows_for(kind: str, local: str, bare: dict, aio: dict, reaas: dict, images: int, args: argparse.Namespace
              ) -> list[list[str]]:
-    """Table rows of one encoder: each load with the bare ceiling, the real server and their ratio."""
+    """Table rows of one encoder: each load with the bare ceilings (thread pool and grpc.aio), the real server and
+    their ratios."""
     rows = []
     for key, load in (("raw", f"{args.clients} clients x {images} images, unary, raw stubs"),
                       ("typed", f"{args.clients} clients x {images} images, unary, EncoderClient")):
-        b, r = bare[key].answered_per_second * images, reaas[key].answered_per_second * images
-        rows.append([kind, load, local, f"{b:,.0f}", f"{r:,.0f}", f"{r / b:.3f}",
+        b, a = bare[key].answered_per_second * images, aio[key].answered_per_second * images
+        r = reaas[key].answered_per_second * images
+        rows.append([kind, load, local, f"{b:,.0f}", f"{a:,.0f} ({a / b:.2f})", f"{r:,.0f}", f"{r / b:.3f}",
                      f"{_refusals(bare[key])} / {_refusals(reaas[key])}"])
-    b, r = bare["stream"], reaas["stream"]
+    b, a, r = bare["stream"], aio["stream"], reaas["stream"]
     rows.append([kind, f"1 stream, {args.stream_batches} x {args.stream_batch} images per call", local,
-                 f"{b:,.0f}", f"{r:,.0f}", f"{r / b:.3f}", "-"])
+                 f"{b:,.0f}", f"{a:,.0f} ({a / b:.2f})", f"{r:,.0f}", f"{r / b:.3f}", "-"])
     return rows
 
 
@@ -99,12 +101,14 @@ def main(argv: list[str] | None = None) -> None:
         feature_dim = ServedEncoder.load(None, "cpu", demo_kind=kind).metadata.feature_dim
         with bare_server_process(feature_dim) as (_, address):
             bare = measure_server(address, request, args.images, args)
+        with bare_server_process(feature_dim, aio=True) as (_, address):
+            aio = measure_server(address, request, args.images, args)
         extra = ("--demo-kind", kind, "--log-level", "WARNING", "--bound-cost-budget", "0")
         with background_server(extra_args=extra) as address:
             reaas = measure_server(address, request, args.images, args)
-        rows += rows_for(kind, local, bare, reaas, args.images, args)
-        print(markdown_table(["encoder", "load", "in-process", "bare", "reaas", "reaas / bare", "refusals"],
-                             rows[-3:]), flush=True)
+        rows += rows_for(kind, local, bare, aio, reaas, args.images, args)
+        print(markdown_table(["encoder", "load", "in-process", "bare", "bare aio", "reaas", "reaas / bare",
+                              "refusals"], rows[-3:]), flush=True)
     load_after = load_line()
     shared = max(os.getloadavg()[0], load_at_start) > (os.cpu_count() or 1)
     body = (
@@ -112,10 +116,12 @@ def main(argv: list[str] | None = None) -> None:
         + (shared_cores_note() if shared else "The load stayed below the core count. ")
         + "Every row measures the bare server and `reaas-server` one after the other in the same run under the same "
         "load, so the ratio column is the number to compare across runs.\n\n"
-        "`bare`: `benchmarks.bare_server`, a gRPC Python server (16 handler threads) that parses each FeatureRequest "
-        "and answers zeros of the real reply's size, no encoder, no interceptors, no admission. `reaas`: "
-        "`reaas-server --demo-kind KIND` with its default admission (4 concurrent Feature calls, 4 per key, 16 "
-        f"handler threads). Each load runs {args.seconds:g} s per server. Unary clients: 4 processes, each client "
+        "`bare`: `benchmarks.bare_server`, a gRPC Python server (128 handler threads, the real server's default) "
+        "that parses each FeatureRequest and answers zeros of the real reply's size, no encoder, no interceptors, no "
+        "admission. `bare aio`: the same service on `grpc.aio` (one event loop, no handler threads), in brackets "
+        "its rate over the thread-pool one: what adopting grpc.aio could gain at most. `reaas`: "
+        "`reaas-server --demo-kind KIND` with its default admission (by images, a fair queue; 128 handler "
+        f"threads). Each load runs {args.seconds:g} s per server. Unary clients: 4 processes, each client "
         "on its own channel (raw stubs: its own connection; EncoderClient: gRPC shares one connection per "
         "process among channels of the same target). Raw stubs see every RESOURCE_EXHAUSTED; EncoderClient waits "
         "out the retry hint and re-sends, so its refusals show as fewer answers. Refusals: RESOURCE_EXHAUSTED answers "
@@ -123,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
         "torch's default threads and with one (under a shared load the default can be many times slower: OpenMP "
         "threads wait for a descheduled sibling).\n\n"
         + markdown_table(["encoder", "load", "in-process forward (images/s)", "bare (answered images/s)",
-                          "reaas (answered images/s)", "reaas / bare", "refusals bare / reaas"], rows)
+                          "bare aio (/ bare)", "reaas (answered images/s)", "reaas / bare", "refusals bare / reaas"],
+                         rows)
         + "\n\nWhere the time goes on the real server under the 64-client load: `service_profile.md`.\n"
     )
     path = write_results("many_clients", "Many clients on one replica, against the transport's ceiling", body,

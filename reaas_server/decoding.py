@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.message import DecodeError
 
-from reaas_server.interceptors import PerMethodInterceptor
+from reaas_server.interceptors import PerMethodInterceptor, remember_size
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,11 @@ class UndecodableRequest:
 def _tolerant(deserializer: Callable[[bytes], object], message_type: str) -> Callable[[bytes], object]:
     def deserialize(serialized: bytes) -> object:
         try:
-            return deserializer(serialized)
+            message = deserializer(serialized)
         except DecodeError as error:
             return UndecodableRequest(message_type, str(error), len(serialized))
+        remember_size(message, len(serialized))  # gRPC parses in the thread that then handles the message
+        return message
 
     return deserialize
 

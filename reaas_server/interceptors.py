@@ -88,6 +88,12 @@ def forget_call_state() -> None:
     CALLER_NAMED.set(None)
 
 
+def remember_size(message: object, size: int) -> None:
+    """Record a message's serialized size where it is known for free (the request bytes a deserializer parsed), so
+    ``message_size`` need not walk it: ByteSize() of a 256-image request is tens of microseconds per message."""
+    _RECENT_SIZES.set(((message, size), *_RECENT_SIZES.get()[:1]))
+
+
 def message_size(message: Message) -> int:
     """``message.ByteSize()``, computed once however many interceptors ask for it in a row."""
     recent = _RECENT_SIZES.get()
