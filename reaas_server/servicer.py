@@ -6,9 +6,11 @@ codec). Precise exceptions become gRPC statuses here, at the edge, and only here
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 from collections.abc import Iterator
+from concurrent.futures import Future
 
 import grpc
 import torch
@@ -179,10 +181,15 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
             return self._compute.run(self._embed_response, request, context)
 
     # -- features -----------------------------------------------------------------------------------------
-    def _feature_response(self, request: pb.FeatureRequest, context) -> pb.FeatureResponse:
+    def _shares_a_pass(self, request: pb.FeatureRequest) -> bool:
+        """Only small requests gain from sharing a pass; one of forward_chunk_size images or more is a full pass
+        already, and queueing it would make every small request behind it wait for the whole of it."""
+        return self._batcher is not None and image_count(request) < self._config.forward_chunk_size
+
+    def _feature_parts(self, request: pb.FeatureRequest, context):
+        """(decode, reply, still_wanted) of one request: the tensor work, wherever it runs."""
         field = self._input_field(request)
         reply_dtype = feature_dtype(request.feature_dtype)
-        wanted = lambda: _still_wanted(context)  # noqa: E731
 
         def decode() -> tuple[torch.Tensor]:
             return (self._encoder_inputs(self._decoded_inputs(request, field), field),)
@@ -190,31 +197,41 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
         def reply(features: torch.Tensor) -> pb.FeatureResponse:
             return pb.FeatureResponse(features=encode_tensor(features.to(reply_dtype)))
 
-        # Only small requests gain from sharing a pass; one of forward_chunk_size images or more is a full pass
-        # already, and queueing it would make every small request behind it wait for the whole of it. Either way
-        # the tensor work runs on a lowered-priority thread (compute.py) and this handler thread waits: for a
-        # shared pass the batcher's worker decodes, runs and encodes every waiting request (one hand-off, and
-        # no GIL hand-over among dozens of handler threads at each torch call).
-        size = image_count(request)
-        if self._batcher is not None and size < self._config.forward_chunk_size:
-            response = self._batcher.answer(decode, size, reply, wanted)
-        else:
-            (images,) = decode()
-            features = self._compute.run(self._encoder.features, images, chunk_size=self._config.forward_chunk_size,
-                                         still_wanted=wanted)
-            response = None if features is None else reply(features)
-        if response is None:
-            raise RequestError(grpc.StatusCode.CANCELLED, "the call was cancelled or its deadline passed")
-        return response
+        return decode, reply, lambda: _still_wanted(context)
+
+    def _shared_feature_response(self, request: pb.FeatureRequest, context) -> pb.FeatureResponse:
+        """From a handler thread: the batcher's worker decodes, runs and encodes every waiting request, and this
+        thread only waits (no GIL hand-over among dozens of handler threads at each torch call)."""
+        decode, reply, wanted = self._feature_parts(request, context)
+        return _answered(self._batcher.answer(decode, image_count(request), reply, wanted))
+
+    def _own_feature_response(self, request: pb.FeatureRequest, context) -> pb.FeatureResponse:
+        """On a compute thread (compute.py): decode, forward chunk by chunk, encode."""
+        decode, reply, wanted = self._feature_parts(request, context)
+        (images,) = decode()
+        features = self._encoder.features(images, chunk_size=self._config.forward_chunk_size, still_wanted=wanted)
+        return _answered(None if features is None else reply(features))
 
     def Feature(self, request, context):
         with _status_on_error(context):
-            return self._feature_response(request, context)
+            if self._shares_a_pass(request):
+                return self._shared_feature_response(request, context)
+            return self._compute.run(self._own_feature_response, request, context)
 
     def StreamFeatures(self, request_iterator, context) -> Iterator[pb.FeatureResponse]:
+        """Pipelined: a large message is computed on the compute pool while the next one is received and parsed
+        (replies keep the requests' order), so one stream keeps the transport and the encoder busy at once."""
         with _status_on_error(context):
+            pending: collections.deque[Future] = collections.deque()
             for request in request_iterator:
-                yield self._feature_response(request, context)
+                if self._shares_a_pass(request):
+                    pending.append(_done(self._shared_feature_response, request, context))
+                else:
+                    pending.append(self._compute.submit(self._own_feature_response, request, context))
+                while len(pending) >= STREAM_PIPELINE_DEPTH or (pending and pending[0].done()):
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
 
     # -- image-space radii --------------------------------------------------------------------------------
     def _f2i_response(self, request: pb.F2IPerturbRequest, context) -> pb.F2IPerturbResponse:
@@ -261,6 +278,25 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
         with _status_on_error(context):
             for request in request_iterator:
                 yield self._compute.run(self._f2i_response, request, context)
+
+
+STREAM_PIPELINE_DEPTH = 2  # a stream's messages in work at once: one computed while the next arrives
+
+
+def _answered(response: pb.FeatureResponse | None) -> pb.FeatureResponse:
+    if response is None:
+        raise RequestError(grpc.StatusCode.CANCELLED, "the call was cancelled or its deadline passed")
+    return response
+
+
+def _done(work, /, *args) -> Future:
+    """`work(*args)` run here, as a finished future (its error kept for whoever takes the result)."""
+    future: Future = Future()
+    try:
+        future.set_result(work(*args))
+    except BaseException as error:  # noqa: BLE001 - handed to the consumer of the future
+        future.set_exception(error)
+    return future
 
 
 def _quoted(text: str, limit: int = 64) -> str:

@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from reaas.v1 import encoder_service_pb2 as pb
+from reaas.v1 import encoder_service_pb2_grpc as pb_grpc
 from reaas_client import EncoderClient, encode_tensor
+from reaas_server import ServerConfig, run_server
 
 
 def local_features(demo_encoder, images: torch.Tensor) -> np.ndarray:
@@ -85,3 +88,26 @@ def test_features_may_travel_as_float16_and_never_as_uint8(client, raw_stub, mak
     with pytest.raises(grpc.RpcError) as refused:
         raw_stub.Feature(pb.FeatureRequest(images=encode_tensor(images), feature_dtype=pb.UINT8), timeout=30)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "FLOAT16" in refused.value.details()
+
+
+def test_a_pipelined_stream_keeps_the_order_and_ends_at_a_bad_message(demo_encoder, make_images):
+    """Large messages are computed while the next arrives (two in work): replies keep the requests' order, small
+    and large mixed, and a message that does not decode ends the stream with its status after the good ones."""
+    sizes = [10, 2, 12, 1, 9]  # forward_chunk_size 8: 10, 12 and 9 images run on the compute pool, 2 and 1 batched
+    batches = [make_images(n, seed=n) for n in sizes]
+    requests = [pb.FeatureRequest(images=encode_tensor(b)) for b in batches]
+    bad = pb.FeatureRequest(images=encode_tensor(np.full((3, *batches[0].shape[1:]), 9.0, np.float32)))
+    with run_server(ServerConfig(port=0, forward_chunk_size=8, bound_cost_budget_s=0.0), demo_encoder) as (_, port), \
+            grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        replies = pb_grpc.EncoderServiceStub(channel).StreamFeatures(iter([*requests, bad, requests[0]]), timeout=60)
+        received = []
+        with pytest.raises(grpc.RpcError) as ended:
+            for reply in replies:
+                received.append(reply)
+        assert ended.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [list(r.features.shape) for r in received] == [[n, demo_encoder.metadata.feature_dim] for n in sizes]
+    with torch.inference_mode():
+        for reply, images in zip(received, batches, strict=True):
+            expected = demo_encoder.features(images).numpy()
+            got = np.frombuffer(reply.features.raw_data, dtype=np.float32).reshape(expected.shape)
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
