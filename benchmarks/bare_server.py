@@ -39,13 +39,33 @@ def zero_features(request: pb.FeatureRequest, feature_dim: int) -> pb.FeatureRes
                                                  raw_data=bytes(4 * batch * feature_dim)))
 
 
-def bare_handler(feature_dim: int, input_shape: tuple[int, int, int], max_batch_size: int,
-                 max_message_bytes: int) -> grpc.GenericRpcHandler:
-    """A generic handler for Feature, StreamFeatures and GetEncoderInfo; no validation, no encoder."""
-    info = pb.EncoderInfo(input_shape=list(input_shape), accepted_dtypes=[pb.FLOAT32], value_min=0.0, value_max=1.0,
+def _encoder_info(feature_dim: int, input_shape: tuple[int, int, int], max_batch_size: int,
+                  max_message_bytes: int) -> pb.EncoderInfo:
+    """The few fields ``EncoderClient`` reads."""
+    return pb.EncoderInfo(input_shape=list(input_shape), accepted_dtypes=[pb.FLOAT32], value_min=0.0, value_max=1.0,
                           feature_dim=feature_dim, model_id="bare (no encoder)", mode="seaas",
                           max_batch_size=max_batch_size, max_message_bytes=max_message_bytes, open_access=True,
                           modality="image")
+
+
+def _generic_handler(feature, stream_features, encoder_info) -> grpc.GenericRpcHandler:
+    return grpc.method_handlers_generic_handler(SERVICE, {
+        "Feature": grpc.unary_unary_rpc_method_handler(
+            feature, request_deserializer=pb.FeatureRequest.FromString,
+            response_serializer=pb.FeatureResponse.SerializeToString),
+        "StreamFeatures": grpc.stream_stream_rpc_method_handler(
+            stream_features, request_deserializer=pb.FeatureRequest.FromString,
+            response_serializer=pb.FeatureResponse.SerializeToString),
+        "GetEncoderInfo": grpc.unary_unary_rpc_method_handler(
+            encoder_info, request_deserializer=pb.EncoderInfoRequest.FromString,
+            response_serializer=pb.EncoderInfo.SerializeToString),
+    })
+
+
+def bare_handler(feature_dim: int, input_shape: tuple[int, int, int], max_batch_size: int,
+                 max_message_bytes: int) -> grpc.GenericRpcHandler:
+    """A generic handler for Feature, StreamFeatures and GetEncoderInfo; no validation, no encoder."""
+    info = _encoder_info(feature_dim, input_shape, max_batch_size, max_message_bytes)
 
     def feature(request: pb.FeatureRequest, context: grpc.ServicerContext) -> pb.FeatureResponse:
         return zero_features(request, feature_dim)
@@ -58,24 +78,13 @@ def bare_handler(feature_dim: int, input_shape: tuple[int, int, int], max_batch_
     def encoder_info(request: pb.EncoderInfoRequest, context: grpc.ServicerContext) -> pb.EncoderInfo:
         return info
 
-    return grpc.method_handlers_generic_handler(SERVICE, {
-        "Feature": grpc.unary_unary_rpc_method_handler(
-            feature, request_deserializer=pb.FeatureRequest.FromString,
-            response_serializer=pb.FeatureResponse.SerializeToString),
-        "StreamFeatures": grpc.stream_stream_rpc_method_handler(
-            stream_features, request_deserializer=pb.FeatureRequest.FromString,
-            response_serializer=pb.FeatureResponse.SerializeToString),
-        "GetEncoderInfo": grpc.unary_unary_rpc_method_handler(
-            encoder_info, request_deserializer=pb.EncoderInfoRequest.FromString,
-            response_serializer=pb.EncoderInfo.SerializeToString),
-    })
+    return _generic_handler(feature, stream_features, encoder_info)
 
 
 def bare_aio_handler(feature_dim: int, input_shape: tuple[int, int, int], max_batch_size: int,
                      max_message_bytes: int) -> grpc.GenericRpcHandler:
     """The same service for ``grpc.aio`` (one event loop, no handler threads): what adopting grpc.aio would give."""
-    sync = bare_handler(feature_dim, input_shape, max_batch_size, max_message_bytes)
-    info = sync.service(_Details(f"/{SERVICE}/GetEncoderInfo")).unary_unary(pb.EncoderInfoRequest(), None)
+    info = _encoder_info(feature_dim, input_shape, max_batch_size, max_message_bytes)
 
     async def feature(request: pb.FeatureRequest, context) -> pb.FeatureResponse:
         return zero_features(request, feature_dim)
@@ -87,23 +96,7 @@ def bare_aio_handler(feature_dim: int, input_shape: tuple[int, int, int], max_ba
     async def encoder_info(request: pb.EncoderInfoRequest, context) -> pb.EncoderInfo:
         return info
 
-    return grpc.method_handlers_generic_handler(SERVICE, {
-        "Feature": grpc.unary_unary_rpc_method_handler(
-            feature, request_deserializer=pb.FeatureRequest.FromString,
-            response_serializer=pb.FeatureResponse.SerializeToString),
-        "StreamFeatures": grpc.stream_stream_rpc_method_handler(
-            stream_features, request_deserializer=pb.FeatureRequest.FromString,
-            response_serializer=pb.FeatureResponse.SerializeToString),
-        "GetEncoderInfo": grpc.unary_unary_rpc_method_handler(
-            encoder_info, request_deserializer=pb.EncoderInfoRequest.FromString,
-            response_serializer=pb.EncoderInfo.SerializeToString),
-    })
-
-
-class _Details(grpc.HandlerCallDetails):
-    def __init__(self, method: str) -> None:
-        self.method = method
-        self.invocation_metadata = ()
+    return _generic_handler(feature, stream_features, encoder_info)
 
 
 @contextlib.contextmanager

@@ -240,56 +240,49 @@ def run_f2i(server: BackgroundServer, clients: int, images: int, bound: str, sec
     return _run_phase("f2i", server, outcomes, [client] * clients, stop, seconds, on_stop=give_up, probe_f2i=True)
 
 
+def _feature_caller(channel: grpc.Channel, request: bytes, images: int, kind: str, outcomes: Outcomes,
+                    stop: threading.Event, timeout_s: float) -> None:
+    """Unary Feature calls back to back until `stop`; a refusal is counted, then retried after the server's hint."""
+    feature = channel.unary_unary(_METHOD + "Feature")
+    while not stop.is_set():
+        start = time.perf_counter()
+        try:
+            feature(request, timeout=timeout_s)
+        except grpc.RpcError as error:
+            hint = outcomes.failed(kind, error)
+            stop.wait(hint if hint is not None else 1.0)
+            continue
+        outcomes.ok(kind, time.perf_counter() - start, images)
+
+
 def run_heavy_feature(server: BackgroundServer, clients: int, images: int, seconds: float) -> PhaseResult:
     """`clients` threads of one key (one shared connection: one key in open access) sending `images`-image unary
     Feature calls back to back, beside the light client of the probe (issue 22: its p99 stays <= 250 ms)."""
-    outcomes = Outcomes()
+    outcomes, stop = Outcomes(), threading.Event()
     request = feature_request(images, seed=4)
-    stop = threading.Event()
-    kind = f"heavy key's Feature ({images} images)"
-
     with grpc.insecure_channel(server.address) as channel:
-        feature = channel.unary_unary(_METHOD + "Feature")
-
-        def client() -> None:
-            while not stop.is_set():
-                start = time.perf_counter()
-                try:
-                    feature(request, timeout=300)
-                except grpc.RpcError as error:
-                    hint = outcomes.failed(kind, error)
-                    stop.wait(hint if hint is not None else 1.0)
-                    continue
-                outcomes.ok(kind, time.perf_counter() - start, images)
-
+        client = lambda: _feature_caller(channel, request, images, f"heavy key's Feature ({images} images)",  # noqa: E731
+                                         outcomes, stop, timeout_s=300)
         return _run_phase("heavy key", server, outcomes, [client] * clients, stop, seconds)
 
 
 def run_small_clients(server: BackgroundServer, clients: int, images: int, seconds: float, *,
                       one_key: bool) -> PhaseResult:
     """`clients` clients sending `images`-image unary Feature calls back to back, either as one key (one shared
-    connection) or as `clients` keys (a connection each). Raw calls: a refusal is counted, then retried after the
-    server's hint."""
-    outcomes = Outcomes()
+    connection) or as `clients` keys (a connection each)."""
+    outcomes, stop = Outcomes(), threading.Event()
     request = feature_request(images, seed=5)
-    stop = threading.Event()
     kind = f"{clients} small clients' Feature ({images} images)"
     shared = grpc.insecure_channel(server.address) if one_key else None
 
     def client() -> None:
-        channel = shared or grpc.insecure_channel(server.address, options=[("grpc.use_local_subchannel_pool", 1)])
-        feature = channel.unary_unary(_METHOD + "Feature")
-        while not stop.is_set():
-            start = time.perf_counter()
-            try:
-                feature(request, timeout=60)
-            except grpc.RpcError as error:
-                hint = outcomes.failed(kind, error)
-                stop.wait(hint if hint is not None else 1.0)
-                continue
-            outcomes.ok(kind, time.perf_counter() - start, images)
-        if shared is None:
-            channel.close()
+        own = None if shared else grpc.insecure_channel(server.address,
+                                                          options=[("grpc.use_local_subchannel_pool", 1)])
+        try:
+            _feature_caller(shared or own, request, images, kind, outcomes, stop, timeout_s=60)
+        finally:
+            if own is not None:
+                own.close()
 
     try:
         return _run_phase(f"{clients} small, {'one key' if one_key else f'{clients} keys'}", server, outcomes,

@@ -8,6 +8,7 @@ from concurrent import futures
 
 import grpc
 import numpy as np
+import pytest
 
 from benchmarks.bare_server import SERVICE, bare_server_process
 from benchmarks.client_swarm import swarm
@@ -19,8 +20,9 @@ def _request(batch: int) -> pb.FeatureRequest:
     return pb.FeatureRequest(images=encode_tensor(np.zeros((batch, 1, 28, 28), np.float32)))
 
 
-def test_bare_server_answers_feature_with_real_sized_features() -> None:
-    with bare_server_process(feature_dim=7) as (process, address), grpc.insecure_channel(address) as channel:
+@pytest.mark.parametrize("aio", [False, True], ids=["thread_pool", "grpc_aio"])
+def test_bare_server_answers_feature_with_real_sized_features(aio: bool) -> None:
+    with bare_server_process(feature_dim=7, aio=aio) as (process, address), grpc.insecure_channel(address) as channel:
         call = channel.unary_unary(f"/{SERVICE}/Feature", request_serializer=pb.FeatureRequest.SerializeToString,
                                    response_deserializer=pb.FeatureResponse.FromString)
         reply = call(_request(3), timeout=30)
