@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="hidden layer widths of the mlp or of the lipschitz body (even), comma-separated")
     train.add_argument("--epochs", type=int, default=60, help="training epochs")
     train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    train.add_argument("--augment", type=int, default=0,
+                       help="REaaS paths: also train h on K shifted / elastic copies of each training image "
+                            "(reaas_client.augment), each copy one more Feature query: 1 + K per training input")
     parser.add_argument("--seed", type=int, default=0, help="seed of subsets, training and all noise")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR,
                         help="where training features are cached (keyed by model sha256 + data set)")
@@ -176,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         config = PathConfig(
             path=args.path, sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.alpha, method=args.method,
             bound=args.bound, seed=args.seed, batch_size=args.batch_size, search=search,
-            sample_batch_size=args.sample_batch_size, seaas_wire_dtype=args.seaas_wire_dtype,
+            sample_batch_size=args.sample_batch_size, seaas_wire_dtype=args.seaas_wire_dtype, augment=args.augment,
             train=TrainConfig(hidden=tuple(int(w) for w in args.hidden.split(",") if w), epochs=args.epochs,
                               lr=args.lr, head=heads[0], margin=margins[0], temperature=args.temperature,
                               margin_warmup=args.margin_warmup),
