@@ -95,8 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tightness-targets", type=int, default=3,
                         help="targeted PGD toward this many nearest runner-up classes at each probe (besides the "
                              "untargeted one)")
-    parser.add_argument("--save-dir", default="", help="save each trained h (state dict) here")
+    parser.add_argument("--save-dir", default="", help="save each trained h here (<head>-<eps>.pt)")
+    parser.add_argument("--load-dir", default="",
+                        help="evaluate the heads --save-dir saved there (same flags) instead of training them")
     parser.add_argument("--output", default=str(RESULTS / "heads.md"), help="markdown table written here")
+    parser.add_argument("--append", action="store_true",
+                        help="append a section (command, machine, table) to --output instead of rewriting it")
     args = parser.parse_args(argv)
     train, train_labels, test, test_labels = pca_features()
     attack = AttackConfig(args.tightness_max_radius, args.tightness_search, args.attack_steps, args.attack_restarts,
@@ -111,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.heads.split(","):
         config = parse_head(spec, base)
         started = time.perf_counter()
-        h = train_classifier(train, train_labels, 10, config)
+        stored = f"{spec.replace(':', '-')}.pt"
+        h = (torch.load(Path(args.load_dir) / stored, weights_only=False) if args.load_dir
+             else train_classifier(train, train_labels, 10, config))
         trained = time.perf_counter() - started
         cert = certify_feature_radius(h, test)
         correct = cert.prediction == test_labels
@@ -125,23 +131,27 @@ def main(argv: list[str] | None = None) -> int:
         tight = end_to_end.tightness(h, test_labels, radius, attack) if args.tightness else None
         if args.save_dir:
             Path(args.save_dir).mkdir(parents=True, exist_ok=True)
-            torch.save(h, Path(args.save_dir) / f"{spec.replace(':', '-')}.pt")
-        rows.append(f"| {config.head} | {config.margin:g} | {1 + args.augment} | {correct.float().mean():.3f} | "
+            torch.save(h, Path(args.save_dir) / stored)
+        training = (f"{'-'.join(map(str, config.hidden))}, {config.epochs} ep, tau {config.temperature:g}, ramp "
+                    f"{config.margin_warmup:g}, lr {config.lr:g}, wd {config.weight_decay:g}"
+                    + (f", noise {config.noise_sigma:g}" if config.noise_sigma else ""))
+        rows.append(f"| {config.head} | {config.margin:g} | {training} | {1 + args.augment} | "
+                    f"{correct.float().mean():.3f} | "
                     f"{radius.mean():.3f} | {int((worst < 0).sum())} | " + (
                         f"{tight.mean_attack:.3f} | {tight.ratio:.3f} | {tight.censored} | {tight.violations} | "
-                        if tight else "") + f"{trained:.0f} |")
+                        if tight else "") + ("loaded" if args.load_dir else f"{trained:.0f}") + " |")
         print(rows[-1], flush=True)
     table = "\n".join([
-        "# Downstream heads on PCA-64 features of the embedded digits (1 000 test digits)", "",
         f"`{invoked_command()}`  ", machine_summary(), "",
-        "| head | eps | q/train | clean acc | BC ACR (feature = image radius, L = 1) | PGD flips inside R_F | "
+        "| head | eps | training | q/train | clean acc | BC ACR (feature = image radius, L = 1) | PGD flips inside R_F | "
         + ("end-to-end attack radius (mean) | certified / attack | censored | attack < certified | "
            if args.tightness else "") + "train s |",
-        "|---|---|---|---|---|---|---|" + ("---|---|---|---|" if args.tightness else ""), *rows, ""])
+        "|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if args.tightness else ""), *rows, ""])
     if args.tightness:
         table += f"\nTightness attack: {attack.describe()}, on pixel -> PCA -> h (all test digits).\n"
-    with open(args.output, "w") as handle:
-        handle.write(table)
+    title = "# Downstream heads on PCA-64 features of the embedded digits (1 000 test digits)\n\n"
+    with open(args.output, "a" if args.append else "w") as handle:
+        handle.write(("\n" if args.append else title) + table)
     print(table)
     return 0
 

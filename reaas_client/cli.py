@@ -115,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--head", default="mlp",
                        help="kind of h: mlp (the paper's ReLU MLP, cross-entropy, CROWN-certified), linear (one "
                             "Linear trained with a Lipschitz-margin loss; its feature radius margin/||w_y - w_j|| "
-                            "is exact) or lipschitz (1-Lipschitz AOL + MaxMin body of --hidden widths and a last "
-                            "Linear, same loss; radius margin/(||w_y - w_j|| L_body)). With --select-head, a "
+                            "is exact), lipschitz (1-Lipschitz AOL + MaxMin body of --hidden widths and a last "
+                            "Linear, same loss; radius margin/(||w_y - w_j|| L_body)) or orthogonal (the same with "
+                            "orthogonal layers: a tighter certificate). With --select-head, a "
                             "comma-separated list of kinds to choose from")
     train.add_argument("--margin", default="1",
                        help="eps of the Lipschitz-margin loss, in feature-space units: the radius the linear and "

@@ -214,9 +214,9 @@ def build_mlp(feature_dim: int, num_classes: int, hidden: tuple[int, ...] = (256
 class TrainConfig:
     """How h is trained. `noise_sigma` > 0 adds N(0, sigma^2 I) to each feature vector at every step (any head).
 
-    `head`: "mlp" (the paper's ReLU MLP, cross-entropy), "linear" or "lipschitz" (reaas_client.heads: trained with
-    the distance-unit Lipschitz-margin loss at `margin` eps and `temperature`, both in feature-space units). `hidden`: the MLP's or
-    the lipschitz body's widths (even for lipschitz; ignored by linear). `margin_warmup`: share of the training steps
+    `head`: "mlp" (the paper's ReLU MLP, cross-entropy), "linear", "lipschitz" or "orthogonal" (reaas_client.heads:
+    trained with the distance-unit Lipschitz-margin loss at `margin` eps and `temperature`, both in feature-space
+    units). `hidden`: the MLP's or the 1-Lipschitz body's widths (even there; ignored by linear). `margin_warmup`: share of the training steps
     over which the margin ramps linearly from 0 up to `margin` (0: the full margin from the first step).
     `consistency` > 0 and noise_sigma > 0 (it is a no-op without noise, so one config serves BC and SC): each step sees `consistency_copies` noisy views of every input and adds
     reaas_client.heads.consistency_penalty at that weight (Jeong & Shin 2020's lambda), for SC heads.
@@ -292,7 +292,7 @@ def train_classifier(features: torch.Tensor, labels: torch.Tensor, num_classes: 
             targets = labels[batch].repeat(views).to(device)
             if config.head == "mlp":
                 loss = nn.functional.cross_entropy(logits, targets)
-            else:  # the AOL body is 1-Lipschitz by construction, so L_body = 1 while training
+            else:  # the AOL or orthogonal body is 1-Lipschitz by construction, so L_body = 1 while training
                 margin = config.margin * min(1.0, step / warmup_steps) if warmup_steps > 0 else config.margin
                 loss = lipschitz_margin_loss(logits, targets, model[-1].weight, margin=margin,
                                              temperature=config.temperature)
