@@ -9,9 +9,12 @@ Three head kinds (`HEAD_KINDS`, chosen by `TrainConfig.head`):
   feature_certification).
 * "orthogonal": the same shape with orthogonal Linears (torch's Cayley parametrisation: orthonormal columns, or
   rows where a layer narrows) instead of AOL ones. Both are 1-Lipschitz for any parameters, but AOL's rescaling
-  leaves most singular values below 1, so the body's local constant falls below the L_body = 1 the radius divides
-  by: on PCA-64 digits the AOL head's certificate was 0.88 of the end-to-end PGD radius, an orthogonal body with
-  MaxMin (an isometry wherever it is differentiable) 0.99 (issue 21, benchmarks/results/heads.md).
+  leaves most singular values below 1 where orthogonal layers keep every one at 1. Measured on PCA-64 digits
+  (issue 21, benchmarks/results/heads.md): at widths 512-512 the orthogonal head is more accurate at a larger ACR,
+  and both certify about 0.88 of the end-to-end PGD radius; a square 64-64-64 orthogonal body (an isometry
+  wherever MaxMin is differentiable) certifies 0.99 of it, but is less accurate. What loosens the wide bodies is
+  the 64 -> 512 embedding: w_y - w_j has components outside the body's 64-dimensional local range, which the
+  radius's ||w_y - w_j|| still counts.
 
 Both margin heads train with a Lipschitz-margin loss measured in distance units: for every j != y the certified
 distance to the y/j boundary, d_j = (z_y - z_j) / (||w_y - w_j||_2 · L_body), and the loss
