@@ -168,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     add("--bc-epochs", type=int, default=100, help="REaaS-BC head's training epochs")
     add("--bc-augment", type=int, default=0,
         help="REaaS-BC: K shifted / elastic copies of each training digit (1 + K queries per training digit)")
-    add("--bc-hidden", default="512,512", help="REaaS-BC lipschitz body widths")
+    add("--bc-head", choices=("lipschitz", "orthogonal"), default="lipschitz",
+        help="REaaS-BC head kind (reaas_client.heads: AOL or orthogonal 1-Lipschitz body)")
+    add("--bc-hidden", default="512,512", help="REaaS-BC 1-Lipschitz body widths")
     add("--bc-temperature", type=float, default=TrainConfig.temperature, help="REaaS-BC loss temperature")
     add("--sc-fractions", type=floats, default=(0.05, 0.1, 0.2, 0.4),
         help="REaaS-SC sigma grid, fractions of the feature spread, selected on 200 held-out training features")
@@ -212,12 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     views = pca_views(args.bc_augment, args.seed) if args.bc_augment else None
     bc = train_classifier(*training_rows(features, labels, views), 10,
-                          replace(margin_head, margin=args.bc_margin, epochs=args.bc_epochs, hidden=bc_hidden,
-                                  temperature=args.bc_temperature))
+                          replace(margin_head, head=args.bc_head, margin=args.bc_margin, epochs=args.bc_epochs,
+                                  hidden=bc_hidden, temperature=args.bc_temperature))
     augmented = f", {args.bc_augment} augmented copies per training digit" if args.bc_augment else ""
     log(deterministic_row("REaaS-BC", bc, test_features, test_labels,
                           queries=f"{1 + args.bc_augment} train + 2 test", train_s=time.perf_counter() - started,
-                          note=f"lipschitz {'-'.join(map(str, bc_hidden))}, eps {args.bc_margin:g}, "
+                          note=f"{args.bc_head} {'-'.join(map(str, bc_hidden))}, eps {args.bc_margin:g}, "
                                f"{args.bc_epochs} epochs{augmented}",
                           end_to_end=(nn.Sequential(load_demo_encoder("pca").model.eval(), bc), test),
                           tightness=tightness, **pgd))
