@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="REaaS-SC head candidates, chosen with sigma on held-out training features and trained on noisy "
              "features ('selected': REaaS-BC's chosen kind and margin; '+cr': with consistency regularisation); "
              "SEaaS-SC trains the paper's MLP")
+    add("--augment", type=int, default=0,
+        help="K shifted / elastic copies of each training image for the REaaS heads (reaas_client.augment): 1 + K "
+             "queries per training input, shown in the queries / train input column")
     add("--attack-steps", type=int, default=100, help="PGD steps per probe radius")
     add("--attack-restarts", type=int, default=2, help="PGD restarts per probe radius")
     add("--attack-search", type=int, default=8, help="bisection steps over the attack radius")
@@ -155,7 +158,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         margin_train=margin_heads, margins_in_spread=args.margin_unit == "spread", sc_heads=args.sc_heads, sc_train=replace(base, head="mlp"),
         attack=AttackConfig(args.attack_max_radius, args.attack_search, args.attack_steps, args.attack_restarts,
                             args.seed),
-        bound=args.bound, seed=args.seed)
+        bound=args.bound, seed=args.seed, augment=args.augment)
 
 
 def main(argv: list[str] | None = None) -> int:

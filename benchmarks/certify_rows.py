@@ -103,6 +103,7 @@ class Settings:
     attack: AttackConfig = field(default_factory=AttackConfig)
     bound: str = ""
     seed: int = 0
+    augment: int = 0  # K augmented copies of each training image for the REaaS heads (1 + K queries each)
     cache_dir: Path = Path("runs") / "bench-certify" / "feature_cache"
     log_dir: Path = Path("runs") / "bench-certify"
 
@@ -173,12 +174,13 @@ def _attacked_row(encoder: Encoder, model_id: str, result: PathResult, data: Dat
 
 
 def select_smoothing(features: torch.Tensor, labels: torch.Tensor, num_classes: int, spread: float,
-                     settings: Settings, heads: dict[str, TrainConfig]) -> tuple[str, float, str]:
+                     settings: Settings, heads: dict[str, TrainConfig], views: torch.Tensor | None = None
+                     ) -> tuple[str, float, str]:
     """REaaS-SC's (head, sigma), chosen as a client would (reaas_client.smoothing_selection, as the demo does) over
     the settings' fractions of the feature spread, and the grid as a markdown table."""
     chosen = choose_smoothing(features, labels, num_classes, heads,
                               [f * spread for f in settings.feature_sigma_fractions], holdout=settings.holdout,
-                              n=settings.grid_n, seed=settings.seed)
+                              n=settings.grid_n, seed=settings.seed, views=views)
     rows = [["**yes**" if (s.head, s.sigma) == (chosen.head, chosen.sigma) else "", s.head, f"{s.sigma / spread:g}",
              f"{s.sigma:.4g}", chosen.holdout, chosen.n, f"{s.acr:.4f}", f"{s.accuracy:.3f}"] for s in chosen.scores]
     table = markdown_table(["chosen", "head", "fraction of spread", "sigma (feature units)",
@@ -205,7 +207,7 @@ def reaas_rows(encoder: Encoder, data: Data, settings: Settings, started: float)
         log_progress(f"{encoder.name}: {info.model_id} ({info.description}); Lipschitz <= {info.lipschitz_upper:.4g}",
              started)
         fetched = fetch_features(client, data.train_images, data.train_labels, dataset=data.name,
-                                 cache_dir=settings.cache_dir)
+                                 cache_dir=settings.cache_dir, augment=settings.augment, seed=settings.seed)
         spread = feature_spread(fetched.features)
         heads = settings.search.heads
         if encoder.name in settings.mlp_head_encoders and "mlp" not in heads:
@@ -214,14 +216,14 @@ def reaas_rows(encoder: Encoder, data: Data, settings: Settings, started: float)
         search = replace(settings.search, heads=heads, margins=tuple(m * unit for m in settings.search.margins))
         margin_train = replace(settings.margin_train, temperature=settings.margin_train.temperature * unit)
         bc_count = len(data.test_images) if encoder.name in settings.all_test_encoders else data.test_size
-        common = {"bound": settings.bound, "seed": settings.seed}
+        common = {"bound": settings.bound, "seed": settings.seed, "augment": settings.augment}
         bc = _run(PathConfig("reaas-bc", search=search, train=margin_train, **common), client, data,
                   bc_count, settings, note="head selected on held-out training features")
         # "selected": BC's head (its kind in the rows table); "mlp": the paper's MLP as SEaaS-SC trains it
         candidates = smoothing_candidates(settings.sc_heads, selected=bc.selection.chosen, mlp=settings.sc_train,
                                           margin=margin_train)
         sc_name, sigma, sigma_table = select_smoothing(fetched.features, fetched.labels, data.num_classes, spread,
-                                                       settings, candidates)
+                                                       settings, candidates, fetched.views)
         sc_train = candidates[sc_name]
         log_progress(f"  REaaS-SC {encoder.name}: sigma_F {sigma:.4g} ({sigma / spread:g} x spread)", started)
         sc = _run(PathConfig("reaas-sc", sigma=sigma, n=settings.feature_n, train=sc_train, **common),

@@ -31,14 +31,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from benchmarks.attack_radius import AttackConfig, Tightness, certificate_tightness  # noqa: E402
 from benchmarks.environment import RESULTS, markdown_table, write_results  # noqa: E402
-from benchmarks.heads import pca_features  # noqa: E402
+from benchmarks.heads import pca_features, pca_views  # noqa: E402
 from bounds import certify_feature_radius, pgd_margin_attack  # noqa: E402
-from reaas_client.downstream import TrainConfig, feature_spread, train_classifier  # noqa: E402
+from reaas_client.downstream import TrainConfig, feature_spread, train_classifier, training_rows  # noqa: E402
 from reaas_client.heads import consistency_penalty  # noqa: E402
 from reaas_client.pipelines import SmoothingConfig, certify_features  # noqa: E402
 from reaas_client.smoothing_selection import select_smoothing  # noqa: E402
-from robust_pretrain import load_embedded_mnist  # noqa: E402
+from robust_pretrain import load_demo_encoder, load_embedded_mnist  # noqa: E402
 
 RADII = (0.5, 1.0, 1.5, 2.0, 2.5)
 
@@ -54,12 +55,15 @@ class RivalRow:
     client_s: float
     pgd_flips: str
     note: str
+    tightness: Tightness | None = None
 
     def cells(self) -> list[object]:
         acr = float(torch.where(self.correct, self.radius, 0.0).mean())
         at = [f"{float(((self.radius >= r) & self.correct).float().mean()):.3f}" for r in RADII]
+        tight = (["n/a (smoothed)", "n/a"] if self.tightness is None else
+                 [f"{self.tightness.mean_attack:.3f}", f"{self.tightness.ratio:.3f}"])
         return [self.name, len(self.correct), f"{float(self.correct.float().mean()):.3f}", f"{acr:.3f}", *at,
-                self.queries, f"{self.client_s:.0f}", self.pgd_flips, self.note]
+                self.queries, f"{self.client_s:.0f}", self.pgd_flips, *tight, self.note]
 
 
 def lenet() -> nn.Sequential:
@@ -111,9 +115,13 @@ def smoothed_row(name: str, model: nn.Module, inputs: torch.Tensor, labels: torc
 
 
 def deterministic_row(name: str, model: nn.Sequential, inputs: torch.Tensor, labels: torch.Tensor, *,
-                      queries: str, train_s: float, note: str, steps: int, restarts: int, seed: int) -> RivalRow:
+                      queries: str, train_s: float, note: str, steps: int, restarts: int, seed: int,
+                      end_to_end: tuple[nn.Module, torch.Tensor] | None = None,
+                      tightness: AttackConfig | None = None) -> RivalRow:
     """bounds.certify_feature_radius on `inputs` (L = 1 from input to them) and an l2 PGD at every certified
-    radius, in float64 (float32 rounding can tie a margin proved in exact arithmetic)."""
+    radius, in float64 (float32 rounding can tie a margin proved in exact arithmetic). With `tightness`, the attack
+    radius of the end-to-end model per input (`end_to_end`: (pixels -> prediction model, its pixel inputs); default
+    `model` on `inputs`) and mean certified / mean attack."""
     started = time.perf_counter()
     cert = certify_feature_radius(model, inputs)
     certify_s = time.perf_counter() - started
@@ -124,7 +132,12 @@ def deterministic_row(name: str, model: nn.Sequential, inputs: torch.Tensor, lab
                                  cert.prediction[certified], radius[certified], steps=steps, restarts=restarts,
                                  generator=torch.Generator().manual_seed(seed))
     flips = f"{int((worst < 0).sum())} of {int(certified.sum())}"
-    return RivalRow(name, radius.float(), correct, queries, train_s + certify_s, flips, note)
+    tight = None
+    if tightness is not None:
+        pipeline, pixels = end_to_end or (model, inputs)
+        tight = certificate_tightness(pipeline, pixels, labels, radius, tightness)
+        flips += f"; attack < certified: {tight.violations}; censored: {tight.censored}"
+    return RivalRow(name, radius.float(), correct, queries, train_s + certify_s, flips, note, tight)
 
 
 def plot(rows: list[RivalRow], path) -> None:
@@ -153,6 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     add = parser.add_argument
     add("--bc-margin", type=float, default=4.0, help="REaaS-BC lipschitz head's margin eps (feature units)")
     add("--bc-epochs", type=int, default=100, help="REaaS-BC head's training epochs")
+    add("--bc-augment", type=int, default=0,
+        help="REaaS-BC: K shifted / elastic copies of each training digit (1 + K queries per training digit)")
+    add("--bc-head", choices=("lipschitz", "orthogonal"), default="lipschitz",
+        help="REaaS-BC head kind (reaas_client.heads: AOL or orthogonal 1-Lipschitz body)")
+    add("--bc-hidden", default="512,512", help="REaaS-BC 1-Lipschitz body widths")
+    add("--bc-temperature", type=float, default=TrainConfig.temperature, help="REaaS-BC loss temperature")
     add("--sc-fractions", type=floats, default=(0.05, 0.1, 0.2, 0.4),
         help="REaaS-SC sigma grid, fractions of the feature spread, selected on 200 held-out training features")
     add("--sigmas", type=floats, default=(0.25, 0.5, 1.0), help="Cohen LeNet noise levels (pixels)")
@@ -166,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     add("--pixel-hidden", default="1024,1024", help="widths of the 1-Lipschitz pixel network")
     add("--attack-steps", type=int, default=100, help="PGD steps at each certified radius")
     add("--attack-restarts", type=int, default=5, help="PGD restarts at each certified radius")
+    add("--tightness-max-radius", type=float, default=6.0,
+        help="deterministic rows: the end-to-end attack radius is searched in [0, this] (censored beyond)")
+    add("--tightness-search", type=int, default=9, help="bisection steps of the end-to-end attack radius")
+    add("--tightness-targets", type=int, default=3,
+        help="targeted PGD toward this many nearest runner-up classes at each probe (besides the untargeted one)")
     add("--seed", type=int, default=0, help="seed of training, noise and attacks")
     add("--name", default="rivals", help="results file stem under benchmarks/results/")
     args = parser.parse_args(argv)
@@ -183,12 +207,22 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print("| " + " | ".join(map(str, row.cells())) + " |", flush=True)
 
+    tightness = AttackConfig(args.tightness_max_radius, args.tightness_search, args.attack_steps,
+                             args.attack_restarts, args.seed, targets=args.tightness_targets)
     margin_head = TrainConfig(head="lipschitz", hidden=(512, 512), batch_size=128, seed=args.seed)
+    bc_hidden = tuple(int(w) for w in args.bc_hidden.split(","))
     started = time.perf_counter()
-    bc = train_classifier(features, labels, 10, replace(margin_head, margin=args.bc_margin, epochs=args.bc_epochs))
-    log(deterministic_row("REaaS-BC", bc, test_features, test_labels, queries="1 train + 2 test",
-                          train_s=time.perf_counter() - started, note=f"lipschitz 512-512, eps {args.bc_margin:g}",
-                          **pgd))
+    views = pca_views(args.bc_augment, args.seed) if args.bc_augment else None
+    bc = train_classifier(*training_rows(features, labels, views), 10,
+                          replace(margin_head, head=args.bc_head, margin=args.bc_margin, epochs=args.bc_epochs,
+                                  hidden=bc_hidden, temperature=args.bc_temperature))
+    augmented = f", {args.bc_augment} augmented copies per training digit" if args.bc_augment else ""
+    log(deterministic_row("REaaS-BC", bc, test_features, test_labels,
+                          queries=f"{1 + args.bc_augment} train + 2 test", train_s=time.perf_counter() - started,
+                          note=f"{args.bc_head} {'-'.join(map(str, bc_hidden))}, eps {args.bc_margin:g}, "
+                               f"{args.bc_epochs} epochs{augmented}",
+                          end_to_end=(nn.Sequential(load_demo_encoder("pca").model.eval(), bc), test),
+                          tightness=tightness, **pgd))
 
     started = time.perf_counter()
     spread = feature_spread(features)
@@ -208,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     log(deterministic_row("1-Lipschitz net on pixels", pixel, test, test_labels, queries="0 (no encoder)",
                           train_s=time.perf_counter() - started,
                           note=f"AOL 784-{'-'.join(map(str, hidden))} + MaxMin, eps {args.pixel_margin:g}, "
-                               f"{args.pixel_epochs} epochs", **pgd))
+                               f"{args.pixel_epochs} epochs", tightness=tightness, **pgd))
 
     for sigma in args.sigmas:
         for weight in args.consistency:
@@ -221,14 +255,19 @@ def main(argv: list[str] | None = None) -> int:
                              note=f"{args.lenet_epochs} epochs noise training, N {args.n}"))
 
     headers = ["row", "test digits", "clean acc", "ACR", *[f"CA@{r:g}" for r in RADII], "queries / input",
-               "client compute s", "PGD flips inside R (certified)", "note"]
+               "client compute s", "PGD flips inside R (certified)", "end-to-end attack radius (mean)",
+               "certified / attack (means)", "note"]
     png = RESULTS / f"{args.name}.png"
     plot(rows, png)
     body = ("Same 2 000 training digits and the same test digits in order (smoothing rows: the first "
             f"{args.smooth_test}); radii are l2 in pixel space, wrong or abstained inputs count 0. Client compute: "
             "training plus certification on this machine (REaaS rows exclude the provider's Feature / F2IPerturb "
             "time). PGD: l2, float64, at each certified radius, "
-            f"{args.attack_steps} steps x {args.attack_restarts} restarts.\n\n"
+            f"{args.attack_steps} steps x {args.attack_restarts} restarts. Deterministic rows also carry the "
+            "end-to-end attack radius (pixels -> PCA -> h for REaaS-BC; the network itself on pixels) per test digit, "
+            f"{tightness.describe()}, and mean certified / mean attack radius: the tightness of the certificate "
+            "(1 = nothing left for a tighter bound; an attack radius below a certified one would be a soundness "
+            "bug, counted in the PGD column).\n\n"
             + markdown_table(headers, [row.cells() for row in rows])
             + f"\n\n![certified accuracy vs radius]({png.name})\n")
     print(write_results(args.name, "REaaS against end-to-end rivals on the embedded digits", body,

@@ -115,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--head", default="mlp",
                        help="kind of h: mlp (the paper's ReLU MLP, cross-entropy, CROWN-certified), linear (one "
                             "Linear trained with a Lipschitz-margin loss; its feature radius margin/||w_y - w_j|| "
-                            "is exact) or lipschitz (1-Lipschitz AOL + MaxMin body of --hidden widths and a last "
-                            "Linear, same loss; radius margin/(||w_y - w_j|| L_body)). With --select-head, a "
+                            "is exact), lipschitz (1-Lipschitz AOL + MaxMin body of --hidden widths and a last "
+                            "Linear, same loss; radius margin/(||w_y - w_j|| L_body)) or orthogonal (the same with "
+                            "orthogonal layers: a tighter certificate). With --select-head, a "
                             "comma-separated list of kinds to choose from")
     train.add_argument("--margin", default="1",
                        help="eps of the Lipschitz-margin loss, in feature-space units: the radius the linear and "
@@ -139,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="hidden layer widths of the mlp or of the lipschitz body (even), comma-separated")
     train.add_argument("--epochs", type=int, default=60, help="training epochs")
     train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    train.add_argument("--augment", type=int, default=0,
+                       help="REaaS paths: also train h on K shifted / elastic copies of each training image "
+                            "(reaas_client.augment), each copy one more Feature query: 1 + K per training input")
     parser.add_argument("--seed", type=int, default=0, help="seed of subsets, training and all noise")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR,
                         help="where training features are cached (keyed by model sha256 + data set)")
@@ -176,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         config = PathConfig(
             path=args.path, sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.alpha, method=args.method,
             bound=args.bound, seed=args.seed, batch_size=args.batch_size, search=search,
-            sample_batch_size=args.sample_batch_size, seaas_wire_dtype=args.seaas_wire_dtype,
+            sample_batch_size=args.sample_batch_size, seaas_wire_dtype=args.seaas_wire_dtype, augment=args.augment,
             train=TrainConfig(hidden=tuple(int(w) for w in args.hidden.split(",") if w), epochs=args.epochs,
                               lr=args.lr, head=heads[0], margin=margins[0], temperature=args.temperature,
                               margin_warmup=args.margin_warmup),

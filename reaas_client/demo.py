@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="temperature of the margin heads' distance-unit loss, in --margin-unit (default: the "
                              "data set's, " + ", ".join(f"{name}: {d.temperature:g}" for name, d in DEMO_DEFAULTS.items())
                              + ")")
+    parser.add_argument("--augment", type=int, default=0,
+                        help="K shifted / elastic copies of each training image for the REaaS heads "
+                             "(reaas_client.augment), each one more Feature query: 1 + K per training input (q/train)")
     parser.add_argument("--seed", type=int, default=0, help="seed of subsets, training and noise")
     parser.add_argument("--quiet", action="store_true",
                         help="no progress bars or step lines (bars draw only when stderr is a terminal anyway)")
@@ -220,8 +223,9 @@ def _demo(args: argparse.Namespace) -> int:
         test_idx = stratified_subset(data.test_labels, args.test_size, args.seed)
         seaas_idx = test_idx[: args.seaas_test_size]
         # The REaaS training features (1 query each, cached) also set the feature-space noise scale.
-        train_features = fetch_features(clients["reaas"], train_inputs, train_labels, dataset=args.dataset,
-                                        cache_dir=cache_dir).features
+        fetched = fetch_features(clients["reaas"], train_inputs, train_labels, dataset=args.dataset,
+                                 cache_dir=cache_dir, augment=args.augment, seed=args.seed)
+        train_features = fetched.features
         spread = feature_spread(train_features)
         unit = spread if args.margin_unit == "spread" else 1.0
         search = HeadSearch(heads=tuple(h for h in args.heads.split(",") if h),
@@ -243,7 +247,8 @@ def _demo(args: argparse.Namespace) -> int:
             results.append(result)
             return result
 
-        bc = certify(PathConfig("reaas-bc", bound=args.bound, seed=args.seed, train=margin_config, search=search),
+        bc = certify(PathConfig("reaas-bc", bound=args.bound, seed=args.seed, train=margin_config, search=search,
+                                augment=args.augment),
                      test_idx, "reaas", f"head selected on held-out training features; F2I bound {bound}")
         print(f"REaaS-BC head, selected on held-out training features:\n{bc.selection.table()}", file=sys.stderr)
         # REaaS-SC's head and sigma_F, chosen as bench-certify chooses them (no query, no test input)
@@ -252,12 +257,12 @@ def _demo(args: argparse.Namespace) -> int:
         fractions = [float(f) for f in args.feature_sigma_fractions.split(",") if f]
         sc_choice = select_smoothing(train_features, train_labels, data.num_classes, sc_heads,
                                      [f * spread for f in fractions], holdout=args.holdout, n=args.grid_n,
-                                     seed=args.seed)
+                                     seed=args.seed, views=fetched.views)
         feature_sigma = sc_choice.sigma
         print(f"REaaS-SC head x sigma_F, selected on {args.holdout} held-out training features at N={args.grid_n}:"
               f"\n{sc_choice.table()}", file=sys.stderr)
         certify(PathConfig("reaas-sc", sigma=feature_sigma, n=args.n, bound=args.bound, seed=args.seed,
-                           train=sc_heads[sc_choice.head]),
+                           train=sc_heads[sc_choice.head], augment=args.augment),
                 test_idx, "reaas", f"sigma_F={feature_sigma:.3g} ({feature_sigma / spread:.3g} x spread), N={args.n}; "
                                    f"head and sigma selected on held-out training features; F2I bound {bound}")
         certify(PathConfig("seaas-sc", sigma=args.image_sigma, n=args.seaas_n, seed=args.seed, train=train_config),

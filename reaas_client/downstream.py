@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from reaas_client.augment import augmented_copies
 from reaas_client.heads import (
     HEAD_KINDS,
     build_margin_head,
@@ -39,8 +40,10 @@ class FeatureSet:
     """f(x) of a labelled data set as the service returned it.
 
     `features` [N, feature_dim] float32, `labels` [N] int64. `queries_per_input` is what obtaining these
-    features cost when they were fetched (1 for REaaS training, also when they now come from the cache,
-    in which case `from_cache` is True and this run sent nothing).
+    features cost when they were fetched (1 for REaaS training, 1 + K with K augmented copies; also when they now
+    come from the cache, in which case `from_cache` is True and this run sent nothing). `views` [N, K,
+    feature_dim]: the features of each input's K augmented copies (reaas_client.augment), None without; the rows
+    h trains on are `training_rows(features, labels, views)`.
     """
 
     features: torch.Tensor
@@ -48,6 +51,7 @@ class FeatureSet:
     queries_per_input: float
     from_cache: bool
     cache_path: Path | None
+    views: torch.Tensor | None = None
 
 
 def input_ids(prefix: str, count: int, start: int = 0) -> list[str]:
@@ -93,30 +97,42 @@ def fetch_features(
     copies: int = 1,
     noise_sigma: float = 0.0,
     seed: int = 0,
+    augment: int = 0,
 ) -> FeatureSet:
     """f(x) for every image [N, C, H, W] through StreamFeatures, `copies` queries per image, cached on disk.
 
-    REaaS training: `copies=1, noise_sigma=0` (1 query per training input). SEaaS training: `copies=25`
+    REaaS training: `copies=1, noise_sigma=0` (1 query per training input); `augment=K` also sends K augmented
+    copies of each image (reaas_client.augment.augmented_copies, seeded by `seed`, in the service's value range),
+    1 + K queries per input, all counted against that input: their features come back as `views` [N, K, dim]
+    beside the clean `features` [N, dim]. SEaaS training: `copies=25`
     noisy copies clip(x + e) of each image (seeded by `seed`), features [N * copies, feature_dim] with
     labels repeated. Text: `images` are token ids [N, length]; the clean features come from the ids, and noisy
     copies are of each input's embedding matrix, fetched first through Embed (1 more query per input). The cache key is the served model's sha256 plus the data set's name, content hash and
     the noise settings, so a different encoder or different images never reuse stale features.
     `cache_dir=None` disables the cache.
     """
+    if augment < 0:
+        raise ValueError(f"augment must be >= 0, got {augment}")
+    if augment and (copies > 1 or noise_sigma > 0 or is_token_ids(images)):
+        raise ValueError("augment makes shifted / elastic copies of clean training images; it does not combine "
+                         "with noisy copies or token ids")
     info = client.info()
     noise = "clean" if noise_sigma == 0 and copies == 1 else f"x{copies}-s{noise_sigma:g}-seed{seed}"
+    noise += f"-aug{augment}-seed{seed}" if augment else ""
     key = f"{info.model_sha256[:16]}-{dataset}-{id_prefix}-{_dataset_digest(images)}-{noise}"
     path = None if cache_dir is None else Path(cache_dir) / f"{key}.npz"
     labels = labels.repeat_interleave(copies)
     if path is not None and path.exists():
         cached = np.load(path)
         meta = json.loads(str(cached["meta"]))
-        step(f"{images.shape[0] * copies} {id_prefix} features from the cache ({path.name})")
-        return FeatureSet(torch.from_numpy(cached["features"]), labels, meta["queries_per_input"], True, path)
+        step(f"{images.shape[0] * copies * (1 + augment)} {id_prefix} features from the cache ({path.name})")
+        return _feature_set(torch.from_numpy(cached["features"]), labels, meta["queries_per_input"], True, path,
+                            augment)
     ids = input_ids(id_prefix, images.shape[0])
     before = sum(client.ledger.queries(i) for i in ids)
     generator = torch.Generator().manual_seed(seed)
-    per_request = max(1, info.max_batch_size // copies)
+    sent = copies * (1 + augment)  # images sent per input
+    per_request = max(1, info.max_batch_size // sent)
 
     noisy = noise_sigma > 0 or copies > 1
     sends_ids = is_token_ids(images) and not noisy
@@ -129,12 +145,17 @@ def fetch_features(
             chunk = chunk.repeat_interleave(copies, dim=0)
             if noise_sigma > 0:
                 chunk = noisy_copies(chunk, noise_sigma, generator, (info.value_min, info.value_max))
-            yield chunk.contiguous(), [i for i in ids[start:start + per_request] for _ in range(copies)]
+            if augment:  # each input, then its K copies: [n, 1 + K, ...] flattened input-major
+                moved = augmented_copies(chunk.to(torch.float32), augment, generator,
+                                         value_range=(info.value_min, info.value_max))
+                chunk = torch.cat([chunk.to(torch.float32).unsqueeze(1),
+                                   moved.view(chunk.shape[0], augment, *chunk.shape[1:])], dim=1).flatten(0, 1)
+            yield chunk.contiguous(), [i for i in ids[start:start + per_request] for _ in range(sent)]
 
     streamed = client.stream_features(batches(), inputs="token_ids" if sends_ids else "images")
-    step(f"fetching {images.shape[0] * copies} {id_prefix} features ({copies} per input) ...")
+    step(f"fetching {images.shape[0] * sent} {id_prefix} features ({sent} per input) ...")
     parts = []
-    with bar(desc=f"{id_prefix} features", total=images.shape[0] * copies, unit="input") as fetched:
+    with bar(desc=f"{id_prefix} features", total=images.shape[0] * sent, unit="input") as fetched:
         for part in streamed:
             parts.append(part)
             fetched.update(part.shape[0])
@@ -144,7 +165,31 @@ def fetch_features(
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"model_sha256": info.model_sha256, "dataset": dataset, "queries_per_input": spent}
         np.savez(path, features=features, meta=json.dumps(meta))
-    return FeatureSet(torch.from_numpy(features), labels, spent, False, path)
+    return _feature_set(torch.from_numpy(features), labels, spent, False, path, augment)
+
+
+def _feature_set(rows: torch.Tensor, labels: torch.Tensor, spent: float, from_cache: bool, path: Path | None,
+                 augment: int) -> FeatureSet:
+    """A FeatureSet from the rows in the order they were sent (with `augment` copies: each input, then its
+    copies)."""
+    if not augment:
+        return FeatureSet(rows, labels, spent, from_cache, path)
+    grouped = rows.view(labels.shape[0], 1 + augment, -1)
+    return FeatureSet(grouped[:, 0].contiguous(), labels, spent, from_cache, path, grouped[:, 1:].contiguous())
+
+
+def training_rows(features: torch.Tensor, labels: torch.Tensor, views: torch.Tensor | None = None,
+                  indices: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, labels) h trains on: the clean features [N, dim] of `indices` (all when None), then the features
+    of those inputs' augmented copies, `views` [N, K, dim] (FeatureSet.views), labels repeated. A copy follows the
+    input it was made from, so when `indices` is a fit part, no held-out input's copy leaks into it."""
+    if indices is not None:
+        features, labels = features[indices], labels[indices]
+        views = None if views is None else views[indices]
+    if views is None:
+        return features, labels
+    return (torch.cat([features, views.flatten(0, 1)]),
+            torch.cat([labels, labels.repeat_interleave(views.shape[1])]))
 
 
 def feature_spread(features: torch.Tensor) -> float:
@@ -169,9 +214,9 @@ def build_mlp(feature_dim: int, num_classes: int, hidden: tuple[int, ...] = (256
 class TrainConfig:
     """How h is trained. `noise_sigma` > 0 adds N(0, sigma^2 I) to each feature vector at every step (any head).
 
-    `head`: "mlp" (the paper's ReLU MLP, cross-entropy), "linear" or "lipschitz" (reaas_client.heads: trained with
-    the distance-unit Lipschitz-margin loss at `margin` eps and `temperature`, both in feature-space units). `hidden`: the MLP's or
-    the lipschitz body's widths (even for lipschitz; ignored by linear). `margin_warmup`: share of the training steps
+    `head`: "mlp" (the paper's ReLU MLP, cross-entropy), "linear", "lipschitz" or "orthogonal" (reaas_client.heads:
+    trained with the distance-unit Lipschitz-margin loss at `margin` eps and `temperature`, both in feature-space
+    units). `hidden`: the MLP's or the 1-Lipschitz body's widths (even there; ignored by linear). `margin_warmup`: share of the training steps
     over which the margin ramps linearly from 0 up to `margin` (0: the full margin from the first step).
     `consistency` > 0 and noise_sigma > 0 (it is a no-op without noise, so one config serves BC and SC): each step sees `consistency_copies` noisy views of every input and adds
     reaas_client.heads.consistency_penalty at that weight (Jeong & Shin 2020's lambda), for SC heads.
@@ -247,7 +292,7 @@ def train_classifier(features: torch.Tensor, labels: torch.Tensor, num_classes: 
             targets = labels[batch].repeat(views).to(device)
             if config.head == "mlp":
                 loss = nn.functional.cross_entropy(logits, targets)
-            else:  # the AOL body is 1-Lipschitz by construction, so L_body = 1 while training
+            else:  # the AOL or orthogonal body is 1-Lipschitz by construction, so L_body = 1 while training
                 margin = config.margin * min(1.0, step / warmup_steps) if warmup_steps > 0 else config.margin
                 loss = lipschitz_margin_loss(logits, targets, model[-1].weight, margin=margin,
                                              temperature=config.temperature)

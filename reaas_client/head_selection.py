@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from bounds import certify_feature_radius
-from reaas_client.downstream import TrainConfig, train_classifier
+from reaas_client.downstream import TrainConfig, train_classifier, training_rows
 from reaas_client.heads import MARGIN_HEADS
 from reaas_client.progress import bar
 
@@ -97,9 +97,11 @@ def score_head(model: nn.Module, features: torch.Tensor, labels: torch.Tensor, m
 
 def select_head(train_features: torch.Tensor, train_labels: torch.Tensor, num_classes: int,
                 candidates: Sequence[TrainConfig], *, validation_fraction: float = 0.2, min_accuracy: float = 0.0,
-                method: str = "auto", seed: int = 0) -> HeadSelection:
+                method: str = "auto", seed: int = 0, views: torch.Tensor | None = None) -> HeadSelection:
     """Train each candidate on the fit part of the *training* features [N, dim], score it on the held-out part,
-    and retrain the best on all of them.
+    and retrain the best on all of them. `views` [N, K, dim]: features of augmented copies of each training input
+    (FeatureSet.views); a fit input's copies train with it, a held-out input's are never used (scores are on
+    clean held-out features only).
 
     Best: the highest validation ACR among candidates whose validation accuracy is >= `min_accuracy` and beats
     always answering the validation part's most common class (when none does, the most accurate candidate): a head
@@ -110,12 +112,12 @@ def select_head(train_features: torch.Tensor, train_labels: torch.Tensor, num_cl
     fit, validation = stratified_split(train_labels, validation_fraction, seed)
     scores = []
     for config in bar(candidates, desc="head selection", unit="head"):
-        model = train_classifier(train_features[fit], train_labels[fit], num_classes, config)
+        model = train_classifier(*training_rows(train_features, train_labels, views, fit), num_classes, config)
         scores.append(CandidateScore(config, *score_head(model, train_features[validation],
                                                         train_labels[validation], method)))
     majority = float(torch.bincount(train_labels[validation]).max()) / len(validation)
     eligible = [s for s in scores if s.validation_accuracy >= min_accuracy and s.validation_accuracy > majority]
     best = (max(eligible, key=lambda s: s.validation_acr) if eligible
             else max(scores, key=lambda s: s.validation_accuracy))
-    model = train_classifier(train_features, train_labels, num_classes, best.config)
+    model = train_classifier(*training_rows(train_features, train_labels, views), num_classes, best.config)
     return HeadSelection(best.config, tuple(scores), model, validation)

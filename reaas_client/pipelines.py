@@ -35,6 +35,7 @@ from reaas_client.downstream import (
     fetch_features,
     input_ids,
     is_token_ids,
+    training_rows,
 )
 from reaas_client.downstream import train_classifier as _train_head
 from reaas_client.head_selection import HeadSearch, HeadSelection, select_head
@@ -89,10 +90,13 @@ def train_downstream(
     config: TrainConfig | None = None,
     cache_dir: Path | None = DEFAULT_CACHE_DIR,
     search: HeadSearch | None = None,
+    augment: int = 0,
 ) -> TrainedClassifier:
     """Train h for `path`: reaas-bc on clean features; reaas-sc with N(0, sigma^2) added to the features;
     seaas-sc on the features of 25 noisy copies clip(x + e) per training image (noise in image space,
-    Gaussian data augmentation through the API; epochs divided by 25, see below).
+    Gaussian data augmentation through the API; epochs divided by 25, see below). `augment` K (REaaS paths):
+    h also trains on the features of K shifted / elastic copies of each training image (reaas_client.augment),
+    1 + K queries per training input, with the same epochs (so each epoch is 1 + K times the steps).
 
     `search` (reaas-bc only): select the head kind and margin on held-out training features (no extra query,
     no test input; reaas_client.head_selection) instead of training `config` as it is."""
@@ -100,6 +104,8 @@ def train_downstream(
     if search is not None and path != "reaas-bc":
         raise ValueError("head selection scores BC feature radii; it is offered for reaas-bc only")
     config = config or TrainConfig()
+    if augment and path == "seaas-sc":
+        raise ValueError("augment is for the REaaS paths; seaas-sc already trains on 25 noisy copies per input")
     if path == "seaas-sc":
         fetched = fetch_features(client, images, labels, dataset=dataset, cache_dir=cache_dir,
                                  copies=SEAAS_TRAIN_COPIES, noise_sigma=sigma, seed=config.seed)
@@ -107,17 +113,19 @@ def train_downstream(
         # the pass count is divided by 25 to give h the same number of optimiser steps as on the REaaS paths.
         config = replace(config, noise_sigma=0.0, epochs=max(1, -(-config.epochs // SEAAS_TRAIN_COPIES)))
     else:
-        fetched = fetch_features(client, images, labels, dataset=dataset, cache_dir=cache_dir)
+        fetched = fetch_features(client, images, labels, dataset=dataset, cache_dir=cache_dir, augment=augment,
+                                 seed=config.seed)
         noise = sigma if path == "reaas-sc" else 0.0
         config = replace(config, noise_sigma=noise)
     if search is not None:
         step(f"selecting h among {len(search.candidates(config))} head candidates on held-out training features ...")
         selection = select_head(fetched.features, fetched.labels, num_classes, search.candidates(config),
                                 validation_fraction=search.validation_fraction, min_accuracy=search.min_accuracy,
-                                method=search.method, seed=config.seed)
+                                method=search.method, seed=config.seed, views=fetched.views)
         return TrainedClassifier(selection.model, fetched, fetched.queries_per_input, selection)
-    step(f"training h ({_head_name(config)}, {config.epochs} epochs) on {fetched.features.shape[0]} features ...")
-    model = _train_head(fetched.features, fetched.labels, num_classes, config)
+    rows, row_labels = training_rows(fetched.features, fetched.labels, fetched.views)
+    step(f"training h ({_head_name(config)}, {config.epochs} epochs) on {rows.shape[0]} features ...")
+    model = _train_head(rows, row_labels, num_classes, config)
     return TrainedClassifier(model, fetched, fetched.queries_per_input)
 
 
@@ -279,7 +287,8 @@ class PathConfig:
     classified `sample_batch_size` at a time, so memory stays bounded). `method`: feature-space bound for
     reaas-bc ("crown" or "ibp"). `bound`: the F2IPerturb bound ("" for the server's default). `train`: the
     head (kind, margin, widths); `search`: select the head on held-out training features instead (reaas-bc).
-    `seaas_wire_dtype`: how seaas-sc's noisy test images travel (reaas_client.seaas.WIRE_DTYPES).
+    `seaas_wire_dtype`: how seaas-sc's noisy test images travel (reaas_client.seaas.WIRE_DTYPES). `augment`: K
+    shifted / elastic copies of each training image (REaaS paths; 1 + K training queries per input).
     """
 
     path: str
@@ -295,9 +304,12 @@ class PathConfig:
     search: HeadSearch | None = None
     sample_batch_size: int = 10_000
     seaas_wire_dtype: str = "float32"
+    augment: int = 0
 
     def __post_init__(self) -> None:
         _check_path(self.path)
+        if self.augment < 0 or (self.augment and self.path == "seaas-sc"):
+            raise ValueError(f"augment must be >= 0 and is for the REaaS paths, got {self.augment} for {self.path}")
         if self.seaas_wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"unknown seaas wire dtype {self.seaas_wire_dtype!r}; choose one of "
                              f"{', '.join(WIRE_DTYPES)}")
@@ -331,7 +343,7 @@ def run_path(config: PathConfig, client: EncoderClient, train_images: torch.Tens
         step(f"{name}: training h on {train_images.shape[0]} training inputs ...")
         trained = train_downstream(config.path, client, train_images, train_labels, num_classes, dataset=dataset,
                                    sigma=config.sigma, config=replace(config.train, seed=config.seed),
-                                   cache_dir=cache_dir, search=config.search)
+                                   cache_dir=cache_dir, search=config.search, augment=config.augment)
         step(f"{name}: certifying {test_images.shape[0]} test inputs ...")
     train_wall = time.perf_counter() - started
     started = time.perf_counter()

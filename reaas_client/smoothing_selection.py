@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import torch
 
-from reaas_client.downstream import TrainConfig, stratified_subset, train_classifier
+from reaas_client.downstream import TrainConfig, stratified_subset, train_classifier, training_rows
 from reaas_client.pipelines import SmoothingConfig, certify_features
 
 T = TypeVar("T")
@@ -82,10 +82,11 @@ def better_than_majority(candidates: list[T], accuracy: Callable[[T], float], la
 
 def select_smoothing(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
                      heads: Mapping[str, TrainConfig], sigmas: Sequence[float], *, holdout: int = 200,
-                     n: int = 2_000, seed: int = 0) -> SmoothingSelection:
+                     n: int = 2_000, seed: int = 0, views: torch.Tensor | None = None) -> SmoothingSelection:
     """Train every head of `heads` (name -> config) at every sigma of `sigmas` (feature units) on noisy copies of
-    the training features [N, dim] outside a class-balanced, seeded `holdout`, certify it at N = `n` on the held-out
-    ones, and pick the largest held-out ACR among the candidates better than the majority class."""
+    the training features [N, dim] outside a class-balanced, seeded `holdout` (with their augmented copies' features
+    `views` [N, K, dim] when given), certify it at N = `n` on the held-out ones (clean), and pick the largest
+    held-out ACR among the candidates better than the majority class."""
     if not heads or not sigmas:
         raise ValueError("select_smoothing needs at least one head and one sigma")
     if not 0 < holdout < len(labels):
@@ -95,7 +96,8 @@ def select_smoothing(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     scores = []
     for name, train in heads.items():
         for sigma in sigmas:
-            h = train_classifier(features[fit], labels[fit], num_classes, replace(train, noise_sigma=sigma, seed=seed))
+            h = train_classifier(*training_rows(features, labels, views, fit), num_classes,
+                                 replace(train, noise_sigma=sigma, seed=seed))
             certificates = certify_features(h, features[held], SmoothingConfig(sigma, n=n, seed=seed))
             correct = [c.prediction == int(y) for c, y in zip(certificates, labels[held], strict=True)]
             acr = sum(c.radius for c, ok in zip(certificates, correct, strict=True) if ok) / holdout

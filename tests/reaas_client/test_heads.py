@@ -45,7 +45,7 @@ def test_a_head_at_a_margin_beyond_reach_does_not_collapse_to_one_class() -> Non
     separate the classes rather than merge its rows into one answer."""
     train, labels = blobs(300, 0)
     z, z_labels = blobs(60, 1)
-    for head in ("linear", "lipschitz"):
+    for head in ("linear", "lipschitz", "orthogonal"):
         h = train_classifier(train, labels, 3, TrainConfig(head=head, hidden=(32, 32), margin=6.0, epochs=30,
                                                            lr=1e-2))
         with torch.no_grad():
@@ -90,11 +90,18 @@ def test_linear_head_certificate_is_exact() -> None:
         assert (h(beyond).argmax(dim=1) != cert.prediction).all()
 
 
-def test_lipschitz_head_is_servable_and_its_certificate_survives_pgd() -> None:
+@pytest.mark.parametrize("head", ["lipschitz", "orthogonal"])
+def test_lipschitz_head_is_servable_and_its_certificate_survives_pgd(head: str) -> None:
     train, labels = blobs(300, 0)
-    config = TrainConfig(head="lipschitz", hidden=(32, 32), margin=1.0, epochs=30, lr=1e-2)
+    config = TrainConfig(head=head, hidden=(32, 32), margin=1.0, epochs=30, lr=1e-2)
     h = train_classifier(train, labels, 3, config)
-    assert all(isinstance(m, nn.Linear | MaxMin) for m in h)  # materialised: plain layers bounds/ certifies
+    # materialised: plain layers bounds/ certifies, no parametrisation left behind
+    assert all(type(m) in (nn.Linear, MaxMin) for m in h)
+    body_norms = [float(torch.linalg.matrix_norm(m.weight.detach().double(), 2)) for m in h[:-1] if isinstance(m, nn.Linear)]
+    assert max(body_norms) <= 1 + 1e-5
+    if head == "orthogonal":  # an isometry, not merely 1-Lipschitz: every singular value is 1
+        assert all(float(torch.linalg.svdvals(m.weight.detach().double()).min()) > 1 - 1e-5
+                   for m in h[:-1] if isinstance(m, nn.Linear))
     z, z_labels = blobs(60, 1)
     assert accuracy(h, z, z_labels) > 0.9
     cert = certify_feature_radius(h, z)

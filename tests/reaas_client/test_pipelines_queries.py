@@ -139,3 +139,27 @@ def test_head_selection_costs_no_extra_query_and_its_lipschitz_head_certifies(re
     assert all(dict(r.queries) == {"Feature": 1, "F2IPerturb": 1} for r in records)
     with pytest.raises(ValueError, match="reaas-bc only"):
         PathConfig("reaas-sc", search=search)
+
+
+def test_augmented_training_costs_one_plus_k_queries_per_input(reaas_address, data, tmp_path) -> None:
+    train_images, train_labels, _, _ = data
+    copies = 2
+    with EncoderClient(reaas_address) as client:
+        before = client.usage().total_queries
+        trained = train_downstream("reaas-bc", client, train_images, train_labels, CLASSES, dataset="toy",
+                                   config=TrainConfig(hidden=(16,), epochs=2), cache_dir=tmp_path, augment=copies)
+        assert [client.ledger.queries(i) for i in input_ids("train", TRAIN)] == [1 + copies] * TRAIN
+        assert client.usage().total_queries - before == (1 + copies) * TRAIN  # the server billed the same
+        clean = torch.from_numpy(client.features(train_images))
+        cached = fetch_features(client, train_images, train_labels, dataset="toy", cache_dir=tmp_path,
+                                augment=copies)
+        assert client.usage().total_queries - before == (2 + copies) * TRAIN  # + the clean call; the cache sent 0
+    fetched = trained.features
+    assert trained.queries_per_input == 1 + copies and cached.from_cache and cached.queries_per_input == 1 + copies
+    assert fetched.features.shape == clean.shape and fetched.views.shape == (TRAIN, copies, clean.shape[1])
+    # each input's own clean features come first, then its copies (ordering bug: mismatched rows)
+    assert torch.allclose(fetched.features, clean, atol=1e-5)
+    assert (fetched.views - clean.unsqueeze(1)).norm(dim=-1).min() > 1e-3
+    assert torch.equal(cached.views, fetched.views)
+    with pytest.raises(ValueError, match="REaaS paths"):
+        PathConfig("seaas-sc", augment=1)
