@@ -159,10 +159,8 @@ def start_server(config: ServerConfig, encoder: ServedEncoder | None = None, *,
     bound_costs = ()
     if config.mode == "reaas":
         bound_costs = encoder.measure_bound_costs(bounds.BOUNDS_OFFERED, budget_s=config.bound_cost_budget_s)
-    # one compute thread per call admission may hold, and one more per stream (whose messages are pipelined two
-    # deep; servicer.py), made as needed: an admitted call never queues for one
-    compute = BackgroundCompute(threads=config.admission_limits.max_held_calls + config.max_feature_streams,
-                                torch_threads=torch_threads)
+    # one compute thread per call admission may hold (made as needed): an admitted call never queues for one
+    compute = BackgroundCompute(threads=config.admission_limits.max_held_calls, torch_threads=torch_threads)
     # Feature handlers submit here themselves (servicer.py): the pass runs on the batcher's lowered worker
     batcher = None if config.batch_max_images == 0 else ForwardBatcher(
         lambda images, wanted: encoder.features(images, chunk_size=config.forward_chunk_size, still_wanted=wanted),

@@ -6,11 +6,9 @@ codec). Precise exceptions become gRPC statuses here, at the edge, and only here
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 from collections.abc import Iterator
-from concurrent.futures import Future
 
 import grpc
 import torch
@@ -212,26 +210,21 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
         features = self._encoder.features(images, chunk_size=self._config.forward_chunk_size, still_wanted=wanted)
         return _answered(None if features is None else reply(features))
 
+    def _feature_response(self, request: pb.FeatureRequest, context) -> pb.FeatureResponse:
+        if self._shares_a_pass(request):
+            return self._shared_feature_response(request, context)
+        return self._compute.run(self._own_feature_response, request, context)
+
     def Feature(self, request, context):
         with _status_on_error(context):
-            if self._shares_a_pass(request):
-                return self._shared_feature_response(request, context)
-            return self._compute.run(self._own_feature_response, request, context)
+            return self._feature_response(request, context)
 
     def StreamFeatures(self, request_iterator, context) -> Iterator[pb.FeatureResponse]:
-        """Pipelined: a large message is computed on the compute pool while the next one is received and parsed
-        (replies keep the requests' order), so one stream keeps the transport and the encoder busy at once."""
+        # (Pipelining a stream two deep — computing one message while the next arrives — measured no gain on 2
+        # cores: 91-94k against 81-95k images/s for 16 x 256-image streams, so the loop stays sequential.)
         with _status_on_error(context):
-            pending: collections.deque[Future] = collections.deque()
             for request in request_iterator:
-                if self._shares_a_pass(request):
-                    pending.append(_done(self._shared_feature_response, request, context))
-                else:
-                    pending.append(self._compute.submit(self._own_feature_response, request, context))
-                while len(pending) >= STREAM_PIPELINE_DEPTH or (pending and pending[0].done()):
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
+                yield self._feature_response(request, context)
 
     # -- image-space radii --------------------------------------------------------------------------------
     def _f2i_response(self, request: pb.F2IPerturbRequest, context) -> pb.F2IPerturbResponse:
@@ -280,23 +273,10 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
                 yield self._compute.run(self._f2i_response, request, context)
 
 
-STREAM_PIPELINE_DEPTH = 2  # a stream's messages in work at once: one computed while the next arrives
-
-
 def _answered(response: pb.FeatureResponse | None) -> pb.FeatureResponse:
     if response is None:
         raise RequestError(grpc.StatusCode.CANCELLED, "the call was cancelled or its deadline passed")
     return response
-
-
-def _done(work, /, *args) -> Future:
-    """`work(*args)` run here, as a finished future (its error kept for whoever takes the result)."""
-    future: Future = Future()
-    try:
-        future.set_result(work(*args))
-    except BaseException as error:  # noqa: BLE001 - handed to the consumer of the future
-        future.set_exception(error)
-    return future
 
 
 def _quoted(text: str, limit: int = 64) -> str:

@@ -90,9 +90,9 @@ def test_features_may_travel_as_float16_and_never_as_uint8(client, raw_stub, mak
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "FLOAT16" in refused.value.details()
 
 
-def test_a_pipelined_stream_keeps_the_order_and_ends_at_a_bad_message(demo_encoder, make_images):
-    """Large messages are computed while the next arrives (two in work): replies keep the requests' order, small
-    and large mixed, and a message that does not decode ends the stream with its status after the good ones."""
+def test_a_stream_keeps_the_order_and_ends_at_a_bad_message(demo_encoder, make_images):
+    """Replies keep the requests' order, batched small messages and large ones on the compute pool mixed, and a
+    message that does not decode ends the stream with its status after the good ones."""
     sizes = [10, 2, 12, 1, 9]  # forward_chunk_size 8: 10, 12 and 9 images run on the compute pool, 2 and 1 batched
     batches = [make_images(n, seed=n) for n in sizes]
     requests = [pb.FeatureRequest(images=encode_tensor(b)) for b in batches]
