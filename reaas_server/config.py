@@ -54,7 +54,7 @@ class ServerConfig:
     # most image data the pool holds. Measured (bench-load, non-robust CNN): one key's 8 x 4 096-image calls all
     # held, none refused, beside another key's 4-image calls at p99 69 ms, peak RSS 1.62x idle
     max_feature_images: int = 12288
-    max_feature_streams: int = 8  # StreamFeatures calls (a key: 3/4 of them)
+    max_feature_streams: int = 4  # StreamFeatures calls (a key: 3/4 of them); 8 made bench-load peak RSS 2.17x idle
     max_f2i_calls: int = 4  # F2IPerturb and StreamF2IPerturb calls (a key: all, but others are admitted first)
     max_calls_per_key: int = 32  # running calls of one key, all pools (reaas-keys may set a key's own); more wait
     reserved_workers: int = 8
