@@ -217,9 +217,9 @@ class Admission:
                 raise self._unavailable(pool)
             if self._held >= self.limits.max_held_calls:
                 raise self._busy(pool, f"server busy: {self._held} calls are running or queued, its limit")
-            if self._held_by_key[key] >= self.limits.held_calls_per_key:
-                raise self._busy(pool, f"this API key has {self._held_by_key[key]} calls running or queued, its "
-                                       "share of the queue; wait for some to finish")
+            if (holding := self._held_by_key.get(key, 0)) >= self.limits.held_calls_per_key:
+                raise self._busy(pool, f"this API key has {holding} calls running or queued, its share of the "
+                                       "queue; wait for some to finish")
             self._held += 1
             self._held_by_key[key] += 1
             state = self._pools[pool]

@@ -138,6 +138,8 @@ def test_the_queue_is_bounded_and_a_refusal_carries_the_reason_and_a_retry_hint(
         admission.admit("feature", "carol", units=1)  # nothing more may be held, whatever the pool
     assert "server busy" in refused.value.message and refused.value.retry_after_s is not None
     assert all(w.result is None for w in waiters)
+    assert "carol" not in admission._held_by_key  # noqa: SLF001 - a refused caller leaves no trace (open access
+    # makes a key of every connection: remembering refused ones would grow without bound)
 
 
 def test_a_waiting_call_leaves_the_queue_when_its_client_gives_up_or_its_wait_runs_out():
