@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 import grpc
 from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from reaas.v1 import encoder_service_pb2 as pb
 from reaas_server.access_log import ACCESS_LOG, access_line, key_label
@@ -49,20 +49,28 @@ LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.
 SEARCH_STEP_BUCKETS = (0, 1, 2, 4, 6, 8, 12, 16, 20, 25, 30, 40)
 
 
-class _AdmissionRefusals:
-    """reaas_admission_refusals_total{pool}: read from the Admission's own tally when scraped."""
+class _AdmissionState:
+    """reaas_admission_refusals_total{pool}, reaas_admission_waiting{pool} (calls in each pool's queue) and
+    reaas_admission_in_use{pool} (images or calls running): read from the Admission itself when scraped."""
 
     def __init__(self, admission: Admission) -> None:
         self._admission = admission
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        family = CounterMetricFamily("reaas_admission_refusals",
-                                     "Calls admission refused (busy pool, per-key limit, draining), by pool",
-                                     labels=["pool"])
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        pools = sorted(set(POOL_OF_RPC.values()))
+        refused = CounterMetricFamily("reaas_admission_refusals",
+                                      "Calls admission refused (queue full, a key's share used, waited too long, "
+                                      "draining), by pool", labels=["pool"])
+        waiting = GaugeMetricFamily("reaas_admission_waiting", "Calls waiting in each pool's queue", labels=["pool"])
+        in_use = GaugeMetricFamily("reaas_admission_in_use",
+                                   "Units running in each pool: images (feature), calls (feature_stream, f2i)",
+                                   labels=["pool"])
         refusals = dict(self._admission.refusals)
-        for pool in sorted(set(POOL_OF_RPC.values())):
-            family.add_metric([pool], refusals.get(pool, 0))
-        yield family
+        for pool in pools:
+            refused.add_metric([pool], refusals.get(pool, 0))
+            waiting.add_metric([pool], self._admission.waiting(pool))
+            in_use.add_metric([pool], self._admission.in_use(pool))
+        yield from (refused, waiting, in_use)
 
 
 class _RpcSeries:
@@ -105,7 +113,7 @@ class ServerMetrics:
                                       "F2I binary-search steps per answered image, by the bound that decided it",
                                       ["bound"], buckets=SEARCH_STEP_BUCKETS, registry=r)
         if admission is not None:
-            r.register(_AdmissionRefusals(admission))
+            r.register(_AdmissionState(admission))
         self._series: dict[str, _RpcSeries] = {}
         self._series_lock = threading.Lock()
         self._http = None

@@ -91,6 +91,8 @@ def test_every_call_counted_with_the_status_its_client_got(auth, running, channe
     assert ("reaas_rpc_calls_total", frozenset({"rpc": "StreamF2IPerturb", "code": "OK"}.items())) in before
     assert ("reaas_rpc_queries_total", frozenset({"rpc": "Feature"}.items())) in before
     assert sample(before, "reaas_admission_refusals_total", pool="f2i") == 0
+    assert ("reaas_admission_waiting", frozenset({"pool": "feature"}.items())) in before
+    assert ("reaas_admission_in_use", frozenset({"pool": "f2i"}.items())) in before
     stub = pb_grpc.EncoderServiceStub(channel)
     answered = feature_request(make_images, 5)
     reply = stub.Feature(answered, metadata=auth)
