@@ -91,6 +91,10 @@ class ServerMetrics:
 
     def __init__(self, admission: Admission | None = None) -> None:
         self.registry = r = CollectorRegistry()
+        # registered first, so a scrape reads it before every other family: a call ends by recording its counts and
+        # then leaving in_flight, so a scrape that sees it gone sees all it recorded (registered later, a scrape
+        # could read calls_total before the call's end and in_flight after it: seen once under 2 OpenMP threads)
+        self.in_flight = Gauge("reaas_rpc_in_flight", "Calls being handled now", ["rpc"], registry=r)
         self.calls = Counter("reaas_rpc_calls", "Calls ended, by RPC and the status code the client got",
                              ["rpc", "code"], registry=r)
         self.queries = Counter("reaas_rpc_queries",
@@ -108,7 +112,6 @@ class ServerMetrics:
         self.latency = Histogram("reaas_rpc_latency_seconds",
                                  "Seconds from the handler's start to the call's status (a stream: its whole life)",
                                  ["rpc"], buckets=LATENCY_BUCKETS_S, registry=r)
-        self.in_flight = Gauge("reaas_rpc_in_flight", "Calls being handled now", ["rpc"], registry=r)
         self.search_steps = Histogram("reaas_f2i_search_steps",
                                       "F2I binary-search steps per answered image, by the bound that decided it",
                                       ["bound"], buckets=SEARCH_STEP_BUCKETS, registry=r)

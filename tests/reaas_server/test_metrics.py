@@ -229,3 +229,12 @@ def test_no_metrics_http_server_unless_asked(demo_encoder):
         assert server.metrics.http_port is None
     finally:
         server.stop(grace_s=0)
+
+
+def test_a_scrape_reads_in_flight_before_what_calls_record():
+    """A call records its counts, then leaves in_flight: read in that order's reverse, a scrape that sees a call
+    gone has seen everything it recorded (the cancelled-stream test above waits on that)."""
+    from reaas_server.metrics import ServerMetrics
+
+    names = [family.name for family in ServerMetrics().registry.collect()]
+    assert names[0] == "reaas_rpc_in_flight" and "reaas_rpc_calls" in names[1:]
