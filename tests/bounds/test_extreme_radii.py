@@ -43,12 +43,17 @@ def test_tiny_feature_radii_are_never_over_certified(encoder_name, bound):
         assert bool((distance < feature_radius).all()), (encoder_name, bound, feature_radius, distance / feature_radius)
 
 
-@pytest.mark.parametrize("encoder_name", ["toy", "random_maxmin"])
-def test_every_bound_answers_the_closed_form_below_the_floor(encoder_name):
+def _model_images_lipschitz(encoder_name: str, seed: int):
+    """A test encoder, two seeded images and its global Lipschitz upper bound."""
     build, shape = ALL_ENCODERS[encoder_name]
     model = build(0).eval()
-    images = torch.rand(2, *shape, generator=torch.Generator().manual_seed(2))
-    lipschitz = global_lipschitz_upper(model, shape)
+    images = torch.rand(2, *shape, generator=torch.Generator().manual_seed(seed))
+    return model, images, global_lipschitz_upper(model, shape)
+
+
+@pytest.mark.parametrize("encoder_name", ["toy", "random_maxmin"])
+def test_every_bound_answers_the_closed_form_below_the_floor(encoder_name):
+    model, images, lipschitz = _model_images_lipschitz(encoder_name, seed=2)
     radii = torch.full((2,), LOCAL_BOUND_FLOOR / 10)  # below LOCAL_BOUND_FLOOR·(1 + ||f(x)||) whatever f(x)
     for bound in BOUNDS_OFFERED:
         result = f2i_radius(model, images, radii, bound=bound, lipschitz_upper=lipschitz)
@@ -69,10 +74,7 @@ def test_radii_below_the_smallest_normal_range_certify_nothing():
 @pytest.mark.parametrize("encoder_name", ["mnist_cnn", "random_maxmin"])
 def test_every_bound_is_total_at_huge_feature_radii(encoder_name):
     """R_F = 1e308 once ended in a failed eigendecomposition (INTERNAL): above the ceiling the closed form answers."""
-    build, shape = ALL_ENCODERS[encoder_name]
-    model = build(0).eval()
-    images = torch.rand(2, *shape, generator=torch.Generator().manual_seed(3))
-    lipschitz = global_lipschitz_upper(model, shape)
+    model, images, lipschitz = _model_images_lipschitz(encoder_name, seed=3)
     radii = torch.tensor([1e308, lipschitz * LOCAL_BOUND_CEILING * (2 + images[1].norm().item())], dtype=torch.float64)
     for bound in BOUNDS_OFFERED:
         result = f2i_radius(model, images, radii, bound=bound, lipschitz_upper=lipschitz)
