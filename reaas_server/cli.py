@@ -23,7 +23,7 @@ from reaas_client.command_line import (
 from reaas_server.app import BindError, start_server
 from reaas_server.config import MODES, ServerConfig
 from reaas_server.keys_cli import LEDGER_ENVIRONMENT, ledger_argument
-from reaas_server.ledger import MEMORY_LEDGER, default_ledger_path
+from reaas_server.ledger import MEMORY_LEDGER, default_ledger_path, is_postgres
 from reaas_server.memory import limit_heap_growth
 from reaas_server.tls import ServerTls
 from robust_pretrain.checkpoint import CheckpointError
@@ -84,9 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--ledger",
         type=ledger_argument,
         default=str(default_ledger_path()),
-        help="SQLite file of API keys (hashed) and the usage ledger, kept across restarts; manage keys with "
-        "reaas-keys. With no active key every caller is billed as 'anonymous' (open access). ':memory:' keeps "
-        "it in memory, lost at exit (default: $REAAS_LEDGER, else %(default)s)",
+        help="API keys (hashed), the usage ledger and the quota counts, kept across restarts: a SQLite file, or a "
+        "postgresql://USER:PASSWORD@HOST:PORT/DB URL that every replica shares (quotas then hold across them); "
+        "manage keys with reaas-keys. With no active key every caller is billed as 'anonymous' (open access). "
+        "':memory:' keeps it in memory, lost at exit (default: $REAAS_LEDGER, else %(default)s)",
     )
     tls = parser.add_argument_group(
         "TLS",
@@ -227,7 +228,8 @@ def config_from(parser: argparse.ArgumentParser, argv: list[str] | None) -> tupl
             demo_kind=args.demo_kind,
             max_batch_size=args.max_batch_size,
             max_message_bytes=int(args.max_message_mb * 2**20),
-            ledger_path=None if args.ledger == MEMORY_LEDGER else Path(args.ledger),
+            ledger_path=(None if args.ledger == MEMORY_LEDGER
+                         else args.ledger if is_postgres(args.ledger) else Path(args.ledger)),
             default_bound=args.default_bound,
             f2i_memory_budget_bytes=int(args.f2i_memory_budget_mb * 2**20),
             forward_chunk_size=args.forward_chunk_size,

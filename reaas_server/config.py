@@ -31,8 +31,9 @@ class ServerConfig:
     demo_kind: str | None = None  # None: robust_pretrain.DEFAULT_DEMO_KIND; ignored when `checkpoint` is set
     max_batch_size: int = 4096  # images per request
     max_message_bytes: int = 64 * 1024 * 1024
-    # the SQLite usage ledger and API keys (ledger.py); None keeps them in memory, lost at exit (tests, embedding)
-    ledger_path: Path | None = None
+    # API keys, usage and quota counts (ledger.py): a SQLite file, or a postgresql:// URL (str) replicas share;
+    # None keeps them in memory, lost at exit (tests, embedding)
+    ledger_path: Path | str | None = None
     default_bound: str | None = None  # None: bounds.DEFAULT_BOUND
     # caps the bound computations' working set, shared by the admitted F2I calls (each gets its share)
     f2i_memory_budget_bytes: int = 256 * 1024**2

@@ -14,8 +14,8 @@ import grpc
 from google.protobuf.message import Message
 
 from reaas_client.retry import RETRY_PUSHBACK_HEADER
-from reaas_server.ledger import ANONYMOUS, ApiKey, UsageLedger
-from reaas_server.quotas import QuotaBook, QuotaExceeded
+from reaas_server.ledger import ANONYMOUS, ApiKey, LedgerUnavailable, QuotaExceeded, QuotaHold, SqlLedger
+from reaas_server.quotas import QuotaBook
 from reaas_server.validation import RequestError
 
 SERVICE_PREFIX = "/reaas.v1.EncoderService/"
@@ -139,6 +139,14 @@ CALLER_NAMED: contextvars.ContextVar[Callable[[str], None] | None] = contextvars
                                                                                            default=None)
 
 
+def quota_refusal(exceeded: QuotaExceeded, context: grpc.ServicerContext) -> RequestError:
+    """RESOURCE_EXHAUSTED with the quota's message; with a retry hint only when waiting can help (a request
+    larger than the whole quota gets none, so no client retries it until its deadline)."""
+    if exceeded.retry_after_ms is not None:
+        context.set_trailing_metadata(((RETRY_PUSHBACK_HEADER, str(exceeded.retry_after_ms)),))
+    return RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, exceeded.message)
+
+
 class AccountInterceptor(PerMethodInterceptor):
     """Who pays for an EncoderService call, and the bill: authentication, quota, and one ledger row per answer.
 
@@ -148,13 +156,16 @@ class AccountInterceptor(PerMethodInterceptor):
     the ledger *before* its reply is handed to gRPC; a request refused, failed or abandoned costs nothing.
     """
 
-    def __init__(self, ledger: UsageLedger, quotas: QuotaBook) -> None:
+    def __init__(self, ledger: SqlLedger, quotas: QuotaBook) -> None:
         super().__init__()
         self._ledger = ledger
         self._quotas = quotas
 
     def _caller(self, context: grpc.ServicerContext) -> Caller:
-        caller = self._authenticate(context)
+        try:
+            caller = self._authenticate(context)
+        except LedgerUnavailable as error:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
         if (named := CALLER_NAMED.get()) is not None:
             named(caller.name)
         return caller
@@ -172,12 +183,13 @@ class AccountInterceptor(PerMethodInterceptor):
             )
         return Caller(key.name, key)
 
-    def _reserve(self, caller: Caller, request: Message, context: grpc.ServicerContext) -> Callable[[bool], None]:
+    def _reserve(self, caller: Caller, request: Message, context: grpc.ServicerContext) -> QuotaHold | None:
         try:
             return self._quotas.reserve(caller.key, image_count(request))
         except QuotaExceeded as exceeded:
-            context.set_trailing_metadata(((RETRY_PUSHBACK_HEADER, str(exceeded.retry_after_ms)),))
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, exceeded.message) from None
+            raise quota_refusal(exceeded, context) from None
+        except LedgerUnavailable as error:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(error)) from None
 
     def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         rpc = rpc_name(method)
@@ -185,37 +197,42 @@ class AccountInterceptor(PerMethodInterceptor):
             return handler
         ledger = self._ledger
 
-        def charge(caller: Caller, request: Message, response: Message) -> None:
-            ledger.charge(caller.name, rpc, queries=image_count(request), request_bytes=message_size(request),
-                          response_bytes=message_size(response))
+        def charge(caller: Caller, request: Message, response: Message, hold: QuotaHold | None,
+                   context: grpc.ServicerContext) -> None:
+            try:
+                ledger.charge(caller.name, rpc, queries=image_count(request), request_bytes=message_size(request),
+                              response_bytes=message_size(response), hold=hold)
+            except QuotaExceeded as exceeded:  # the call outlived its hold and the quota was used meanwhile
+                raise quota_refusal(exceeded, context) from None
+            except LedgerUnavailable as error:
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, str(error)) from None
 
         def billed_unary(behavior):
             def billed(request, context):
                 caller = self._caller(context)
                 CURRENT_CALLER.set(caller)
+                hold, answered = None, False
                 try:
                     try:
-                        settle = self._reserve(caller, request, context)
-                    except RequestError as error:
-                        context.abort(error.code, error.message)
-                    answered = False
-                    try:
+                        hold = self._reserve(caller, request, context)
                         response = behavior(request, context)
                         if context.is_active():  # a reply nobody waits for is not billed
-                            charge(caller, request, response)
+                            charge(caller, request, response, hold, context)
                             answered = True
-                        return response
-                    finally:
-                        settle(answered)
+                    except RequestError as error:
+                        context.abort(error.code, error.message)
+                    return response
                 finally:
                     CURRENT_CALLER.set(None)
+                    if not answered:
+                        self._quotas.release(hold)
 
             return billed
 
         def billed_stream(behavior):
             def billed(request_iterator: Iterator[Message], context) -> Iterator[Message]:
                 caller = self._caller(context)
-                pending: collections.deque[tuple[Message, Callable[[bool], None]]] = collections.deque()
+                pending: collections.deque[tuple[Message, QuotaHold | None]] = collections.deque()
 
                 def reserved() -> Iterator[Message]:
                     for request in request_iterator:
@@ -226,14 +243,17 @@ class AccountInterceptor(PerMethodInterceptor):
                 CURRENT_CALLER.set(caller)
                 try:
                     for response in behavior(reserved(), context):
-                        request, settle = pending.popleft()
-                        charge(caller, request, response)
-                        settle(True)
+                        request, hold = pending[0]
+                        try:
+                            charge(caller, request, response, hold, context)
+                        except RequestError as error:
+                            context.abort(error.code, error.message)
+                        pending.popleft()
                         yield response
                 finally:
                     CURRENT_CALLER.set(None)
-                    for _, settle in pending:
-                        settle(False)
+                    for _, hold in pending:
+                        self._quotas.release(hold)
 
             return billed
 

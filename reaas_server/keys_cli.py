@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 
 from reaas_client.command_line import CommandLineParser, UsageError, add_standard_flags, reported_errors
-from reaas_server.ledger import LedgerError, UsageLedger, default_ledger_path
+from reaas_server.ledger import LedgerError, LedgerUnavailable, SqlLedger, default_ledger_path, open_ledger
 from reaas_server.quotas import QuotaBook, describe_period
 
 PERIODS = {"minute": 60, "hour": 3600, "day": 86400, "week": 7 * 86400}
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _list(ledger: UsageLedger) -> str:
+def _list(ledger: SqlLedger) -> str:
     quotas = QuotaBook(ledger)
     lines = [f"{'name':<20} {'state':<8} {'created (UTC)':<17} {'queries':>12}  quota"]
     for key in ledger.api_keys():
@@ -107,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        ledger = UsageLedger(args.ledger)
+        ledger = open_ledger(args.ledger)
+    except LedgerUnavailable as error:
+        raise UsageError(str(error)) from error
     except sqlite3.Error as error:
         raise UsageError(f"cannot open the ledger {args.ledger} ({error}); give --ledger (or $REAAS_LEDGER) a file "
                          "you may write, the one reaas-server --ledger uses") from error
@@ -117,7 +119,7 @@ def _run(args: argparse.Namespace) -> int:
                                     quota_period_s=args.period if args.quota is not None else None,
                                     max_concurrent_calls=args.max_concurrent_calls)
             print(secret)
-            print(f"key {args.name!r} added to {args.ledger}; the secret above is shown only now", file=sys.stderr)
+            print(f"key {args.name!r} added to {ledger.describe()}; the secret above is shown only now", file=sys.stderr)
         elif args.command == "list":
             print(_list(ledger))
         elif args.command == "revoke":

