@@ -10,6 +10,7 @@ here rather than in a crash-looping container. Nothing here runs Docker or a clu
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.resources
 import json
 import re
@@ -277,23 +278,47 @@ def test_envoy_balances_calls_over_http2_and_retries_unavailable_elsewhere():
 
 
 # -- Kubernetes ---------------------------------------------------------------------------------------------------
+# The invariants hold for the manifests as written and for what `kubectl apply -k` sends of each variant: deploy/k8s
+# (TLS, exec probes) and deploy/k8s-plaintext (its overlay: plaintext port, the kubelet's grpc probes).
 
-def deployment() -> dict:
-    return k8s_documents()["Deployment/reaas-server"]
+KUBECTL = shutil.which("kubectl")
+VARIANTS = [
+    "files",
+    pytest.param("k8s", marks=pytest.mark.skipif(KUBECTL is None, reason="kubectl (its kustomize) is not on PATH")),
+    pytest.param("k8s-plaintext",
+                 marks=pytest.mark.skipif(KUBECTL is None, reason="kubectl (its kustomize) is not on PATH")),
+]
 
 
-def container() -> dict:
-    (only,) = deployment()["spec"]["template"]["spec"]["containers"]
+@functools.cache
+def kustomized(variant: str) -> tuple[dict, ...]:
+    """What `kubectl apply -k deploy/VARIANT` sends: kubectl's built-in kustomize, offline."""
+    rendered = subprocess.run([KUBECTL, "kustomize", str(DEPLOY / variant)], capture_output=True, text=True,
+                              timeout=60, check=True).stdout
+    return tuple(yaml.safe_load_all(rendered))
+
+
+def manifests(variant: str) -> dict[str, dict]:
+    documents = k8s_documents().values() if variant == "files" else kustomized(variant)
+    return {f"{d['kind']}/{d['metadata']['name']}": d for d in documents if d["kind"] != "Kustomization"}
+
+
+def deployment(variant: str = "files") -> dict:
+    return manifests(variant)["Deployment/reaas-server"]
+
+
+def container(variant: str = "files") -> dict:
+    (only,) = deployment(variant)["spec"]["template"]["spec"]["containers"]
     return only
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
-def test_every_manifest_validates_strictly(version):
-    for key, document in k8s_documents().items():
-        if document["kind"] == "Kustomization":
-            continue
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_manifest_validates_strictly(variant, version):
+    documents = manifests(variant)
+    assert documents
+    for document in documents.values():
         kubernetes_validate.validate(document, version, strict=True)  # raises ValidationError naming the field
-        assert key
 
 
 def test_kubernetes_validator_rejects_a_misspelt_field():
@@ -305,31 +330,37 @@ def test_kubernetes_validator_rejects_a_misspelt_field():
 
 def test_kustomization_lists_every_manifest_but_the_example_secrets():
     kustomization = load(K8S / "kustomization.yaml")
-    manifests = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "secret.example.yaml"}
-    assert set(kustomization["resources"]) == manifests  # applying placeholders would overwrite real Secrets
+    files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "secret.example.yaml"}
+    assert set(kustomization["resources"]) == files  # applying placeholders would overwrite real Secrets
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (for its built-in kustomize) is not on PATH")
-def test_kustomize_renders_what_apply_k_sends_and_it_validates():
-    rendered = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60,
-                              check=True).stdout
-    documents = list(yaml.safe_load_all(rendered))
+@pytest.mark.parametrize("variant", VARIANTS[1:])
+def test_kustomize_sends_the_four_resources_into_the_namespace(variant):
+    documents = kustomized(variant)
     assert sorted(d["kind"] for d in documents) == ["Deployment", "Namespace", "PodDisruptionBudget", "Service"]
-    for document in documents:
-        kubernetes_validate.validate(document, K8S_VERSIONS[-1], strict=True)
-        assert document["kind"] == "Namespace" or document["metadata"]["namespace"] == "reaas"
+    assert all(d["kind"] == "Namespace" or d["metadata"]["namespace"] == "reaas" for d in documents)
 
 
-def test_probes_reach_the_server_port_over_tls_when_the_server_speaks_tls():
-    flags = server_flags(container()["args"])
-    ports = {p["name"]: p["containerPort"] for p in container()["ports"]}
+def test_plaintext_overlay_changes_only_tls_and_the_probes():
+    base = [a for a in container()["args"] if not a.startswith("--tls-")]
+    patch = load(DEPLOY / "k8s-plaintext" / "native-grpc-probes.yaml")
+    assert patch["spec"]["template"]["spec"]["containers"][0]["args"] == base
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_probes_reach_the_server_port_over_tls_when_the_server_speaks_tls(variant):
+    flags = server_flags(container(variant)["args"])
+    ports = {p["name"]: p["containerPort"] for p in container(variant)["ports"]}
     assert ports["grpc"] == flags.port and ports["metrics"] == flags.metrics_port
-    service = k8s_documents()["Service/reaas-grpc"]
+    service = manifests(variant)["Service/reaas-grpc"]
     server_name = f"{service['metadata']['name']}.{load(K8S / 'kustomization.yaml')['namespace']}.svc.cluster.local"
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
-        probe = container()[kind]
-        # the kubelet's own grpc probe cannot speak TLS, so a TLS server needs the exec probe (healthcheck.py)
-        assert "grpc" not in probe or flags.tls_cert is None, kind
+        probe = container(variant)[kind]
+        if "grpc" in probe:  # the kubelet's own client: plaintext only, so never for a TLS server
+            assert flags.tls_cert is None, kind
+            assert probe["grpc"] == {"port": flags.port, "service": HEALTH_SERVICE}, kind
+            assert "exec" not in probe
+            continue
         args = probe_args(probe["exec"]["command"])
         assert port_of(args.address) == flags.port, kind
         assert args.service == HEALTH_SERVICE
@@ -338,10 +369,11 @@ def test_probes_reach_the_server_port_over_tls_when_the_server_speaks_tls():
         assert probe["timeoutSeconds"] >= 3  # a Python start plus one call on a busy node
 
 
-def test_termination_grace_covers_prestop_and_the_servers_grace():
-    flags = server_flags(container()["args"])
-    pod = deployment()["spec"]["template"]["spec"]
-    pre_stop = container()["lifecycle"]["preStop"]["exec"]["command"]
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_termination_grace_covers_prestop_and_the_servers_grace(variant):
+    flags = server_flags(container(variant)["args"])
+    pod = deployment(variant)["spec"]["template"]["spec"]
+    pre_stop = container(variant)["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
     assert flags.drain_delay < flags.grace  # the drain delay is counted within --grace
     # terminationGracePeriodSeconds counts from the start of preStop; SIGKILL follows it
@@ -349,48 +381,59 @@ def test_termination_grace_covers_prestop_and_the_servers_grace():
     assert pod["terminationGracePeriodSeconds"] >= flags.drain_delay + flags.grace + MARGIN_S
 
 
-def test_pod_runs_as_non_root_without_privilege():
-    pod = deployment()["spec"]["template"]["spec"]
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_pod_runs_as_non_root_without_privilege(variant):
+    pod = deployment(variant)["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
-    security = container()["securityContext"]
+    security = container(variant)["securityContext"]
     assert security["allowPrivilegeEscalation"] is False
     assert security["capabilities"]["drop"] == ["ALL"]
-    assert "memory" in container()["resources"]["limits"] and "cpu" in container()["resources"]["requests"]
+    resources = container(variant)["resources"]
+    assert "memory" in resources["limits"] and "cpu" in resources["requests"]
 
 
-def test_dsn_and_tls_are_referenced_from_secrets_never_inlined():
-    documents = k8s_documents()
-    flags = server_flags(container()["args"])
-    assert not any(arg.startswith("--ledger") for arg in container()["args"])
-    (ledger,) = [e for e in container()["env"] if e["name"] == "REAAS_LEDGER"]
+def example_secrets() -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in yaml.safe_load_all((K8S / "secret.example.yaml").read_text())}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_dsn_and_tls_are_referenced_from_secrets_never_inlined(variant):
+    server = container(variant)
+    flags = server_flags(server["args"])
+    assert not any(arg.startswith("--ledger") for arg in server["args"])
+    (ledger,) = [e for e in server["env"] if e["name"] == "REAAS_LEDGER"]
     assert "value" not in ledger
     reference = ledger["valueFrom"]["secretKeyRef"]
-    assert reference["key"] in documents[f"Secret/{reference['name']}"]["stringData"]
-    for env in container()["env"]:
-        assert "postgresql://" not in env.get("value", "")
-    mounts = {m["name"]: m["mountPath"] for m in container()["volumeMounts"]}
-    (tls,) = [v for v in deployment()["spec"]["template"]["spec"]["volumes"] if "secret" in v]
-    secret = documents[f"Secret/{tls['secret']['secretName']}"]
-    probe = probe_args(container()["readinessProbe"]["exec"]["command"])
+    assert reference["key"] in example_secrets()[reference["name"]]["stringData"]
+    assert not any("postgresql://" in env.get("value", "") for env in server["env"])
+    secret_volumes = [v for v in deployment(variant)["spec"]["template"]["spec"]["volumes"] if "secret" in v]
+    if flags.tls_cert is None:
+        assert secret_volumes == [] and flags.tls_key is None
+        return
+    (tls,) = secret_volumes
+    mounts = {m["name"]: m["mountPath"] for m in server["volumeMounts"]}
+    secret = example_secrets()[tls["secret"]["secretName"]]
+    probe = probe_args(server["readinessProbe"]["exec"]["command"])
     for path in (flags.tls_cert, flags.tls_key, Path(probe.tls_ca)):
         assert path.parent == Path(mounts[tls["name"]]) and path.name in secret["stringData"], path
 
 
 def test_example_secrets_hold_only_marked_placeholders():
-    for document in yaml.safe_load_all((K8S / "secret.example.yaml").read_text()):
+    for document in example_secrets().values():
         assert document["kind"] == "Secret"
         assert all("REPLACE-ME" in value for value in document["stringData"].values())
     assert "EXAMPLE ONLY" in (K8S / "secret.example.yaml").read_text().splitlines()[0]
 
 
-def test_headless_service_and_disruption_budget_select_the_pods():
-    documents = k8s_documents()
-    labels = deployment()["spec"]["template"]["metadata"]["labels"]
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_headless_service_and_disruption_budget_select_the_pods(variant):
+    documents = manifests(variant)
+    labels = deployment(variant)["spec"]["template"]["metadata"]["labels"]
     service = documents["Service/reaas-grpc"]["spec"]
     assert service["clusterIP"] == "None"  # DNS answers every pod: the client's round_robin, no proxy
     assert service["selector"].items() <= labels.items()
     (port,) = service["ports"]
-    assert port["targetPort"] == "grpc" and port["port"] == server_flags(container()["args"]).port
+    assert port["targetPort"] == "grpc" and port["port"] == server_flags(container(variant)["args"]).port
     budget = documents["PodDisruptionBudget/reaas-server"]["spec"]
     assert budget["selector"]["matchLabels"].items() <= labels.items()
-    assert budget["maxUnavailable"] < deployment()["spec"]["replicas"]
+    assert budget["maxUnavailable"] < deployment(variant)["spec"]["replicas"]
