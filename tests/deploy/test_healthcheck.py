@@ -9,15 +9,15 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import trustme
+from deploy_files import DEPLOY
 
 from reaas_server import ServedEncoder, ServerConfig, start_server
 from reaas_server.tls import ServerTls
 
-PROBE = Path(__file__).resolve().parents[2] / "deploy" / "healthcheck.py"
+PROBE = DEPLOY / "healthcheck.py"
 SERVER_NAME = "reaas-grpc.reaas.svc"  # not the dialled 127.0.0.1, as in a pod: the probe must override the name
 
 

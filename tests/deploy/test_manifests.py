@@ -24,11 +24,10 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from deploy_files import DEPLOY, ROOT, dockerfile_arg_defaults, dockerfile_instructions, dockerfile_stages
 
 from reaas_server.cli import build_parser
 
-ROOT = Path(__file__).resolve().parents[2]
-DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 PROBE_PATH = "/opt/reaas/healthcheck.py"  # where the Dockerfile puts deploy/healthcheck.py
 HEALTH_SERVICE = "reaas.v1.EncoderService"
@@ -86,18 +85,8 @@ def port_of(address: str) -> int:
 
 # -- Dockerfile ---------------------------------------------------------------------------------------------------
 
-def dockerfile_instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) in order, continuation lines joined, comments dropped."""
-    text = re.sub(r"\\\n(\s*#.*\n)*", " ", (DEPLOY / "Dockerfile").read_text())
-    lines = [line.strip() for line in text.splitlines()]
-    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines
-            if line and not line.startswith("#")]
-
-
 def final_stage() -> list[tuple[str, str]]:
-    instructions = dockerfile_instructions()
-    last_from = max(i for i, (op, _) in enumerate(instructions) if op == "FROM")
-    return instructions[last_from:]
+    return dockerfile_stages()[-1]
 
 
 def exec_form(arguments: str) -> list[str]:
@@ -140,8 +129,7 @@ def test_dockerfile_installs_torch_only_pinned_and_from_the_pytorch_index():
         assert [r for r in requirements if r.startswith("torch")] == ["torch==2.13.0"], requirements
         assert options["--index-url"] == "${TORCH_INDEX}"
         assert "--extra-index-url" not in options  # PyPI's torch must not win over the index's
-    defaults = dict(args.split("=", 1) for op, args in dockerfile_instructions() if op == "ARG" and "=" in args)
-    assert defaults["TORCH_INDEX"] == "https://download.pytorch.org/whl/cpu"  # CPU unless a build asks for CUDA
+    assert dockerfile_arg_defaults()["TORCH_INDEX"] == "https://download.pytorch.org/whl/cpu"  # CPU unless a build asks for CUDA
     assert (["/src[server]"], {}) in pip_installs()  # the project, its server extra finding torch installed
 
 
@@ -158,7 +146,7 @@ def test_dockerfile_generates_protobuf_code_at_build_time_and_never_copies_it():
 def test_dockerfile_copies_exist_in_the_context_and_are_not_ignored():
     ignored = {line for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
                if line and not line.startswith("#")}
-    defaults = dict(args.split("=", 1) for op, args in dockerfile_instructions() if op == "ARG" and "=" in args)
+    defaults = dockerfile_arg_defaults()
     for op, args in dockerfile_instructions():
         if op != "COPY" or args.startswith("--from"):
             continue
