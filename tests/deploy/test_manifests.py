@@ -260,6 +260,7 @@ def test_envoy_balances_calls_over_http2_and_retries_unavailable_elsewhere():
     (route,) = manager["route_config"]["virtual_hosts"][0]["routes"]
     assert route["route"]["cluster"] == cluster["name"]
     assert seconds(route["route"]["timeout"]) == 0  # no 15 s default cutting F2I calls; the gRPC deadline rules
+    assert seconds(manager["stream_idle_timeout"]) >= 3600  # nor the 5 min idle default a long F2I call reaches
     retry = route["route"]["retry_policy"]
     assert "unavailable" in retry["retry_on"].split(",") and "reset" not in retry["retry_on"].split(",")
     assert retry["retry_host_predicate"][0]["name"] == "envoy.retry_host_predicates.previous_hosts"
