@@ -160,11 +160,13 @@ def describe_period(seconds: int) -> str:
     return names.get(seconds, f"{seconds} s")
 
 
-def default_ledger_path() -> Path:
+def default_ledger_path() -> Path | str:
     """$REAAS_LEDGER, else $XDG_STATE_HOME/reaas/ledger.sqlite3 (~/.local/state/...): outside any checkout, and
-    the same file for the server and the reaas-keys admin CLI."""
+    the same file for the server and the reaas-keys admin CLI. A postgresql:// URL in $REAAS_LEDGER comes back
+    as it is (a Path would fold its "//"): containers pass the DSN there, out of their command lines."""
     if os.environ.get("REAAS_LEDGER"):
-        return Path(os.environ["REAAS_LEDGER"])
+        spec = os.environ["REAAS_LEDGER"]
+        return spec if is_postgres(spec) else Path(spec)
     state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
     return state / "reaas" / "ledger.sqlite3"
 

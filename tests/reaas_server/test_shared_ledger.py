@@ -164,3 +164,12 @@ def test_a_request_bigger_than_the_whole_quota_is_refused_at_once_without_a_retr
     assert retry_pushback_s(refused.value) is None  # so neither our client nor any other retries it
     assert typed.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert elapsed < 5.0  # one try, not retries until the hour-long deadline
+
+
+def test_a_postgresql_url_in_reaas_ledger_reaches_both_clis_unchanged(monkeypatch):
+    from reaas_server import cli, keys_cli
+
+    url = "postgresql://reaas:secret@db.internal:5432/reaas?sslmode=require"
+    monkeypatch.setenv("REAAS_LEDGER", url)
+    assert cli.build_parser().parse_args([]).ledger == url
+    assert keys_cli.build_parser().parse_args(["list"]).ledger == url
