@@ -30,7 +30,7 @@ from benchmarks.batching import feature_request
 from benchmarks.client_swarm import swarm
 from benchmarks.environment import load_line, machine_summary, markdown_table, write_results
 from reaas_client import EncoderClient
-from reaas_client.background_server import background_server_process
+from reaas_client.background_server import ServerStartError, background_server_process
 from reaas_client.client import ServiceError
 from reaas_client.retry import retry_pushback_s
 from reaas_client.wire import encode_tensor
@@ -38,6 +38,21 @@ from reaas_server.ledger import open_ledger
 from reaas_server.quotas import QuotaBook
 
 LOGS = Path(tempfile.gettempdir()) / "reaas-scale-logs"
+START_FAILURES: list[str] = []  # replicas that died while starting (reported with the results), then retried
+
+
+def start_replica(stack: contextlib.ExitStack, ledger: str, kind: str, index: int, tries: int = 3) -> str:
+    for attempt in range(tries):
+        log = LOGS / f"replica-{index}-{attempt}.log"
+        try:
+            return stack.enter_context(background_server_process(log_path=log, extra_args=(
+                "--ledger", ledger, "--demo-kind", kind, "--log-level", "WARNING", "--bound-cost-budget", "0",
+                "--drain-delay", "0"))).address
+        except ServerStartError as error:
+            last_line = (log.read_text().strip().splitlines() or ["(empty log)"])[-1]
+            START_FAILURES.append(f"{error}: {last_line}")
+            print(f"replica {index} did not start ({error}); {last_line}", flush=True)
+    raise RuntimeError(f"replica {index} did not start in {tries} tries; logs in {LOGS}")
 
 
 @contextlib.contextmanager
@@ -45,10 +60,7 @@ def replicas(count: int, ledger: str, kind: str):
     """`count` healthy reaas-server children on one ledger; yields their addresses. Their logs go to LOGS."""
     LOGS.mkdir(exist_ok=True)
     with contextlib.ExitStack() as stack:
-        servers = [stack.enter_context(background_server_process(log_path=LOGS / f"replica-{index}.log", extra_args=(
-            "--ledger", ledger, "--demo-kind", kind, "--log-level", "WARNING", "--bound-cost-budget", "0",
-            "--drain-delay", "0"))) for index in range(count)]
-        yield [server.address for server in servers]
+        yield [start_replica(stack, ledger, kind, index) for index in range(count)]
 
 
 def ledger_specs(postgres_url: str, folder: Path) -> dict[str, str]:
@@ -218,6 +230,8 @@ def main(argv: list[str] | None = None) -> None:
         + markdown_table(["replicas", "clients", "quota", "received", "billed", "overshoot", "gap"], exact)
         + f"\n\nA request of quota + 1 images, 20 tries: refused in {statistics.median(refusals):.1f} ms median, "
         f"{max(refusals):.1f} ms at most (goal < 100 ms); retry hint: {'yes (wrong)' if hints else 'none'}.\n"
+        + (f"\nReplicas that died while starting and were started again: {len(START_FAILURES)} ("
+           + "; ".join(START_FAILURES) + ").\n" if START_FAILURES else "")
     )
     path = write_results("scale", "Many replicas, one bill", body, make_target="bench-scale")
     print(f"wrote {path}")

