@@ -76,7 +76,7 @@ CREATE INDEX IF NOT EXISTS quota_holds_by_key ON quota_holds (key_name);
 """
 
 _KEY_COLUMNS = "name, created_at, revoked_at, quota_queries, quota_period_s, max_concurrent_calls"
-_INSERT_USAGE = ("INSERT INTO usage (at, key_name, rpc, queries, request_bytes, response_bytes) "
+INSERT_USAGE = ("INSERT INTO usage (at, key_name, rpc, queries, request_bytes, response_bytes) "
                  "VALUES (?, ?, ?, ?, ?, ?)")
 # The period's count, made on first use from the usage rows already in it (rows written before the key had a
 # count, or by an older server), then kept up to date by each charge in the charge's own transaction.
@@ -198,7 +198,7 @@ class SqlLedger:
 
     def _commit_usage(self, row: tuple) -> None:
         with self._transaction() as run:
-            run(_INSERT_USAGE, row)
+            run(INSERT_USAGE, row)
 
     def _query(self, sql: str, params: tuple = ()) -> list[tuple]:
         with self._transaction() as run:
@@ -334,7 +334,7 @@ class SqlLedger:
                     f"quota exceeded for key {hold.key.name!r}: the call outlived its quota hold "
                     f"({QUOTA_HOLD_TTL_S:.0f} s) and the quota was used meanwhile; nothing was billed",
                     retry_after_ms=max(1, round(1000 * (start + hold.key.quota_period_s - row[0]))))
-            run(_INSERT_USAGE, row)
+            run(INSERT_USAGE, row)
             run(_ADD_TO_COUNT, (queries, key_name, start))
 
     def totals(self, key_name: str) -> list[RpcTotals]:
@@ -424,10 +424,10 @@ class UsageLedger(SqlLedger):
                     self._open_batch = _Batch()
                 try:
                     if len(batch.rows) == 1:  # alone: one autocommitted statement is its own transaction
-                        self._db.execute(_INSERT_USAGE, batch.rows[0])
+                        self._db.execute(INSERT_USAGE, batch.rows[0])
                     else:
                         self._db.execute("BEGIN")
-                        self._db.executemany(_INSERT_USAGE, batch.rows)
+                        self._db.executemany(INSERT_USAGE, batch.rows)
                         self._db.execute("COMMIT")
                 except sqlite3.Error as error:
                     if self._db.in_transaction:
