@@ -76,8 +76,8 @@ CREATE INDEX IF NOT EXISTS quota_holds_by_key ON quota_holds (key_name);
 """
 
 _KEY_COLUMNS = "name, created_at, revoked_at, quota_queries, quota_period_s, max_concurrent_calls"
-INSERT_USAGE = ("INSERT INTO usage (at, key_name, rpc, queries, request_bytes, response_bytes) "
-                 "VALUES (?, ?, ?, ?, ?, ?)")
+USAGE_COLUMNS = "at, key_name, rpc, queries, request_bytes, response_bytes"  # a usage row, in this order
+_INSERT_USAGE = f"INSERT INTO usage ({USAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
 # The period's count, made on first use from the usage rows already in it (rows written before the key had a
 # count, or by an older server), then kept up to date by each charge in the charge's own transaction.
 _ENSURE_COUNT = ("INSERT INTO quota_usage (key_name, period_start, used) "
@@ -183,7 +183,7 @@ class SqlLedger:
 
     A store provides ``_transaction()`` (a context manager yielding ``run``: all statements commit together or
     none does), ``_lock_row_suffix`` (what makes a SELECT lock the rows it reads against other writers) and
-    ``_commit_usage`` (how plain usage rows are committed: SQLite groups concurrent ones)."""
+    ``_insert_usage_rows`` (one transaction of usage rows: concurrent charges are grouped into one)."""
 
     _lock_row_suffix = ""
     _integrity_errors: tuple[type[Exception], ...] = (sqlite3.IntegrityError,)
@@ -191,14 +191,36 @@ class SqlLedger:
     def __init__(self) -> None:
         self._keys_issued = False
         self._open_access_until = 0.0  # monotonic time until which "no key issued" is trusted without asking
+        self._commit_lock = threading.Lock()  # one group commit of usage rows at a time
+        self._pending_lock = threading.Lock()  # guards _open_batch: the rows waiting for the next commit
+        self._open_batch = _Batch()
 
     # -- the store ------------------------------------------------------------------------------------------
     def _transaction(self) -> contextlib.AbstractContextManager[Run]:
         raise NotImplementedError
 
+    def _insert_usage_rows(self, rows: list[tuple]) -> None:
+        """Commit `rows` in one transaction (raise, committing none, if that cannot be done)."""
+        raise NotImplementedError
+
     def _commit_usage(self, row: tuple) -> None:
-        with self._transaction() as run:
-            run(INSERT_USAGE, row)
+        """Group commit: the rows of calls that charge while another commit runs wait for it, and the first of
+        them to get the database then commits all of them in one transaction. Under many concurrent calls that is
+        one commit per burst instead of one per call, and still every row is committed before its reply leaves."""
+        with self._pending_lock:
+            batch = self._open_batch
+            batch.rows.append(row)
+        with self._commit_lock:
+            if not batch.done:  # nobody committed it while this call waited: this call commits the whole batch
+                with self._pending_lock:
+                    self._open_batch = _Batch()
+                try:
+                    self._insert_usage_rows(batch.rows)
+                except Exception as error:  # noqa: BLE001 - every call in the batch learns it, not only this one
+                    batch.error = error
+                batch.done = True
+        if batch.error is not None:
+            raise batch.error
 
     def _query(self, sql: str, params: tuple = ()) -> list[tuple]:
         with self._transaction() as run:
@@ -334,7 +356,7 @@ class SqlLedger:
                     f"quota exceeded for key {hold.key.name!r}: the call outlived its quota hold "
                     f"({QUOTA_HOLD_TTL_S:.0f} s) and the quota was used meanwhile; nothing was billed",
                     retry_after_ms=max(1, round(1000 * (start + hold.key.quota_period_s - row[0]))))
-            run(INSERT_USAGE, row)
+            run(_INSERT_USAGE, row)
             run(_ADD_TO_COUNT, (queries, key_name, start))
 
     def totals(self, key_name: str) -> list[RpcTotals]:
@@ -345,7 +367,7 @@ class SqlLedger:
 
     def rows(self, since: float | None = None) -> Iterator[tuple]:
         """Usage rows (at, key_name, rpc, queries, request_bytes, response_bytes), oldest first."""
-        yield from self._query("SELECT at, key_name, rpc, queries, request_bytes, response_bytes FROM usage "
+        yield from self._query(f"SELECT {USAGE_COLUMNS} FROM usage "
                                "WHERE at >= ? ORDER BY id", (since or 0.0,))
 
     def export_csv(self, path: Path | str, since: float | None = None) -> int:
@@ -380,8 +402,6 @@ class UsageLedger(SqlLedger):
         self._db = sqlite3.connect(":memory:" if self.path is None else str(self.path),
                                    check_same_thread=False, isolation_level=None, timeout=30)
         self._lock = threading.Lock()
-        self._pending_lock = threading.Lock()  # guards _open_batch: the rows waiting for the next commit
-        self._open_batch = _Batch()
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
@@ -411,31 +431,19 @@ class UsageLedger(SqlLedger):
         with self._lock:  # a read needs no write lock: WAL readers see the last commit
             return self._db.execute(sql, params).fetchall()
 
-    def _commit_usage(self, row: tuple) -> None:
-        """Group commit: the rows of calls that charge while another commit runs wait for it, and the first of
-        them to get the database then commits all of them in one transaction. Under many small calls that is one
-        commit per burst instead of one per call, and still every row is committed before its reply leaves."""
-        with self._pending_lock:
-            batch = self._open_batch
-            batch.rows.append(row)
+    def _insert_usage_rows(self, rows: list[tuple]) -> None:
         with self._lock:
-            if not batch.done:  # nobody committed it while this call waited: this call commits the whole batch
-                with self._pending_lock:
-                    self._open_batch = _Batch()
-                try:
-                    if len(batch.rows) == 1:  # alone: one autocommitted statement is its own transaction
-                        self._db.execute(INSERT_USAGE, batch.rows[0])
-                    else:
-                        self._db.execute("BEGIN")
-                        self._db.executemany(INSERT_USAGE, batch.rows)
-                        self._db.execute("COMMIT")
-                except sqlite3.Error as error:
-                    if self._db.in_transaction:
-                        self._db.rollback()
-                    batch.error = error
-                batch.done = True
-        if batch.error is not None:
-            raise batch.error
+            try:
+                if len(rows) == 1:  # alone: one autocommitted statement is its own transaction
+                    self._db.execute(_INSERT_USAGE, rows[0])
+                else:
+                    self._db.execute("BEGIN")
+                    self._db.executemany(_INSERT_USAGE, rows)
+                    self._db.execute("COMMIT")
+            except sqlite3.Error:
+                if self._db.in_transaction:
+                    self._db.rollback()
+                raise
 
 
 def open_ledger(spec: str | Path | None, *, durable: bool = False) -> SqlLedger:

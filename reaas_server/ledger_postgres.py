@@ -19,7 +19,7 @@ import psycopg
 import psycopg.conninfo
 import psycopg_pool
 
-from reaas_server.ledger import INSERT_USAGE, LedgerUnavailable, Run, SqlLedger
+from reaas_server.ledger import USAGE_COLUMNS, LedgerUnavailable, Run, SqlLedger
 
 CONNECT_TIMEOUT_S = 5.0
 POOL_SIZE = 8
@@ -58,6 +58,9 @@ CREATE TABLE IF NOT EXISTS quota_holds (
 );
 CREATE INDEX IF NOT EXISTS quota_holds_by_key ON quota_holds (key_name);
 """
+
+
+_INSERT_USAGE_ROWS = f"INSERT INTO usage ({USAGE_COLUMNS}) VALUES "
 
 
 def _postgres_sql(sql: str) -> str:
@@ -118,9 +121,11 @@ class PostgresLedger(SqlLedger):
         with self._connection() as connection:
             return connection.execute(_postgres_sql(sql), params).fetchall()
 
-    def _commit_usage(self, row: tuple) -> None:
+    def _insert_usage_rows(self, rows: list[tuple]) -> None:
+        """One multi-row INSERT: one round trip and one commit for the whole group."""
+        values = ", ".join(["(%s, %s, %s, %s, %s, %s)"] * len(rows))
         with self._connection() as connection:
-            connection.execute(_postgres_sql(INSERT_USAGE), row)
+            connection.execute(_INSERT_USAGE_ROWS + values, [value for row in rows for value in row])
 
     def close(self) -> None:
         self._pool.close()
