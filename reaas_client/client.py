@@ -373,6 +373,9 @@ class EncoderClient:
         radii = as_numpy(feature_radii).astype(np.float64).reshape(-1)
         if len(radii) != len(array):
             raise ValueError(f"{len(radii)} feature radii for {len(array)} images; give one R_F per image")
+        limit = self.info().max_feature_radius
+        if limit > 0:  # beyond it R_F certifies nothing more; a smaller R_F never gives a larger R, so still sound
+            radii = np.minimum(radii, limit)
         ids = _ids_for(input_ids, len(array))
         step = self._chunk_size(array)
         parts = []

@@ -65,6 +65,7 @@ class EncoderInfo:
     max_calls_per_key: int = 0  # default concurrent calls per key (0 from older servers)
     modality: str = "image"  # "image" or "text" (older servers send none: "image")
     text_input: TextInputInfo | None = None  # set for modality "text"
+    max_feature_radius: float = 0.0  # the largest R_F F2IPerturb accepts (0 from older servers: no limit known)
 
     @classmethod
     def from_proto(cls, info: pb.EncoderInfo) -> EncoderInfo:
@@ -91,6 +92,7 @@ class EncoderInfo:
             max_calls_per_key=int(info.max_calls_per_key),
             modality=info.modality or "image",
             text_input=TextInputInfo.from_proto(info.text_input) if info.HasField("text_input") else None,
+            max_feature_radius=info.max_feature_radius,
         )
 
 

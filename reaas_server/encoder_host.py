@@ -6,6 +6,8 @@ bound); the bound math is bounds' — this module only places tensors on the rig
 
 from __future__ import annotations
 
+import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -101,6 +103,15 @@ class ServedEncoder:
         if self.text is None:
             raise ValueError("this encoder reads images; it has no token embedding")
         return self.text.embed(self._to_device(token_ids))
+
+    @property
+    def max_feature_radius(self) -> float:
+        """lipschitz_upper x the diameter of the input box: no two valid inputs have features further apart, so a
+        larger R_F certifies nothing more (F2IPerturb refuses it; the proto states the rule)."""
+        low, high = (float(v) for v in self.metadata.value_range)
+        diameter = math.sqrt(math.prod(self.metadata.input_shape)) * (high - low)
+        limit = float(self.metadata.lipschitz_upper) * diameter
+        return limit if math.isfinite(limit) else sys.float_info.max
 
     def probe_images(self, count: int) -> torch.Tensor:
         """`count` seeded uniform-noise images inside the declared value range, on the serving device."""

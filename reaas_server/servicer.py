@@ -114,6 +114,7 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
             device=str(self._encoder.device),
             open_access=not self._ledger.has_keys(),
             max_calls_per_key=self._config.max_calls_per_key,
+            max_feature_radius=self._encoder.max_feature_radius,
             bound_costs=[
                 pb.BoundCost(name=c.name, description=c.description, closed_form=c.closed_form,
                              seconds_per_image=c.seconds_per_image, cost_measured=c.probe_images > 0,
@@ -242,7 +243,7 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
             )
         field = self._input_field(request)
         inputs = self._decoded_inputs(request, field)
-        feature_radii = decode_feature_radii(request.feature_radii, inputs.shape[0])
+        feature_radii = decode_feature_radii(request.feature_radii, inputs.shape[0], self._encoder.max_feature_radius)
         images = self._encoder_inputs(inputs, field)
         wanted = lambda: _still_wanted(context)  # noqa: E731
         # a closed-form bound is a division (nothing to share) and a request of a full chunk is a full search

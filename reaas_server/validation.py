@@ -195,17 +195,19 @@ def feature_dtype(requested: int) -> torch.dtype:
                        f"feature_dtype {dtype_name(requested)} is not offered; ask for FLOAT32 (default) or FLOAT16")
 
 
-def decode_feature_radii(values: Sequence[float], batch: int) -> torch.Tensor:
-    """Feature-space radii R_F, one per image, finite and >= 0, as float64 [batch]."""
+def decode_feature_radii(values: Sequence[float], batch: int, max_radius: float) -> torch.Tensor:
+    """Feature-space radii R_F, one per image, finite and in [0, max_radius], as float64 [batch]."""
     if len(values) != batch:
         raise RequestError(
             grpc.StatusCode.INVALID_ARGUMENT,
             f"feature_radii has {len(values)} values for {batch} images; send exactly one R_F per image",
         )
     for index, value in enumerate(values):
-        if not math.isfinite(value) or value < 0:
+        if not (math.isfinite(value) and 0 <= value <= max_radius):
             raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"feature_radii[{index}] = {value} is not a finite radius >= 0",
+                f"feature_radii[{index}] = {value} is outside [0, {max_radius:.6g}]: R_F must be finite, >= 0 and at "
+                f"most EncoderInfo.max_feature_radius = {max_radius:.6g} (lipschitz_upper x the diameter of the "
+                "input box: a larger R_F certifies nothing more); send min(R_F, max_feature_radius)",
             )
     return torch.tensor(list(values), dtype=torch.float64)

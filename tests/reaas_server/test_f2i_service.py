@@ -131,3 +131,37 @@ def test_concurrent_default_bound_searches_on_a_non_affine_encoder_all_answer():
             assert np.all(reply.image_radius >= closed_form * (1 - 1e-6))  # auto is never looser than Lipschitz
     finally:
         running.stop(grace_s=0)
+
+
+def test_feature_radii_beyond_the_stated_limit_are_refused_naming_the_range(raw_stub, client, make_images):
+    """R_F above lipschitz_upper x the input box's diameter certifies nothing more: INVALID_ARGUMENT naming the
+    range (a crafted 1e308 once reached the bounds), while the limit itself is answered."""
+    import math
+
+    import grpc
+
+    from reaas.v1 import encoder_service_pb2 as pb
+    from reaas_client.wire import encode_tensor
+
+    info = client.info()
+    diameter = math.sqrt(math.prod(info.input_shape)) * (info.value_max - info.value_min)
+    limit = info.max_feature_radius
+    assert limit == pytest.approx(info.lipschitz_upper * diameter, rel=1e-6)
+    images = encode_tensor(make_images(1).numpy())
+    for radius in (limit * (1 + 1e-9), 1e308, float("inf"), float("nan"), -1e-300):
+        with pytest.raises(grpc.RpcError) as refused:
+            raw_stub.F2IPerturb(pb.F2IPerturbRequest(images=images, feature_radii=[radius]), timeout=60)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, radius
+        assert "max_feature_radius" in refused.value.details() and f"{limit:.6g}" in refused.value.details()
+    at_limit = raw_stub.F2IPerturb(pb.F2IPerturbRequest(images=images, feature_radii=[limit]), timeout=60)
+    assert at_limit.radii[0].image_radius > 0
+
+
+def test_the_client_sends_at_most_the_limit_and_the_answer_stays_sound(client, make_images):
+    images = make_images(2, seed=5)
+    limit = client.info().max_feature_radius
+    clamped = client.f2i_perturb(images, [limit * 10, 1e300], bound="lipschitz")
+    at_limit = client.f2i_perturb(images, [limit, limit], bound="lipschitz")
+    # the radius of the limit: sound for any larger R_F too (a larger R_F never allows a smaller R)
+    assert np.array_equal(clamped.image_radius, at_limit.image_radius)
+    assert np.all(client.info().lipschitz_upper * at_limit.image_radius < limit)

@@ -174,7 +174,8 @@ def test_f2i_requests_are_answered_or_refused(stub, spec, data):
     images, valid = data.draw(images_tensor(spec))
     count = images.shape[0] if len(images.shape) and 0 <= images.shape[0] <= MAX_BATCH + 1 else 1
     if data.draw(st.sampled_from([True, True, True, False])):  # mostly well-formed, to reach the search
-        radii = data.draw(st.lists(st.floats(0, 1e308), min_size=count, max_size=count))
+        radii = data.draw(st.lists(st.floats(0, 1e308) | st.floats(0, 2 * spec.max_feature_radius),
+                                   min_size=count, max_size=count))
     else:
         radii = data.draw(RADII)
     offered = st.sampled_from([*spec.bounds_offered, ""])
@@ -182,7 +183,7 @@ def test_f2i_requests_are_answered_or_refused(stub, spec, data):
     valid = (
         valid
         and len(radii) == images.shape[0]
-        and all(math.isfinite(r) and r >= 0 for r in radii)
+        and all(math.isfinite(r) and 0 <= r <= spec.max_feature_radius for r in radii)
         and bound in (*spec.bounds_offered, "")
     )
     request = pb.F2IPerturbRequest(images=images, feature_radii=radii, bound=bound)
