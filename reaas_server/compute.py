@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,10 @@ class BackgroundCompute:
 
     def run(self, work: Callable[..., T], /, *args, **kwargs) -> T:
         return self._executor.submit(work, *args, **kwargs).result()
+
+    def submit(self, work: Callable[..., T], /, *args, **kwargs) -> Future[T]:
+        """Start `work` and return at once (a stream computes one message while it receives the next)."""
+        return self._executor.submit(work, *args, **kwargs)
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
