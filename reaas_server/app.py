@@ -132,8 +132,8 @@ def start_server(config: ServerConfig, encoder: ServedEncoder | None = None, *,
     ``accounting=False`` leaves out metrics, keys and the ledger: only for the baseline that bench-service
     measures their cost against; never a way to serve (every call is free and anonymous, GetUsage fails).
     """
+    ledger = open_ledger(config.ledger_path)  # first: an unusable ledger is reported before a long encoder load
     encoder = encoder or ServedEncoder.load(config.checkpoint, config.device, demo_kind=config.demo_kind)
-    ledger = open_ledger(config.ledger_path)
     quotas = QuotaBook(ledger)
     admission = Admission(config.admission_limits)
     # every thread made below that runs torch work gets the configured intra-op threads (compute.set_torch_threads)

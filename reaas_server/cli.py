@@ -23,7 +23,13 @@ from reaas_client.command_line import (
 from reaas_server.app import BindError, start_server
 from reaas_server.config import MODES, ServerConfig
 from reaas_server.keys_cli import LEDGER_ENVIRONMENT, ledger_argument
-from reaas_server.ledger import MEMORY_LEDGER, default_ledger_path, is_postgres
+from reaas_server.ledger import (
+    MEMORY_LEDGER,
+    LedgerOpenError,
+    LedgerUnavailable,
+    default_ledger_path,
+    is_postgres,
+)
 from reaas_server.memory import limit_heap_growth
 from reaas_server.tls import ServerTls
 from robust_pretrain.checkpoint import CheckpointError
@@ -271,7 +277,7 @@ def _server_tls(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Se
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     config, args = config_from(parser, argv)
-    with reported_errors(parser.prog, debug=args.debug, usage_errors=(BindError,)):
+    with reported_errors(parser.prog, debug=args.debug, usage_errors=(BindError, LedgerOpenError, LedgerUnavailable)):
         try:
             _serve(config)
         except CheckpointError as error:

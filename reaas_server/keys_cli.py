@@ -7,14 +7,20 @@ added or revoked here takes effect on the server's next call.
 from __future__ import annotations
 
 import argparse
-import sqlite3
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
-from reaas_client.command_line import CommandLineParser, UsageError, add_standard_flags, reported_errors
-from reaas_server.ledger import LedgerError, LedgerUnavailable, SqlLedger, default_ledger_path, open_ledger
+from reaas_client.command_line import CommandLineParser, add_standard_flags, reported_errors
+from reaas_server.ledger import (
+    LedgerError,
+    LedgerOpenError,
+    LedgerUnavailable,
+    SqlLedger,
+    default_ledger_path,
+    open_ledger,
+)
 from reaas_server.quotas import QuotaBook, describe_period
 
 PERIODS = {"minute": 60, "hour": 3600, "day": 86400, "week": 7 * 86400}
@@ -101,18 +107,13 @@ def _list(ledger: SqlLedger) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    with reported_errors(parser.prog, debug=args.debug, usage_errors=(LedgerError,)):
+    with reported_errors(parser.prog, debug=args.debug,
+                         usage_errors=(LedgerError, LedgerOpenError, LedgerUnavailable)):
         return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:
-    try:
-        ledger = open_ledger(args.ledger)
-    except LedgerUnavailable as error:
-        raise UsageError(str(error)) from error
-    except sqlite3.Error as error:
-        raise UsageError(f"cannot open the ledger {args.ledger} ({error}); give --ledger (or $REAAS_LEDGER) a file "
-                         "you may write, the one reaas-server --ledger uses") from error
+    ledger = open_ledger(args.ledger)  # LedgerOpenError / LedgerUnavailable: one line naming the ledger and fix
     try:
         if args.command == "add":
             secret = ledger.add_key(args.name, quota_queries=args.quota,

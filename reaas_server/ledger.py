@@ -39,6 +39,8 @@ ANONYMOUS = "anonymous"  # the account every caller is billed to in open mode (n
 KEY_PREFIX = "reaas_"  # makes a leaked key recognisable to secret scanners
 OPEN_ACCESS_RECHECK_S = 1.0  # how stale "no key was ever issued" may be (another process may issue one)
 QUOTA_HOLD_TTL_S = 600.0  # a hold no replica settles (it died) stops counting after this long
+SCHEMA_VERSION = 2  # 1: keys and usage; 2: + quota counts and holds (PRAGMA user_version of a SQLite ledger)
+BUSY_TIMEOUT_S = 2.0  # how long an operation waits for a database another process has locked, then UNAVAILABLE
 
 _SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -89,6 +91,11 @@ _LIVE_HOLDS = "SELECT COALESCE(SUM(queries), 0) FROM quota_holds WHERE key_name 
 
 class LedgerError(ValueError):
     """A key operation that cannot be done (duplicate name, unknown key, bad quota)."""
+
+
+class LedgerOpenError(RuntimeError):
+    """The ledger cannot be used at all (unwritable, corrupt, locked, a newer schema): the server does not start.
+    The message names the ledger and the fix."""
 
 
 class LedgerUnavailable(ConnectionError):
@@ -394,18 +401,54 @@ class UsageLedger(SqlLedger):
     """
 
     def __init__(self, path: Path | str | None = None, *, durable: bool = False) -> None:
-        """`path` None keeps the ledger in memory (tests, embedding): it then ends with the process."""
+        """`path` None keeps the ledger in memory (tests, embedding): it then ends with the process.
+
+        Everything a call would need is checked here, before any encoder loads: the file can be created (0600: it
+        names every client and what they used), opened, written and locked, and its schema is one this version
+        knows. Otherwise LedgerOpenError, one line naming the file and the fix."""
         super().__init__()
         self.path = Path(path) if path is not None else None
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(":memory:" if self.path is None else str(self.path),
-                                   check_same_thread=False, isolation_level=None, timeout=30)
         self._lock = threading.Lock()
-        with self._lock:
+        try:
+            if self.path is not None:
+                self._create_private(self.path)
+            self._db = sqlite3.connect(":memory:" if self.path is None else str(self.path),
+                                       check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT_S)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-            self._db.executescript(_SQLITE_SCHEMA)
+            (version,) = self._db.execute("PRAGMA user_version").fetchone()
+            if version > SCHEMA_VERSION:
+                raise LedgerOpenError(f"ledger {self.describe()} has schema version {version}, newer than this "
+                                      f"reaas-server's {SCHEMA_VERSION}: run the newer reaas-server, or give "
+                                      "--ledger another file")
+            self._db.execute("BEGIN IMMEDIATE")  # the write lock: proves the file is writable and not held
+            self._db.executescript(_SQLITE_SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
+        except sqlite3.Error as error:
+            raise LedgerOpenError(self._open_advice(error)) from error
+
+    def _create_private(self, path: Path) -> None:
+        if path.is_dir():
+            raise LedgerOpenError(f"ledger {path} is a folder; give --ledger a file, e.g. {path / 'ledger.sqlite3'}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))  # SQLite gives its -wal and -shm the same mode
+        except OSError as error:
+            raise LedgerOpenError(f"cannot create or write the ledger {path}: {error.strerror}; make it (and its "
+                                  "folder) writable by this user, or give --ledger (or $REAAS_LEDGER) another file"
+                                  ) from None
+
+    def _open_advice(self, error: sqlite3.Error) -> str:
+        text = str(error)
+        where = f"ledger {self.describe()}"
+        if "locked" in text or "busy" in text:
+            return (f"{where} is locked by another process (held for more than {BUSY_TIMEOUT_S:g} s); stop "
+                    "whatever holds a write transaction on it, then start again")
+        if "readonly" in text or "read-only" in text:
+            return f"{where} is read-only for this user; make it (and its folder) writable, or give --ledger another"
+        if "not a database" in text or "malformed" in text or "corrupt" in text:
+            return (f"{where} is not a usable SQLite database ({text}); restore it from a backup, or give --ledger "
+                    "a new file")
+        return f"cannot open {where}: {text}"
 
     def close(self) -> None:
         with self._lock:
@@ -415,34 +458,53 @@ class UsageLedger(SqlLedger):
         return str(self.path) if self.path is not None else MEMORY_LEDGER
 
     @contextlib.contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        """The one connection, within BUSY_TIMEOUT_S whatever holds it: this process's other threads (the lock)
+        or another process's write transaction (SQLite's busy timeout); else LedgerUnavailable (the call is
+        answered UNAVAILABLE and billed nothing, rather than wait out its deadline and end UNKNOWN)."""
+        if not self._lock.acquire(timeout=BUSY_TIMEOUT_S):
+            raise LedgerUnavailable(f"ledger {self.describe()} is busy: no turn within {BUSY_TIMEOUT_S:g} s")
+        try:
+            yield self._db
+        except sqlite3.OperationalError as error:
+            if self._db.in_transaction:
+                self._db.rollback()
+            if "locked" in str(error) or "busy" in str(error):
+                raise LedgerUnavailable(f"ledger {self.describe()} is locked by another process: {error}") from error
+            raise
+        finally:
+            self._lock.release()
+
+    @contextlib.contextmanager
     def _transaction(self) -> Iterator[Run]:
         """BEGIN IMMEDIATE: the file's write lock from the first statement, so a transaction that reads a quota
         count and then writes a hold is atomic against every other process on the file too."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._connection() as db:
+            db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db.execute
+                yield db.execute
             except BaseException:
-                self._db.rollback()
+                if db.in_transaction:
+                    db.rollback()
                 raise
-            self._db.execute("COMMIT")
+            db.execute("COMMIT")
 
     def _query(self, sql: str, params: tuple = ()) -> list[tuple]:
-        with self._lock:  # a read needs no write lock: WAL readers see the last commit
-            return self._db.execute(sql, params).fetchall()
+        with self._connection() as db:  # a read needs no write lock: WAL readers see the last commit
+            return db.execute(sql, params).fetchall()
 
     def _insert_usage_rows(self, rows: list[tuple]) -> None:
-        with self._lock:
+        with self._connection() as db:
             try:
                 if len(rows) == 1:  # alone: one autocommitted statement is its own transaction
-                    self._db.execute(_INSERT_USAGE, rows[0])
+                    db.execute(_INSERT_USAGE, rows[0])
                 else:
-                    self._db.execute("BEGIN")
-                    self._db.executemany(_INSERT_USAGE, rows)
-                    self._db.execute("COMMIT")
+                    db.execute("BEGIN")
+                    db.executemany(_INSERT_USAGE, rows)
+                    db.execute("COMMIT")
             except sqlite3.Error:
-                if self._db.in_transaction:
-                    self._db.rollback()
+                if db.in_transaction:
+                    db.rollback()
                 raise
 
 
