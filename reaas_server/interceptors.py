@@ -183,6 +183,19 @@ class AccountInterceptor(PerMethodInterceptor):
             )
         return Caller(key.name, key)
 
+    def _still_valid(self, caller: Caller, context: grpc.ServicerContext) -> Caller:
+        """The caller's key as the ledger has it now, before each further message of a stream: a revocation by
+        any replica or reaas-keys stops an open stream at its next message, and a new quota applies from there."""
+        try:
+            key = self._ledger.authenticate(api_key_of(context.invocation_metadata()))
+        except LedgerUnavailable as error:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(error)) from None
+        if key is None:
+            raise RequestError(grpc.StatusCode.UNAUTHENTICATED,
+                               f"API key {caller.name!r} was revoked while this stream was open; the messages before "
+                               f"this one were answered and billed; ask the provider for a valid '{API_KEY_HEADER}'")
+        return Caller(key.name, key)
+
     def _reserve(self, caller: Caller, request: Message, context: grpc.ServicerContext) -> QuotaHold | None:
         try:
             return self._quotas.reserve(caller.key, image_count(request))
@@ -235,9 +248,12 @@ class AccountInterceptor(PerMethodInterceptor):
                 pending: collections.deque[tuple[Message, QuotaHold | None]] = collections.deque()
 
                 def reserved() -> Iterator[Message]:
-                    for request in request_iterator:
+                    current = caller
+                    for index, request in enumerate(request_iterator):
+                        if index and current.key is not None:  # a key revoked or changed meanwhile: seen now
+                            current = self._still_valid(current, context)
                         # a RequestError here reaches the servicer's loop, which answers its status
-                        pending.append((request, self._reserve(caller, request, context)))
+                        pending.append((request, self._reserve(current, request, context)))
                         yield request
 
                 CURRENT_CALLER.set(caller)

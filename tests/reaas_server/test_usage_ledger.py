@@ -206,3 +206,34 @@ def test_the_ledger_after_a_restart_equals_what_was_answered_before(ledger_path,
         assert usage.rpcs[rpc].queries == row.queries
         assert usage.rpcs[rpc].request_bytes == row.request_bytes
         assert usage.rpcs[rpc].response_bytes == row.response_bytes
+
+
+def test_a_key_revoked_mid_stream_is_refused_at_the_next_message(demo_encoder, make_images, ledger_path):
+    from reaas.v1 import encoder_service_pb2 as pb
+    from reaas.v1 import encoder_service_pb2_grpc as pb_grpc
+    from reaas_client.wire import encode_tensor
+
+    admin = UsageLedger(ledger_path)
+    secret = admin.add_key("leaver")
+    revoked = threading.Event()
+    message = pb.FeatureRequest(images=encode_tensor(make_images(3).numpy()))
+
+    def requests():
+        yield message
+        yield message
+        revoked.wait(timeout=60)
+        yield message  # the key was revoked after the first two were answered
+
+    with run_server(ServerConfig(port=0, ledger_path=ledger_path), demo_encoder) as (_, port), \
+            grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        replies = pb_grpc.EncoderServiceStub(channel).StreamFeatures(
+            requests(), metadata=(("x-api-key", secret),), timeout=60)
+        assert [next(replies).features.shape[0] for _ in range(2)] == [3, 3]
+        admin.revoke_key("leaver")
+        revoked.set()
+        with pytest.raises(grpc.RpcError) as refused:
+            next(replies)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "revoked while this stream was open" in refused.value.details()
+    assert [row[3] for row in admin.rows() if row[1] == "leaver"] == [3, 3]  # the third was never billed
+    admin.close()
