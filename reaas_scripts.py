@@ -41,7 +41,7 @@ class ConsoleScript:
 SCRIPTS: dict[str, ConsoleScript] = {
     script.name: script
     for script in (
-        ConsoleScript("reaas-server", "reaas_server.cli:main", "server"),
+        ConsoleScript("reaas-server", "reaas_server.cli:run", "server"),
         ConsoleScript("reaas-keys", "reaas_server.keys_cli:main", None),  # the ledger is SQLite: standard library
         ConsoleScript("reaas-certify", "reaas_client.cli:main", "certify"),
         ConsoleScript("reaas-pretrain", "robust_pretrain.cli:main", "pretrain"),

@@ -182,7 +182,12 @@ def start_server(config: ServerConfig, encoder: ServedEncoder | None = None, *,
     _enable_reflection(server)
     port = _bind(server, config)
     if config.metrics_port is not None:
-        log.info("metrics on http://%s:%d/metrics", config.host, metrics.serve_http(config.host, config.metrics_port))
+        metrics_host = config.metrics_host or config.host
+        if not is_loopback(metrics_host):
+            log.warning("metrics on %s without TLS or a key: anyone who reaches that port reads every key's name and "
+                        "usage; bind --metrics-host 127.0.0.1 (a local scraper or sidecar) or keep the port private",
+                        metrics_host)
+        log.info("metrics on http://%s:%d/metrics", metrics_host, metrics.serve_http(metrics_host, config.metrics_port))
     server.start()
     log.info(
         "serving %s (%s mode) on %s:%d (%s), device %s",

@@ -25,7 +25,8 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     port: int = 50051  # 0 picks a free port (tests)
-    metrics_port: int | None = None  # Prometheus exporter on `host`; None: none, 0: a free port
+    metrics_port: int | None = None  # Prometheus exporter; None: none, 0: a free port
+    metrics_host: str | None = None  # where the exporter binds; None: `host`
     mode: str = "reaas"
     checkpoint: Path | None = None  # None: the demo encoder `demo_kind` shipped with robust_pretrain
     demo_kind: str | None = None  # None: robust_pretrain.DEFAULT_DEMO_KIND; ignored when `checkpoint` is set

@@ -466,6 +466,8 @@ class UsageLedger(SqlLedger):
             raise LedgerUnavailable(f"ledger {self.describe()} is busy: no turn within {BUSY_TIMEOUT_S:g} s")
         try:
             yield self._db
+        except sqlite3.ProgrammingError as error:  # closed: the server is stopping under a handler that outlived it
+            raise LedgerUnavailable(f"ledger {self.describe()} is closed: the server is stopping") from error
         except sqlite3.OperationalError as error:
             if self._db.in_transaction:
                 self._db.rollback()

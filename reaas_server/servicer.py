@@ -7,6 +7,7 @@ codec). Precise exceptions become gRPC statuses here, at the edge, and only here
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import logging
 from collections.abc import Iterator
@@ -333,6 +334,8 @@ def _status_on_error(context: grpc.ServicerContext) -> Iterator[None]:
         context.abort(error.code, error.message)
     except LedgerUnavailable as error:  # the database is down or locked: another replica may answer
         context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
+    except concurrent.futures.CancelledError:  # the compute pool shut down under it: the server is stopping
+        context.abort(grpc.StatusCode.UNAVAILABLE, "the server is stopping; retry on another replica")
     except grpc.RpcError:
         raise  # the client went away mid-stream: nothing left to answer
     except Exception as error:

@@ -238,3 +238,17 @@ def test_a_scrape_reads_in_flight_before_what_calls_record():
 
     names = [family.name for family in ServerMetrics().registry.collect()]
     assert names[0] == "reaas_rpc_in_flight" and "reaas_rpc_calls" in names[1:]
+
+
+def test_metrics_bound_beyond_loopback_warn_and_metrics_host_keeps_them_local(demo_encoder, caplog):
+    from reaas_server import run_server
+
+    with caplog.at_level(logging.WARNING, logger="reaas_server.app"):
+        with run_server(ServerConfig(port=0, host="0.0.0.0", metrics_port=0), demo_encoder):
+            pass
+        assert any("metrics on 0.0.0.0 without TLS" in r.getMessage() for r in caplog.records)
+        caplog.clear()
+        with run_server(ServerConfig(port=0, host="0.0.0.0", metrics_port=0, metrics_host="127.0.0.1"),
+                        demo_encoder):
+            pass
+        assert not any("metrics on" in r.getMessage() for r in caplog.records)
