@@ -372,7 +372,7 @@ def observability(folder: Path) -> Case:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--drains", type=int, default=10, help="SIGTERM drains under load (case 5)")
+    parser.add_argument("--drains", type=int, default=30, help="SIGTERM drains under load (case 5)")
     parser.add_argument("--grace", type=float, default=5.0, help="--grace of the drained servers")
     parser.add_argument("--hogs", type=int, default=2, help="busy-looping processes beside the drains")
     parser.add_argument("--kind", default="nonrobust", help="encoder of the crafted-R_F case (--demo-kind)")
