@@ -39,6 +39,7 @@ from reaas_server.interceptors import (
     PerMethodInterceptor,
     api_key_of,
     image_count,
+    peer_of,
     replace_behavior,
     rpc_name,
 )
@@ -371,7 +372,7 @@ def _allowance_of(context: grpc.ServicerContext) -> tuple[str, int | None]:
     if caller is None:  # served without accounting (the benchmark baseline)
         return api_key_of(context.invocation_metadata()), None
     if caller.key is None:
-        return f"{caller.name}@{context.peer()}", None
+        return f"{caller.name}@{peer_of(context)}", None
     return caller.name, caller.key.max_concurrent_calls
 
 

@@ -38,6 +38,7 @@ from reaas_server.interceptors import (
     forget_call_state,
     image_count,
     message_size,
+    peer_of,
     rpc_name,
 )
 
@@ -157,7 +158,7 @@ class _Call:
         self._rpc = rpc
         self._context = context  # its metadata names a caller refused before the account was resolved
         self.caller: str | None = None  # the account's name, once the account interceptor has resolved it
-        self._peer = context.peer()
+        self._peer = peer_of(context)
         self._lock = threading.Lock()
         self._ended = False
         self._unanswered: collections.deque[int] = collections.deque()  # images of each unanswered request
