@@ -10,11 +10,9 @@ must not leave a server behind holding CPU and memory.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import queue
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -27,10 +25,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 _HANDSHAKE = re.compile(r"listening on (\S+):(\d+)")
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-# Resolved here, in the parent: between fork and exec the child only calls it (no dlopen, whose locks another
-# thread of the parent may have held at fork time).
-_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+_EXIT_WITH_PARENT = "REAAS_EXIT_WITH_PARENT"  # read by reaas_server.parent_watch (the client never imports it)
 
 
 class ServerStartError(RuntimeError):
@@ -67,8 +62,10 @@ def background_server_process(mode: str = "reaas", *, checkpoint: Path | None = 
     if checkpoint is not None:
         command += ["--checkpoint", str(checkpoint)]
     log = open(log_path, "w") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True,
-                               preexec_fn=_terminate_with(os.getpid()) if _PRCTL is not None else None)
+    # The child asks Linux to end it with this process (reaas_server/parent_watch.py); no pre-exec hook here: one
+    # makes Python fork with its fork handlers, and gRPC's waited forever for this process's gRPC threads.
+    environment = {**os.environ, _EXIT_WITH_PARENT: str(os.getpid())}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, env=environment)
     try:
         address = _wait_for_handshake(process, startup_timeout_s, log_path)
         _wait_for_serving(address, process, startup_timeout_s, log_path)
@@ -84,19 +81,6 @@ def background_server_process(mode: str = "reaas", *, checkpoint: Path | None = 
             process.stdout.close()
         if log is not subprocess.DEVNULL:
             log.close()
-
-
-def _terminate_with(parent: int):
-    """The child's pre-exec hook: ask Linux for SIGTERM when the parent dies. Linux ties the signal to the thread
-    that forked, so the server lives as long as the thread inside the `with` block. If the parent is already gone
-    (it died between fork and here), exit at once."""
-
-    def hook() -> None:
-        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return hook
 
 
 def _wait_for_handshake(process: subprocess.Popen, timeout_s: float, log_path: Path | None) -> str:

@@ -33,6 +33,7 @@ from reaas_server.ledger import (
     is_postgres,
 )
 from reaas_server.memory import limit_heap_growth
+from reaas_server.parent_watch import exit_with_parent
 from reaas_server.tls import ServerTls
 from robust_pretrain.checkpoint import CheckpointError
 from robust_pretrain.demo import DEFAULT_DEMO_KIND, DEMO_KINDS, TEXT_DEMO_KINDS
@@ -284,6 +285,7 @@ def _server_tls(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Se
 
 def main(argv: list[str] | None = None) -> None:
     """Serve until SIGTERM or SIGINT, drain, return (tests call this in-process)."""
+    exit_with_parent()  # a helper child of the demo, a benchmark or a test ends with its parent
     parser = build_parser()
     config, args = config_from(parser, argv)
     with reported_errors(parser.prog, debug=args.debug, usage_errors=(BindError, LedgerOpenError, LedgerUnavailable)):
