@@ -27,6 +27,7 @@ class ServerConfig:
     port: int = 50051  # 0 picks a free port (tests)
     metrics_port: int | None = None  # Prometheus exporter; None: none, 0: a free port
     metrics_host: str | None = None  # where the exporter binds; None: `host`
+    heap: str = "lean"  # glibc heap policy (memory.HEAP_POLICIES): "lean" bounds RSS, "fast" speeds heavy encoders
     mode: str = "reaas"
     checkpoint: Path | None = None  # None: the demo encoder `demo_kind` shipped with robust_pretrain
     demo_kind: str | None = None  # None: robust_pretrain.DEFAULT_DEMO_KIND; ignored when `checkpoint` is set
@@ -86,6 +87,8 @@ class ServerConfig:
             raise ValueError("batch_max_images and batch_max_delay_s must be >= 0")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.heap not in ("lean", "fast"):
+            raise ValueError(f"heap policy must be 'lean' or 'fast', got {self.heap!r}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics port must be in 0..65535, got {self.metrics_port}")
         if min(self.max_feature_images, self.max_feature_streams, self.max_f2i_calls, self.max_calls_per_key) < 1:

@@ -245,7 +245,9 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
                         pending.append(_done(self._shared_feature_response, request, context))
                     else:
                         pending.append(self._compute.submit(self._own_feature_response, request, context))
-                    while len(pending) >= STREAM_PIPELINE_DEPTH or (pending and pending[0].done()):
+                    # a message of several passes is computed alone: two in flight would double its memory
+                    alone = image_count(request) > self._config.forward_chunk_size
+                    while pending and (len(pending) >= STREAM_PIPELINE_DEPTH or pending[0].done() or alone):
                         yield pending.popleft().result()
                 while pending:
                     yield pending.popleft().result()
