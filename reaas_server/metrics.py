@@ -302,9 +302,12 @@ def client_cancelled(context: grpc.ServicerContext) -> bool:
     return getattr(getattr(context, "_state", None), "client", None) == "cancelled"
 
 
-# A client whose deadline fires cancels the call itself, and the cancel can reach the server a little before the
-# server's copy of the deadline passes: 1 of 4 expired calls was counted CANCELLED when the test was remaining <= 0.
-_DEADLINE_SLACK_S = 0.1
+# A client whose deadline fires cancels the call itself, and the cancel can reach the server before the server's
+# copy of the deadline passes (that copy starts when the request's headers arrive, later than the client's under
+# load): 1 of 4 expired calls was counted CANCELLED with remaining <= 0, and 1 of 4 again under CPU hogs with a
+# 0.1 s slack. A client that cancels on purpose within 0.5 s of its deadline is counted DEADLINE_EXCEEDED: rare,
+# and the lesser error.
+_DEADLINE_SLACK_S = 0.5
 
 
 def _client_gone_code(context: grpc.ServicerContext) -> grpc.StatusCode:
