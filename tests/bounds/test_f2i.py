@@ -20,6 +20,8 @@ from bounds import (
 )
 from bounds.graph import build_graph
 
+SEARCH_TOLERANCE = 1e-3  # f2i_radius's default relative tolerance
+
 
 def _random_distances(model, images, radius, samples, generator):
     """Feature distances of random perturbations on the sphere of `radius` [batch] (the worst of `samples`)."""
@@ -89,8 +91,10 @@ def test_memory_budget_chunks_without_changing_results():
     radii = torch.full((5,), 0.5)
     whole = f2i_radius(model, images, radii, bound="crown")
     chunked = f2i_radius(model, images, radii, bound="crown", memory_budget_bytes=1)
-    # float32 batched kernels differ in the last bits with the batch layout; the radii agree to rounding
-    torch.testing.assert_close(whole.image_radius, chunked.image_radius, rtol=1e-5, atol=0)
+    # float32 batched kernels differ in the last bits with the batch layout, so a probe that lands within rounding
+    # of R_F can go either way: the two searches agree to their relative tolerance (1e-3), and both are sound
+    torch.testing.assert_close(whole.image_radius, chunked.image_radius, rtol=2 * SEARCH_TOLERANCE, atol=0)
+    _assert_survives_pgd(model, images, chunked, radii, 0)
 
 
 def test_unknown_bound_lists_the_valid_ones():
@@ -160,7 +164,8 @@ def test_auto_where_local_bounds_pay_gives_the_best_ibp_radius():
     feature_radii = torch.tensor([0.1, 0.5, 1.0])
     auto = f2i_radius(model, images, feature_radii)
     best_ibp = f2i_radius(model, images, feature_radii, bound="best_ibp")
-    torch.testing.assert_close(auto.image_radius, best_ibp.image_radius, rtol=1e-5, atol=0)
+    # the same search on the same bound, run twice: equal up to a probe that rounding tips (the search tolerance)
+    torch.testing.assert_close(auto.image_radius, best_ibp.image_radius, rtol=2 * SEARCH_TOLERANCE, atol=0)
     assert auto.bound == best_ibp.bound and (auto.search_steps > 0).all()
     _assert_survives_pgd(model, images, auto, feature_radii, 3)
 

@@ -25,6 +25,7 @@ import pytest
 from reaas_client import EncoderClient
 from reaas_client.background_server import background_server
 from reaas_server import ServedEncoder, ServerConfig, run_server
+from tests.numerics import assert_same_features
 
 REPO = Path(__file__).resolve().parents[2]
 # what a clean checkout has beside the package sources, and what building needs none of
@@ -118,7 +119,7 @@ def test_the_light_client_wheel_calls_features_and_f2i_without_torch(light_pytho
     assert Path(reply["reaas_client"]).is_relative_to(light_python.parents[1])  # the wheel's, not the tree's
     features = np.array(reply["features"], dtype=np.float32)
     assert features.shape == (6, reply["feature_dim"])
-    np.testing.assert_allclose(features, expected, rtol=1e-6, atol=1e-6)
+    assert_same_features(features, expected)
     assert len(reply["radii"]) == 6 and all(r > 0 for r in reply["radii"])
     assert reply["queries"] == 12  # 6 Feature + 6 F2IPerturb, the server's own count
 

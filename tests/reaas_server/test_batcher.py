@@ -15,6 +15,7 @@ from reaas_client import EncoderClient
 from reaas_server import ServerConfig, start_server
 from reaas_server.batcher import ForwardBatcher, RadiusBatcher
 from reaas_server.encoder_host import ImageRadii
+from tests.numerics import assert_same_features
 
 
 class HeldForward:
@@ -134,7 +135,7 @@ def test_concurrent_clients_get_the_features_they_asked_for_in_fewer_passes(demo
             answers = list(pool.map(client.features, requests))
         for answer, reference in zip(answers, expected, strict=True):
             # features of a 4-image batch; a pass over several requests may round the last bit differently
-            np.testing.assert_allclose(answer, reference, rtol=1e-5, atol=1e-6)
+            assert_same_features(answer, reference)
         assert running.batcher.passes <= len(requests)
     finally:
         running.stop(grace_s=0)

@@ -11,6 +11,7 @@ from reaas.v1 import encoder_service_pb2 as pb
 from reaas.v1 import encoder_service_pb2_grpc as pb_grpc
 from reaas_client import EncoderClient, encode_tensor
 from reaas_server import ServerConfig, run_server
+from tests.numerics import assert_same_features
 
 
 def local_features(demo_encoder, images: torch.Tensor) -> np.ndarray:
@@ -35,13 +36,13 @@ def test_unary_features_equal_local_forward(client, demo_encoder, make_images):
     images = make_images(10)
     remote = client.features(images)
     assert remote.shape == (10, demo_encoder.metadata.feature_dim) and remote.dtype == np.float32
-    np.testing.assert_allclose(remote, local_features(demo_encoder, images), rtol=1e-5, atol=1e-5)
+    assert_same_features(remote, local_features(demo_encoder, images))
 
 
 def test_batches_over_the_server_limit_are_split_by_the_client(client, demo_encoder, make_images):
     images = make_images(150)  # the test server's max_batch_size is 64
     remote = client.features(images, input_ids=[f"x{i}" for i in range(150)])
-    np.testing.assert_allclose(remote, local_features(demo_encoder, images), rtol=1e-5, atol=1e-5)
+    assert_same_features(remote, local_features(demo_encoder, images))
     assert client.ledger.queries("x149", "Feature") == 1
 
 
@@ -50,15 +51,15 @@ def test_streaming_equals_unary(client, make_images):
     streamed = list(client.stream_features((b, None) for b in batches))
     assert len(streamed) == 3
     for batch, features in zip(batches, streamed, strict=True):
-        np.testing.assert_array_equal(features, client.features(batch))
+        assert_same_features(features, client.features(batch))
 
 
 def test_uint8_and_float16_decode_onto_the_declared_range(client, make_images):
     pixels = (make_images(4) * 255).round().to(torch.uint8)
     as_float = pixels.float() / 255
-    np.testing.assert_allclose(client.features(pixels), client.features(as_float), rtol=1e-5, atol=1e-6)
+    assert_same_features(client.features(pixels), client.features(as_float))
     half = as_float.half()
-    np.testing.assert_allclose(client.features(half), client.features(half.float()), rtol=1e-5, atol=1e-6)
+    assert_same_features(client.features(half), client.features(half.float()))
 
 
 def test_round_robin_spreads_calls_over_replicas(demo_encoder, make_images):
@@ -110,4 +111,4 @@ def test_a_stream_keeps_the_order_and_ends_at_a_bad_message(demo_encoder, make_i
         for reply, images in zip(received, batches, strict=True):
             expected = demo_encoder.features(images).numpy()
             got = np.frombuffer(reply.features.raw_data, dtype=np.float32).reshape(expected.shape)
-            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+            assert_same_features(got, expected)
