@@ -38,10 +38,11 @@ from bounds import certify_feature_radius, pgd_margin_attack  # noqa: E402
 from reaas_client.downstream import TrainConfig, feature_spread, train_classifier, training_rows  # noqa: E402
 from reaas_client.heads import consistency_penalty  # noqa: E402
 from reaas_client.pipelines import SmoothingConfig, certify_features  # noqa: E402
-from reaas_client.smoothing_selection import select_smoothing  # noqa: E402
+from reaas_client.smoothing_selection import select_smoothing, smoothing_candidates  # noqa: E402
 from robust_pretrain import load_demo_encoder, load_embedded_mnist  # noqa: E402
 
 RADII = (0.5, 1.0, 1.5, 2.0, 2.5)
+ROW_KINDS = ("reaas-bc", "reaas-sc", "pixel", "cohen")
 
 
 @dataclass(frozen=True)
@@ -75,12 +76,13 @@ def lenet() -> nn.Sequential:
 
 def train_noisy_lenet(images: torch.Tensor, labels: torch.Tensor, sigma: float, *, consistency: float,
                       copies: int = 2, epochs: int = 60, batch_size: int = 128, lr: float = 1e-3,
-                      seed: int = 0) -> nn.Sequential:
+                      seed: int = 0, device: str = "cpu") -> nn.Sequential:
     """Gaussian data augmentation at `sigma` (Cohen et al.); `consistency` > 0 adds Jeong & Shin's term over
-    `copies` noisy copies of each input: lambda · mean_i KL(p_mean || p_i) + 0.5 · H(p_mean)."""
+    `copies` noisy copies of each input: lambda · mean_i KL(p_mean || p_i) + 0.5 · H(p_mean). Trained on `device`
+    (the noise is drawn on the CPU, so a run replays on any device up to float rounding); returned there."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = lenet()
+    model = lenet().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     steps = epochs * -(-images.shape[0] // batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
@@ -91,8 +93,8 @@ def train_noisy_lenet(images: torch.Tensor, labels: torch.Tensor, sigma: float, 
         for start in range(0, images.shape[0], batch_size):
             batch = order[start:start + batch_size]
             x, y = images[batch].repeat(m, 1), labels[batch].repeat(m)
-            logits = model(x + sigma * torch.randn(x.shape, generator=generator))
-            loss = nn.functional.cross_entropy(logits, y)
+            logits = model((x + sigma * torch.randn(x.shape, generator=generator)).to(device))
+            loss = nn.functional.cross_entropy(logits, y.to(device))
             if consistency > 0:
                 loss = loss + consistency_penalty(logits, m, consistency)
             optimizer.zero_grad()
@@ -103,11 +105,12 @@ def train_noisy_lenet(images: torch.Tensor, labels: torch.Tensor, sigma: float, 
 
 
 def smoothed_row(name: str, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, sigma: float, n: int,
-                 seed: int, *, queries: str, train_s: float, note: str) -> RivalRow:
-    """Cohen CERTIFY at N = n of `model` around each flat input (the project's certify_features)."""
+                 seed: int, *, queries: str, train_s: float, note: str, device: str = "cpu") -> RivalRow:
+    """Cohen CERTIFY at N = n of `model` around each flat input (the project's certify_features; the noise drawn
+    and `model` run on `device`)."""
     started = time.perf_counter()
     with torch.no_grad():
-        certificates = certify_features(model, inputs, SmoothingConfig(sigma, n=n, seed=seed))
+        certificates = certify_features(model, inputs, SmoothingConfig(sigma, n=n, seed=seed, device=device))
     correct = torch.tensor([c.prediction == int(y) for c, y in zip(certificates, labels, strict=True)])
     radius = torch.tensor([c.radius if ok else 0.0 for c, ok in zip(certificates, correct.tolist(), strict=True)])
     return RivalRow(name, radius, correct, queries, train_s + time.perf_counter() - started, "n/a (smoothed)",
@@ -172,8 +175,11 @@ def main(argv: list[str] | None = None) -> int:
         help="REaaS-BC head kind (reaas_client.heads: AOL or orthogonal 1-Lipschitz body)")
     add("--bc-hidden", default="512,512", help="REaaS-BC 1-Lipschitz body widths")
     add("--bc-temperature", type=float, default=TrainConfig.temperature, help="REaaS-BC loss temperature")
-    add("--sc-fractions", type=floats, default=(0.05, 0.1, 0.2, 0.4),
+    add("--sc-fractions", type=floats, default=(0.05, 0.1, 0.15, 0.2, 0.3, 0.4),
         help="REaaS-SC sigma grid, fractions of the feature spread, selected on 200 held-out training features")
+    add("--sc-heads", default="mlp,mlp+cr",
+        help="REaaS-SC head candidates, selected with sigma on the held-out features (reaas_client.smoothing_selection:"
+             " 'mlp' the paper's MLP, '+cr' trained with consistency regularisation)")
     add("--sigmas", type=floats, default=(0.25, 0.5, 1.0), help="Cohen LeNet noise levels (pixels)")
     add("--consistency", type=floats, default=(0.0, 5.0),
         help="consistency weights lambda of the LeNet rows (0: plain noise training; > 0: 2 noisy copies)")
@@ -191,9 +197,18 @@ def main(argv: list[str] | None = None) -> int:
     add("--tightness-targets", type=int, default=3,
         help="targeted PGD toward this many nearest runner-up classes at each probe (besides the untargeted one)")
     add("--seed", type=int, default=0, help="seed of training, noise and attacks")
+    add("--rows", type=lambda text: tuple(text.split(",")), default=ROW_KINDS,
+        help=f"which rows to run, comma-separated from {','.join(ROW_KINDS)} (default: all)")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where the LeNets train and every smoothing row draws its noise and runs its classifier (default: CUDA "
+             "when present; N = 10^5 smoothing of 100 digits costs ~37 min a row on 2 CPU cores, seconds on a GPU)")
+    add("--threads", type=int, default=1, help="torch CPU threads (default 1: 2 shared cores)")
     add("--name", default="rivals", help="results file stem under benchmarks/results/")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    unknown = set(args.rows) - set(ROW_KINDS)
+    if unknown:
+        parser.error(f"unknown --rows {', '.join(sorted(unknown))}; choose from {', '.join(ROW_KINDS)}")
+    torch.set_num_threads(args.threads)
     splits = load_embedded_mnist()
     images = splits.downstream_train.images.flatten(1)
     labels = splits.downstream_train.labels
@@ -211,48 +226,54 @@ def main(argv: list[str] | None = None) -> int:
                              args.attack_restarts, args.seed, targets=args.tightness_targets)
     margin_head = TrainConfig(head="lipschitz", hidden=(512, 512), batch_size=128, seed=args.seed)
     bc_hidden = tuple(int(w) for w in args.bc_hidden.split(","))
-    started = time.perf_counter()
-    views = pca_views(args.bc_augment, args.seed) if args.bc_augment else None
-    bc = train_classifier(*training_rows(features, labels, views), 10,
-                          replace(margin_head, head=args.bc_head, margin=args.bc_margin, epochs=args.bc_epochs,
-                                  hidden=bc_hidden, temperature=args.bc_temperature))
-    augmented = f", {args.bc_augment} augmented copies per training digit" if args.bc_augment else ""
-    log(deterministic_row("REaaS-BC", bc, test_features, test_labels,
-                          queries=f"{1 + args.bc_augment} train + 2 test", train_s=time.perf_counter() - started,
-                          note=f"{args.bc_head} {'-'.join(map(str, bc_hidden))}, eps {args.bc_margin:g}, "
-                               f"{args.bc_epochs} epochs{augmented}",
-                          end_to_end=(nn.Sequential(load_demo_encoder("pca").model.eval(), bc), test),
-                          tightness=tightness, **pgd))
+    bc_config = replace(margin_head, head=args.bc_head, margin=args.bc_margin, epochs=args.bc_epochs,
+                        hidden=bc_hidden, temperature=args.bc_temperature)
+    if "reaas-bc" in args.rows:
+        started = time.perf_counter()
+        views = pca_views(args.bc_augment, args.seed) if args.bc_augment else None
+        bc = train_classifier(*training_rows(features, labels, views), 10, bc_config)
+        augmented = f", {args.bc_augment} augmented copies per training digit" if args.bc_augment else ""
+        log(deterministic_row("REaaS-BC", bc, test_features, test_labels,
+                              queries=f"{1 + args.bc_augment} train + 2 test", train_s=time.perf_counter() - started,
+                              note=f"{args.bc_head} {'-'.join(map(str, bc_hidden))}, eps {args.bc_margin:g}, "
+                                   f"{args.bc_epochs} epochs{augmented}",
+                              end_to_end=(nn.Sequential(load_demo_encoder("pca").model.eval(), bc), test),
+                              tightness=tightness, **pgd))
 
-    started = time.perf_counter()
-    spread = feature_spread(features)
-    mlp = TrainConfig(hidden=(512, 512), epochs=100, batch_size=128, seed=args.seed)
-    chosen = select_smoothing(features, labels, 10, {"mlp": mlp}, [f * spread for f in args.sc_fractions],
-                              seed=args.seed)
-    sc = train_classifier(features, labels, 10, replace(mlp, noise_sigma=chosen.sigma))
-    log(smoothed_row("REaaS-SC", sc, test_features[:args.smooth_test], few_labels, chosen.sigma, args.n, args.seed,
-                     queries="1 train + 2 test", train_s=time.perf_counter() - started,
-                     note=f"mlp, sigma_F {chosen.sigma:.3g} ({chosen.sigma / spread:g} x spread, held-out), "
-                          f"N {args.n}"))
+    if "reaas-sc" in args.rows:
+        started = time.perf_counter()
+        spread = feature_spread(features)
+        mlp = TrainConfig(hidden=(512, 512), epochs=100, batch_size=128, seed=args.seed)
+        candidates = smoothing_candidates(args.sc_heads.split(","), selected=bc_config, mlp=mlp, margin=margin_head)
+        chosen = select_smoothing(features, labels, 10, candidates, [f * spread for f in args.sc_fractions],
+                                  seed=args.seed)
+        print(chosen.table(), flush=True)
+        sc = train_classifier(features, labels, 10, replace(candidates[chosen.head], noise_sigma=chosen.sigma))
+        log(smoothed_row("REaaS-SC", sc, test_features[:args.smooth_test], few_labels, chosen.sigma, args.n,
+                         args.seed, queries="1 train + 2 test", train_s=time.perf_counter() - started,
+                         note=f"{chosen.head}, sigma_F {chosen.sigma:.3g} ({chosen.sigma / spread:g} x spread), "
+                              f"head and sigma_F chosen on held-out training features, N {args.n}",
+                         device=args.device))
 
-    hidden = tuple(int(w) for w in args.pixel_hidden.split(","))
-    started = time.perf_counter()
-    pixel = train_classifier(images, labels, 10, replace(margin_head, hidden=hidden, margin=args.pixel_margin,
-                                                         epochs=args.pixel_epochs))
-    log(deterministic_row("1-Lipschitz net on pixels", pixel, test, test_labels, queries="0 (no encoder)",
-                          train_s=time.perf_counter() - started,
-                          note=f"AOL 784-{'-'.join(map(str, hidden))} + MaxMin, eps {args.pixel_margin:g}, "
-                               f"{args.pixel_epochs} epochs", tightness=tightness, **pgd))
+    if "pixel" in args.rows:
+        hidden = tuple(int(w) for w in args.pixel_hidden.split(","))
+        started = time.perf_counter()
+        pixel = train_classifier(images, labels, 10, replace(margin_head, hidden=hidden, margin=args.pixel_margin,
+                                                             epochs=args.pixel_epochs))
+        log(deterministic_row("1-Lipschitz net on pixels", pixel, test, test_labels, queries="0 (no encoder)",
+                              train_s=time.perf_counter() - started,
+                              note=f"AOL 784-{'-'.join(map(str, hidden))} + MaxMin, eps {args.pixel_margin:g}, "
+                                   f"{args.pixel_epochs} epochs", tightness=tightness, **pgd))
 
-    for sigma in args.sigmas:
+    for sigma in args.sigmas if "cohen" in args.rows else ():
         for weight in args.consistency:
             started = time.perf_counter()
             model = train_noisy_lenet(images, labels, sigma, consistency=weight, epochs=args.lenet_epochs,
-                                      seed=args.seed)
+                                      seed=args.seed, device=args.device)
             label = f"Cohen LeNet sigma {sigma:g}" + (f" + consistency (m 2, lambda {weight:g})" if weight else "")
             log(smoothed_row(label, model, few, few_labels, sigma, args.n, args.seed, queries="0 (no encoder)",
                              train_s=time.perf_counter() - started,
-                             note=f"{args.lenet_epochs} epochs noise training, N {args.n}"))
+                             note=f"{args.lenet_epochs} epochs noise training, N {args.n}", device=args.device))
 
     headers = ["row", "test digits", "clean acc", "ACR", *[f"CA@{r:g}" for r in RADII], "queries / input",
                "client compute s", "PGD flips inside R (certified)", "end-to-end attack radius (mean)",
@@ -262,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     body = ("Same 2 000 training digits and the same test digits in order (smoothing rows: the first "
             f"{args.smooth_test}); radii are l2 in pixel space, wrong or abstained inputs count 0. Client compute: "
             "training plus certification on this machine (REaaS rows exclude the provider's Feature / F2IPerturb "
-            "time). PGD: l2, float64, at each certified radius, "
+            f"time; smoothing rows and the LeNets' training ran on {args.device}). PGD: l2, float64, at each certified radius, "
             f"{args.attack_steps} steps x {args.attack_restarts} restarts. Deterministic rows also carry the "
             "end-to-end attack radius (pixels -> PCA -> h for REaaS-BC; the network itself on pixels) per test digit, "
             f"{tightness.describe()}, and mean certified / mean attack radius: the tightness of the certificate "

@@ -16,6 +16,7 @@ input's embedding matrix (Embed, 1 query) and smooths in embedding space around 
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -57,7 +58,9 @@ SEAAS_TRAIN_COPIES = 25
 
 @dataclass(frozen=True)
 class SmoothingConfig:
-    """Cohen et al.'s CERTIFY parameters (the paper's defaults); `seed` makes every certificate replayable."""
+    """Cohen et al.'s CERTIFY parameters (the paper's defaults); `seed` makes every certificate replayable.
+    `device`: where REaaS-SC draws its feature-space noise ("cuda" draws other, equally valid, noise than "cpu", so a
+    certificate replays on the device it was made on); SEaaS-SC's image noise is always drawn on the CPU."""
 
     sigma: float
     n0: int = 100
@@ -65,6 +68,7 @@ class SmoothingConfig:
     alpha: float = 0.001
     seed: int = 0
     batch_size: int = 10_000
+    device: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -185,11 +189,18 @@ def certify_features(h: nn.Module, features: torch.Tensor, smoothing: SmoothingC
     """Cohen CERTIFY of h around each feature vector [batch, feature_dim], locally (no query).
 
     The feature-space half of REaaS-SC; input i uses the generator of test index `first_index + i`, so a
-    certificate is the same whether computed here alone or inside `certify_reaas_sc`.
+    certificate is the same whether computed here alone or inside `certify_reaas_sc`. h runs where the noise is
+    drawn (`smoothing.device`; a copy of h when it lives elsewhere, so the caller's h stays put).
     """
+    device = torch.device(smoothing.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if next(h.parameters()).device != device:
+        h = copy.deepcopy(h).to(device)
     smooth = Smooth(label_classifier(h), _num_classes(h), smoothing.sigma)
     return [smooth.certify(GaussianFeatureSamples(feature, smoothing.sigma, smoothing.batch_size), smoothing.n0,
-                           smoothing.n, smoothing.alpha, _generator(smoothing.seed, first_index + offset))
+                           smoothing.n, smoothing.alpha,
+                           _generator(smoothing.seed, first_index + offset, smoothing.device))
             for offset, feature in enumerate(features)]
 
 
@@ -236,9 +247,9 @@ def _num_classes(h: nn.Module) -> int:
     return [m for m in h.modules() if isinstance(m, nn.Linear)][-1].out_features
 
 
-def _generator(seed: int, index: int) -> torch.Generator:
+def _generator(seed: int, index: int, device: str = "cpu") -> torch.Generator:
     """One generator per test input, so a certificate does not depend on batching or on other inputs."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + index)
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
 
 
 _Cost = dict[str, tuple[dict[str, int], int, int]]

@@ -12,7 +12,7 @@ import torch
 from bounds import build_graph, pgd_feature_distance
 from bounds.operators import Box
 from bounds.slope_ascent import slope_ascent_lower
-from reaas_client import EncoderClient
+from reaas_client import EncoderClient, SmoothingConfig, certify_features
 from reaas_server import ServedEncoder, ServerConfig, run_server
 from robust_pretrain import load_embedded_mnist
 
@@ -109,3 +109,19 @@ def test_a_text_server_on_cuda_embeds_token_ids_on_the_device_and_agrees_with_th
         np.testing.assert_array_equal(client.embed(ids).numpy(), reference.text.embed(ids).numpy())
         reply = client.f2i_perturb(token_ids=ids, feature_radii=[0.05] * 10, bound="auto")
         assert all(r > 0 for r in reply.image_radius)
+
+
+def test_feature_space_smoothing_on_cuda_certifies_no_more_than_the_exact_radius():
+    """REaaS-SC noise drawn on the GPU (SmoothingConfig.device): a two-class linear h, whose smoothed classifier is h
+    itself, is certified below its hyperplane distance and close to it at N = 10^5; the caller's h stays on the CPU."""
+    torch.manual_seed(0)
+    weight, z = torch.randn(8), torch.randn(8)
+    distance = 0.3
+    h = torch.nn.Linear(8, 2)
+    with torch.no_grad():
+        h.weight.copy_(torch.stack([torch.zeros(8), weight]))
+        h.bias.copy_(torch.tensor([0.0, distance * float(weight.norm()) - float(weight @ z)]))
+    (certificate,) = certify_features(h, z[None], SmoothingConfig(0.5, n=100_000, device="cuda"))
+    assert next(h.parameters()).device.type == "cpu"
+    assert certificate.prediction == 1
+    assert 0.9 * distance < certificate.radius <= distance
