@@ -33,6 +33,7 @@ from benchmarks.environment import RESULTS, machine_summary, write_results
 from reaas_client.downstream import TrainConfig, stratified_subset
 from reaas_client.downstream_data import TEXT_TEST_FRACTION, is_text_dataset
 from reaas_client.head_selection import HeadSearch
+from reaas_client.smoothing_selection import CONSISTENCY_WEIGHT
 
 
 def load_data(args: argparse.Namespace) -> Data:
@@ -128,7 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--sc-heads", type=names, default=("selected", "mlp", "mlp+cr"),
         help="REaaS-SC head candidates, chosen with sigma on held-out training features and trained on noisy "
              "features ('selected': REaaS-BC's chosen kind and margin; '+cr': with consistency regularisation); "
-             "SEaaS-SC trains the paper's MLP")
+             "SEaaS-SC trains the paper's MLP (with --seaas-consistency)")
+    add("--seaas-consistency", type=float, default=CONSISTENCY_WEIGHT,
+        help="SEaaS-SC head: consistency weight lambda over two of each training image's 25 noisy copies per step "
+             "(0: the paper's plain Gaussian augmentation)")
     add("--augment", type=int, default=0,
         help="K shifted / elastic copies of each training image for the REaaS heads (reaas_client.augment): 1 + K "
              "queries per training input, shown in the queries / train input column")
@@ -156,6 +160,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         search=HeadSearch(heads=args.heads, margins=args.margins, min_accuracy=args.min_val_accuracy),
         mlp_head_encoders=args.mlp_head_encoders, all_test_encoders=resolve(args.all_test_encoders),
         margin_train=margin_heads, margins_in_spread=args.margin_unit == "spread", sc_heads=args.sc_heads, sc_train=replace(base, head="mlp"),
+        seaas_train=replace(base, head="mlp", consistency=args.seaas_consistency),
         attack=AttackConfig(args.attack_max_radius, args.attack_search, args.attack_steps, args.attack_restarts,
                             args.seed),
         bound=args.bound, seed=args.seed, augment=args.augment)

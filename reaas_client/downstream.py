@@ -250,9 +250,21 @@ class TrainConfig:
             raise ValueError(f"margin_warmup must be in [0, 1], got {self.margin_warmup}")
 
 
+def copy_views(inputs: torch.Tensor, copies_per_input: int, views: int, generator: torch.Generator) -> torch.Tensor:
+    """Row indices [views * len(inputs)], copy-major (what consistency_penalty expects), of `views` distinct copies
+    of each input, drawn at random: input i's copies are rows i * copies_per_input ... + copies_per_input - 1."""
+    picks = torch.rand((inputs.shape[0], copies_per_input), generator=generator).argsort(dim=1)[:, :views]
+    return (inputs[:, None] * copies_per_input + picks).T.flatten()
+
+
 def train_classifier(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                     config: TrainConfig = TrainConfig()) -> nn.Sequential:
+                     config: TrainConfig = TrainConfig(), *, copies_per_input: int = 1) -> nn.Sequential:
     """Train h of kind `config.head` on `features` [N, feature_dim] (Adam, cosine schedule).
+
+    `copies_per_input` > 1: the rows are noisy copies made before h saw them (SEaaS-SC's 25 images clip(x + e) per
+    training input, their features consecutive, input-major). With `config.consistency` > 0 an epoch then walks
+    over the inputs and each step takes `consistency_copies` distinct copies of each input as its noisy views (the
+    noise is already in them, so none is added); without consistency every row is a sample of its own.
 
     "mlp": cross-entropy on features centred and scaled by their spread (encoders' feature scales differ by
     orders of magnitude); the affine map is then folded into h's first Linear. "linear" / "lipschitz": the
@@ -274,22 +286,31 @@ def train_classifier(features: torch.Tensor, labels: torch.Tensor, num_classes: 
         model = build_margin_head(config.head, features.shape[1], num_classes, config.hidden)
     model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = max(1, -(-features.shape[0] // config.batch_size))
+    grouped = copies_per_input > 1 and config.consistency > 0
+    if grouped and (features.shape[0] % copies_per_input or copies_per_input < config.consistency_copies):
+        raise ValueError(f"{features.shape[0]} rows are not groups of {copies_per_input} copies, or fewer copies "
+                         f"than the {config.consistency_copies} consistency views")
+    views = config.consistency_copies if config.consistency > 0 and (config.noise_sigma > 0 or grouped) else 1
+    samples = features.shape[0] // copies_per_input if grouped else features.shape[0]
+    steps_per_epoch = max(1, -(-samples // config.batch_size))
     total_steps = config.epochs * steps_per_epoch
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps)
     warmup_steps = config.margin_warmup * total_steps
     step = 0
-    views = config.consistency_copies if config.consistency > 0 and config.noise_sigma > 0 else 1
     model.train()
     for _ in bar(range(config.epochs), desc=f"training h ({config.head})", unit="epoch", leave=False):
-        order = torch.randperm(features.shape[0], generator=generator)
-        for start in range(0, features.shape[0], config.batch_size):
+        order = torch.randperm(samples, generator=generator)
+        for start in range(0, samples, config.batch_size):
             batch = order[start:start + config.batch_size]
-            inputs = features[batch].repeat(views, 1)
+            if grouped:
+                rows = copy_views(batch, copies_per_input, views, generator)
+                inputs, targets = features[rows], labels[rows]
+            else:
+                inputs, targets = features[batch].repeat(views, 1), labels[batch].repeat(views)
             if config.noise_sigma > 0:
                 inputs = inputs + config.noise_sigma * torch.randn(inputs.shape, generator=generator)
             logits = model(((inputs - mean) / scale).to(device))
-            targets = labels[batch].repeat(views).to(device)
+            targets = targets.to(device)
             if config.head == "mlp":
                 loss = nn.functional.cross_entropy(logits, targets)
             else:  # the AOL or orthogonal body is 1-Lipschitz by construction, so L_body = 1 while training

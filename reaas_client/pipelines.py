@@ -98,7 +98,9 @@ def train_downstream(
 ) -> TrainedClassifier:
     """Train h for `path`: reaas-bc on clean features; reaas-sc with N(0, sigma^2) added to the features;
     seaas-sc on the features of 25 noisy copies clip(x + e) per training image (noise in image space,
-    Gaussian data augmentation through the API; epochs divided by 25, see below). `augment` K (REaaS paths):
+    Gaussian data augmentation through the API; epochs divided by 25, see below; with `config.consistency` > 0,
+    consistency regularisation over two of an input's 25 copies per step, as REaaS-SC's "+cr" heads train on two
+    noisy views). `augment` K (REaaS paths):
     h also trains on the features of K shifted / elastic copies of each training image (reaas_client.augment),
     1 + K queries per training input, with the same epochs (so each epoch is 1 + K times the steps).
 
@@ -115,10 +117,14 @@ def train_downstream(
                                  copies=SEAAS_TRAIN_COPIES, noise_sigma=sigma, seed=config.seed)
         # Each noisy copy is a fresh view of its input: 25 copies per pass is 25 epochs of augmentation, so
         # the pass count is divided by 25 to give h the same number of optimiser steps as on the REaaS paths.
-        config = replace(config, noise_sigma=0.0, epochs=max(1, -(-config.epochs // SEAAS_TRAIN_COPIES)))
+        # With consistency regularisation an epoch walks over the inputs instead (two copies of each per step).
+        copies = SEAAS_TRAIN_COPIES
+        epochs = config.epochs if config.consistency > 0 else max(1, -(-config.epochs // SEAAS_TRAIN_COPIES))
+        config = replace(config, noise_sigma=0.0, epochs=epochs)
     else:
         fetched = fetch_features(client, images, labels, dataset=dataset, cache_dir=cache_dir, augment=augment,
                                  seed=config.seed)
+        copies = 1
         noise = sigma if path == "reaas-sc" else 0.0
         config = replace(config, noise_sigma=noise)
     if search is not None:
@@ -129,7 +135,7 @@ def train_downstream(
         return TrainedClassifier(selection.model, fetched, fetched.queries_per_input, selection)
     rows, row_labels = training_rows(fetched.features, fetched.labels, fetched.views)
     step(f"training h ({_head_name(config)}, {config.epochs} epochs) on {rows.shape[0]} features ...")
-    model = _train_head(rows, row_labels, num_classes, config)
+    model = _train_head(rows, row_labels, num_classes, config, copies_per_input=copies)
     return TrainedClassifier(model, fetched, fetched.queries_per_input)
 
 

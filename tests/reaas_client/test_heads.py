@@ -159,3 +159,25 @@ def test_consistency_training_keeps_noisy_heads_accurate() -> None:
         config = TrainConfig(head=head, hidden=(32,), margin=0.5, epochs=40, lr=1e-2, noise_sigma=1.0,
                              consistency=5.0)
         assert accuracy(train_classifier(train, labels, 3, config), test, test_labels) > 0.9, head
+
+
+def test_copy_views_are_distinct_copies_of_one_input_copy_major() -> None:
+    from reaas_client.downstream import copy_views
+
+    inputs = torch.tensor([4, 0, 7])
+    rows = copy_views(inputs, 25, 2, torch.Generator().manual_seed(0)).view(2, 3)  # [views, inputs]
+    assert bool((rows // 25 == inputs).all())  # each column: copies of its own input
+    assert bool((rows[0] != rows[1]).all())  # two different noisy copies
+
+
+def test_consistency_over_premade_noisy_copies_trains_and_checks_the_grouping() -> None:
+    """SEaaS-SC's case: 5 noisy copies per input made before h sees them (no noise added while training)."""
+    train, labels = blobs(60, 0, spacing=4.0)
+    copies = train.repeat_interleave(5, dim=0) + torch.randn(300, train.shape[1],
+                                                            generator=torch.Generator().manual_seed(2))
+    test, test_labels = blobs(300, 1, spacing=4.0)
+    config = TrainConfig(hidden=(32,), epochs=60, lr=1e-2, consistency=5.0)
+    h = train_classifier(copies, labels.repeat_interleave(5), 3, config, copies_per_input=5)
+    assert accuracy(h, test, test_labels) > 0.9
+    with pytest.raises(ValueError, match="groups of 7"):
+        train_classifier(copies, labels.repeat_interleave(5), 3, config, copies_per_input=7)
