@@ -24,7 +24,7 @@ from torch import nn
 
 from benchmarks.attack_radius import AttackConfig, Tightness, certificate_tightness
 from benchmarks.environment import RESULTS, invoked_command, machine_summary
-from bounds import certify_feature_radius, pgd_margin_attack
+from bounds import MaxMin, certify_feature_radius, pgd_margin_attack
 from reaas_client.augment import augmented_copies
 from reaas_client.downstream import TrainConfig, train_classifier, training_rows
 from robust_pretrain import load_demo_encoder, load_embedded_mnist
@@ -59,6 +59,24 @@ class EndToEnd:
     def tightness(self, h: nn.Module, labels: torch.Tensor, certified: torch.Tensor,
                   config: AttackConfig) -> Tightness:
         return certificate_tightness(nn.Sequential(self.encoder, h), self.images, labels, certified, config)
+
+
+def stable_pair_share(h: nn.Sequential, features: torch.Tensor, radius: torch.Tensor) -> float | None:
+    """Mean share, over inputs with R > 0, of h's first-layer MaxMin pairs whose order is fixed on B(z, R).
+
+    Pair k (halves a_k, b_k of the first Linear's output) is stable iff |(a_k - b_k).z + c_k| > ||a_k - b_k|| R. A
+    local bound (CROWN, interval Clarke Jacobians) can only beat the global Lipschitz margin where pairs are stable,
+    so a small share says a tighter certificate must reason about the pairs' orderings themselves. None for a head
+    without MaxMin."""
+    if not any(isinstance(m, MaxMin) for m in h) or not bool((radius > 0).any()):
+        return None
+    first = next(m for m in h if isinstance(m, nn.Linear))
+    half = first.out_features // 2
+    with torch.no_grad():
+        pre = features[radius > 0] @ first.weight.T + first.bias
+        gap = (pre[:, :half] - pre[:, half:]).abs()
+        slope = (first.weight[:half] - first.weight[half:]).norm(dim=1)
+        return float((gap > slope * radius[radius > 0, None].to(gap.dtype)).float().mean())
 
 
 def parse_head(spec: str, base: TrainConfig) -> TrainConfig:
@@ -129,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                                      radius[certified], steps=args.attack_steps, restarts=args.attack_restarts,
                                      generator=torch.Generator().manual_seed(0))
         tight = end_to_end.tightness(h, test_labels, radius, attack) if args.tightness else None
+        stable = stable_pair_share(h, test, radius)
         if args.save_dir:
             Path(args.save_dir).mkdir(parents=True, exist_ok=True)
             torch.save(h, Path(args.save_dir) / stored)
@@ -137,16 +156,18 @@ def main(argv: list[str] | None = None) -> int:
                     + (f", noise {config.noise_sigma:g}" if config.noise_sigma else ""))
         rows.append(f"| {config.head} | {config.margin:g} | {training} | {1 + args.augment} | "
                     f"{correct.float().mean():.3f} | "
-                    f"{radius.mean():.3f} | {int((worst < 0).sum())} | " + (
+                    f"{radius.mean():.3f} | {int((worst < 0).sum())} | "
+                    f"{'n/a' if stable is None else f'{stable:.3f}'} | " + (
                         f"{tight.mean_attack:.3f} | {tight.ratio:.3f} | {tight.censored} | {tight.violations} | "
                         if tight else "") + ("loaded" if args.load_dir else f"{trained:.0f}") + " |")
         print(rows[-1], flush=True)
     table = "\n".join([
         f"`{invoked_command()}`  ", machine_summary(), "",
         "| head | eps | training | q/train | clean acc | BC ACR (feature = image radius, L = 1) | PGD flips inside R_F | "
+        "layer-1 MaxMin pairs stable on B(z, R) | "
         + ("end-to-end attack radius (mean) | certified / attack | censored | attack < certified | "
            if args.tightness else "") + "train s |",
-        "|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if args.tightness else ""), *rows, ""])
+        "|---|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if args.tightness else ""), *rows, ""])
     if args.tightness:
         table += f"\nTightness attack: {attack.describe()}, on pixel -> PCA -> h (all test digits).\n"
     title = "# Downstream heads on PCA-64 features of the embedded digits (1 000 test digits)\n\n"

@@ -3,10 +3,11 @@ trains and certifies, and a smoothed row counts wrong or abstained digits as rad
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from benchmarks.attack_radius import AttackConfig, certificate_tightness
-from benchmarks.rivals import deterministic_row, smoothed_row, train_noisy_lenet
+from benchmarks.rivals import deterministic_row, main, smoothed_row, train_noisy_lenet
 from bounds import certify_feature_radius
 from reaas_client.downstream import TrainConfig, train_classifier
 from robust_pretrain import load_embedded_mnist
@@ -55,3 +56,10 @@ def test_consistency_lenet_trains_and_its_smoothed_row_zeroes_wrong_digits() -> 
     row = smoothed_row("lenet", model, test[:10], test_labels[:10], 0.5, 500, 0, queries="0", train_s=0.0, note="")
     assert row.correct.float().mean() > 0.5  # better than chance (0.1) after a few epochs on 300 digits
     assert (row.radius[~row.correct] == 0).all() and (row.radius[row.correct] >= 0).all()
+
+
+def test_unknown_rows_are_refused_before_any_work(capsys) -> None:
+    with pytest.raises(SystemExit) as ended:
+        main(["--rows", "reaas-bc,cohen-lenet"])
+    assert ended.value.code == 2
+    assert "unknown --rows cohen-lenet; choose from reaas-bc, reaas-sc, pixel, cohen" in capsys.readouterr().err
