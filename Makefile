@@ -134,7 +134,9 @@ bench-heads: setup
 # REaaS-BC / REaaS-SC beside end-to-end rivals on the same digits (issue 21): Cohen smoothing of a noise-trained LeNet
 # (sigma 0.25 / 0.5 / 1, with and without consistency) at N = 100 000 on 100 digits and a 1-Lipschitz pixel network,
 # into benchmarks/results/rivals.md + .png. On 2 CPU cores: each smoothing row ~37 min at N = 10^5 (a LeNet forward
-# of 10^4 digits takes 2.2 s on one core), the pixel network ~10 s an epoch; a GPU makes both minutes.
+# of 10^4 digits takes 2.2 s on one core), the pixel network ~10 s an epoch; a GPU makes both minutes (--device, CUDA
+# where present). `--rows` runs a subset: rivals.md holds the deterministic rows (reaas-bc,pixel; 2 CPU cores),
+# rivals_smoothing_gpu.md the smoothing rows (reaas-sc,cohen --smooth-test 1000; an H200, 4 min).
 bench-rivals: setup
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m benchmarks.rivals
 
