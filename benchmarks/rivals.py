@@ -6,10 +6,10 @@ Rows, every radius an l2 radius in pixel space:
   radius); 1 + --bc-augment queries per training input, 2 per test input (Feature + F2IPerturb). All test digits.
 * REaaS-SC: the paper's MLP (optionally consistency-trained, --sc-heads) on noisy PCA-64 features, Cohen CERTIFY in
   feature space (no query); head and sigma_F chosen on held-out training features
-  (reaas_client.smoothing_selection). The first --smooth-test digits.
+  (reaas_client.smoothing_selection). --smooth-test class-balanced test digits.
 * Cohen smoothing of a LeNet-5 trained on the pixels with Gaussian noise (Cohen et al. 2019), optionally with
   consistency regularisation (Jeong & Shin 2020: m noisy copies, lambda · KL(mean || each) + 0.5 · entropy of the
-  mean), certified at N on the first --smooth-test digits. A client would run it itself: 0 queries, all compute.
+  mean), certified at N on --smooth-test class-balanced test digits. A client would run it itself: 0 queries, all compute.
 * A 1-Lipschitz network on the pixels (AOL 784-1024-1024 + MaxMin, reaas_client.heads, the same distance-unit loss).
   All test digits.
 
@@ -36,7 +36,13 @@ from benchmarks.attack_radius import AttackConfig, Tightness, certificate_tightn
 from benchmarks.environment import RESULTS, markdown_table, write_results  # noqa: E402
 from benchmarks.heads import pca_features, pca_views  # noqa: E402
 from bounds import certify_feature_radius, pgd_margin_attack  # noqa: E402
-from reaas_client.downstream import TrainConfig, feature_spread, train_classifier, training_rows  # noqa: E402
+from reaas_client.downstream import (  # noqa: E402
+    TrainConfig,
+    feature_spread,
+    stratified_subset,
+    train_classifier,
+    training_rows,
+)  # noqa: E402
 from reaas_client.heads import consistency_penalty  # noqa: E402
 from reaas_client.pipelines import SmoothingConfig, certify_features  # noqa: E402
 from reaas_client.smoothing_selection import select_smoothing, smoothing_candidates  # noqa: E402
@@ -187,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         help="consistency weights lambda of the LeNet rows (0: plain noise training; > 0: 2 noisy copies)")
     add("--lenet-epochs", type=int, default=60, help="LeNet training epochs")
     add("--n", type=int, default=100_000, help="N of every smoothing certificate (LeNet and REaaS-SC)")
-    add("--smooth-test", type=int, default=100, help="first test digits certified by the smoothing rows")
+    add("--smooth-test", type=int, default=100,
+        help="test digits certified by the smoothing rows: a class-balanced seeded subset (the test set is sorted by "
+             "class, so its first 100 digits are all zeros); 1000 = all")
     add("--pixel-epochs", type=int, default=120, help="training epochs of the 1-Lipschitz pixel network")
     add("--pixel-margin", type=float, default=4.0, help="margin eps of the 1-Lipschitz pixel network (pixels)")
     add("--pixel-hidden", default="1024,1024", help="widths of the 1-Lipschitz pixel network")
@@ -215,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     images = splits.downstream_train.images.flatten(1)
     labels = splits.downstream_train.labels
     test, test_labels = splits.downstream_test.images.flatten(1), splits.downstream_test.labels
-    few, few_labels = test[:args.smooth_test], test_labels[:args.smooth_test]
+    few_index = stratified_subset(test_labels, args.smooth_test, args.seed)
+    few, few_labels = test[few_index], test_labels[few_index]
     features, _, test_features, _ = pca_features()
     pgd = {"steps": args.attack_steps, "restarts": args.attack_restarts, "seed": args.seed}
     rows: list[RivalRow] = []
@@ -251,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
                                   seed=args.seed)
         print(chosen.table(), flush=True)
         sc = train_classifier(features, labels, 10, replace(candidates[chosen.head], noise_sigma=chosen.sigma))
-        log(smoothed_row("REaaS-SC", sc, test_features[:args.smooth_test], few_labels, chosen.sigma, args.n,
+        log(smoothed_row("REaaS-SC", sc, test_features[few_index], few_labels, chosen.sigma, args.n,
                          args.seed, queries="1 train + 2 test", train_s=time.perf_counter() - started,
                          note=f"{chosen.head}, sigma_F {chosen.sigma:.3g} ({chosen.sigma / spread:g} x spread), "
                               f"head and sigma_F chosen on held-out training features, N {args.n}",
@@ -283,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     png = RESULTS / f"{args.name}.png"
     plot(rows, png)
     body = ("Same 2 000 training digits and the same test digits in order (smoothing rows: the first "
-            f"{args.smooth_test}); radii are l2 in pixel space, wrong or abstained inputs count 0. Client compute: "
+            f"{args.smooth_test}, class-balanced); radii are l2 in pixel space, wrong or abstained inputs count 0. Client compute: "
             "training plus certification on this machine (REaaS rows exclude the provider's Feature / F2IPerturb "
             f"time; smoothing rows and the LeNets' training ran on {args.device}). PGD: l2, float64, at each certified radius, "
             f"{args.attack_steps} steps x {args.attack_restarts} restarts. Deterministic rows also carry the "
