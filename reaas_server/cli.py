@@ -32,7 +32,7 @@ from reaas_server.ledger import (
     default_ledger_path,
     is_postgres,
 )
-from reaas_server.memory import limit_heap_growth
+from reaas_server.memory import freeze_startup_heap, limit_heap_growth
 from reaas_server.parent_watch import exit_with_parent
 from reaas_server.tls import ServerTls
 from robust_pretrain.checkpoint import CheckpointError
@@ -339,6 +339,7 @@ def _serve(config: ServerConfig) -> None:
     previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         running = start_server(config)
+        freeze_startup_heap()  # full GC passes over the start-up heap stalled health checks (reaas_server.memory)
         # The port line is the machine-readable handshake scripts wait for (with --port 0 it is the only way).
         print(
             f"reaas-server listening on {config.host}:{running.port} mode={config.mode} "
