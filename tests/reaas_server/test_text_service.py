@@ -114,7 +114,9 @@ def test_stream_f2i_takes_token_ids(text_encoder, text_stub):
 
 def test_usage_and_quota_count_sequences(text_encoder, tmp_path):
     ledger = UsageLedger(tmp_path / "ledger.sqlite3")
-    secret = ledger.add_key("texter", quota_queries=6, quota_period_s=3600)
+    # a period whose window cannot roll over mid-test (3600 s windows start on the hour: a run at 18:00 UTC was
+    # refused nothing after its first call was counted in the hour before)
+    secret = ledger.add_key("texter", quota_queries=6, quota_period_s=100 * 365 * 86400)
     ledger.close()
     ids = token_ids(text_encoder)  # 4 sequences
     config = ServerConfig(port=0, ledger_path=tmp_path / "ledger.sqlite3", bound_cost_budget_s=0.0)

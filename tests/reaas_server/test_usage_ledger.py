@@ -49,7 +49,7 @@ def test_a_quota_refuses_the_request_that_would_exceed_it_and_usage_shows_what_r
 
 def test_a_stream_is_stopped_at_the_message_that_would_exceed_the_quota(demo_encoder, make_images, ledger_path):
     ledger = UsageLedger(ledger_path)
-    secret = ledger.add_key("streamer", quota_queries=10, quota_period_s=3600)
+    secret = ledger.add_key("streamer", quota_queries=10, quota_period_s=100 * 365 * 86400)  # no window roll-over mid-test
     ledger.close()
     with run_server(ServerConfig(port=0, ledger_path=ledger_path), demo_encoder) as (_, port), \
             EncoderClient(f"127.0.0.1:{port}", api_key=secret, timeout_s=30) as client:
