@@ -15,13 +15,17 @@ import contextlib
 import os
 import subprocess
 import threading
+import time
 from collections import Counter
 from pathlib import Path
+
+import numpy as np
 
 from benchmarks.bare_server import bare_server_process
 from benchmarks.batching import feature_request
 from benchmarks.client_swarm import SwarmOutcome, swarm
 from benchmarks.environment import load_line, machine_summary
+from reaas_client import EncoderClient
 from reaas_client.background_server import background_server_process
 
 
@@ -59,6 +63,17 @@ def _server(kind: str, encoder: str, server_args: tuple[str, ...]):
             yield server.process, server.address
 
 
+def stream_load(address: str, batch: int, seconds: float) -> SwarmOutcome:
+    """One EncoderClient streaming `batch`-image messages, 16 per StreamFeatures call, for `seconds`; a "call" in
+    the outcome is one streamed message."""
+    images = np.random.default_rng(1).random((batch, 1, 28, 28), dtype=np.float32)
+    messages, start = 0, time.perf_counter()
+    with EncoderClient(address, timeout_s=120) as client:
+        while time.perf_counter() - start < seconds:
+            messages += sum(1 for _ in client.stream_features((images, None) for _ in range(16)))
+    return SwarmOutcome(answered=messages, refused=0, other_errors={}, elapsed_s=time.perf_counter() - start)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--server", choices=("reaas", "bare"), default="reaas")
@@ -66,6 +81,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--server-args", default="",
                         help="more reaas-server flags, space-separated, e.g. '--max-feature-images 128' (a "
                              "smaller image pool, so calls queue)")
+    parser.add_argument("--load", choices=("unary", "stream"), default="unary",
+                        help="unary: --clients raw-stub clients of --images images; stream: one EncoderClient "
+                             "streaming batches of --stream-batch images (calls of 16 batches)")
+    parser.add_argument("--stream-batch", type=int, default=256)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=12.0)
@@ -77,14 +96,15 @@ def main(argv: list[str] | None = None) -> None:
     with _server(args.server, args.encoder, tuple(args.server_args.split())) as (process, address):
         outcome: list[SwarmOutcome] = []
         load = threading.Thread(target=lambda: outcome.append(
-            swarm(address, "Feature", feature_request(args.images), args.clients, args.seconds)))
+            swarm(address, "Feature", feature_request(args.images), args.clients, args.seconds)
+            if args.load == "unary" else stream_load(address, args.stream_batch, args.seconds)))
         cpu_before = cpu_seconds(process.pid)
         load.start()
         if args.py_spy:
             # the swarm's processes take a few seconds to connect; sample the middle of the window
             subprocess.run([args.py_spy, "record", "--pid", str(process.pid), "--duration",
                             str(max(1, int(args.seconds) - 2)), "--format", "raw", "--rate", "200", "--threads",
-                            "--nonblocking", "--output", str(args.output)], check=True,
+                            *(["--gil"] if os.environ.get("PYSPY_GIL") else []), "--nonblocking", "--output", str(args.output)], check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         load.join()
         cpu = cpu_seconds(process.pid) - cpu_before
