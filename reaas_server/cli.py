@@ -137,9 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--heap", choices=("lean", "fast"), default=defaults.heap,
-        help="glibc heap policy: 'lean' gives large freed blocks back at once (peak RSS <= 2x idle under load), "
-        "'fast' keeps them for the next forward pass (a heavy CNN's forward ~3x cheaper; concurrent F2I searches "
-        "peaked at 2.35x idle); reaas_server/memory.py has the numbers (default: %(default)s)",
+        help="glibc heap policy: 'lean' reuses blocks under 4 MiB (a 256-image chunk's activations) and gives larger "
+        "ones back at once (peak RSS <= 2x idle under load), 'fast' keeps blocks up to 32 MiB for the next pass (a "
+        "bigger encoder's chunks too; concurrent F2I searches peaked at 2.35x idle); reaas_server/memory.py has the "
+        "numbers (default: %(default)s)",
     )
     parser.add_argument(
         "--forward-chunk-size",

@@ -5,16 +5,20 @@ every thread may get its own heap arena (up to 8 per core), and the mmap thresho
 block freed, so later 12 MB tensors come from arenas that fragment and never shrink. Measured on the load
 benchmark (50 streaming clients, 4 096-image requests): peak RSS 2.25× idle with the defaults.
 
-``lean`` (the default): two arenas and a fixed 1 MiB mmap threshold, so every large block goes back to the OS
-when freed: peak RSS 1.49-1.82× idle in every `make bench-load` phase (goal ≤ 2×). The price: every activation of
-a forward pass is a fresh mmap whose pages the kernel zeroes on first touch, and the heap's top is given back after
-every pass: the non-robust CNN's forward costs 12 ms of CPU per 256 images in the server against 3.9 ms in a bare
-process.
+``lean`` (the default): two arenas; blocks of 4 MiB and more are mapped and go back to the OS when freed, and at
+most 32 MiB stays free at the top of each arena. A forward chunk of 256 MNIST-sized images (800 KB of input, the
+non-robust CNN's 3.2 MB and 1.6 MB activations, a stream's parsed messages) is then served from memory the previous
+pass freed, while a 4 096-image request (12.8 MB) or a search workspace is mapped and unmapped. Measured on the load
+benchmark (`make bench-load` phases streams / f2i / heavy key, 30 s each): peak RSS 1.76× / 1.83× / 1.52× idle,
+the CNN streams phase 62k images/s and the heavy key's 4 096-image calls 65k. The previous lean policy (blocks of
+1 MiB and more mapped, glibc's 128 KiB trim) gave 1.71× / 1.76× / 1.59× at 28k and 43k images/s: each activation a
+fresh mmap whose pages the kernel zeroes on first touch, and the heap's top given back after every pass (one CNN
+stream 21k images/s against 42k now, back-to-back runs).
 
-``fast``: two arenas, blocks of 32 MiB and more mapped, and up to 64 MiB kept free at the heap's top: the CNN's
-forward at 3.9-4.5 ms, bench-load's streams phase 54 000 against 20 000 images/s and one CNN stream about 2x; but
-freed blocks stay in the arenas, and concurrent F2I searches on the CNN peaked at 2.32-2.35× idle (bench-load's F2I
-phase). For a replica that serves features of a heavy encoder and has memory to spare.
+``fast``: two arenas, blocks of 32 MiB and more mapped, and up to 64 MiB kept free at the heap's top: also the
+activations of large chunks of a bigger encoder come from the arenas; but freed blocks stay there, and concurrent
+F2I searches on the CNN peaked at 2.32-2.35× idle (bench-load's F2I phase). For a replica that serves features of a
+heavy encoder and has memory to spare.
 
 The environment variables MALLOC_ARENA_MAX / MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ still win when set
 (we leave them alone then).
@@ -36,7 +40,7 @@ _M_ARENA_MAX = -8
 ARENA_MAX = 2
 # per policy: (mmap threshold, trim threshold); None leaves glibc's value
 HEAP_POLICIES: dict[str, tuple[int, int | None]] = {
-    "lean": (1 << 20, None),
+    "lean": (4 << 20, 32 << 20),  # a 256-image chunk's blocks reused; a 4 096-image request's mapped
     "fast": (32 << 20, 64 << 20),  # glibc's own ceiling for its rising threshold; the top kept for the next pass
 }
 
