@@ -14,12 +14,13 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 
 import grpc
+import numpy as np
 import torch
 
 import bounds
 from reaas.v1 import encoder_service_pb2 as pb
 from reaas.v1 import encoder_service_pb2_grpc as pb_grpc
-from reaas_client.wire import IMAGE_DTYPES, encode_tensor
+from reaas_client.wire import IMAGE_DTYPES, as_numpy, encode_tensor
 from reaas_server.batcher import ForwardBatcher, RadiusBatcher
 from reaas_server.compute import BackgroundCompute
 from reaas_server.config import ServerConfig
@@ -196,8 +197,9 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
         def decode() -> tuple[torch.Tensor]:
             return (self._encoder_inputs(self._decoded_inputs(request, field), field),)
 
-        def reply(features: torch.Tensor) -> pb.FeatureResponse:
-            return pb.FeatureResponse(features=encode_tensor(features.to(reply_dtype)))
+        def reply(features: np.ndarray | torch.Tensor) -> pb.FeatureResponse:
+            # numpy on the batcher's path (its rows come as arrays; batcher.feature_rows says why)
+            return pb.FeatureResponse(features=encode_tensor(as_numpy(features).astype(reply_dtype, copy=False)))
 
         return decode, reply, lambda: _still_wanted(context)
 

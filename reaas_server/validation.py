@@ -187,12 +187,12 @@ def decode_images(tensor: pb.Tensor, spec: ImageSpec) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
-def feature_dtype(requested: int) -> torch.dtype:
-    """The torch dtype of the features a FeatureRequest asked for (FLOAT32 when unset)."""
+def feature_dtype(requested: int) -> np.dtype:
+    """The numpy dtype of the features a FeatureRequest asked for (FLOAT32 when unset)."""
     if requested in (pb.DTYPE_UNSPECIFIED, pb.FLOAT32):
-        return torch.float32
+        return np.dtype(np.float32)
     if requested == pb.FLOAT16:
-        return torch.float16
+        return np.dtype(np.float16)
     raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                        f"feature_dtype {dtype_name(requested)} is not offered; ask for FLOAT32 (default) or FLOAT16")
 
