@@ -35,6 +35,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def context_switches(pid: int) -> int:
+    """Voluntary + involuntary context switches of all a process's threads so far (from /proc/PID/task/*/status);
+    threads that ended are not counted."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            total += sum(int(line.split()[1]) for line in (task / "status").read_text().splitlines()
+                         if "ctxt_switches" in line)
+    return total
+
+
 def inclusive_samples(collapsed: Path) -> tuple[Counter[str], Counter[str], int]:
     """Per function: samples with it anywhere on the stack (inclusive) and on top (self); and the total."""
     inclusive: Counter[str] = Counter()
@@ -98,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         load = threading.Thread(target=lambda: outcome.append(
             swarm(address, "Feature", feature_request(args.images), args.clients, args.seconds)
             if args.load == "unary" else stream_load(address, args.stream_batch, args.seconds)))
-        cpu_before = cpu_seconds(process.pid)
+        cpu_before, switches_before = cpu_seconds(process.pid), context_switches(process.pid)
         load.start()
         if args.py_spy:
             # the swarm's processes take a few seconds to connect; sample the middle of the window
@@ -108,11 +119,13 @@ def main(argv: list[str] | None = None) -> None:
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         load.join()
         cpu = cpu_seconds(process.pid) - cpu_before
+        switches = context_switches(process.pid) - switches_before
     result = outcome[0]
     handled = result.answered + result.refused
     print(f"{args.server}: {result.answered:,} answered, {result.refused:,} refused, other {result.other_errors}, "
           f"in {result.elapsed_s:.1f} s; server CPU {cpu:.2f} s (incl. connection set-up) = "
-          f"{1e3 * cpu / max(handled, 1):.3f} ms per handled call")
+          f"{1e3 * cpu / max(handled, 1):.3f} ms per handled call, {switches / max(handled, 1):.1f} context switches "
+          "per handled call")
     if args.py_spy:
         inclusive, own, total = inclusive_samples(args.output)
         print(f"{total} samples (all threads, idle dropped); inclusive % / self % / function")
