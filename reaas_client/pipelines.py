@@ -171,6 +171,7 @@ def certify_reaas_sc(client: EncoderClient, h: nn.Module, images: torch.Tensor, 
     least 1 - alpha per input, a non-abstained prediction is certified on the image-space ball of radius R.
     """
     records: list[InputRecord] = []
+    h = _on_smoothing_device(h, smoothing)  # once, not a copy per input in certify_features
     with bar(total=images.shape[0], desc=f"REaaS-SC sigma={smoothing.sigma:g}", unit="input",
              enabled=progress) as shown:
         for start in range(0, images.shape[0], batch_size):
@@ -190,6 +191,14 @@ def certify_reaas_sc(client: EncoderClient, h: nn.Module, images: torch.Tensor, 
     return records
 
 
+def _on_smoothing_device(h: nn.Module, smoothing: SmoothingConfig) -> nn.Module:
+    """h itself where it already lives on the smoothing device, else a copy moved there (the caller's h stays put)."""
+    device = torch.device(smoothing.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return h if next(h.parameters()).device == device else copy.deepcopy(h).to(device)
+
+
 def certify_features(h: nn.Module, features: torch.Tensor, smoothing: SmoothingConfig, *,
                      first_index: int = 0) -> list[SmoothCertificate]:
     """Cohen CERTIFY of h around each feature vector [batch, feature_dim], locally (no query).
@@ -198,11 +207,7 @@ def certify_features(h: nn.Module, features: torch.Tensor, smoothing: SmoothingC
     certificate is the same whether computed here alone or inside `certify_reaas_sc`. h runs where the noise is
     drawn (`smoothing.device`; a copy of h when it lives elsewhere, so the caller's h stays put).
     """
-    device = torch.device(smoothing.device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    if next(h.parameters()).device != device:
-        h = copy.deepcopy(h).to(device)
+    h = _on_smoothing_device(h, smoothing)
     smooth = Smooth(label_classifier(h), _num_classes(h), smoothing.sigma)
     return [smooth.certify(GaussianFeatureSamples(feature, smoothing.sigma, smoothing.batch_size), smoothing.n0,
                            smoothing.n, smoothing.alpha,
