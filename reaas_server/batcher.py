@@ -226,7 +226,7 @@ def feature_rows(features: torch.Tensor, sizes: list[int]) -> list[np.ndarray]:
     return [rows[start:start + size] for start, size in zip(starts, sizes, strict=True)]
 
 
-class ForwardBatcher(CoalescingBatcher[torch.Tensor]):
+class ForwardBatcher(CoalescingBatcher[np.ndarray]):
     """Feature and StreamFeatures: concurrent requests' images share forward passes."""
 
     def __init__(self, forward: Forward, *, max_images: int, max_delay_s: float = 0.0,

