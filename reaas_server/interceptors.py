@@ -89,8 +89,12 @@ class _ParsedSizes:
 
     Each entry pins its message (an id alone could be reused by a later message) until ``message_size`` takes it;
     entries are normally taken within microseconds. A message parsed for a call that ended before reading it is
-    never taken: the oldest entries go once the pinned messages exceed `budget_bytes`, and a message larger than
-    the budget is not kept (its size is then computed, which a message that large amortises)."""
+    never taken (nor is any message where no interceptor counts bytes): the oldest entries go once the pinned
+    messages exceed `budget_bytes`, each counted with `ENTRY_BYTES` more for the entry itself, so empty messages
+    cannot pile up either; a message larger than the budget is not kept (its size is then computed, which a message
+    that large amortises)."""
+
+    ENTRY_BYTES = 512
 
     def __init__(self, budget_bytes: int) -> None:
         self._budget = budget_bytes
@@ -99,17 +103,17 @@ class _ParsedSizes:
         self._lock = threading.Lock()
 
     def put(self, message: object, size: int) -> None:
-        if size > self._budget:
+        if size + self.ENTRY_BYTES > self._budget:
             return
         with self._lock:
-            self._held += size
             previous = self._entries.pop(id(message), None)
             if previous is not None:
-                self._held -= previous[1]
+                self._held -= previous[1] + self.ENTRY_BYTES
             self._entries[id(message)] = (message, size)
+            self._held += size + self.ENTRY_BYTES
             while self._held > self._budget:
                 _, (_, dropped) = self._entries.popitem(last=False)
-                self._held -= dropped
+                self._held -= dropped + self.ENTRY_BYTES
 
     def take(self, message: object) -> int | None:
         with self._lock:
@@ -117,7 +121,7 @@ class _ParsedSizes:
             if entry is None or entry[0] is not message:
                 return None
             del self._entries[id(message)]
-            self._held -= entry[1]
+            self._held -= entry[1] + self.ENTRY_BYTES
             return entry[1]
 
     def __len__(self) -> int:

@@ -40,11 +40,11 @@ def test_an_unremembered_message_is_measured():
 
 
 def test_parsed_sizes_pin_their_message_and_stay_within_budget():
-    sizes = _ParsedSizes(budget_bytes=1000)
+    sizes = _ParsedSizes(budget_bytes=2 * (400 + _ParsedSizes.ENTRY_BYTES))
     messages = [_request(1) for _ in range(4)]
     for message in messages:
         sizes.put(message, 400)
-    assert len(sizes) == 2  # the two oldest went: 4 x 400 bytes exceed the budget
+    assert len(sizes) == 2  # the two oldest went: 4 entries of 400 bytes exceed the budget
     assert sizes.take(messages[0]) is None
     assert sizes.take(messages[3]) == 400
     assert sizes.take(messages[3]) is None  # taken once
@@ -59,3 +59,13 @@ def test_a_message_never_remembered_is_not_found_and_disturbs_nothing():
     stranger = _request(1)
     assert sizes.take(stranger) is None
     assert sizes.take(kept) == 123
+
+
+def test_messages_never_asked_for_cannot_pile_up_even_when_empty():
+    """Where no interceptor counts bytes (a service outside EncoderService, a stream cancelled after a parse), the
+    entries are never taken: empty messages must still be bounded by the budget."""
+    sizes = _ParsedSizes(budget_bytes=64 * _ParsedSizes.ENTRY_BYTES)
+    kept = [pb.FeatureRequest() for _ in range(1000)]
+    for message in kept:
+        sizes.put(message, 0)
+    assert len(sizes) == 64
