@@ -3,7 +3,7 @@
 For each served encoder (the default PCA, whose forward pass is nearly free, and the non-robust CNN, the heaviest
 shipped one, where the forward pass should decide): the in-process forward pass at batch 256, then the same loads
 against a ``reaas-server`` child with its default admission and against ``benchmarks.bare_server`` (gRPC Python with
-no encoder, no interceptors; replies of the real size):
+no encoder, no interceptors; replies of the real size), the servers taking turns in ``--rounds`` short rounds:
 
 * ``--clients`` clients (own connections, 4 processes) sending ``--images``-image unary Feature requests through raw
   stubs for ``--seconds``: answered images/s and RESOURCE_EXHAUSTED refusals, counted apart;
@@ -16,7 +16,9 @@ Writes ``benchmarks/results/many_clients.md``. Run: ``make bench-service`` (its 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
+import statistics
 
 import numpy as np
 import torch
@@ -49,17 +51,42 @@ def in_process_rates(kind: str, seconds: float) -> str:
     return " / ".join(rates)
 
 
-def measure_server(address: str, request: bytes, images: int, args: argparse.Namespace
+def measure_server(address: str, request: bytes, seconds: float, args: argparse.Namespace
                    ) -> dict[str, SwarmOutcome | float]:
-    """The three loads against one server: raw unary swarm, typed unary swarm, one stream (images/s)."""
-    raw = swarm(address, "Feature", request, args.clients, args.seconds)
-    typed = swarm(address, "Feature", request, args.clients, args.seconds, typed=True, timeout_s=30.0)
+    """The three loads against one server for `seconds` each: raw unary swarm, typed unary swarm, one stream
+    (images/s)."""
+    raw = swarm(address, "Feature", request, args.clients, seconds)
+    typed = swarm(address, "Feature", request, args.clients, seconds, typed=True, timeout_s=30.0)
     batch = np.random.default_rng(1).random((args.stream_batch, 1, 28, 28), dtype=np.float32)
     with EncoderClient(address, timeout_s=120) as client:
         def stream() -> int:
             return sum(r.shape[0] for r in client.stream_features((batch, None) for _ in range(args.stream_batches)))
-        streamed = images_per_second(stream, args.seconds)
+        streamed = images_per_second(stream, seconds)
     return {"raw": raw, "typed": typed, "stream": streamed}
+
+
+def combined(rounds: list[dict[str, SwarmOutcome | float]]) -> dict[str, SwarmOutcome | float]:
+    """One server's rounds as one measurement: the swarms' answers and refusals over their summed time, the
+    stream's mean rate (every round streams for the same time)."""
+    def swarms(key: str) -> SwarmOutcome:
+        outcomes = [r[key] for r in rounds]
+        errors: collections.Counter[str] = collections.Counter()
+        for outcome in outcomes:
+            errors.update(outcome.other_errors)
+        return SwarmOutcome(answered=sum(o.answered for o in outcomes), refused=sum(o.refused for o in outcomes),
+                            other_errors=dict(errors), elapsed_s=sum(o.elapsed_s for o in outcomes))
+    return {"raw": swarms("raw"), "typed": swarms("typed"), "stream": statistics.fmean(r["stream"] for r in rounds)}
+
+
+def measure_alternating(addresses: dict[str, str], request: bytes, args: argparse.Namespace
+                        ) -> dict[str, dict[str, SwarmOutcome | float]]:
+    """Every server measured in `args.rounds` short rounds, the servers taking turns: a drift in what else runs on
+    the cores (the bare server's own rate moved 1.5x between single passes) then touches every server alike."""
+    rounds: dict[str, list] = {name: [] for name in addresses}
+    for _ in range(args.rounds):
+        for name, address in addresses.items():
+            rounds[name].append(measure_server(address, request, args.seconds / args.rounds, args))
+    return {name: combined(measured) for name, measured in rounds.items()}
 
 
 def _refusals(outcome: SwarmOutcome) -> str:
@@ -90,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--images", type=int, default=4, help="images per unary request")
     parser.add_argument("--seconds", type=float, default=4.0, help="measuring time per load and server")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="the servers take turns in this many rounds of seconds / rounds each")
     parser.add_argument("--stream-batch", type=int, default=256)
     parser.add_argument("--stream-batches", type=int, default=16)
     args = parser.parse_args(argv)
@@ -103,13 +132,13 @@ def main(argv: list[str] | None = None) -> None:
     for kind in args.kinds.split(","):
         local = in_process_rates(kind, seconds=min(args.seconds, 3.0))
         feature_dim = ServedEncoder.load(None, "cpu", demo_kind=kind).metadata.feature_dim
-        with bare_server_process(feature_dim) as (_, address):
-            bare = measure_server(address, request, args.images, args)
-        with bare_server_process(feature_dim, aio=True) as (_, address):
-            aio = measure_server(address, request, args.images, args)
         extra = ("--demo-kind", kind, "--log-level", "WARNING", "--bound-cost-budget", "0")
-        with background_server(extra_args=extra) as address:
-            reaas = measure_server(address, request, args.images, args)
+        with (bare_server_process(feature_dim) as (_, bare_address),
+              bare_server_process(feature_dim, aio=True) as (_, aio_address),
+              background_server(extra_args=extra) as reaas_address):
+            measured = measure_alternating({"bare": bare_address, "aio": aio_address, "reaas": reaas_address},
+                                           request, args)
+        bare, aio, reaas = measured["bare"], measured["aio"], measured["reaas"]
         rows += rows_for(kind, local, bare, aio, reaas, args.images, args)
         print(markdown_table(["encoder", "load", "in-process", "bare", "bare aio", "reaas", "reaas / bare",
                               "refusals"], rows[-3:]), flush=True)
@@ -118,14 +147,15 @@ def main(argv: list[str] | None = None) -> None:
     body = (
         f"Before the run: {load_before}; after it: {load_after}. "
         + (shared_cores_note() if shared else "The load stayed below the core count. ")
-        + "Every row measures the bare server and `reaas-server` one after the other in the same run under the same "
-        "load, so the ratio column is the number to compare across runs.\n\n"
+        + "Every row measures the bare server and `reaas-server` in the same run, taking turns round by round under "
+        "the same load, so the ratio column is the number to compare across runs.\n\n"
         "`bare`: `benchmarks.bare_server`, a gRPC Python server (128 handler threads, the real server's default) "
         "that parses each FeatureRequest and answers zeros of the real reply's size, no encoder, no interceptors, no "
         "admission. `bare aio`: the same service on `grpc.aio` (one event loop, no handler threads), in brackets "
         "its rate over the thread-pool one: what adopting grpc.aio could gain at most. `reaas`: "
         "`reaas-server --demo-kind KIND` with its default admission (by images, a fair queue; 128 handler "
-        f"threads). Each load runs {args.seconds:g} s per server. Unary clients: 4 processes, each client "
+        f"threads). Each load runs {args.seconds:g} s per server, in {args.rounds} rounds in which the three servers "
+        "take turns (all three are up for the whole encoder's part). Unary clients: 4 processes, each client "
         "on its own channel (raw stubs: its own connection; EncoderClient: gRPC shares one connection per "
         "process among channels of the same target). Raw stubs see every RESOURCE_EXHAUSTED; EncoderClient waits "
         "out the retry hint and re-sends, so its refusals show as fewer answers. Refusals: RESOURCE_EXHAUSTED answers "
