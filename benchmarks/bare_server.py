@@ -100,18 +100,14 @@ def bare_aio_handler(feature_dim: int, input_shape: tuple[int, int, int], max_ba
 
 
 @contextlib.contextmanager
-def bare_server_process(feature_dim: int, input_shape: tuple[int, int, int] = (1, 28, 28), workers: int = 128,
-                        aio: bool = False) -> Iterator[tuple[subprocess.Popen, str]]:
-    """A bare server child on a free loopback port; yields (process, "127.0.0.1:PORT") and stops it on exit.
-    ``aio``: served by grpc.aio (an event loop) instead of gRPC's thread-pool server."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.bare_server", "--feature-dim", str(feature_dim),
-         "--input-shape", ",".join(map(str, input_shape)), "--workers", str(workers), *(["--aio"] if aio else [])],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+def server_child(command: list[str]) -> Iterator[tuple[subprocess.Popen, str]]:
+    """A benchmark server child that prints "... listening on HOST:PORT ..." and serves until its stdin closes;
+    yields (process, "HOST:PORT") and stops it on exit."""
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         line = process.stdout.readline()
         if "listening on " not in line:
-            raise RuntimeError(f"bare server did not start: {line!r}")
+            raise RuntimeError(f"{' '.join(command)} did not start: {line!r}")
         yield process, line.split("listening on ")[1].split()[0]
     finally:
         process.stdin.close()  # the child's signal to stop
@@ -121,6 +117,15 @@ def bare_server_process(feature_dim: int, input_shape: tuple[int, int, int] = (1
             process.kill()
             process.wait()
         process.stdout.close()
+
+
+def bare_server_process(feature_dim: int, input_shape: tuple[int, int, int] = (1, 28, 28), workers: int = 128,
+                        aio: bool = False) -> contextlib.AbstractContextManager[tuple[subprocess.Popen, str]]:
+    """A bare server child on a free loopback port; yields (process, "127.0.0.1:PORT") and stops it on exit.
+    ``aio``: served by grpc.aio (an event loop) instead of gRPC's thread-pool server."""
+    return server_child([sys.executable, "-m", "benchmarks.bare_server", "--feature-dim", str(feature_dim),
+                         "--input-shape", ",".join(map(str, input_shape)), "--workers", str(workers),
+                         *(["--aio"] if aio else [])])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,6 +23,7 @@ import statistics
 import numpy as np
 import torch
 
+from benchmarks.aio_feature_server import aio_feature_server_process
 from benchmarks.bare_server import bare_server_process
 from benchmarks.batching import feature_request, in_process_rate
 from benchmarks.client_swarm import SwarmOutcome, swarm
@@ -32,6 +33,9 @@ from reaas_client import EncoderClient
 from reaas_client.background_server import background_server
 from reaas_server import ServedEncoder
 from reaas_server.memory import limit_heap_growth
+
+HEADERS = ["encoder", "load", "in-process forward (images/s)", "bare (answered images/s)", "bare aio (/ bare)",
+           "aio prototype with the work (/ bare)", "reaas (answered images/s)", "reaas / bare", "refusals bare / reaas"]
 
 
 def shared_cores_note() -> str:
@@ -94,20 +98,22 @@ def _refusals(outcome: SwarmOutcome) -> str:
     return f"{outcome.refused:,}" + (f" (+ {other})" if other else "")
 
 
-def rows_for(kind: str, local: str, bare: dict, aio: dict, reaas: dict, images: int, args: argparse.Namespace
+def rows_for(kind: str, local: str, measured: dict[str, dict], images: int, args: argparse.Namespace
              ) -> list[list[str]]:
-    """Table rows of one encoder: each load with the bare ceilings (thread pool and grpc.aio), the real server and
-    their ratios."""
+    """Table rows of one encoder: each load with the bare ceilings (thread pool and grpc.aio), the aio prototype
+    that does the real work per call, the real server, and their ratios to the bare server."""
+    def rate(server: str, key: str) -> float:
+        value = measured[server][key]
+        return value if key == "stream" else value.answered_per_second * images
+
     rows = []
     for key, load in (("raw", f"{args.clients} clients x {images} images, unary, raw stubs"),
-                      ("typed", f"{args.clients} clients x {images} images, unary, EncoderClient")):
-        b, a = bare[key].answered_per_second * images, aio[key].answered_per_second * images
-        r = reaas[key].answered_per_second * images
-        rows.append([kind, load, local, f"{b:,.0f}", f"{a:,.0f} ({a / b:.2f})", f"{r:,.0f}", f"{r / b:.3f}",
-                     f"{_refusals(bare[key])} / {_refusals(reaas[key])}"])
-    b, a, r = bare["stream"], aio["stream"], reaas["stream"]
-    rows.append([kind, f"1 stream, {args.stream_batches} x {args.stream_batch} images per call", local,
-                 f"{b:,.0f}", f"{a:,.0f} ({a / b:.2f})", f"{r:,.0f}", f"{r / b:.3f}", "-"])
+                      ("typed", f"{args.clients} clients x {images} images, unary, EncoderClient"),
+                      ("stream", f"1 stream, {args.stream_batches} x {args.stream_batch} images per call")):
+        b, a, w, r = (rate(server, key) for server in ("bare", "aio", "work", "reaas"))
+        refusals = "-" if key == "stream" else f"{_refusals(measured['bare'][key])} / {_refusals(measured['reaas'][key])}"
+        rows.append([kind, load, local, f"{b:,.0f}", f"{a:,.0f} ({a / b:.2f})", f"{w:,.0f} ({w / b:.2f})",
+                     f"{r:,.0f}", f"{r / b:.3f}", refusals])
     return rows
 
 
@@ -135,13 +141,12 @@ def main(argv: list[str] | None = None) -> None:
         extra = ("--demo-kind", kind, "--log-level", "WARNING", "--bound-cost-budget", "0")
         with (bare_server_process(feature_dim) as (_, bare_address),
               bare_server_process(feature_dim, aio=True) as (_, aio_address),
+              aio_feature_server_process(kind) as (_, work_address),
               background_server(extra_args=extra) as reaas_address):
-            measured = measure_alternating({"bare": bare_address, "aio": aio_address, "reaas": reaas_address},
-                                           request, args)
-        bare, aio, reaas = measured["bare"], measured["aio"], measured["reaas"]
-        rows += rows_for(kind, local, bare, aio, reaas, args.images, args)
-        print(markdown_table(["encoder", "load", "in-process", "bare", "bare aio", "reaas", "reaas / bare",
-                              "refusals"], rows[-3:]), flush=True)
+            measured = measure_alternating({"bare": bare_address, "aio": aio_address, "work": work_address,
+                                            "reaas": reaas_address}, request, args)
+        rows += rows_for(kind, local, measured, args.images, args)
+        print(markdown_table(HEADERS, rows[-3:]), flush=True)
     load_after = load_line()
     shared = max(os.getloadavg()[0], load_at_start) > (os.cpu_count() or 1)
     body = (
@@ -152,7 +157,11 @@ def main(argv: list[str] | None = None) -> None:
         "`bare`: `benchmarks.bare_server`, a gRPC Python server (128 handler threads, the real server's default) "
         "that parses each FeatureRequest and answers zeros of the real reply's size, no encoder, no interceptors, no "
         "admission. `bare aio`: the same service on `grpc.aio` (one event loop, no handler threads), in brackets "
-        "its rate over the thread-pool one: what adopting grpc.aio could gain at most. `reaas`: "
+        "its rate over the thread-pool one: what adopting grpc.aio could gain at most. `aio prototype with the work`: "
+        "`benchmarks.aio_feature_server`, the Feature path rebuilt on grpc.aio with the real work per call (decode and "
+        "validate on the loop, every queued request in one forward pass on one worker thread, the pass's usage rows "
+        "in one SQLite transaction, replies cut from the pass) and none of the service around it (no metrics, keys, "
+        "quotas, admission, cancellation): an upper bound of an aio rewrite of the real server. `reaas`: "
         "`reaas-server --demo-kind KIND` with its default admission (by images, a fair queue; 128 handler "
         f"threads). Each load runs {args.seconds:g} s per server, in {args.rounds} rounds in which the three servers "
         "take turns (all three are up for the whole encoder's part). Unary clients: 4 processes, each client "
@@ -162,9 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         "the raw clients got in the window. In-process: the encoder's forward pass at batch 256, images/s, with "
         "torch's default threads and with one (under a shared load the default can be many times slower: OpenMP "
         "threads wait for a descheduled sibling), under the `fast` heap policy, the fastest this process runs it (`reaas_server/memory.py`; the server runs its default `--heap lean`).\n\n"
-        + markdown_table(["encoder", "load", "in-process forward (images/s)", "bare (answered images/s)",
-                          "bare aio (/ bare)", "reaas (answered images/s)", "reaas / bare", "refusals bare / reaas"],
-                         rows)
+        + markdown_table(HEADERS, rows)
         + "\n\nWhere the time goes on the real server under the 64-client load: `service_profile.md`.\n"
     )
     path = write_results("many_clients", "Many clients on one replica, against the transport's ceiling", body,
