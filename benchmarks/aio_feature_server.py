@@ -36,7 +36,7 @@ import grpc
 import numpy as np
 import torch
 
-from benchmarks.bare_server import SERVICE, _encoder_info, server_child
+from benchmarks.bare_server import SERVICE, minimal_encoder_info, server_child
 from reaas.v1 import encoder_service_pb2 as pb
 from reaas_client.wire import encode_tensor
 from reaas_server import ServedEncoder
@@ -140,7 +140,7 @@ async def _serve(demo_kind: str, ledger_path: Path) -> None:
     message_bytes = 64 << 20
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", message_bytes),
                                       ("grpc.max_send_message_length", -1)])
-    info = _encoder_info(meta.feature_dim, spec.input_shape, spec.max_batch_size, message_bytes)
+    info = minimal_encoder_info(meta.feature_dim, spec.input_shape, spec.max_batch_size, message_bytes)
     server.add_generic_rpc_handlers((handler(batcher, spec, info),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

@@ -39,7 +39,7 @@ def zero_features(request: pb.FeatureRequest, feature_dim: int) -> pb.FeatureRes
                                                  raw_data=bytes(4 * batch * feature_dim)))
 
 
-def _encoder_info(feature_dim: int, input_shape: tuple[int, int, int], max_batch_size: int,
+def minimal_encoder_info(feature_dim: int, input_shape: tuple[int, int, int], max_batch_size: int,
                   max_message_bytes: int) -> pb.EncoderInfo:
     """The few fields ``EncoderClient`` reads."""
     return pb.EncoderInfo(input_shape=list(input_shape), accepted_dtypes=[pb.FLOAT32], value_min=0.0, value_max=1.0,
@@ -65,7 +65,7 @@ def _generic_handler(feature, stream_features, encoder_info) -> grpc.GenericRpcH
 def bare_handler(feature_dim: int, input_shape: tuple[int, int, int], max_batch_size: int,
                  max_message_bytes: int) -> grpc.GenericRpcHandler:
     """A generic handler for Feature, StreamFeatures and GetEncoderInfo; no validation, no encoder."""
-    info = _encoder_info(feature_dim, input_shape, max_batch_size, max_message_bytes)
+    info = minimal_encoder_info(feature_dim, input_shape, max_batch_size, max_message_bytes)
 
     def feature(request: pb.FeatureRequest, context: grpc.ServicerContext) -> pb.FeatureResponse:
         return zero_features(request, feature_dim)
@@ -84,7 +84,7 @@ def bare_handler(feature_dim: int, input_shape: tuple[int, int, int], max_batch_
 def bare_aio_handler(feature_dim: int, input_shape: tuple[int, int, int], max_batch_size: int,
                      max_message_bytes: int) -> grpc.GenericRpcHandler:
     """The same service for ``grpc.aio`` (one event loop, no handler threads): what adopting grpc.aio would give."""
-    info = _encoder_info(feature_dim, input_shape, max_batch_size, max_message_bytes)
+    info = minimal_encoder_info(feature_dim, input_shape, max_batch_size, max_message_bytes)
 
     async def feature(request: pb.FeatureRequest, context) -> pb.FeatureResponse:
         return zero_features(request, feature_dim)
