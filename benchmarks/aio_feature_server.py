@@ -4,9 +4,9 @@ around it. Not a server to deploy.
 
 On the loop, per call: the request's images decoded and validated (``reaas_server.validation.decode_images``, as the
 real server does) and queued. One asyncio task gathers every queued request into a single forward pass of the
-served encoder on one worker thread (one thread hand-off per pass, none per call), which also commits the pass's
-usage rows to a SQLite ledger (WAL, synchronous=NORMAL, as ``reaas_server.ledger``) in one transaction; each call is
-then answered with its rows of the pass's features. A stream keeps two messages in work, as the real server does.
+served encoder on one worker thread (one thread hand-off per pass, none per call), which also charges each request
+of the pass to the project's own SQLite ledger (``reaas_server.ledger.UsageLedger.charge``, committed before the
+replies leave); each call is then answered with its rows of the pass's features. A stream keeps two messages in work, as the real server does.
 Left out: metrics, API keys and quotas, admission, deadlines and cancellation, error statuses (a bad request fails
 the call with gRPC's UNKNOWN). Its rate is therefore an upper bound of what rewriting the real server on grpc.aio
 could reach with the same work per call; ``benchmarks.many_clients`` puts it beside the bare and the real server.
@@ -23,12 +23,10 @@ import collections
 import concurrent.futures
 import contextlib
 import itertools
-import sqlite3
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -40,6 +38,7 @@ from benchmarks.bare_server import SERVICE, minimal_encoder_info, server_child
 from reaas.v1 import encoder_service_pb2 as pb
 from reaas_client.wire import encode_tensor
 from reaas_server import ServedEncoder
+from reaas_server.ledger import ANONYMOUS, SqlLedger, open_ledger
 from reaas_server.memory import limit_heap_growth
 from reaas_server.validation import ImageSpec, decode_images
 
@@ -49,7 +48,7 @@ PIPELINE_DEPTH = 2  # a stream's messages in work at once, as reaas_server.servi
 class PassBatcher:
     """Requests queued on the loop; one task runs all queued requests as one pass on the worker thread."""
 
-    def __init__(self, encoder: ServedEncoder, ledger: sqlite3.Connection, chunk_size: int = 256) -> None:
+    def __init__(self, encoder: ServedEncoder, ledger: SqlLedger, chunk_size: int = 256) -> None:
         self._encoder, self._ledger, self._chunk_size = encoder, ledger, chunk_size
         self._worker = concurrent.futures.ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,))
         self._queue: list[tuple[torch.Tensor, asyncio.Future, int]] = []
@@ -61,12 +60,15 @@ class PassBatcher:
         self._wake.set()
         return await future
 
-    def _pass(self, images: torch.Tensor, rows: list[tuple]) -> np.ndarray:
-        features = self._encoder.features(images, chunk_size=self._chunk_size, still_wanted=lambda: True)
-        self._ledger.execute("BEGIN")
-        self._ledger.executemany("INSERT INTO usage VALUES (?, ?, ?, ?, ?)", rows)
-        self._ledger.execute("COMMIT")
-        return features.numpy()
+    def _pass(self, images: torch.Tensor, charges: list[tuple[int, int]]) -> np.ndarray:
+        """The pass's features; each request (images, request bytes) charged as the real server charges a call
+        (response bytes: its features' raw bytes)."""
+        features = self._encoder.features(images, chunk_size=self._chunk_size, still_wanted=lambda: True).numpy()
+        row_bytes = features.itemsize * features.shape[1]
+        for count, request_bytes in charges:
+            self._ledger.charge(ANONYMOUS, "Feature", queries=count, request_bytes=request_bytes,
+                                response_bytes=count * row_bytes)
+        return features
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -76,10 +78,9 @@ class PassBatcher:
             while self._queue:
                 jobs, self._queue = self._queue, []
                 images = torch.cat([images for images, _, _ in jobs]) if len(jobs) > 1 else jobs[0][0]
-                now = time.time()
-                rows = [(now, "anonymous", "Feature", len(images), size) for images, _, size in jobs]
+                charges = [(len(images), size) for images, _, size in jobs]
                 try:
-                    features = await loop.run_in_executor(self._worker, self._pass, images, rows)
+                    features = await loop.run_in_executor(self._worker, self._pass, images, charges)
                 except Exception as error:  # noqa: BLE001 - every caller of the pass learns it
                     for _, future, _ in jobs:
                         future.set_exception(error)
@@ -122,21 +123,12 @@ def handler(batcher: PassBatcher, spec: ImageSpec, info: pb.EncoderInfo) -> grpc
     })
 
 
-def _ledger(path: Path) -> sqlite3.Connection:
-    ledger = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-    ledger.execute("PRAGMA journal_mode=WAL")
-    ledger.execute("PRAGMA synchronous=NORMAL")
-    ledger.execute("CREATE TABLE IF NOT EXISTS usage (at REAL, key_name TEXT, rpc TEXT, queries INTEGER, "
-                   "request_bytes INTEGER)")
-    return ledger
-
-
 async def _serve(demo_kind: str, ledger_path: Path) -> None:
     limit_heap_growth("lean")  # the real server's default policy
     encoder = ServedEncoder.load(None, "cpu", demo_kind=demo_kind)
     meta = encoder.metadata
     spec = ImageSpec(tuple(meta.input_shape), 0.0, 1.0, 4096)
-    batcher = PassBatcher(encoder, _ledger(ledger_path))
+    batcher = PassBatcher(encoder, open_ledger(ledger_path))
     message_bytes = 64 << 20
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", message_bytes),
                                       ("grpc.max_send_message_length", -1)])

@@ -1,9 +1,8 @@
 """The grpc.aio evaluation prototype (issue 22) does the real work: the served encoder's features, per request and
-in stream order, and a usage row per request committed by its pass."""
+in stream order, and a row per request in the project's usage ledger."""
 
 from __future__ import annotations
 
-import sqlite3
 import sys
 
 import numpy as np
@@ -13,6 +12,7 @@ from benchmarks.aio_feature_server import PIPELINE_DEPTH
 from benchmarks.bare_server import server_child
 from reaas_client import EncoderClient
 from reaas_server import ServedEncoder
+from reaas_server.ledger import UsageLedger
 from tests.numerics import assert_same_features
 
 
@@ -32,6 +32,9 @@ def test_the_prototype_answers_the_encoders_features_and_bills_every_request(tmp
     assert len(streamed) == len(batches) > PIPELINE_DEPTH  # more messages than in work at once: order is kept
     for got, want in zip(streamed, expected, strict=True):
         assert_same_features(got, want)
-    with sqlite3.connect(ledger) as db:
-        queries = [row[0] for row in db.execute("SELECT queries FROM usage ORDER BY rowid")]
+    usage = UsageLedger(ledger)
+    try:
+        queries = [row[3] for row in usage.rows()]
+    finally:
+        usage.close()
     assert sorted(queries) == sorted([3] + [len(b) for b in batches])
