@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=12.0)
     parser.add_argument("--py-spy", default=None, help="py-spy executable; without it, CPU per call only")
+    parser.add_argument("--gil", action="store_true",
+                        help="py-spy samples only the thread holding the GIL: where Python's one lane goes")
     parser.add_argument("--output", type=Path, default=Path("/tmp/service_profile.txt"), help="collapsed stacks")
     parser.add_argument("--top", type=int, default=40)
     args = parser.parse_args(argv)
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
             # the swarm's processes take a few seconds to connect; sample the middle of the window
             subprocess.run([args.py_spy, "record", "--pid", str(process.pid), "--duration",
                             str(max(1, int(args.seconds) - 2)), "--format", "raw", "--rate", "200", "--threads",
-                            *(["--gil"] if os.environ.get("PYSPY_GIL") else []), "--nonblocking", "--output", str(args.output)], check=True,
+                            *(["--gil"] if args.gil else []), "--nonblocking", "--output", str(args.output)], check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         load.join()
         cpu = cpu_seconds(process.pid) - cpu_before
