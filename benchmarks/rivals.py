@@ -291,8 +291,9 @@ def main(argv: list[str] | None = None) -> int:
                "certified / attack (means)", "note"]
     png = RESULTS / f"{args.name}.png"
     plot(rows, png)
-    body = ("Same 2 000 training digits and the same test digits in order (smoothing rows: the first "
-            f"{args.smooth_test}, class-balanced); radii are l2 in pixel space, wrong or abstained inputs count 0. Client compute: "
+    smoothing = (f" (smoothing rows: {args.smooth_test} class-balanced test digits)"
+                 if {"reaas-sc", "cohen"} & set(args.rows) else "")
+    body = (f"Same 2 000 training digits and the same test digits in order{smoothing}; radii are l2 in pixel space, wrong or abstained inputs count 0. Client compute: "
             "training plus certification on this machine (REaaS rows exclude the provider's Feature / F2IPerturb "
             f"time; smoothing rows and the LeNets' training ran on {args.device}). PGD: l2, float64, at each certified radius, "
             f"{args.attack_steps} steps x {args.attack_restarts} restarts. Deterministic rows also carry the "
