@@ -9,11 +9,12 @@ benchmark (50 streaming clients, 4 096-image requests): peak RSS 2.25× idle wit
 most 32 MiB stays free at the top of each arena. A forward chunk of 256 MNIST-sized images (800 KB of input, the
 non-robust CNN's 3.2 MB and 1.6 MB activations, a stream's parsed messages) is then served from memory the previous
 pass freed, while a 4 096-image request (12.8 MB) or a search workspace is mapped and unmapped. Measured on the load
-benchmark (`make bench-load` phases streams / f2i / heavy key, 30 s each): peak RSS 1.76× / 1.83× / 1.52× idle,
-the CNN streams phase 62k images/s and the heavy key's 4 096-image calls 65k. The previous lean policy (blocks of
-1 MiB and more mapped, glibc's 128 KiB trim) gave 1.71× / 1.76× / 1.59× at 28k and 43k images/s: each activation a
-fresh mmap whose pages the kernel zeroes on first touch, and the heap's top given back after every pass (one CNN
-stream 21k images/s against 42k now, back-to-back runs).
+benchmark (`benchmarks/results/load_admission.md`, phases streams / f2i / heavy key, 30 s each): peak RSS 1.78× /
+1.86× / 1.49× idle, the CNN streams phase 60.6k images/s and the heavy key's 4 096-image calls 55.6k. The previous
+lean policy (blocks of 1 MiB and more mapped, glibc's 128 KiB trim) gave 1.71× / 1.76× / 1.59× at 28.2k and 42.7k
+images/s: each activation a fresh mmap whose pages the kernel zeroes on first touch, and the heap's top given back
+after every pass. In-process, one torch thread, 256-image CNN passes ran at 15-19k images/s under the old policy's
+settings and 52-59k under these.
 
 ``fast``: two arenas, blocks of 32 MiB and more mapped, and up to 64 MiB kept free at the heap's top: also the
 activations of large chunks of a bigger encoder come from the arenas; but freed blocks stay there, and concurrent
