@@ -43,16 +43,41 @@ def shared_cores_note() -> str:
             "rates are lower than on an idle machine. ")
 
 
-def in_process_rates(kind: str, seconds: float) -> str:
-    """The forward pass at batch 256 with torch's threads and with one: on cores other jobs share, OpenMP threads
-    wait for a descheduled sibling and the default can be many times slower than one thread."""
+def in_process_rates(kind: str, seconds: float) -> dict[int, float]:
+    """The forward pass at batch 256 (images/s) per torch thread count, torch's default and one: on cores other jobs
+    share, OpenMP threads wait for a descheduled sibling and the default can be many times slower than one thread."""
     default = torch.get_num_threads()
-    rates = []
+    rates = {}
     for threads in dict.fromkeys((default, 1)):
         torch.set_num_threads(threads)
-        rates.append(f"{in_process_rate(kind, seconds=seconds):,.0f} ({threads} thr)")
+        rates[threads] = in_process_rate(kind, seconds=seconds)
     torch.set_num_threads(default)
-    return " / ".join(rates)
+    return rates
+
+
+def _rates_text(rates: dict[int, float]) -> str:
+    return " / ".join(f"{rate:,.0f} ({threads} thr)" for threads, rate in rates.items())
+
+
+def goal_rows(kind: str, measured: dict[str, dict], rates: dict[int, float], images: int) -> list[list[str]]:
+    """Issue 22's goals for one encoder, each with what this run measured: 64 small unary clients >= 0.5 of the bare
+    server with 0 refusals; one 256-image stream >= 0.8 of the bare server, and with the CNN >= 0.9 of the
+    in-process forward (against each thread count measured)."""
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "**NOT met**"
+
+    raw, bare = measured["reaas"]["raw"], measured["bare"]["raw"]
+    unary = raw.answered_per_second / bare.answered_per_second
+    stream = measured["reaas"]["stream"] / measured["bare"]["stream"]
+    rows = [[kind, f"{images}-image unary, raw stubs: >= 0.5 of bare", f"{unary:.3f}", verdict(unary >= 0.5)],
+            [kind, "... and 0 refusals", f"{raw.refused:,}", verdict(raw.refused == 0)],
+            [kind, "one 256-image stream: >= 0.8 of bare", f"{stream:.3f}", verdict(stream >= 0.8)]]
+    if kind == "nonrobust":
+        for threads, rate in rates.items():
+            share = measured["reaas"]["stream"] / rate
+            rows.append([kind, f"one 256-image stream: >= 0.9 of in-process forward ({threads} thr)",
+                         f"{share:.3f}", verdict(share >= 0.9)])
+    return rows
 
 
 def measure_server(address: str, request: bytes, seconds: float, args: argparse.Namespace
@@ -128,15 +153,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stream-batch", type=int, default=256)
     parser.add_argument("--stream-batches", type=int, default=16)
     args = parser.parse_args(argv)
-    # the in-process ceiling is the fastest forward pass this process can run: under the `fast` heap policy (the
-    # server's default `lean` one makes each activation a fresh zero-filled mmap, 3x slower for the CNN)
+    # the in-process ceiling is the fastest forward pass this process can run: under the `fast` heap policy
     limit_heap_growth("fast")
     load_before, load_at_start = load_line(), os.getloadavg()[0]
     print(f"machine: {machine_summary()}\n{load_before}", flush=True)
     request = feature_request(args.images)
-    rows = []
+    rows, goals = [], []
     for kind in args.kinds.split(","):
-        local = in_process_rates(kind, seconds=min(args.seconds, 3.0))
+        rates = in_process_rates(kind, seconds=min(args.seconds, 3.0))
         feature_dim = ServedEncoder.load(None, "cpu", demo_kind=kind).metadata.feature_dim
         extra = ("--demo-kind", kind, "--log-level", "WARNING", "--bound-cost-budget", "0")
         with (bare_server_process(feature_dim) as (_, bare_address),
@@ -145,7 +169,8 @@ def main(argv: list[str] | None = None) -> None:
               background_server(extra_args=extra) as reaas_address):
             measured = measure_alternating({"bare": bare_address, "aio": aio_address, "work": work_address,
                                             "reaas": reaas_address}, request, args)
-        rows += rows_for(kind, local, measured, args.images, args)
+        rows += rows_for(kind, _rates_text(rates), measured, args.images, args)
+        goals += goal_rows(kind, measured, rates, args.images)
         print(markdown_table(HEADERS, rows[-3:]), flush=True)
     load_after = load_line()
     shared = max(os.getloadavg()[0], load_at_start) > (os.cpu_count() or 1)
@@ -159,8 +184,8 @@ def main(argv: list[str] | None = None) -> None:
         "admission. `bare aio`: the same service on `grpc.aio` (one event loop, no handler threads), in brackets "
         "its rate over the thread-pool one: what adopting grpc.aio could gain at most. `aio prototype with the work`: "
         "`benchmarks.aio_feature_server`, the Feature path rebuilt on grpc.aio with the real work per call (decode and "
-        "validate on the loop, every queued request in one forward pass on one worker thread, the pass's usage rows "
-        "in one SQLite transaction, replies cut from the pass) and none of the service around it (no metrics, keys, "
+        "validate on the loop, every queued request in one forward pass on one worker thread, each request charged "
+        "to the project's ledger there, replies cut from the pass) and none of the service around it (no metrics, keys, "
         "quotas, admission, cancellation): an upper bound of an aio rewrite of the real server. `reaas`: "
         "`reaas-server --demo-kind KIND` with its default admission (by images, a fair queue; 128 handler "
         f"threads). Each load runs {args.seconds:g} s per server, in {args.rounds} rounds in which the three servers "
@@ -172,6 +197,8 @@ def main(argv: list[str] | None = None) -> None:
         "torch's default threads and with one (under a shared load the default can be many times slower: OpenMP "
         "threads wait for a descheduled sibling), under the `fast` heap policy, the fastest this process runs it (`reaas_server/memory.py`; the server runs its default `--heap lean`).\n\n"
         + markdown_table(HEADERS, rows)
+        + "\n\n## Goals (issue 22)\n\n"
+        + markdown_table(["encoder", "goal", "measured", ""], goals)
         + "\n\nWhere the time goes on the real server under the 64-client load: `service_profile.md`.\n"
     )
     path = write_results("many_clients", "Many clients on one replica, against the transport's ceiling", body,
