@@ -25,10 +25,11 @@ While draining, waiting and new calls get UNAVAILABLE, which clients retry on an
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -37,6 +38,7 @@ from reaas_client.retry import RETRY_PUSHBACK_HEADER
 from reaas_server.interceptors import (
     CURRENT_CALLER,
     PerMethodInterceptor,
+    abort,
     api_key_of,
     image_count,
     peer_of,
@@ -125,8 +127,9 @@ class _Ticket:
     arrived: float
     decided: bool = False
     # a waiting call sleeps on this lock until the decision releases it (made only for calls that wait: most are
-    # admitted at once, and a bare lock is the cheapest one-shot signal)
+    # admitted at once, and a bare lock is the cheapest one-shot signal); a call on an event loop awaits `woken`
     wake: threading.Lock | None = None
+    woken: asyncio.Future | None = None
     started: float = 0.0
     refusal: _Refusal | None = None  # set instead of a grant when draining empties the queue
 
@@ -134,6 +137,13 @@ class _Ticket:
         self.decided = True
         if self.wake is not None:
             self.wake.release()
+        if self.woken is not None:  # decided on whatever thread released room: wake the waiter on its loop
+            self.woken.get_loop().call_soon_threadsafe(_resolve, self.woken)
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class _PoolState:
@@ -211,8 +221,51 @@ class Admission:
         up), when it waited ``max_wait_s`` or until `deadline` (a ``time.monotonic()`` instant), or when
         ``still_wanted()`` turns false while it waits.
         """
-        now = time.monotonic()
-        ticket = _Ticket(pool, key, max(1, units), key_limit or self.limits.calls_per_key, now)
+        ticket = self._enqueue(pool, key, units, key_limit, self._make_lock)
+        if not ticket.decided:
+            self._wait(ticket, self._wait_until(ticket, deadline), still_wanted)
+        return self._release_of(ticket)
+
+    async def admit_async(self, pool: str, key: str, units: int = 1, key_limit: int | None = None,
+                          deadline: float | None = None) -> Callable[[], None]:
+        """``admit`` for a coroutine on an event loop: a call that waits is suspended, not a blocked thread, and
+        leaves the queue at once when it is cancelled (its client went away)."""
+        loop = asyncio.get_running_loop()
+
+        def make_future(ticket: _Ticket) -> None:
+            ticket.woken = loop.create_future()
+
+        ticket = self._enqueue(pool, key, units, key_limit, make_future)
+        if not ticket.decided:
+            until = self._wait_until(ticket, deadline)
+            try:
+                await asyncio.wait_for(asyncio.shield(ticket.woken), max(0.0, until - time.monotonic()))
+            except asyncio.CancelledError:
+                if not self._give_up(ticket) and ticket.refusal is None:  # granted meanwhile: give it back
+                    self._release_of(ticket)()
+                raise
+            except TimeoutError:
+                if self._give_up(ticket):
+                    raise self._busy(ticket.pool, f"server busy: no room in the {ticket.pool} pool within "
+                                                  f"{time.monotonic() - ticket.arrived:.1f} s of waiting") from None
+            if ticket.refusal is not None:
+                raise ticket.refusal
+        return self._release_of(ticket)
+
+    @staticmethod
+    def _make_lock(ticket: _Ticket) -> None:
+        ticket.wake = threading.Lock()
+        ticket.wake.acquire()
+
+    def _wait_until(self, ticket: _Ticket, deadline: float | None) -> float:
+        limit = ticket.arrived + self.limits.max_wait_s
+        return limit if deadline is None else min(deadline, limit)
+
+    def _enqueue(self, pool: str, key: str, units: int, key_limit: int | None,
+                 make_signal: Callable[[_Ticket], None]) -> _Ticket:
+        """A ticket for the call, started at once or queued with the signal `make_signal` gives it; raises _Refusal
+        when it can neither run nor queue."""
+        ticket = _Ticket(pool, key, max(1, units), key_limit or self.limits.calls_per_key, time.monotonic())
         with self._lock:
             if self._draining:
                 raise self._unavailable(pool)
@@ -234,33 +287,36 @@ class Admission:
                                        f"{ticket.units} more (it holds at most {state.limit.queue})")
             else:
                 state.waiting_units += ticket.units
-                ticket.wake = threading.Lock()
-                ticket.wake.acquire()
+                make_signal(ticket)
                 state.waiting.setdefault(key, collections.deque()).append(ticket)
                 self.waited[pool] += 1
                 self._dispatch(state)
-        if not ticket.decided:
-            self._wait(ticket, now + self.limits.max_wait_s if deadline is None
-                       else min(deadline, now + self.limits.max_wait_s), still_wanted)
-        return self._release_of(ticket)
+        return ticket
 
     def _wait(self, ticket: _Ticket, until: float, still_wanted: Callable[[], bool]) -> None:
         while not ticket.wake.acquire(timeout=min(WAIT_POLL_S, max(0.0, until - time.monotonic()))):
             gone = not still_wanted()
             if not gone and time.monotonic() < until:
                 continue
-            with self._lock:
-                if ticket.decided:
-                    break  # decided while we looked: run it (the release follows as usual)
-                self._pools[ticket.pool].waiting[ticket.key].remove(ticket)
-                self._forget_waiting(ticket)
-                self._unhold(ticket.key)
-                if gone:
-                    raise _Refusal(grpc.StatusCode.CANCELLED, "the call was cancelled while it waited", None)
-                raise self._busy(ticket.pool, f"server busy: no room in the {ticket.pool} pool within "
-                                              f"{time.monotonic() - ticket.arrived:.1f} s of waiting")
+            if not self._give_up(ticket):
+                break  # decided while we looked: run it (the release follows as usual)
+            if gone:
+                raise _Refusal(grpc.StatusCode.CANCELLED, "the call was cancelled while it waited", None)
+            raise self._busy(ticket.pool, f"server busy: no room in the {ticket.pool} pool within "
+                                          f"{time.monotonic() - ticket.arrived:.1f} s of waiting")
         if ticket.refusal is not None:
             raise ticket.refusal
+
+    def _give_up(self, ticket: _Ticket) -> bool:
+        """Take a waiting ticket out of its queue (True); False if it was decided meanwhile (granted, or refused
+        by a drain: then it is no longer queued either)."""
+        with self._lock:
+            if ticket.decided:
+                return False
+            self._pools[ticket.pool].waiting[ticket.key].remove(ticket)
+            self._forget_waiting(ticket)
+            self._unhold(ticket.key)
+            return True
 
     def _release_of(self, ticket: _Ticket) -> Callable[[], None]:
         released = False
@@ -354,13 +410,13 @@ class Admission:
         return min(self.MAX_RETRY_S, max(self.MIN_RETRY_S, expected))
 
 
-def _refuse(context: grpc.ServicerContext, refusal: _Refusal) -> None:
+async def _refuse(context: grpc.aio.ServicerContext, refusal: _Refusal) -> None:
     if refusal.retry_after_s is not None:
         context.set_trailing_metadata(((RETRY_PUSHBACK_HEADER, str(round(refusal.retry_after_s * 1000))),))
-    context.abort(refusal.code, refusal.message)
+    await abort(context, refusal.code, refusal.message)
 
 
-def _allowance_of(context: grpc.ServicerContext) -> tuple[str, int | None]:
+def _allowance_of(context: grpc.aio.ServicerContext) -> tuple[str, int | None]:
     """Whose allowance a call draws on, and that key's own running-call limit (None: the server's default).
 
     The account interceptor (outside this one) has resolved the caller. In open access every caller is the one
@@ -376,7 +432,7 @@ def _allowance_of(context: grpc.ServicerContext) -> tuple[str, int | None]:
     return caller.name, caller.key.max_concurrent_calls
 
 
-def _deadline_of(context: grpc.ServicerContext) -> float | None:
+def _deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
 
@@ -395,32 +451,30 @@ class AdmissionInterceptor(PerMethodInterceptor):
         admission = self._admission
         counts_images = pool in IMAGE_POOLS
 
-        def admit(context: grpc.ServicerContext, units: int) -> Callable[[], None]:
+        async def admit(context: grpc.aio.ServicerContext, units: int) -> Callable[[], None]:
             key, key_limit = _allowance_of(context)
             try:
-                return admission.admit(pool, key, units, key_limit, context.is_active, _deadline_of(context))
+                return await admission.admit_async(pool, key, units, key_limit, _deadline_of(context))
             except _Refusal as refusal:
-                _refuse(context, refusal)
+                await _refuse(context, refusal)
                 raise AssertionError("unreachable: abort raises") from None
 
         def admitted_unary(behavior):
-            def admitted(request, context):
-                release = admit(context, image_count(request) if counts_images else 1)
+            async def admitted(request, context):
+                release = await admit(context, image_count(request) if counts_images else 1)
                 try:
-                    return behavior(request, context)
+                    return await behavior(request, context)
                 finally:
                     release()
 
             return admitted
 
         def admitted_stream(behavior):
-            def admitted(request_iterator, context) -> Iterator:
-                release = admit(context, 1)
-                # gRPC may drop a cancelled stream's generator without closing it: the termination callback
-                # frees the slots then (release is idempotent)
-                context.add_callback(release)
-                try:
-                    yield from behavior(request_iterator, context)
+            async def admitted(request_iterator, context) -> AsyncIterator:
+                release = await admit(context, 1)
+                try:  # a cancelled stream's task is cancelled: this finally runs then too
+                    async for response in behavior(request_iterator, context):
+                        yield response
                 finally:
                     release()
 

@@ -1,4 +1,7 @@
-"""Assemble a gRPC server: encoder servicer, interceptors, health and reflection services."""
+"""Assemble a gRPC server: encoder servicer, interceptors, health and reflection services, on grpc.aio.
+
+The server runs on the process's serving loop (serving_loop.py); starting and stopping it are ordinary blocking
+calls, so the CLI, tests and embedding programs need no event loop of their own."""
 
 from __future__ import annotations
 
@@ -7,7 +10,6 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
@@ -19,7 +21,7 @@ from reaas.v1 import encoder_service_pb2 as pb
 from reaas.v1 import encoder_service_pb2_grpc as pb_grpc
 from reaas_server.admission import Admission, AdmissionInterceptor
 from reaas_server.batcher import ForwardBatcher, RadiusBatcher
-from reaas_server.compute import BackgroundCompute, set_torch_threads
+from reaas_server.compute import BackgroundCompute
 from reaas_server.config import ServerConfig
 from reaas_server.decoding import RequestDecodingInterceptor
 from reaas_server.encoder_host import ServedEncoder
@@ -28,9 +30,11 @@ from reaas_server.ledger import SqlLedger, open_ledger
 from reaas_server.metrics import ObservingInterceptor, ServerMetrics
 from reaas_server.quotas import QuotaBook
 from reaas_server.servicer import EncoderServicer
+from reaas_server.serving_loop import run_on_loop
 from reaas_server.tls import is_loopback
 
 log = logging.getLogger(__name__)
+IO_THREADS = 4  # concurrent database calls; the ledger's group commit gathers their rows into one transaction
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EncoderService"].full_name
 
 
@@ -38,13 +42,14 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EncoderService"].full_name
 class RunningServer:
     """A started server and the parts tests and the CLI look at."""
 
-    server: grpc.Server
+    server: grpc.aio.Server
     port: int
     encoder: ServedEncoder
     ledger: SqlLedger
-    health: health.HealthServicer
+    health: health.aio.HealthServicer
     admission: Admission
     compute: BackgroundCompute
+    io: BackgroundCompute
     batcher: ForwardBatcher | None
     metrics: ServerMetrics
     radius_batcher: RadiusBatcher | None = None
@@ -54,39 +59,48 @@ class RunningServer:
         while the port stays open for at least ``drain_delay_s`` (so load balancers see it) and until the
         in-flight calls finish or ``grace_s`` passes; then the port closes and stragglers are cancelled."""
         started = time.monotonic()
-        self.health.enter_graceful_shutdown()
+        self.enter_graceful_shutdown()
         self.admission.start_draining()
         grace = math.inf if grace_s is None else grace_s
         if drain_delay_s > 0:
             time.sleep(min(drain_delay_s, grace))  # the load balancer's turn: nothing in-process to wait on
         self.admission.wait_idle(timeout_s=max(0.0, grace - (time.monotonic() - started)))
-        self.server.stop(max(0.0, grace - (time.monotonic() - started)) if grace_s is not None else None).wait()
+        self.stop_now(max(0.0, grace - (time.monotonic() - started)) if grace_s is not None else None)
         self.compute.shutdown()
+        self.io.shutdown()
         for batcher in (self.batcher, self.radius_batcher):
             if batcher is not None:
                 batcher.close()
         self.ledger.close()
         self.metrics.close()
 
+    def enter_graceful_shutdown(self) -> None:
+        """Health says NOT_SERVING from now on (for every service name)."""
+        run_on_loop(self.health.enter_graceful_shutdown())
 
-def _configure_health(server: grpc.Server) -> health.HealthServicer:
-    servicer = health.HealthServicer()
+    def stop_now(self, grace_s: float | None = 0) -> None:
+        """Close the port; calls still running after `grace_s` are cancelled (None: wait for all of them)."""
+        run_on_loop(self.server.stop(grace_s))
+
+
+async def _configure_health(server: grpc.aio.Server) -> health.aio.HealthServicer:
+    servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     for name in ("", SERVICE_NAME):
-        servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return servicer
 
 
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
 
-def _enable_reflection(server: grpc.Server) -> None:
+def _enable_reflection(server: grpc.aio.Server) -> None:
     """Server reflection under both names clients use: grpc.reflection.v1 (current grpcurl, Postman, grpc-js
     tooling) and v1alpha (older tools). grpcio-reflection ships only v1alpha; v1 is the same protocol with the
     same messages under a new package, so the one servicer answers both."""
     names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, REFLECTION_V1,
              reflection.SERVICE_NAME)
-    servicer = reflection.ReflectionServicer(names)
+    servicer = reflection.aio.ReflectionServicer(names)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1, {
         "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
@@ -101,7 +115,7 @@ class BindError(OSError):
     """The server could not open its port (the message says what to change)."""
 
 
-def _bind(server: grpc.Server, config: ServerConfig) -> int:
+def _bind(server: grpc.aio.Server, config: ServerConfig) -> int:
     """Open the one port every service shares: TLS when ``config.tls`` is set, else insecure (with a warning off
     loopback, since every client's x-api-key would cross the network readable)."""
     address = f"{config.host}:{config.port}"
@@ -139,33 +153,26 @@ def start_server(config: ServerConfig, encoder: ServedEncoder | None = None, *,
     # every thread made below that runs torch work gets the configured intra-op threads (compute.set_torch_threads)
     torch_threads = config.intra_op_threads
     metrics = ServerMetrics(admission)
+    # database calls of the interceptors and GetUsage: threads at normal priority, off the serving loop
+    io = BackgroundCompute(threads=IO_THREADS, niceness=0, name="reaas-io")
     # outermost first: observation sees every call and its final status; undecodable bytes are refused before
     # anything reads a request; then who pays (and is it allowed), then is there room; the ledger row is written
     # after the answer, inside all of them
-    interceptors: list[grpc.ServerInterceptor] = [
-        ObservingInterceptor(metrics), RequestDecodingInterceptor(), AccountInterceptor(ledger, quotas),
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        ObservingInterceptor(metrics), RequestDecodingInterceptor(), AccountInterceptor(ledger, quotas, io),
         AdmissionInterceptor(admission),
     ] if accounting else [RequestDecodingInterceptor(), AdmissionInterceptor(admission)]
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="reaas",
-                                   initializer=set_torch_threads, initargs=(torch_threads,)),
-        interceptors=interceptors,
-        options=[
-            ("grpc.max_receive_message_length", config.max_message_bytes),
-            ("grpc.max_send_message_length", -1),
-            ("grpc.http2.bdp_probe", 0),
-        ],
-    )
     bound_costs = ()
     if config.mode == "reaas":
         bound_costs = encoder.measure_bound_costs(bounds.BOUNDS_OFFERED, budget_s=config.bound_cost_budget_s)
     # one compute thread per call admission may hold (made as needed): an admitted call never queues for one
     compute = BackgroundCompute(threads=config.admission_limits.max_held_calls, torch_threads=torch_threads)
-    # Feature handlers submit here themselves (servicer.py): the pass runs on the batcher's lowered worker
+    # Feature handlers submit here themselves (servicer.py): the pass runs on the batcher's lowered worker, which
+    # also charges each answered call, the pass's rows in one commit (interceptors.CHARGE_WHERE_COMPUTED)
     batcher = None if config.batch_max_images == 0 else ForwardBatcher(
         lambda images, wanted: encoder.features(images, chunk_size=config.forward_chunk_size, still_wanted=wanted),
         max_images=config.batch_max_images, max_delay_s=config.batch_max_delay_s, device=encoder.device,
-        lone_pass_in_caller=False, torch_threads=torch_threads)
+        lone_pass_in_caller=False, torch_threads=torch_threads, pass_scope=ledger.deferred_commits)
     # F2I requests for one searched bound share searches of up to one F2I chunk (the search runs chunk by chunk
     # anyway: a larger merge would gain nothing and only delay the callers' cancellation checks)
     f2i_batching = encoder.device.type == "cuda" if config.f2i_batching is None else config.f2i_batching
@@ -176,11 +183,33 @@ def start_server(config: ServerConfig, encoder: ServedEncoder | None = None, *,
             memory_budget_bytes=config.f2i_memory_budget_per_search, still_wanted=wanted),
         max_images=config.f2i_chunk_size, max_delay_s=config.batch_max_delay_s, device=encoder.device,
         torch_threads=torch_threads)
-    pb_grpc.add_EncoderServiceServicer_to_server(
-        EncoderServicer(encoder, config, ledger, quotas, compute, batcher, bound_costs, radius_batcher), server)
-    health_servicer = _configure_health(server)
-    _enable_reflection(server)
-    port = _bind(server, config)
+    servicer = EncoderServicer(encoder, config, ledger, quotas, compute, io, batcher, bound_costs, radius_batcher)
+
+    async def serve() -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+        server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.max_send_message_length", -1),
+                ("grpc.http2.bdp_probe", 0),
+            ],
+        )
+        pb_grpc.add_EncoderServiceServicer_to_server(servicer, server)
+        health_servicer = await _configure_health(server)
+        _enable_reflection(server)
+        port = _bind(server, config)
+        await server.start()
+        return server, health_servicer, port
+
+    try:
+        server, health_servicer, port = run_on_loop(serve())
+    except BaseException:
+        for pool in (compute, io):
+            pool.shutdown()
+        for part in (batcher, radius_batcher):
+            if part is not None:
+                part.close()
+        raise
     if config.metrics_port is not None:
         metrics_host = config.metrics_host or config.host
         if not is_loopback(metrics_host):
@@ -188,7 +217,6 @@ def start_server(config: ServerConfig, encoder: ServedEncoder | None = None, *,
                         "usage; bind --metrics-host 127.0.0.1 (a local scraper or sidecar) or keep the port private",
                         metrics_host)
         log.info("metrics on http://%s:%d/metrics", metrics_host, metrics.serve_http(metrics_host, config.metrics_port))
-    server.start()
     log.info(
         "serving %s (%s mode) on %s:%d (%s), device %s",
         encoder.metadata.model_id,
@@ -198,7 +226,7 @@ def start_server(config: ServerConfig, encoder: ServedEncoder | None = None, *,
         "insecure" if config.tls is None else "mutual TLS" if config.tls.mutual else "TLS",
         encoder.device,
     )
-    return RunningServer(server, port, encoder, ledger, health_servicer, admission, compute, batcher, metrics,
+    return RunningServer(server, port, encoder, ledger, health_servicer, admission, compute, io, batcher, metrics,
                          radius_batcher)
 
 

@@ -330,7 +330,7 @@ def _serve(config: ServerConfig) -> None:
     def request_stop(signum, _frame) -> None:
         if stopping.is_set() and running is not None:
             log.warning("signal %d again: stopping now, cancelling in-flight calls", signum)
-            running.server.stop(0)
+            running.stop_now(0)
             return
         log.info("signal %d: draining in-flight calls (grace %.1f s)", signum, config.grace_s)
         stopping.set()

@@ -1,8 +1,7 @@
 """Undecodable request bytes → INVALID_ARGUMENT with one warning line, instead of gRPC's INTERNAL and traceback.
 
 gRPC Python parses a request with the handler's ``request_deserializer`` before any handler or interceptor
-behaviour runs; when parsing raises, gRPC logs the traceback and answers INTERNAL ("Exception deserializing
-request!"), though the contract says a malformed request is INVALID_ARGUMENT. So the deserializer is wrapped to
+behaviour runs; when parsing raises, gRPC logs the traceback and answers INTERNAL (grpc.aio: UNKNOWN), though the contract says a malformed request is INVALID_ARGUMENT. So the deserializer is wrapped to
 return an :class:`UndecodableRequest` marker instead of raising, and the behaviour is wrapped to turn the marker
 into the status: at once for a unary request, and for a request stream by ending the stream the servicer sees
 at the marker (the servicer finishes the requests before it normally) and then rejecting the call.
@@ -14,13 +13,13 @@ them. An interceptor outside it (observation) sees the marker, which answers ``B
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from reaas_server.interceptors import PerMethodInterceptor, remember_size
+from reaas_server.interceptors import PerMethodInterceptor, abort, remember_size
 
 log = logging.getLogger(__name__)
 
@@ -43,33 +42,42 @@ def _tolerant(deserializer: Callable[[bytes], object], message_type: str) -> Cal
             message = deserializer(serialized)
         except DecodeError as error:
             return UndecodableRequest(message_type, str(error), len(serialized))
-        remember_size(message, len(serialized))  # gRPC parses in the thread that then handles the message
+        remember_size(message, len(serialized))  # the byte counters ask for it later (interceptors.message_size)
         return message
 
     return deserialize
 
 
-def _reject(request: UndecodableRequest, method: str, context: grpc.ServicerContext) -> None:
+async def _reject(request: UndecodableRequest, method: str, context: grpc.aio.ServicerContext) -> None:
     log.warning("%s from %s: undecodable %s: %s", method, context.peer(), request.message_type, request.error)
-    context.abort(
-        grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid {request.message_type}: {request.error}"
-    )
+    await abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                f"request is not a valid {request.message_type}: {request.error}")
 
 
-def _guard_unary_request(behavior: Callable, method: str) -> Callable:
-    """For unary-unary and unary-stream behaviours: a marker is rejected before the behaviour runs."""
+def _guard_unary_unary(behavior: Callable, method: str) -> Callable:
+    """A marker is rejected before the behaviour runs."""
 
-    def guarded(request, context):
+    async def guarded(request, context):
         if isinstance(request, UndecodableRequest):
-            _reject(request, method, context)
-        return behavior(request, context)
+            await _reject(request, method, context)
+        return await behavior(request, context)
 
     return guarded
 
 
-def _decoded_prefix(requests: Iterator, undecodable: list[UndecodableRequest]) -> Iterator:
+def _guard_unary_stream(behavior: Callable, method: str) -> Callable:
+    async def guarded(request, context):
+        if isinstance(request, UndecodableRequest):
+            await _reject(request, method, context)
+        async for response in behavior(request, context):
+            yield response
+
+    return guarded
+
+
+async def _decoded_prefix(requests: AsyncIterator, undecodable: list[UndecodableRequest]) -> AsyncIterator:
     """The requests before the first marker; the marker, if any, is put in ``undecodable``."""
-    for request in requests:
+    async for request in requests:
         if isinstance(request, UndecodableRequest):
             undecodable.append(request)
             return
@@ -77,21 +85,22 @@ def _decoded_prefix(requests: Iterator, undecodable: list[UndecodableRequest]) -
 
 
 def _guard_stream_stream(behavior: Callable, method: str) -> Callable:
-    def guarded(request_iterator, context):
+    async def guarded(request_iterator, context):
         undecodable: list[UndecodableRequest] = []
-        yield from behavior(_decoded_prefix(request_iterator, undecodable), context)
+        async for response in behavior(_decoded_prefix(request_iterator, undecodable), context):
+            yield response
         if undecodable:
-            _reject(undecodable[0], method, context)
+            await _reject(undecodable[0], method, context)
 
     return guarded
 
 
 def _guard_stream_unary(behavior: Callable, method: str) -> Callable:
-    def guarded(request_iterator, context):
+    async def guarded(request_iterator, context):
         undecodable: list[UndecodableRequest] = []
-        response = behavior(_decoded_prefix(request_iterator, undecodable), context)
+        response = await behavior(_decoded_prefix(request_iterator, undecodable), context)
         if undecodable:
-            _reject(undecodable[0], method, context)
+            await _reject(undecodable[0], method, context)
         return response
 
     return guarded
@@ -114,10 +123,10 @@ class RequestDecodingInterceptor(PerMethodInterceptor):
         deserializer = _tolerant(handler.request_deserializer, _message_name(handler.request_deserializer))
         serializer = handler.response_serializer
         if handler.unary_unary is not None:
-            behavior = _guard_unary_request(handler.unary_unary, method)
+            behavior = _guard_unary_unary(handler.unary_unary, method)
             return grpc.unary_unary_rpc_method_handler(behavior, deserializer, serializer)
         if handler.unary_stream is not None:
-            behavior = _guard_unary_request(handler.unary_stream, method)
+            behavior = _guard_unary_stream(handler.unary_stream, method)
             return grpc.unary_stream_rpc_method_handler(behavior, deserializer, serializer)
         if handler.stream_unary is not None:
             behavior = _guard_stream_unary(handler.stream_unary, method)

@@ -1,6 +1,9 @@
 """Server interceptors and their shared helpers: the account interceptor (authentication, quotas, the bill).
 
-Interceptors apply to the EncoderService only; health and reflection stay open and free.
+The server runs on grpc.aio (serving_loop.py): every interceptor wraps a handler's behaviour in a coroutine (unary
+responses) or an async generator (streamed responses), and anything that blocks — a database call, a forward pass —
+runs on a thread while the call's coroutine is suspended. The account interceptor applies to the EncoderService
+only; health and reflection stay open and free.
 """
 
 from __future__ import annotations
@@ -8,8 +11,9 @@ from __future__ import annotations
 import collections
 import contextvars
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from google.protobuf.message import Message
@@ -47,24 +51,24 @@ def replace_behavior(handler: grpc.RpcMethodHandler, unary: Callable | None, str
     return handler
 
 
-class PerMethodInterceptor(grpc.ServerInterceptor):
+class PerMethodInterceptor(grpc.aio.ServerInterceptor):
     """An interceptor whose wrapping depends on the method alone: each served method's handler is wrapped once.
 
-    gRPC Python asks every interceptor for a handler on every call, on its one polling thread, before a handler
-    thread takes the call: building four wrapped handlers there per call made that thread the server's
-    bottleneck (0.18 ms per call against the bare server's 0.07, measured under 64 clients). Everything about a
-    single call happens inside the wrapped behaviour, which reads it from the call's context. Methods the server
-    does not serve (their names are the caller's to choose) are never remembered.
+    gRPC asks every interceptor for a handler on every call, before the call runs: building four wrapped handlers
+    per call made that step the thread-pool server's bottleneck (0.18 ms per call against the bare server's 0.07,
+    measured under 64 clients). Everything about a single call happens inside the wrapped behaviour, which reads it
+    from the call's context. Methods the server does not serve (their names are the caller's to choose) are never
+    remembered.
     """
 
     def __init__(self) -> None:
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
-    def intercept_service(self, continuation, handler_call_details):
+    async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
         wrapped = self._wrapped.get(method)
         if wrapped is None:
-            handler = continuation(handler_call_details)
+            handler = await continuation(handler_call_details)
             if handler is None:
                 return None
             wrapped = self._wrapped.setdefault(method, self.wrap(handler, method))
@@ -77,15 +81,17 @@ class PerMethodInterceptor(grpc.ServerInterceptor):
 
 # The last messages whose size was asked for in this call, pinned with their sizes: observation and accounting
 # both count a message's bytes, and ByteSize() serialises the whole message (upb) to count it. Four, so a stream
-# pipelined two deep (requests k and k+1 and response k in flight) still finds each size it asked before.
+# pipelined two deep (requests k and k+1 and response k in flight) still finds each size it asked before. Each
+# call's task has its own copy: nothing leaks between calls.
 _RECENT_SIZES: contextvars.ContextVar[tuple[tuple[object, int], ...]] = contextvars.ContextVar(
     "reaas_recent_sizes", default=())
 _RECENT_KEPT = 4
 
 
 class _ParsedSizes:
-    """Sizes of parsed requests not yet asked for, across threads: gRPC parses a stream's messages on its polling
-    thread, not on the handler thread that then counts them, so a context variable set at parsing is not seen there.
+    """Sizes of parsed requests not yet asked for, across tasks and threads: grpc.aio parses a stream's messages in
+    whichever task reads the stream, and StreamFeatures reads it in a task of its own (so that it answers while it
+    waits for the next message): a context variable set at parsing is not seen where the ledger counts the bytes.
 
     Each entry pins its message (an id alone could be reused by a later message) until ``message_size`` takes it;
     entries are normally taken within microseconds. A message parsed for a call that ended before reading it is
@@ -131,6 +137,18 @@ class _ParsedSizes:
 _PARSED_SIZES = _ParsedSizes(budget_bytes=32 << 20)
 
 
+async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    """End the call with `code` and `message` (raises grpc.aio's AbortError, which must propagate untouched)."""
+    await context.abort(code, message)
+
+
+def call_active(context: grpc.aio.ServicerContext) -> bool:
+    """False once the client cancelled, went away or its deadline passed: work for it should stop, and its reply
+    is not billed. Safe to ask from any thread."""
+    remaining = context.time_remaining()
+    return not context.done() and (remaining is None or remaining > 0)
+
+
 _PEER: contextvars.ContextVar[tuple[object, str] | None] = contextvars.ContextVar("reaas_peer", default=None)
 
 
@@ -144,19 +162,10 @@ def peer_of(context: grpc.ServicerContext) -> str:
     return peer
 
 
-def forget_call_state() -> None:
-    """Drop what this thread remembers of the call it served (messages whose sizes were asked, the observer's
-    callback). gRPC's handler threads live on between calls, and so do their context variables: without this a
-    thread that served a 4 096-image call kept that request (12.8 MB) alive until its next call."""
-    _RECENT_SIZES.set(())
-    CALLER_NAMED.set(None)
-    _PEER.set(None)
-
-
 def remember_size(message: object, size: int) -> None:
-    """Record a message's serialized size where it is known for free (the bytes a deserializer parsed, on whatever
-    thread gRPC parsed them), so ``message_size`` need not serialise it again: with ByteSize() asked per message,
-    counting bytes took 28 % of the GIL's time on a stream of 256-image messages."""
+    """Record a message's serialized size where it is known for free (the bytes a deserializer parsed, in whatever
+    task or thread parsed them), so ``message_size`` need not serialise it again: with ByteSize() asked per
+    message, counting bytes took 28 % of the GIL's time on a stream of 256-image messages."""
     _PARSED_SIZES.put(message, size)
 
 
@@ -210,6 +219,12 @@ class Caller:
 # Set by AccountInterceptor for the duration of a call, in the handler's thread: admission reads the caller's
 # concurrency limit from it, GetUsage whose usage to report.
 CURRENT_CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("reaas_caller", default=None)
+# Set by AccountInterceptor for a unary call: charges the call's answer where the answer is made, on the thread
+# that computes it (the batcher's worker, whose pass commits the rows of all its calls at once), so the reply needs
+# no further trip to a database thread. Called with the response, it charges unless the client is gone; the
+# interceptor charges afterwards only what was not charged there.
+CHARGE_WHERE_COMPUTED: contextvars.ContextVar[Callable[[Message], None] | None] = contextvars.ContextVar(
+    "reaas_charge_where_computed", default=None)
 # Set by an outer interceptor (observation) to learn the account's name once AccountInterceptor has resolved it.
 CALLER_NAMED: contextvars.ContextVar[Callable[[str], None] | None] = contextvars.ContextVar("reaas_caller_named",
                                                                                            default=None)
@@ -229,41 +244,47 @@ class AccountInterceptor(PerMethodInterceptor):
     With active keys in the ledger, a call must carry one of them in ``x-api-key`` (UNAUTHENTICATED otherwise).
     With none ever issued (open mode), every caller is billed as ``anonymous`` whatever it sends, so nobody can read or add to
     another's bill by naming it. Each answered request — a unary call or one streamed message — is committed to
-    the ledger *before* its reply is handed to gRPC; a request refused, failed or abandoned costs nothing.
+    the ledger *before* its reply is handed to gRPC; a request refused, failed or abandoned costs nothing. Database
+    calls run on `io` threads (``await io.run``), never on the serving loop: a database that hangs must not stall
+    health checks.
     """
 
-    def __init__(self, ledger: SqlLedger, quotas: QuotaBook) -> None:
+    def __init__(self, ledger: SqlLedger, quotas: QuotaBook, io: Any) -> None:
         super().__init__()
         self._ledger = ledger
         self._quotas = quotas
+        self._io = io  # compute.BackgroundCompute at niceness 0: `await io.run(work, *args)`
 
-    def _caller(self, context: grpc.ServicerContext) -> Caller:
+    async def _caller(self, context: grpc.aio.ServicerContext) -> Caller:
         try:
-            caller = self._authenticate(context)
+            caller = await self._authenticate(context)
         except LedgerUnavailable as error:
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
+            await abort(context, grpc.StatusCode.UNAVAILABLE, str(error))
         if (named := CALLER_NAMED.get()) is not None:
             named(caller.name)
         return caller
 
-    def _authenticate(self, context: grpc.ServicerContext) -> Caller:
-        if not self._ledger.has_keys():
+    async def _authenticate(self, context: grpc.aio.ServicerContext) -> Caller:
+        keys = self._ledger.has_keys_known()
+        if keys is None:  # not asked recently: the database answers, off the loop
+            keys = await self._io.run(self._ledger.has_keys)
+        if not keys:
             return Caller(ANONYMOUS, None)
         secret = api_key_of(context.invocation_metadata())
-        key = self._ledger.authenticate(secret) if secret != ANONYMOUS else None
+        key = await self._io.run(self._ledger.authenticate, secret) if secret != ANONYMOUS else None
         if key is None:
-            context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
+            await abort(
+                context, grpc.StatusCode.UNAUTHENTICATED,
                 f"missing API key: send gRPC metadata '{API_KEY_HEADER}'" if secret == ANONYMOUS
                 else f"unknown or revoked API key; ask the provider for a valid '{API_KEY_HEADER}'",
             )
         return Caller(key.name, key)
 
-    def _still_valid(self, caller: Caller, context: grpc.ServicerContext) -> Caller:
+    async def _still_valid(self, caller: Caller, context: grpc.aio.ServicerContext) -> Caller:
         """The caller's key as the ledger has it now, before each further message of a stream: a revocation by
         any replica or reaas-keys stops an open stream at its next message, and a new quota applies from there."""
         try:
-            key = self._ledger.authenticate(api_key_of(context.invocation_metadata()))
+            key = await self._io.run(self._ledger.authenticate, api_key_of(context.invocation_metadata()))
         except LedgerUnavailable as error:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, str(error)) from None
         if key is None:
@@ -272,13 +293,20 @@ class AccountInterceptor(PerMethodInterceptor):
                                f"this one were answered and billed; ask the provider for a valid '{API_KEY_HEADER}'")
         return Caller(key.name, key)
 
-    def _reserve(self, caller: Caller, request: Message, context: grpc.ServicerContext) -> QuotaHold | None:
+    async def _reserve(self, caller: Caller, request: Message, context: grpc.aio.ServicerContext) -> QuotaHold | None:
+        if not self._quotas.applies(caller.key):
+            return None  # nothing to hold: no database call
         try:
-            return self._quotas.reserve(caller.key, image_count(request))
+            return await self._io.run(self._quotas.reserve, caller.key, image_count(request))
         except QuotaExceeded as exceeded:
             raise quota_refusal(exceeded, context) from None
         except LedgerUnavailable as error:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, str(error)) from None
+
+    def _release(self, hold: QuotaHold | None) -> None:
+        """Give a hold back without waiting for the database (if that fails, the hold expires by itself)."""
+        if hold is not None:
+            self._io.submit(self._quotas.release, hold)
 
     def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         rpc = rpc_name(method)
@@ -286,67 +314,95 @@ class AccountInterceptor(PerMethodInterceptor):
             return handler
         ledger = self._ledger
 
-        def charge(caller: Caller, request: Message, response: Message, hold: QuotaHold | None,
-                   context: grpc.ServicerContext) -> None:
-            try:
-                ledger.charge(caller.name, rpc, queries=image_count(request), request_bytes=message_size(request),
-                              response_bytes=message_size(response), hold=hold)
-            except QuotaExceeded as exceeded:  # the call outlived its hold and the quota was used meanwhile
-                raise quota_refusal(exceeded, context) from None
-            except LedgerUnavailable as error:
-                raise RequestError(grpc.StatusCode.UNAVAILABLE, str(error)) from None
+        async def charged(caller: Caller, request: Message, request_bytes: int, response: Message,
+                          hold: QuotaHold | None, context: grpc.aio.ServicerContext) -> None:
+            await self._io.run(_charge_row, ledger, caller.name, rpc, image_count(request), request_bytes,
+                               message_size(response), hold, context)
 
         def billed_unary(behavior):
-            def billed(request, context):
-                caller = self._caller(context)
+            async def billed(request, context):
+                caller = await self._caller(context)
                 CURRENT_CALLER.set(caller)
                 hold, answered = None, False
+                charged_where_computed: list[bool] = []
+
+                def charge_where_computed(response: Message) -> None:  # on the computing thread
+                    if call_active(context):  # a reply nobody waits for is not billed
+                        size = response.ByteSize()
+                        remember_size(response, size)  # observation counts it again on the loop
+                        _charge_row(ledger, caller.name, rpc, image_count(request), request_bytes, size, hold,
+                                    context)
+                        charged_where_computed.append(True)
+
                 try:
                     try:
-                        hold = self._reserve(caller, request, context)
-                        response = behavior(request, context)
-                        if context.is_active():  # a reply nobody waits for is not billed
-                            charge(caller, request, response, hold, context)
+                        request_bytes = message_size(request)
+                        hold = await self._reserve(caller, request, context)
+                        CHARGE_WHERE_COMPUTED.set(charge_where_computed)
+                        response = await behavior(request, context)
+                        if charged_where_computed:
+                            answered = True
+                        elif call_active(context):  # a reply nobody waits for is not billed
+                            await charged(caller, request, request_bytes, response, hold, context)
                             answered = True
                     except RequestError as error:
-                        context.abort(error.code, error.message)
+                        await abort(context, error.code, error.message)
                     return response
                 finally:
                     CURRENT_CALLER.set(None)
+                    CHARGE_WHERE_COMPUTED.set(None)
                     if not answered:
-                        self._quotas.release(hold)
+                        self._release(hold)
 
             return billed
 
         def billed_stream(behavior):
-            def billed(request_iterator: Iterator[Message], context) -> Iterator[Message]:
-                caller = self._caller(context)
-                pending: collections.deque[tuple[Message, QuotaHold | None]] = collections.deque()
+            async def billed(request_iterator: AsyncIterator[Message], context) -> AsyncIterator[Message]:
+                caller = await self._caller(context)
+                # each read request with its size (asked where it was read: the servicer may read in another task)
+                # and its quota hold, until its answer is charged
+                pending: collections.deque[tuple[Message, int, QuotaHold | None]] = collections.deque()
 
-                def reserved() -> Iterator[Message]:
+                async def reserved() -> AsyncIterator[Message]:
                     current = caller
-                    for index, request in enumerate(request_iterator):
+                    index = 0
+                    async for request in request_iterator:
                         if index and current.key is not None:  # a key revoked or changed meanwhile: seen now
-                            current = self._still_valid(current, context)
+                            current = await self._still_valid(current, context)
+                        index += 1
                         # a RequestError here reaches the servicer's loop, which answers its status
-                        pending.append((request, self._reserve(current, request, context)))
+                        hold = await self._reserve(current, request, context)
+                        pending.append((request, message_size(request), hold))
                         yield request
 
                 CURRENT_CALLER.set(caller)
                 try:
-                    for response in behavior(reserved(), context):
-                        request, hold = pending[0]
+                    async for response in behavior(reserved(), context):
+                        request, request_bytes, hold = pending[0]
                         try:
-                            charge(caller, request, response, hold, context)
+                            await charged(caller, request, request_bytes, response, hold, context)
                         except RequestError as error:
-                            context.abort(error.code, error.message)
+                            await abort(context, error.code, error.message)
                         pending.popleft()
                         yield response
                 finally:
                     CURRENT_CALLER.set(None)
-                    for _, hold in pending:
-                        self._quotas.release(hold)
+                    for _, _, hold in pending:
+                        self._release(hold)
 
             return billed
 
         return replace_behavior(handler, billed_unary, billed_stream)
+
+
+def _charge_row(ledger: SqlLedger, caller_name: str, rpc: str, queries: int, request_bytes: int,
+                response_bytes: int, hold: QuotaHold | None, context: grpc.aio.ServicerContext) -> None:
+    """On an io thread: one answer's row, committed before this returns (the ledger's group commit gathers the
+    rows of concurrent answers into one transaction); a ledger error becomes the call's status."""
+    try:
+        ledger.charge(caller_name, rpc, queries=queries, request_bytes=request_bytes, response_bytes=response_bytes,
+                      hold=hold)
+    except QuotaExceeded as exceeded:  # the call outlived its hold and the quota was used meanwhile
+        raise quota_refusal(exceeded, context) from None
+    except LedgerUnavailable as error:
+        raise RequestError(grpc.StatusCode.UNAVAILABLE, str(error)) from None

@@ -201,6 +201,7 @@ class SqlLedger:
         self._commit_lock = threading.Lock()  # one group commit of usage rows at a time
         self._pending_lock = threading.Lock()  # guards _open_batch: the rows waiting for the next commit
         self._open_batch = _Batch()
+        self._deferring = threading.local()  # .rows: this thread's rows inside deferred_commits(), else absent
 
     # -- the store ------------------------------------------------------------------------------------------
     def _transaction(self) -> contextlib.AbstractContextManager[Run]:
@@ -210,13 +211,13 @@ class SqlLedger:
         """Commit `rows` in one transaction (raise, committing none, if that cannot be done)."""
         raise NotImplementedError
 
-    def _commit_usage(self, row: tuple) -> None:
+    def _commit_usage(self, rows: list[tuple]) -> None:
         """Group commit: the rows of calls that charge while another commit runs wait for it, and the first of
         them to get the database then commits all of them in one transaction. Under many concurrent calls that is
         one commit per burst instead of one per call, and still every row is committed before its reply leaves."""
         with self._pending_lock:
             batch = self._open_batch
-            batch.rows.append(row)
+            batch.rows.extend(rows)
         with self._commit_lock:
             if not batch.done:  # nobody committed it while this call waited: this call commits the whole batch
                 with self._pending_lock:
@@ -286,14 +287,20 @@ class SqlLedger:
         ``reaas-keys`` while the server runs closes open access within that time, and the many small calls of
         open access do not each pay an SQL query (12 % of the server's busy time under 64 clients,
         benchmarks/results/service_profile.md)."""
-        if self._keys_issued:
-            return True
+        known = self.has_keys_known()
+        if known is not None:
+            return known
         now = time.monotonic()
-        if now < self._open_access_until:
-            return False
         self._keys_issued = bool(self._query("SELECT 1 FROM api_keys LIMIT 1"))
         self._open_access_until = now + OPEN_ACCESS_RECHECK_S
         return self._keys_issued
+
+    def has_keys_known(self) -> bool | None:
+        """``has_keys()`` when it needs no database query (the common case), else None: the serving loop asks this
+        and sends only a due re-check to a thread."""
+        if self._keys_issued:
+            return True
+        return False if time.monotonic() < self._open_access_until else None
 
     # -- quotas ---------------------------------------------------------------------------------------------
     def _locked_count(self, run: Run, key: ApiKey, now: float) -> tuple[float, int, int]:
@@ -351,7 +358,11 @@ class SqlLedger:
         """
         row = (time.time(), key_name, rpc, queries, request_bytes, response_bytes)
         if hold is None:
-            self._commit_usage(row)
+            deferred = getattr(self._deferring, "rows", None)
+            if deferred is not None:
+                deferred.append(row)
+            else:
+                self._commit_usage([row])
             return
         with self._transaction() as run:
             # the count first, the hold second: the order reserve_quota takes its locks in (no deadlock)
@@ -365,6 +376,23 @@ class SqlLedger:
                     retry_after_ms=max(1, round(1000 * (start + hold.key.quota_period_s - row[0]))))
             run(_INSERT_USAGE, row)
             run(_ADD_TO_COUNT, (queries, key_name, start))
+
+    @contextlib.contextmanager
+    def deferred_commits(self) -> Iterator[None]:
+        """Inside: this thread's ``charge`` calls without a quota hold only collect their rows; they are committed
+        together, in one transaction, when the block ends (which raises, and commits none, if that cannot be done).
+        The batcher's worker charges every call of a forward pass so: one commit per pass, before any reply of the
+        pass leaves. Charges with a hold commit at once, as ever (their quota check is their own transaction)."""
+        if getattr(self._deferring, "rows", None) is not None:  # nested: the outer block commits
+            yield
+            return
+        self._deferring.rows = rows = []
+        try:
+            yield
+        finally:
+            del self._deferring.rows
+        if rows:
+            self._commit_usage(rows)
 
     def totals(self, key_name: str) -> list[RpcTotals]:
         """Everything `key_name` was served, per RPC, since the ledger began."""

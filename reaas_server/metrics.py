@@ -2,13 +2,11 @@
 
 ``ObservingInterceptor`` comes first in the server's interceptor list, so gRPC applies it outermost: it sees every
 call — EncoderService, health and reflection — and the status its client gets, refusals by the inner
-interceptors (UNAUTHENTICATED, RESOURCE_EXHAUSTED, UNAVAILABLE while draining) included. gRPC Python's server
-decides that status thus: a behaviour that returns (a response stream that ends) gives ``context.code()`` if the
-servicer set one, else OK; one that raises after ``context.abort`` gives the aborted code; any other exception
-UNKNOWN; and a call whose client went away gets no status sent: the client saw CANCELLED, or DEADLINE_EXCEEDED
-once the deadline passed, and that is recorded. A stream's code is read when gRPC terminates the call (a
-termination callback), after the transport has said whether the client cancelled: the servicer alone cannot
-tell, because a cancelled stream's request iterator may simply end. Calls to methods the server does not serve are answered
+interceptors (UNAUTHENTICATED, RESOURCE_EXHAUSTED, UNAVAILABLE while draining) included. grpc.aio decides that
+status thus: a behaviour that returns (a response stream that ends) gives OK; one that aborts gives the aborted
+code (recorded on the way through, ``_ObservedContext``); any other exception UNKNOWN; and a call whose client went
+away — cancelled, or past its deadline — is cancelled as a task (its behaviour sees CancelledError): the client saw
+CANCELLED, or DEADLINE_EXCEEDED once the deadline passed, and that is recorded. Calls to methods the server does not serve are answered
 UNIMPLEMENTED by gRPC before any interceptor can wrap them, and are not counted (their names are the caller's
 to choose: a label per name would let any client grow the registry).
 
@@ -18,11 +16,12 @@ tests — keep separate counts; ``serve_http`` exposes it on ``--metrics-port``.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
 
 import grpc
 from google.protobuf.message import Message
@@ -35,7 +34,6 @@ from reaas_server.admission import POOL_OF_RPC, Admission
 from reaas_server.interceptors import (
     CALLER_NAMED,
     PerMethodInterceptor,
-    forget_call_state,
     image_count,
     message_size,
     peer_of,
@@ -152,7 +150,7 @@ class ServerMetrics:
 class _Call:
     """One call while it runs: counts each message as it passes, and ends exactly once (the first end wins)."""
 
-    def __init__(self, metrics: ServerMetrics, rpc: str, context: grpc.ServicerContext) -> None:
+    def __init__(self, metrics: ServerMetrics, rpc: str, context: grpc.aio.ServicerContext) -> None:
         self._metrics = metrics
         self._series = metrics.series(rpc)
         self._rpc = rpc
@@ -177,8 +175,8 @@ class _Call:
         self._series.received.inc()
         self._series.request_bytes.inc(size)
 
-    def tap(self, requests: Iterable[Message]) -> Iterator[Message]:
-        for request in requests:
+    async def tap(self, requests: AsyncIterable[Message]) -> AsyncIterator[Message]:
+        async for request in requests:
             self.received(request)
             yield request
 
@@ -214,17 +212,14 @@ class _Call:
         series.in_flight.dec()  # last: a scrape that sees the call gone sees everything it recorded
 
 
-_CLIENT_GONE = object()  # the call terminated while its response stream was still unfinished
-
-
-def final_code(context: grpc.ServicerContext, error: object, terminated: bool = False) -> grpc.StatusCode:
+def final_code(context: _ObservedContext, error: BaseException | None) -> grpc.StatusCode:
     """The status the client got, given how the behaviour ended (`error`: None for a normal end, else what it
-    raised, or _CLIENT_GONE); see the module docstring for the rules. ``terminated``: asked from a termination
-    callback, where no call is active any more and the transport's end state (``client_cancelled``) decides."""
-    gone = client_cancelled(context) if terminated else not context.is_active()
-    if error is _CLIENT_GONE or isinstance(error, grpc.RpcError) or gone:
+    raised); see the module docstring for the rules."""
+    if isinstance(error, asyncio.CancelledError) or (error is None and context.cancelled()):
         return _client_gone_code(context)
-    return context.code() or (grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN)
+    if context.aborted is not None:
+        return context.aborted
+    return grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
 
 
 class ObservingInterceptor(PerMethodInterceptor):
@@ -237,69 +232,67 @@ class ObservingInterceptor(PerMethodInterceptor):
     def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         rpc = rpc_name(method) or method.lstrip("/")
         metrics = self._metrics
-        streaming_in, streaming_out = handler.request_streaming, handler.response_streaming
+        streaming_in = handler.request_streaming
 
-        def observe(behavior: Callable) -> Callable:
-            def observed(request_or_requests, context):
-                call = _Call(metrics, rpc, context)
-                CALLER_NAMED.set(call.name_caller)
-                if streaming_in:
-                    request_or_requests = call.tap(request_or_requests)
-                else:
-                    call.received(request_or_requests)
-                if streaming_out:
-                    return _observed_stream(call, behavior, request_or_requests, context)
+        def started(request_or_requests, raw_context) -> tuple[_Call, _ObservedContext, object]:
+            context = _ObservedContext(raw_context)
+            call = _Call(metrics, rpc, context)
+            CALLER_NAMED.set(call.name_caller)
+            if streaming_in:
+                request_or_requests = call.tap(request_or_requests)
+            else:
+                call.received(request_or_requests)
+            return call, context, request_or_requests
+
+        def observe_unary(behavior: Callable) -> Callable:
+            async def observed(request_or_requests, raw_context):
+                call, context, request_or_requests = started(request_or_requests, raw_context)
                 try:
-                    response = behavior(request_or_requests, context)
-                except Exception as error:
+                    response = await behavior(request_or_requests, context)
+                except BaseException as error:
                     call.end(final_code(context, error))
                     raise
-                finally:
-                    forget_call_state()
-                if response is not None:  # None is the servicer's bug: gRPC answers INTERNAL
+                if response is not None:  # None is the servicer's bug: gRPC answers an error
                     call.sent(response)
-                    forget_call_state()
                 call.end(final_code(context, None))
                 return response
 
             return observed
 
-        return _with_behavior(handler, observe)
+        def observe_stream(behavior: Callable) -> Callable:
+            async def observed(request_or_requests, raw_context):
+                call, context, request_or_requests = started(request_or_requests, raw_context)
+                try:
+                    async for response in behavior(request_or_requests, context):
+                        call.sent(response)
+                        yield response
+                except BaseException as error:  # a cancelled call's task is cancelled here: CancelledError
+                    call.end(final_code(context, error))
+                    raise
+                call.end(final_code(context, None))
+
+            return observed
+
+        return _with_behavior(handler, observe_stream if handler.response_streaming else observe_unary)
 
 
-def _observed_stream(call: _Call, behavior: Callable, requests, context) -> Iterator[Message]:
-    # A stream's code is decided when gRPC terminates the call, not when the behaviour returns: a cancelled
-    # stream's request iterator can end with StopIteration before the context knows of the cancellation, so the
-    # servicer returns normally and only the transport's close event tells the truth. gRPC may also drop the
-    # generator of a cancelled stream without closing it; then `ending` stays empty.
-    ending: list[object] = []
+class _ObservedContext:
+    """The call's context as the behaviours inside observation see it: the same, except that an ``abort`` leaves
+    its code behind (grpc.aio sends an aborted status without recording it where ``code()`` would read it)."""
 
-    def terminated() -> None:
-        call.end(final_code(context, ending[0] if ending else _CLIENT_GONE, terminated=True))
+    __slots__ = ("_context", "aborted")
 
-    if not context.add_callback(terminated):
-        terminated()
-    try:
-        for response in behavior(requests, context):
-            call.sent(response)
-            yield response
-    except Exception as error:
-        ending.append(error)
-        raise
-    finally:
-        forget_call_state()
-    ending.append(None)
+    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+        self._context = context
+        self.aborted: grpc.StatusCode | None = None
 
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: tuple = ()) -> None:
+        if self.aborted is None:
+            self.aborted = code
+        await self._context.abort(code, details, trailing_metadata)
 
-def client_cancelled(context: grpc.ServicerContext) -> bool:
-    """Whether the transport closed the call as cancelled (the client cancelled, went away, or its deadline passed).
-
-    gRPC Python has no public accessor for this on the server side; its ``_RPCState.client`` is set to
-    ``"cancelled"`` by the receive-close event, which has fired by the time termination callbacks run.
-    tests/reaas_server/test_metrics.py checks the attribute is still there, so an upgrade that moves it fails a
-    test instead of silently counting cancelled streams as OK.
-    """
-    return getattr(getattr(context, "_state", None), "client", None) == "cancelled"
+    def __getattr__(self, name: str):
+        return getattr(self._context, name)
 
 
 # A client whose deadline fires cancels the call itself, and the cancel can reach the server before the server's

@@ -46,8 +46,13 @@ class QuotaBook:
     def __init__(self, ledger: SqlLedger) -> None:
         self._ledger = ledger
 
+    @staticmethod
+    def applies(key: ApiKey | None) -> bool:
+        """Whether calls of `key` are counted against a quota (otherwise nothing is held or asked of the ledger)."""
+        return key is not None and key.quota_queries is not None
+
     def status(self, key: ApiKey | None, now: float | None = None) -> QuotaStatus | None:
-        if key is None or key.quota_queries is None:
+        if not self.applies(key):
             return None
         start, used = self._ledger.quota_used(key, time.time() if now is None else now)
         return QuotaStatus(key.quota_queries, key.quota_period_s, used, max(0, key.quota_queries - used),
@@ -56,7 +61,7 @@ class QuotaBook:
     def reserve(self, key: ApiKey | None, queries: int) -> QuotaHold | None:
         """Hold `queries` of `key`'s quota or raise QuotaExceeded; None when the key has no quota (nothing to
         hold). Pass the hold to ``charge`` when the call is answered, else to ``release``."""
-        if key is None or key.quota_queries is None or queries == 0:
+        if not self.applies(key) or queries == 0:
             return None
         return self._ledger.reserve_quota(key, queries)
 

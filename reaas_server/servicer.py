@@ -1,17 +1,18 @@
 """EncoderServicer: translates between reaas.v1 messages and the served encoder, and nothing else.
 
 Each RPC: validate (validation.py) → compute (encoder_host.py, which calls bounds/) → encode (the shared
-codec). Precise exceptions become gRPC statuses here, at the edge, and only here.
+codec). Precise exceptions become gRPC statuses here, at the edge, and only here. The methods are coroutines on
+the serving loop (serving_loop.py): tensor work runs on the batcher's worker or the compute pool, database reads on
+the io pool, and the call waits for them suspended.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
-import concurrent.futures
 import contextlib
 import logging
-from collections.abc import Iterator
-from concurrent.futures import Future
+from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
@@ -25,7 +26,7 @@ from reaas_server.batcher import ForwardBatcher, RadiusBatcher
 from reaas_server.compute import BackgroundCompute
 from reaas_server.config import ServerConfig
 from reaas_server.encoder_host import BoundCost, ServedEncoder
-from reaas_server.interceptors import CURRENT_CALLER, image_count
+from reaas_server.interceptors import CHARGE_WHERE_COMPUTED, CURRENT_CALLER, abort, call_active, image_count
 from reaas_server.ledger import LedgerUnavailable, SqlLedger
 from reaas_server.quotas import QuotaBook
 from reaas_server.validation import (
@@ -52,17 +53,12 @@ TEXT_THREAT_MODEL = (
 )
 
 
-def _still_wanted(context: grpc.ServicerContext) -> bool:
-    """False once the client cancelled or its deadline passed: work for it should stop."""
-    remaining = context.time_remaining()
-    return context.is_active() and (remaining is None or remaining > 0)
-
-
 class EncoderServicer(pb_grpc.EncoderServiceServicer):
     def __init__(self, encoder: ServedEncoder, config: ServerConfig, ledger: SqlLedger, quotas: QuotaBook,
-                 compute: BackgroundCompute, batcher: ForwardBatcher | None,
+                 compute: BackgroundCompute, io: BackgroundCompute, batcher: ForwardBatcher | None,
                  bound_costs: tuple[BoundCost, ...] = (), radius_batcher: RadiusBatcher | None = None) -> None:
         self._encoder = encoder
+        self._io = io  # database reads (GetUsage, the open-access re-check): off the loop
         self._config = config
         self._ledger = ledger
         self._quotas = quotas
@@ -90,7 +86,14 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
             raise ValueError(f"default bound {self._default_bound!r} is not one of {self._bounds_offered}")
 
     # -- descriptions -------------------------------------------------------------------------------------
-    def GetEncoderInfo(self, request, context):
+    async def GetEncoderInfo(self, request, context):
+        open_access = self._ledger.has_keys_known()
+        if open_access is None:
+            async with _status_on_error(context):
+                open_access = await self._io.run(self._ledger.has_keys)
+        return self._encoder_info(not open_access)
+
+    def _encoder_info(self, open_access: bool) -> pb.EncoderInfo:
         meta = self._encoder.metadata
         text = self._encoder.text
         text_input = None if text is None else pb.TextInputInfo(
@@ -116,7 +119,7 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
             default_bound=self._default_bound if self._bounds_offered else "",
             max_message_bytes=self._config.max_message_bytes,
             device=str(self._encoder.device),
-            open_access=not self._ledger.has_keys(),
+            open_access=open_access,
             max_calls_per_key=self._config.max_calls_per_key,
             max_feature_radius=self._encoder.max_feature_radius,
             bound_costs=[
@@ -127,8 +130,12 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
             ],
         )
 
-    def GetUsage(self, request, context):
+    async def GetUsage(self, request, context):
         caller = CURRENT_CALLER.get()  # set by the account interceptor, which always runs before this
+        async with _status_on_error(context):
+            return await self._io.run(self._usage_report, caller)
+
+    def _usage_report(self, caller) -> pb.UsageReport:
         rpcs = [pb.RpcUsage(rpc=t.rpc, calls=t.calls, queries=t.queries, request_bytes=t.request_bytes,
                             response_bytes=t.response_bytes) for t in self._ledger.totals(caller.name)]
         report = pb.UsageReport(key_name=caller.name, rpcs=rpcs, total_queries=sum(u.queries for u in rpcs),
@@ -141,8 +148,8 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
             report.quota_resets_at_unix = quota.resets_at
         return report
 
-    def GetVocabulary(self, request, context):
-        with _status_on_error(context):
+    async def GetVocabulary(self, request, context):
+        async with _status_on_error(context):
             vocabulary = self._text_only("GetVocabulary").vocabulary
             return pb.VocabularyResponse(tokens=list(vocabulary.tokens), token_pattern=vocabulary.pattern,
                                          lowercase=vocabulary.lowercase, max_length=vocabulary.max_length,
@@ -179,9 +186,9 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
         embeddings = self._encoder.embed(decode_token_ids(request.token_ids, self._tokens))
         return pb.EmbedResponse(embeddings=encode_tensor(embeddings))
 
-    def Embed(self, request, context):
-        with _status_on_error(context):
-            return self._compute.run(self._embed_response, request, context)
+    async def Embed(self, request, context):
+        async with _status_on_error(context):
+            return await self._compute.run(self._embed_response, request, context)
 
     # -- features -----------------------------------------------------------------------------------------
     def _shares_a_pass(self, request: pb.FeatureRequest) -> bool:
@@ -201,13 +208,23 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
             # numpy on the batcher's path (its rows come as arrays; batcher.feature_rows says why)
             return pb.FeatureResponse(features=encode_tensor(as_numpy(features).astype(reply_dtype, copy=False)))
 
-        return decode, reply, lambda: _still_wanted(context)
+        return decode, reply, lambda: call_active(context)
 
-    def _shared_feature_response(self, request: pb.FeatureRequest, context) -> pb.FeatureResponse:
-        """From a handler thread: the batcher's worker decodes, runs and encodes every waiting request, and this
-        thread only waits (no GIL hand-over among dozens of handler threads at each torch call)."""
+    async def _shared_feature_response(self, request: pb.FeatureRequest, context) -> pb.FeatureResponse:
+        """The batcher's worker decodes, runs, encodes and charges every waiting request while the call is
+        suspended: one hand-off to the worker, one ledger commit and one wake-up of the loop per pass, not per
+        call."""
         decode, reply, wanted = self._feature_parts(request, context)
-        return _answered(self._batcher.answer(decode, image_count(request), reply, wanted))
+        charge = CHARGE_WHERE_COMPUTED.get()
+        if charge is not None:
+            unbilled = reply
+
+            def reply(features) -> pb.FeatureResponse:
+                response = unbilled(features)
+                charge(response)
+                return response
+
+        return _answered(await self._batcher.answer(decode, image_count(request), reply, wanted))
 
     def _own_feature_response(self, request: pb.FeatureRequest, context) -> pb.FeatureResponse:
         """On a compute thread (compute.py): decode, forward chunk by chunk, encode."""
@@ -216,46 +233,54 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
         features = self._encoder.features(images, chunk_size=self._config.forward_chunk_size, still_wanted=wanted)
         return _answered(None if features is None else reply(features))
 
-    def _feature_response(self, request: pb.FeatureRequest, context) -> pb.FeatureResponse:
+    async def _feature_response(self, request: pb.FeatureRequest, context) -> pb.FeatureResponse:
         if self._shares_a_pass(request):
-            return self._shared_feature_response(request, context)
-        return self._compute.run(self._own_feature_response, request, context)
+            return await self._shared_feature_response(request, context)
+        return await self._compute.run(self._own_feature_response, request, context)
 
-    def Feature(self, request, context):
-        with _status_on_error(context):
-            return self._feature_response(request, context)
+    async def Feature(self, request, context):
+        async with _status_on_error(context):
+            return await self._feature_response(request, context)
 
-    def StreamFeatures(self, request_iterator, context) -> Iterator[pb.FeatureResponse]:
-        """Pipelined two deep: a large message is computed on the compute pool while the next one is received and
-        parsed (replies keep the requests' order), so a stream keeps the transport and the encoder busy at once.
-        It pays where the forward pass decides: one stream of 256-image messages to the non-robust CNN, 37-41k
-        against 28-30k images/s sequential; neutral where the transport decides (PCA: 93-104k against 84-98k)."""
-        with _status_on_error(context):
-            pending: collections.deque[Future] = collections.deque()
-            requests = iter(request_iterator)
+    async def StreamFeatures(self, request_iterator, context) -> AsyncIterator[pb.FeatureResponse]:
+        """Pipelined two deep: a message is computed (on the batcher's worker or the compute pool) while the next one
+        is received and parsed, and each reply leaves as soon as it is ready, in the requests' order, also while
+        the client has not sent the next message yet. It pays where the forward pass decides (one stream of 256-image
+        messages to the non-robust CNN: 37-41k against 28-30k images/s sequential, measured on the thread-pool
+        server) and costs nothing where the transport decides."""
+        async with _status_on_error(context):
+            pending: collections.deque[asyncio.Task] = collections.deque()
+            requests = aiter(request_iterator)
+            next_request: asyncio.Future | None = None
             try:
                 while True:
+                    if next_request is None:  # read in a task, so that a finished reply need not wait for it
+                        next_request = asyncio.ensure_future(anext(requests))
+                    if pending and not next_request.done():
+                        await asyncio.wait((next_request, pending[0]), return_when=asyncio.FIRST_COMPLETED)
+                        if not next_request.done():
+                            yield pending.popleft().result()
+                            continue
                     try:
-                        request = next(requests)
-                    except StopIteration:
+                        request = next_request.result() if next_request.done() else await next_request
+                    except StopAsyncIteration:
                         break
                     except Exception:  # this message was refused (a quota): the ones before it are answered first
                         while pending:
-                            yield pending.popleft().result()
+                            yield await pending.popleft()
                         raise
-                    if self._shares_a_pass(request):
-                        pending.append(_done(self._shared_feature_response, request, context))
-                    else:
-                        pending.append(self._compute.submit(self._own_feature_response, request, context))
+                    next_request = None
+                    pending.append(asyncio.ensure_future(self._feature_response(request, context)))
                     # a message of several passes is computed alone: two in flight would double its memory
                     alone = image_count(request) > self._config.forward_chunk_size
                     while pending and (len(pending) >= STREAM_PIPELINE_DEPTH or pending[0].done() or alone):
-                        yield pending.popleft().result()
+                        yield await pending.popleft()
                 while pending:
-                    yield pending.popleft().result()
+                    yield await pending.popleft()
             finally:
-                for future in pending:  # the stream ended early: work not started is dropped
-                    future.cancel()
+                if next_request is not None:
+                    pending.append(next_request)
+                _drop(pending)  # the stream ended early: work not started is dropped
 
     # -- image-space radii --------------------------------------------------------------------------------
     def _f2i_response(self, request: pb.F2IPerturbRequest, context) -> pb.F2IPerturbResponse:
@@ -275,7 +300,7 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
         inputs = self._decoded_inputs(request, field)
         feature_radii = decode_feature_radii(request.feature_radii, inputs.shape[0], self._encoder.max_feature_radius)
         images = self._encoder_inputs(inputs, field)
-        wanted = lambda: _still_wanted(context)  # noqa: E731
+        wanted = lambda: call_active(context)  # noqa: E731
         # a closed-form bound is a division (nothing to share) and a request of a full chunk is a full search
         shared = (self._radius_batcher is not None and bound not in bounds.CLOSED_FORM_BOUNDS
                   and images.shape[0] < self._config.f2i_chunk_size)
@@ -294,27 +319,25 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
         ]
         return pb.F2IPerturbResponse(radii=radii)
 
-    def F2IPerturb(self, request, context):
-        with _status_on_error(context):
-            return self._compute.run(self._f2i_response, request, context)
+    async def F2IPerturb(self, request, context):
+        async with _status_on_error(context):
+            return await self._compute.run(self._f2i_response, request, context)
 
-    def StreamF2IPerturb(self, request_iterator, context):
-        with _status_on_error(context):
-            for request in request_iterator:
-                yield self._compute.run(self._f2i_response, request, context)
+    async def StreamF2IPerturb(self, request_iterator, context):
+        async with _status_on_error(context):
+            async for request in request_iterator:
+                yield await self._compute.run(self._f2i_response, request, context)
 
 
 STREAM_PIPELINE_DEPTH = 2  # a stream's messages in work at once: one computed while the next arrives
 
 
-def _done(work, /, *args) -> Future:
-    """`work(*args)` run here, as a finished future (its error kept for whoever takes the result)."""
-    future: Future = Future()
-    try:
-        future.set_result(work(*args))
-    except BaseException as error:  # noqa: BLE001 - handed to the consumer of the future
-        future.set_exception(error)
-    return future
+def _drop(tasks: collections.deque[asyncio.Future]) -> None:
+    """Cancel a stream's unfinished work (and its pending read); an error of work already finished is taken (nobody
+    will answer it), so asyncio does not log it as never retrieved."""
+    for task in tasks:
+        if not task.cancel() and not task.cancelled():
+            task.exception()
 
 
 def _answered(response: pb.FeatureResponse | None) -> pb.FeatureResponse:
@@ -329,19 +352,17 @@ def _quoted(text: str, limit: int = 64) -> str:
     return repr(text) if len(text) <= limit else f"{text[:limit]!r}… ({len(text)} characters)"
 
 
-@contextlib.contextmanager
-def _status_on_error(context: grpc.ServicerContext) -> Iterator[None]:
+@contextlib.asynccontextmanager
+async def _status_on_error(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
     """RequestError → its status; anything unexpected → INTERNAL (logged). The server stays up either way."""
     try:
         yield
+    except grpc.aio.AbortError:
+        raise  # a status is already on its way: grpc.aio requires its AbortError to pass untouched
     except RequestError as error:
-        context.abort(error.code, error.message)
+        await abort(context, error.code, error.message)
     except LedgerUnavailable as error:  # the database is down or locked: another replica may answer
-        context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
-    except concurrent.futures.CancelledError:  # the compute pool shut down under it: the server is stopping
-        context.abort(grpc.StatusCode.UNAVAILABLE, "the server is stopping; retry on another replica")
-    except grpc.RpcError:
-        raise  # the client went away mid-stream: nothing left to answer
+        await abort(context, grpc.StatusCode.UNAVAILABLE, str(error))
     except Exception as error:
         log.exception("internal error while serving a request")
-        context.abort(grpc.StatusCode.INTERNAL, f"internal server error: {type(error).__name__}: {error}")
+        await abort(context, grpc.StatusCode.INTERNAL, f"internal server error: {type(error).__name__}: {error}")

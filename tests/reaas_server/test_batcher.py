@@ -4,6 +4,8 @@ wait for company."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -93,36 +95,72 @@ def test_errors_reach_every_caller_of_the_pass():
     batcher.close()
 
 
-def test_the_worker_decodes_and_replies_for_each_caller_and_a_bad_request_fails_only_its_own(held):
-    """Handler threads only wait: decoding and the reply run on the worker, and a request that does not decode is
-    its caller's error alone, not the pass's."""
+@pytest.fixture()
+def loop():
+    """An event loop on a thread of its own, as the server's handlers run on one (serving_loop.py)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield loop
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    loop.close()
+
+
+def test_the_worker_decodes_and_replies_for_each_caller_and_a_bad_request_fails_only_its_own(held, loop):
+    """Callers on the loop only wait: decoding and the reply run on the worker, and a request that does not decode
+    is its caller's error alone, not the pass's."""
     batcher = ForwardBatcher(held, max_images=64, lone_pass_in_caller=False)
     held.release.clear()
 
     def bad() -> tuple[torch.Tensor]:
         raise ValueError("images must have shape [batch, 1, 2, 2]")
 
-    with ThreadPoolExecutor(4) as pool:
-        first = pool.submit(batcher.features, images(1, 1.0))
-        assert held.entered.acquire(timeout=30)
-        decoded_by = []
+    def answer(decode, n):
+        return asyncio.run_coroutine_threadsafe(batcher.answer(decode, n, lambda f: f.sum().item()), loop)
 
-        def decode(n: int):
-            def run() -> tuple[torch.Tensor]:
-                decoded_by.append(threading.current_thread().name)
-                return (images(n, float(n)),)
-            return run
+    decoded_by = []
 
-        good = [pool.submit(batcher.answer, decode(n), n, lambda f: f.sum().item()) for n in (2, 3)]
-        failing = pool.submit(batcher.answer, bad, 5, lambda f: f.sum().item())
-        while len(batcher._queue) < 3:  # noqa: SLF001
-            threading.Event().wait(0.001)
-        held.release.set()
-        assert first.result(30).shape == (1, 4)
-        assert [future.result(30) for future in good] == [2 * 2 * 4 * 2.0, 3 * 3 * 4 * 2.0]
-        with pytest.raises(ValueError, match="must have shape"):
-            failing.result(30)
-    assert held.batches == [1, 2 + 3] and decoded_by == ["reaas-batcher"] * 2
+    def decode(n: int):
+        def run() -> tuple[torch.Tensor]:
+            decoded_by.append(threading.current_thread().name)
+            return (images(n, float(n)),)
+        return run
+
+    first = answer(decode(1), 1)
+    assert held.entered.acquire(timeout=30)
+    good = [answer(decode(n), n) for n in (2, 3)]
+    failing = answer(bad, 5)
+    while len(batcher._queue) < 3:  # noqa: SLF001
+        threading.Event().wait(0.001)
+    held.release.set()
+    assert first.result(30) == 4 * 2.0
+    assert [future.result(30) for future in good] == [2 * 2 * 4 * 2.0, 3 * 3 * 4 * 2.0]
+    with pytest.raises(ValueError, match="must have shape"):
+        failing.result(30)
+    assert held.batches == [1, 2 + 3] and decoded_by == ["reaas-batcher"] * 3
+    batcher.close()
+
+
+def test_a_cancelled_caller_on_the_loop_is_dropped_from_the_pass(held, loop):
+    """A call whose client went away is cancelled as a task: its request leaves the next pass."""
+    batcher = ForwardBatcher(held, max_images=64, lone_pass_in_caller=False)
+    held.release.clear()
+
+    def answer(n):
+        return asyncio.run_coroutine_threadsafe(batcher.answer(lambda: (images(n, 1.0),), n, len), loop)
+
+    first = answer(1)
+    assert held.entered.acquire(timeout=30)
+    gone, kept = answer(2), answer(3)
+    while len(batcher._queue) < 2:  # noqa: SLF001
+        threading.Event().wait(0.001)
+    gone.cancel()  # cancels the awaiting task on the loop
+    with pytest.raises(concurrent.futures.CancelledError):
+        gone.result(30)
+    held.release.set()
+    assert first.result(30) == 1 and kept.result(30) == 3
+    assert held.batches == [1, 3]
     batcher.close()
 
 

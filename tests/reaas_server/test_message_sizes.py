@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextvars
 import threading
 
 import numpy as np
 
 from reaas.v1 import encoder_service_pb2 as pb
-from reaas_server.interceptors import _ParsedSizes, forget_call_state, message_size, remember_size
+from reaas_server.interceptors import _ParsedSizes, message_size, remember_size
 
 
 def _request(images: int) -> pb.FeatureRequest:
@@ -16,7 +17,8 @@ def _request(images: int) -> pb.FeatureRequest:
 
 
 def test_a_size_remembered_on_another_thread_is_found_without_serialising():
-    """gRPC parses a stream's messages on its polling thread; the handler thread must still find the size."""
+    """StreamFeatures reads its stream in a task of its own (grpc.aio parses there); the ledger counts the bytes in
+    the call's task, and must still find the size."""
     request = _request(4)
     wire = request.SerializeToString()
     parsed = pb.FeatureRequest.FromString(wire)
@@ -24,19 +26,16 @@ def test_a_size_remembered_on_another_thread_is_found_without_serialising():
     parser = threading.Thread(target=remember_size, args=(parsed, len(wire) + 1000))
     parser.start()
     parser.join()
-    try:
-        assert message_size(parsed) == len(wire) + 1000
-        assert message_size(parsed) == len(wire) + 1000  # asked again in the call: the thread's recent sizes
-    finally:
-        forget_call_state()
+
+    def counted_twice() -> tuple[int, int]:  # in a fresh context, as a call's task has
+        return message_size(parsed), message_size(parsed)  # asked again in the call: its recent sizes
+
+    assert contextvars.Context().run(counted_twice) == (len(wire) + 1000, len(wire) + 1000)
 
 
 def test_an_unremembered_message_is_measured():
     request = _request(3)
-    try:
-        assert message_size(request) == len(request.SerializeToString())
-    finally:
-        forget_call_state()
+    assert contextvars.Context().run(message_size, request) == len(request.SerializeToString())
 
 
 def test_parsed_sizes_pin_their_message_and_stay_within_budget():

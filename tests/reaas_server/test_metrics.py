@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import inspect
 import logging
 import threading
 import time
@@ -167,16 +166,6 @@ def test_a_stream_its_client_cancels_ends_cancelled(auth, running, channel, make
         k: v for k, v in samples.items() if k[0] == "reaas_rpc_calls_total" and v and ("rpc", "StreamFeatures") in k[1]}
     assert sample(samples, "reaas_rpc_in_flight", rpc="StreamFeatures") == 0
     assert sample(samples, "reaas_rpc_queries_total", rpc="StreamFeatures") == 2
-
-
-def test_the_end_state_a_cancelled_stream_is_read_from_is_still_where_grpc_keeps_it():
-    """metrics.client_cancelled reads gRPC's private ``_RPCState.client``; an upgrade that moves it must fail here
-    rather than count cancelled streams as OK."""
-    from grpc import _server
-
-    assert _server._CANCELLED == "cancelled"
-    assert _server._RPCState().client == _server._OPEN
-    assert inspect.getsource(_server._receive_close_on_server).count("state.client = _CANCELLED") == 1
 
 
 def test_admission_refusals_are_seen(auth, running, channel, make_images):
