@@ -219,11 +219,12 @@ class Caller:
 # Set by AccountInterceptor for the duration of a call, in the handler's thread: admission reads the caller's
 # concurrency limit from it, GetUsage whose usage to report.
 CURRENT_CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("reaas_caller", default=None)
-# Set by AccountInterceptor for a unary call: charges the call's answer where the answer is made, on the thread
-# that computes it (the batcher's worker, whose pass commits the rows of all its calls at once), so the reply needs
-# no further trip to a database thread. Called with the response, it charges unless the client is gone; the
-# interceptor charges afterwards only what was not charged there.
-CHARGE_WHERE_COMPUTED: contextvars.ContextVar[Callable[[Message], None] | None] = contextvars.ContextVar(
+# Set by AccountInterceptor for the duration of a call: charges an answer where the answer is made, on the thread
+# that computes it (the batcher's worker, whose pass commits the rows of all its calls at once; a compute thread),
+# so the reply needs no further trip to a database thread. Called with the request and its response, it charges
+# unless the client is gone (raising the call's RequestError if the ledger refuses); the interceptor charges
+# afterwards, on an io thread, only what was not charged there.
+CHARGE_WHERE_COMPUTED: contextvars.ContextVar[Callable[[Message, Message], None] | None] = contextvars.ContextVar(
     "reaas_charge_where_computed", default=None)
 # Set by an outer interceptor (observation) to learn the account's name once AccountInterceptor has resolved it.
 CALLER_NAMED: contextvars.ContextVar[Callable[[str], None] | None] = contextvars.ContextVar("reaas_caller_named",
@@ -314,54 +315,49 @@ class AccountInterceptor(PerMethodInterceptor):
             return handler
         ledger = self._ledger
 
-        async def charged(caller: Caller, request: Message, request_bytes: int, response: Message,
-                          hold: QuotaHold | None, context: grpc.aio.ServicerContext) -> None:
-            await self._io.run(_charge_row, ledger, caller.name, rpc, image_count(request), request_bytes,
-                               message_size(response), hold, context)
+        def charge_now(caller: Caller, unbilled: _Unbilled, response: Message, context) -> None:
+            """On the thread that made the answer or an io thread: its row, committed (by the pass's one commit on
+            the batcher's worker, by the group commit elsewhere) unless the client is gone."""
+            if unbilled.charged or not call_active(context):  # a reply nobody waits for is not billed
+                return
+            size = response.ByteSize()
+            remember_size(response, size)  # observation counts it too
+            _charge_row(ledger, caller.name, rpc, image_count(unbilled.request), unbilled.request_bytes, size,
+                        unbilled.hold, context)
+            unbilled.charged = True
 
         def billed_unary(behavior):
             async def billed(request, context):
                 caller = await self._caller(context)
                 CURRENT_CALLER.set(caller)
-                hold, answered = None, False
-                charged_where_computed: list[bool] = []
-
-                def charge_where_computed(response: Message) -> None:  # on the computing thread
-                    if call_active(context):  # a reply nobody waits for is not billed
-                        size = response.ByteSize()
-                        remember_size(response, size)  # observation counts it again on the loop
-                        _charge_row(ledger, caller.name, rpc, image_count(request), request_bytes, size, hold,
-                                    context)
-                        charged_where_computed.append(True)
-
+                unbilled = None
                 try:
                     try:
-                        request_bytes = message_size(request)
-                        hold = await self._reserve(caller, request, context)
-                        CHARGE_WHERE_COMPUTED.set(charge_where_computed)
+                        unbilled = _Unbilled(request, message_size(request), None)
+                        unbilled.hold = await self._reserve(caller, request, context)
+                        CHARGE_WHERE_COMPUTED.set(lambda _request, response: charge_now(caller, unbilled, response,
+                                                                                        context))
                         response = await behavior(request, context)
-                        if charged_where_computed:
-                            answered = True
-                        elif call_active(context):  # a reply nobody waits for is not billed
-                            await charged(caller, request, request_bytes, response, hold, context)
-                            answered = True
+                        if not unbilled.charged:  # not charged where it was computed: charged here
+                            await self._io.run(charge_now, caller, unbilled, response, context)
                     except RequestError as error:
                         await abort(context, error.code, error.message)
                     return response
                 finally:
                     CURRENT_CALLER.set(None)
                     CHARGE_WHERE_COMPUTED.set(None)
-                    if not answered:
-                        self._release(hold)
+                    if unbilled is not None and not unbilled.charged:
+                        self._release(unbilled.hold)
 
             return billed
 
         def billed_stream(behavior):
             async def billed(request_iterator: AsyncIterator[Message], context) -> AsyncIterator[Message]:
                 caller = await self._caller(context)
-                # each read request with its size (asked where it was read: the servicer may read in another task)
-                # and its quota hold, until its answer is charged
-                pending: collections.deque[tuple[Message, int, QuotaHold | None]] = collections.deque()
+                # each read request with its size (asked where it was read: the servicer reads in a task of its
+                # own) and its quota hold, until its answer is charged; by identity for the computing threads
+                pending: collections.deque[_Unbilled] = collections.deque()
+                by_request: dict[int, _Unbilled] = {}
 
                 async def reserved() -> AsyncIterator[Message]:
                     current = caller
@@ -371,28 +367,50 @@ class AccountInterceptor(PerMethodInterceptor):
                             current = await self._still_valid(current, context)
                         index += 1
                         # a RequestError here reaches the servicer's loop, which answers its status
-                        hold = await self._reserve(current, request, context)
-                        pending.append((request, message_size(request), hold))
+                        unbilled = _Unbilled(request, message_size(request), await self._reserve(current, request,
+                                                                                                 context))
+                        pending.append(unbilled)
+                        by_request[id(request)] = unbilled
                         yield request
 
+                def charge_where_computed(request: Message, response: Message) -> None:
+                    unbilled = by_request.get(id(request))
+                    if unbilled is not None and unbilled.request is request:
+                        charge_now(caller, unbilled, response, context)
+
                 CURRENT_CALLER.set(caller)
+                CHARGE_WHERE_COMPUTED.set(charge_where_computed)
                 try:
                     async for response in behavior(reserved(), context):
-                        request, request_bytes, hold = pending[0]
-                        try:
-                            await charged(caller, request, request_bytes, response, hold, context)
-                        except RequestError as error:
-                            await abort(context, error.code, error.message)
+                        unbilled = pending[0]
+                        if not unbilled.charged:
+                            try:
+                                await self._io.run(charge_now, caller, unbilled, response, context)
+                            except RequestError as error:
+                                await abort(context, error.code, error.message)
                         pending.popleft()
+                        del by_request[id(unbilled.request)]
                         yield response
                 finally:
                     CURRENT_CALLER.set(None)
-                    for _, _, hold in pending:
-                        self._release(hold)
+                    CHARGE_WHERE_COMPUTED.set(None)
+                    for unbilled in pending:
+                        if not unbilled.charged:
+                            self._release(unbilled.hold)
 
             return billed
 
         return replace_behavior(handler, billed_unary, billed_stream)
+
+
+@dataclass(eq=False)
+class _Unbilled:
+    """A request answered or in work, until its answer is charged (``charged``) or the call ends without it."""
+
+    request: Message
+    request_bytes: int
+    hold: QuotaHold | None
+    charged: bool = False
 
 
 def _charge_row(ledger: SqlLedger, caller_name: str, rpc: str, queries: int, request_bytes: int,

@@ -197,46 +197,38 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
         return self._batcher is not None and image_count(request) < self._config.forward_chunk_size
 
     def _feature_parts(self, request: pb.FeatureRequest, context):
-        """(decode, reply, still_wanted) of one request: the tensor work, wherever it runs."""
+        """(decode, reply, still_wanted) of one request: the tensor work, wherever it runs. Asked on the loop: the
+        reply charges the answer where it is made (interceptors.CHARGE_WHERE_COMPUTED, a context variable)."""
         field = self._input_field(request)
         reply_dtype = feature_dtype(request.feature_dtype)
+        charge = CHARGE_WHERE_COMPUTED.get()
 
         def decode() -> tuple[torch.Tensor]:
             return (self._encoder_inputs(self._decoded_inputs(request, field), field),)
 
         def reply(features: np.ndarray | torch.Tensor) -> pb.FeatureResponse:
             # numpy on the batcher's path (its rows come as arrays; batcher.feature_rows says why)
-            return pb.FeatureResponse(features=encode_tensor(as_numpy(features).astype(reply_dtype, copy=False)))
+            response = pb.FeatureResponse(features=encode_tensor(as_numpy(features).astype(reply_dtype, copy=False)))
+            if charge is not None:
+                charge(request, response)
+            return response
 
         return decode, reply, lambda: call_active(context)
 
-    async def _shared_feature_response(self, request: pb.FeatureRequest, context) -> pb.FeatureResponse:
-        """The batcher's worker decodes, runs, encodes and charges every waiting request while the call is
-        suspended: one hand-off to the worker, one ledger commit and one wake-up of the loop per pass, not per
-        call."""
-        decode, reply, wanted = self._feature_parts(request, context)
-        charge = CHARGE_WHERE_COMPUTED.get()
-        if charge is not None:
-            unbilled = reply
-
-            def reply(features) -> pb.FeatureResponse:
-                response = unbilled(features)
-                charge(response)
-                return response
-
-        return _answered(await self._batcher.answer(decode, image_count(request), reply, wanted))
-
-    def _own_feature_response(self, request: pb.FeatureRequest, context) -> pb.FeatureResponse:
-        """On a compute thread (compute.py): decode, forward chunk by chunk, encode."""
-        decode, reply, wanted = self._feature_parts(request, context)
+    def _own_feature_response(self, decode, reply, wanted) -> pb.FeatureResponse:
+        """On a compute thread (compute.py): decode, forward chunk by chunk, encode (and charge)."""
         (images,) = decode()
         features = self._encoder.features(images, chunk_size=self._config.forward_chunk_size, still_wanted=wanted)
         return _answered(None if features is None else reply(features))
 
     async def _feature_response(self, request: pb.FeatureRequest, context) -> pb.FeatureResponse:
+        """Small requests share the batcher's passes (its worker decodes, runs, encodes and charges every waiting
+        request while the calls are suspended: one hand-off, one ledger commit and one wake-up of the loop per
+        pass, not per call); a request of a full pass or more runs on its own compute thread."""
+        decode, reply, wanted = self._feature_parts(request, context)
         if self._shares_a_pass(request):
-            return await self._shared_feature_response(request, context)
-        return await self._compute.run(self._own_feature_response, request, context)
+            return _answered(await self._batcher.answer(decode, image_count(request), reply, wanted))
+        return await self._compute.run(self._own_feature_response, decode, reply, wanted)
 
     async def Feature(self, request, context):
         async with _status_on_error(context):
