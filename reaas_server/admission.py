@@ -11,9 +11,9 @@ search is seconds of CPU whatever its size; a stream holds its pool for its life
   (ties: the oldest), so a key beside a heavy one is admitted within one slot time; and one key may hold at most
   ``key_share`` of a pool (the image pool keeps a quarter free for other keys: a light key's 4 images are never
   queued behind one key's 4 096-image calls).
-* **Bounded.** An image pool's queue is bounded in images (every held request is in memory). Every call held
-  here — running or waiting — holds a gRPC handler thread, so the calls held are capped below the handler threads (``--reserved-workers`` stay free: health checks and refusals never queue), a
-  key may hold at most three quarters of them, and no call waits longer than ``max_wait_s`` or its deadline. Past
+* **Bounded.** An image pool's queue is bounded in images (every held request is in memory). The calls held here —
+  running or waiting — are capped (``--workers`` minus ``--reserved-workers``; a waiting call is a suspended
+  coroutine on the serving loop, and a running one may hold a compute thread), a key may hold at most three quarters of them, and no call waits longer than ``max_wait_s`` or its deadline. Past
   that a call is refused with RESOURCE_EXHAUSTED, the reason, and a retry hint in the message and in the standard
   ``grpc-retry-pushback-ms`` trailer. A caller who gives up while waiting leaves the queue at once.
 * **Per key.** A key's own limit on running calls (``reaas-keys add --max-concurrent-calls``, default
@@ -86,7 +86,7 @@ class AdmissionLimits:
     """The pools, the calls that may be held at once (running or waiting), and the per-key limits."""
 
     pools: dict[str, PoolLimit]
-    max_held_calls: int  # running + waiting, all pools: each holds a handler thread
+    max_held_calls: int  # running + waiting, all pools: each holds its request (and maybe a compute thread)
     calls_per_key: int  # running calls of one key (all pools) unless its ApiKey says otherwise; more wait
     max_wait_s: float = 30.0
 

@@ -88,8 +88,8 @@ class CoalescingBatcher(Generic[R]):
         """``device``: where a shared pass gathers its requests' images (the serving device: a text encoder's
         token requests arrive embedded there, its image requests on the CPU); None: where they are. The other
         inputs (F2I's feature radii) stay where they are. ``lone_pass_in_caller``: a request that finds the
-        batcher idle runs its pass in the calling thread; False when callers are gRPC handler threads, whose
-        priority must stay above compute (compute.py), so every pass runs on the lowered worker. ``torch_threads``:
+        batcher idle runs its pass in the calling thread; False in the server, whose callers are on the serving
+        loop: every pass runs on the lowered worker (compute.py). ``torch_threads``:
         the worker's intra-op threads (compute.set_torch_threads). ``pass_scope``: entered around the replies of each
         pass (the server's: ``SqlLedger.deferred_commits``, so the pass's ledger rows commit together)."""
         if max_images < 1 or max_delay_s < 0:
@@ -232,7 +232,7 @@ class CoalescingBatcher(Generic[R]):
             return jobs
 
     def _run(self) -> None:
-        # the pass is compute, below the handler threads (compute.py says why)
+        # the pass is compute, below the serving loop's thread (compute.py says why)
         lower_thread_priority(torch_threads=self._torch_threads)
         while (jobs := self._next_batch()) is not None:
             wanted = [job for job in jobs if not job.abandoned and job.still_wanted() and job.prepared()]
@@ -286,7 +286,7 @@ def feature_rows(features: torch.Tensor, sizes: list[int]) -> list[np.ndarray]:
     """A pass's features as numpy row blocks, one per request: one conversion for the whole pass, then slicing.
 
     Why not torch.split and a conversion per request: every torch call lets go of the GIL and takes it back, and
-    beside 64 busy handler threads each take-back waited; the worker's pass took 4-5x its CPU time in wall time."""
+    beside 64 busy handler threads (the thread-pool server's) each take-back waited; the worker's pass took 4-5x its CPU time in wall time."""
     rows = as_numpy(features)
     starts = itertools.accumulate(sizes[:-1], initial=0)
     return [rows[start:start + size] for start, size in zip(starts, sizes, strict=True)]

@@ -177,13 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
         "Work is admitted by what it costs: unary Feature by images running, streams and F2I by calls. A call that "
         "finds no room waits in a fair queue (the key holding least goes first) and runs when room frees; it is "
         "refused with RESOURCE_EXHAUSTED and a retry hint (grpc-retry-pushback-ms) only when the queue is full, "
-        "its key's share of it is used, or it waited --max-queue-wait. Every held call holds a handler thread; "
-        "--reserved-workers of the --workers stay free for health checks and refusals.",
+        "its key's share of it is used, or it waited --max-queue-wait. At most --workers minus --reserved-workers calls "
+        "are held (running or queued) at once: each holds its request in memory and may take a compute thread.",
     )
     admission.add_argument(
         "--workers", type=int, default=defaults.workers,
-        help="gRPC handler threads, created as needed; calls held (running or queued) <= workers - reserved "
-             "(default: %(default)s)"
+        help="calls held at once (running or queued) are at most workers - reserved-workers; the server runs on one "
+             "event loop (grpc.aio), so a held call costs memory and at most a compute thread, not a handler "
+             "thread (default: %(default)s)"
     )
     admission.add_argument("--max-feature-images", type=int, default=defaults.max_feature_images,
                            help="images of unary Feature/Embed calls running at once, one key at most 3/4; "
@@ -196,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="running calls of one API key, all pools together; more wait their turn "
                                 "(default: %(default)s)")
     admission.add_argument("--reserved-workers", type=int, default=defaults.reserved_workers,
-                           help="handler threads no admitted or queued call may take (default: %(default)s)")
+                           help="taken off --workers for the held-call cap: room kept for calls beyond the "
+                                "limits, refused at once (default: %(default)s)")
     admission.add_argument("--max-queue-wait", type=float, default=defaults.max_queue_wait_s,
                            help="seconds a call may wait for room before it is refused (never past its deadline) "
                                 "(default: %(default)s)")
@@ -318,7 +320,7 @@ def run() -> None:
 
 def _serve(config: ServerConfig) -> None:
     limit_heap_growth(config.heap)
-    # A handler thread answering a health check waits for the GIL behind the threads decoding and forwarding
+    # The serving loop answering a health check waits for the GIL behind the threads decoding and forwarding
     # requests; Python hands the GIL over every switch interval (5 ms by default). 1 ms keeps that wait short
     # under load at a negligible cost to throughput.
     sys.setswitchinterval(0.001)

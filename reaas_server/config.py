@@ -49,10 +49,11 @@ class ServerConfig:
     # cores concurrent searches of their own use the cores better (bench-service: 1.6 vs 0.9 images/s)
     f2i_batching: bool | None = None
     bound_cost_budget_s: float = 5.0  # start-up time cap for measuring each bound's cost (EncoderInfo.bound_costs)
-    workers: int = 128  # gRPC handler threads, shared by every RPC including health checks; made as needed
-    # Admission (admission.py): what may run at once per pool, and how long a call may wait for it. Every call held
-    # (running or waiting) holds a handler thread, so at most workers - reserved_workers are held: the rest stay
-    # free for health checks, descriptions and refusals.
+    # at most workers - reserved_workers calls are held (running or waiting) at once: each keeps its request in
+    # memory and may hold a compute thread (one per held call, made as needed). The names are from the thread-pool
+    # server, where each held call held a gRPC handler thread; on grpc.aio health checks need no thread of their own.
+    workers: int = 128
+    # Admission (admission.py): what may run at once per pool, and how long a call may wait for it.
     # images of unary Feature / Embed calls running at once (a key: 3/4 of them), and twice as many may wait: the
     # most image data the pool holds. Measured (bench-load, non-robust CNN): one key's 8 x 4 096-image calls all
     # held, none refused, beside another key's 4-image calls at p99 69 ms, peak RSS 1.62x idle
@@ -97,8 +98,8 @@ class ServerConfig:
             raise ValueError("the longest queue wait must be >= 0 seconds")
         if self.workers - self.reserved_workers < 1 or self.reserved_workers < 1:
             raise ValueError(
-                f"{self.workers} workers must exceed the {self.reserved_workers} kept free for health checks and "
-                "refusals (and at least one must be kept free); raise --workers or lower --reserved-workers"
+                f"{self.workers} workers must exceed the {self.reserved_workers} reserved ones (at least one): the "
+                "calls held at once are workers - reserved-workers; raise --workers or lower --reserved-workers"
             )
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"torch threads must be >= 1, got {self.torch_threads}")

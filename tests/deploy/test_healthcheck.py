@@ -49,7 +49,7 @@ def test_serving_server_passes_and_a_draining_one_fails(running):
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr
     assert healthy.stdout.strip().endswith(": SERVING")
 
-    running.health.enter_graceful_shutdown()  # what SIGTERM does first, for --drain-delay seconds
+    running.enter_graceful_shutdown()  # what SIGTERM does first, for --drain-delay seconds
     draining = probe(address)
     assert draining.returncode == 1
     assert "NOT_SERVING" in draining.stdout
