@@ -8,6 +8,7 @@ only; health and reflection stay open and free.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextvars
 import threading
@@ -142,11 +143,19 @@ async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, messag
     await context.abort(code, message)
 
 
-def call_active(context: grpc.aio.ServicerContext) -> bool:
-    """False once the client cancelled, went away or its deadline passed: work for it should stop, and its reply
-    is not billed. Safe to ask from any thread."""
-    remaining = context.time_remaining()
-    return not context.done() and (remaining is None or remaining > 0)
+def still_wanted(context: grpc.aio.ServicerContext) -> Callable[[], bool]:
+    """A check, for any thread, that turns False once the client cancelled, went away or its deadline passed: work
+    for it should stop, and its reply is not billed. Made on the loop, inside the call's task: grpc.aio cancels
+    that task when the client goes (its context's done() and cancelled() stay False), so the task is what tells."""
+    task = asyncio.current_task()
+
+    def wanted() -> bool:
+        if task is not None and task.done():
+            return False
+        remaining = context.time_remaining()
+        return remaining is None or remaining > 0
+
+    return wanted
 
 
 _PEER: contextvars.ContextVar[tuple[object, str] | None] = contextvars.ContextVar("reaas_peer", default=None)
@@ -315,10 +324,11 @@ class AccountInterceptor(PerMethodInterceptor):
             return handler
         ledger = self._ledger
 
-        def charge_now(caller: Caller, unbilled: _Unbilled, response: Message, context) -> None:
+        def charge_now(caller: Caller, unbilled: _Unbilled, response: Message, context,
+                       wanted: Callable[[], bool]) -> None:
             """On the thread that made the answer or an io thread: its row, committed (by the pass's one commit on
             the batcher's worker, by the group commit elsewhere) unless the client is gone."""
-            if unbilled.charged or not call_active(context):  # a reply nobody waits for is not billed
+            if unbilled.charged or not wanted():  # a reply nobody waits for is not billed
                 return
             size = response.ByteSize()
             remember_size(response, size)  # observation counts it too
@@ -330,16 +340,17 @@ class AccountInterceptor(PerMethodInterceptor):
             async def billed(request, context):
                 caller = await self._caller(context)
                 CURRENT_CALLER.set(caller)
+                wanted = still_wanted(context)
                 unbilled = None
                 try:
                     try:
                         unbilled = _Unbilled(request, message_size(request), None)
                         unbilled.hold = await self._reserve(caller, request, context)
                         CHARGE_WHERE_COMPUTED.set(lambda _request, response: charge_now(caller, unbilled, response,
-                                                                                        context))
+                                                                                        context, wanted))
                         response = await behavior(request, context)
                         if not unbilled.charged:  # not charged where it was computed: charged here
-                            await self._io.run(charge_now, caller, unbilled, response, context)
+                            await self._io.run(charge_now, caller, unbilled, response, context, wanted)
                     except RequestError as error:
                         await abort(context, error.code, error.message)
                     return response
@@ -354,6 +365,7 @@ class AccountInterceptor(PerMethodInterceptor):
         def billed_stream(behavior):
             async def billed(request_iterator: AsyncIterator[Message], context) -> AsyncIterator[Message]:
                 caller = await self._caller(context)
+                wanted = still_wanted(context)
                 # each read request with its size (asked where it was read: the servicer reads in a task of its
                 # own) and its quota hold, until its answer is charged; by identity for the computing threads
                 pending: collections.deque[_Unbilled] = collections.deque()
@@ -376,7 +388,7 @@ class AccountInterceptor(PerMethodInterceptor):
                 def charge_where_computed(request: Message, response: Message) -> None:
                     unbilled = by_request.get(id(request))
                     if unbilled is not None and unbilled.request is request:
-                        charge_now(caller, unbilled, response, context)
+                        charge_now(caller, unbilled, response, context, wanted)
 
                 CURRENT_CALLER.set(caller)
                 CHARGE_WHERE_COMPUTED.set(charge_where_computed)
@@ -385,7 +397,7 @@ class AccountInterceptor(PerMethodInterceptor):
                         unbilled = pending[0]
                         if not unbilled.charged:
                             try:
-                                await self._io.run(charge_now, caller, unbilled, response, context)
+                                await self._io.run(charge_now, caller, unbilled, response, context, wanted)
                             except RequestError as error:
                                 await abort(context, error.code, error.message)
                         pending.popleft()

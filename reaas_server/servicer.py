@@ -26,7 +26,7 @@ from reaas_server.batcher import ForwardBatcher, RadiusBatcher
 from reaas_server.compute import BackgroundCompute
 from reaas_server.config import ServerConfig
 from reaas_server.encoder_host import BoundCost, ServedEncoder
-from reaas_server.interceptors import CHARGE_WHERE_COMPUTED, CURRENT_CALLER, abort, call_active, image_count
+from reaas_server.interceptors import CHARGE_WHERE_COMPUTED, CURRENT_CALLER, abort, image_count, still_wanted
 from reaas_server.ledger import LedgerUnavailable, SqlLedger
 from reaas_server.quotas import QuotaBook
 from reaas_server.validation import (
@@ -213,7 +213,7 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
                 charge(request, response)
             return response
 
-        return decode, reply, lambda: call_active(context)
+        return decode, reply, still_wanted(context)
 
     def _own_feature_response(self, decode, reply, wanted) -> pb.FeatureResponse:
         """On a compute thread (compute.py): decode, forward chunk by chunk, encode (and charge)."""
@@ -247,21 +247,25 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
             try:
                 while True:
                     if next_request is None:  # read in a task, so that a finished reply need not wait for it
-                        next_request = asyncio.ensure_future(anext(requests))
+                        next_request = asyncio.ensure_future(_next_message(requests))
                     if pending and not next_request.done():
                         await asyncio.wait((next_request, pending[0]), return_when=asyncio.FIRST_COMPLETED)
                         if not next_request.done():
                             yield pending.popleft().result()
                             continue
+                    reading, next_request = next_request, None
                     try:
-                        request = next_request.result() if next_request.done() else await next_request
-                    except StopAsyncIteration:
-                        break
+                        request = await reading
                     except Exception:  # this message was refused (a quota): the ones before it are answered first
                         while pending:
                             yield await pending.popleft()
                         raise
-                    next_request = None
+                    finally:
+                        # no cycle frame -> task -> its error -> traceback -> frame, which would keep this frame's
+                        # messages (12.8 MB each at 4 096 images) until the cyclic collector ran: peak RSS 4x idle
+                        del reading
+                    if request is _END_OF_STREAM:
+                        break
                     pending.append(asyncio.ensure_future(self._feature_response(request, context)))
                     # a message of several passes is computed alone: two in flight would double its memory
                     alone = image_count(request) > self._config.forward_chunk_size
@@ -275,7 +279,8 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
                 _drop(pending)  # the stream ended early: work not started is dropped
 
     # -- image-space radii --------------------------------------------------------------------------------
-    def _f2i_response(self, request: pb.F2IPerturbRequest, context) -> pb.F2IPerturbResponse:
+    def _f2i_response(self, request: pb.F2IPerturbRequest, wanted) -> pb.F2IPerturbResponse:
+        """On a compute thread; `wanted` is the call's still_wanted check, made on the loop."""
         if self._config.mode != "reaas":
             raise RequestError(
                 grpc.StatusCode.UNIMPLEMENTED,
@@ -292,7 +297,6 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
         inputs = self._decoded_inputs(request, field)
         feature_radii = decode_feature_radii(request.feature_radii, inputs.shape[0], self._encoder.max_feature_radius)
         images = self._encoder_inputs(inputs, field)
-        wanted = lambda: call_active(context)  # noqa: E731
         # a closed-form bound is a division (nothing to share) and a request of a full chunk is a full search
         shared = (self._radius_batcher is not None and bound not in bounds.CLOSED_FORM_BOUNDS
                   and images.shape[0] < self._config.f2i_chunk_size)
@@ -313,15 +317,27 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
 
     async def F2IPerturb(self, request, context):
         async with _status_on_error(context):
-            return await self._compute.run(self._f2i_response, request, context)
+            return await self._compute.run(self._f2i_response, request, still_wanted(context))
 
     async def StreamF2IPerturb(self, request_iterator, context):
         async with _status_on_error(context):
             async for request in request_iterator:
-                yield await self._compute.run(self._f2i_response, request, context)
+                yield await self._compute.run(self._f2i_response, request, still_wanted(context))
 
 
 STREAM_PIPELINE_DEPTH = 2  # a stream's messages in work at once: one computed while the next arrives
+
+
+_END_OF_STREAM = object()
+
+
+async def _next_message(requests):
+    """The stream's next message, or _END_OF_STREAM: the end is a value, not a StopAsyncIteration kept by the reading
+    task (an error kept by a task holds the frames it passed through, and with them their messages)."""
+    try:
+        return await anext(requests)
+    except StopAsyncIteration:
+        return _END_OF_STREAM
 
 
 def _drop(tasks: collections.deque[asyncio.Future]) -> None:
