@@ -1,6 +1,7 @@
-"""An evaluation prototype for issue 22's question "would grpc.aio serve many small clients faster?": the Feature and
-StreamFeatures path of reaas-server rebuilt on one event loop, with the real work per call and none of the service
-around it. Not a server to deploy.
+"""The Feature and StreamFeatures path alone on one grpc.aio event loop, with the real work per call and none of the
+service around it: built to answer issue 22's question "would grpc.aio serve many small clients faster?" (it did, and
+reaas-server now runs on grpc.aio); kept as a column of many_clients.md, so the cost of the real server's service
+layers stays measured. Not a server to deploy.
 
 On the loop, per call: the request's images decoded and validated (``reaas_server.validation.decode_images``, as the
 real server does) and queued. One asyncio task gathers every queued request into a single forward pass of the
@@ -8,8 +9,8 @@ served encoder on one worker thread (one thread hand-off per pass, none per call
 of the pass to the project's own SQLite ledger (``reaas_server.ledger.UsageLedger.charge``, committed before the
 replies leave); each call is then answered with its rows of the pass's features. A stream keeps two messages in work, as the real server does.
 Left out: metrics, API keys and quotas, admission, deadlines and cancellation, error statuses (a bad request fails
-the call with gRPC's UNKNOWN). Its rate is therefore an upper bound of what rewriting the real server on grpc.aio
-could reach with the same work per call; ``benchmarks.many_clients`` puts it beside the bare and the real server.
+the call with gRPC's UNKNOWN). Its rate is therefore what the real server could reach without those layers;
+``benchmarks.many_clients`` puts it beside the bare and the real server.
 
 Run as a child (``python -m benchmarks.aio_feature_server --demo-kind pca``): it prints "aio-feature-server
 listening on 127.0.0.1:PORT" and serves until its stdin closes.

@@ -57,7 +57,6 @@ POOL_OF_RPC = {
 }
 #: pools whose unit is the images (or token sequences) of a request; the others count calls
 IMAGE_POOLS = frozenset({"feature"})
-WAIT_POLL_S = 0.05  # how often a waiting call looks whether its client is still there
 
 
 @dataclass(frozen=True)
@@ -126,17 +125,14 @@ class _Ticket:
     key_limit: int
     arrived: float
     decided: bool = False
-    # a waiting call sleeps on this lock until the decision releases it (made only for calls that wait: most are
-    # admitted at once, and a bare lock is the cheapest one-shot signal); a call on an event loop awaits `woken`
-    wake: threading.Lock | None = None
+    # a waiting call awaits this future on its loop until the decision resolves it (made only for calls that wait:
+    # most are admitted at once)
     woken: asyncio.Future | None = None
     started: float = 0.0
     refusal: _Refusal | None = None  # set instead of a grant when draining empties the queue
 
     def decide(self) -> None:
         self.decided = True
-        if self.wake is not None:
-            self.wake.release()
         if self.woken is not None:  # decided on whatever thread released room: wake the waiter on its loop
             self.woken.get_loop().call_soon_threadsafe(_resolve, self.woken)
 
@@ -158,7 +154,8 @@ class _PoolState:
 
 
 class Admission:
-    """The accounting behind the interceptor: thread-safe; ``admit`` blocks only while its call waits its turn."""
+    """The accounting behind the interceptor: thread-safe (releases and drains come from any thread);
+    ``admit_async`` suspends its call only while it waits its turn."""
 
     # a slot frees, on average, after the pool's mean call duration divided by its capacity (and no sooner than the
     # oldest running call's age divided by it, which matters before any call has finished); the hint stays in
@@ -213,23 +210,15 @@ class Admission:
             return self._idle.wait_for(lambda: self._held == 0, timeout=timeout_s)
 
     # -- admission ----------------------------------------------------------------------------------------------
-    def admit(self, pool: str, key: str, units: int = 1, key_limit: int | None = None,
-              still_wanted: Callable[[], bool] = lambda: True, deadline: float | None = None) -> Callable[[], None]:
-        """Hold `units` of `pool` for `key`, waiting for them if need be; returns the (idempotent) release.
-
-        Raises _Refusal when the call cannot even queue (draining, the held calls or the key's share of them used
-        up), when it waited ``max_wait_s`` or until `deadline` (a ``time.monotonic()`` instant), or when
-        ``still_wanted()`` turns false while it waits.
-        """
-        ticket = self._enqueue(pool, key, units, key_limit, self._make_lock)
-        if not ticket.decided:
-            self._wait(ticket, self._wait_until(ticket, deadline), still_wanted)
-        return self._release_of(ticket)
-
     async def admit_async(self, pool: str, key: str, units: int = 1, key_limit: int | None = None,
                           deadline: float | None = None) -> Callable[[], None]:
-        """``admit`` for a coroutine on an event loop: a call that waits is suspended, not a blocked thread, and
-        leaves the queue at once when it is cancelled (its client went away)."""
+        """Hold `units` of `pool` for `key`, waiting for them if need be; returns the (idempotent) release. A call
+        that waits is a suspended coroutine on the serving loop, and leaves the queue at once when it is cancelled
+        (grpc.aio cancels a call whose client went away).
+
+        Raises _Refusal when the call cannot even queue (draining, the held calls or the key's share of them used
+        up), or when it waited ``max_wait_s`` or until `deadline` (a ``time.monotonic()`` instant).
+        """
         loop = asyncio.get_running_loop()
 
         def make_future(ticket: _Ticket) -> None:
@@ -251,11 +240,6 @@ class Admission:
             if ticket.refusal is not None:
                 raise ticket.refusal
         return self._release_of(ticket)
-
-    @staticmethod
-    def _make_lock(ticket: _Ticket) -> None:
-        ticket.wake = threading.Lock()
-        ticket.wake.acquire()
 
     def _wait_until(self, ticket: _Ticket, deadline: float | None) -> float:
         limit = ticket.arrived + self.limits.max_wait_s
@@ -292,20 +276,6 @@ class Admission:
                 self.waited[pool] += 1
                 self._dispatch(state)
         return ticket
-
-    def _wait(self, ticket: _Ticket, until: float, still_wanted: Callable[[], bool]) -> None:
-        while not ticket.wake.acquire(timeout=min(WAIT_POLL_S, max(0.0, until - time.monotonic()))):
-            gone = not still_wanted()
-            if not gone and time.monotonic() < until:
-                continue
-            if not self._give_up(ticket):
-                break  # decided while we looked: run it (the release follows as usual)
-            if gone:
-                raise _Refusal(grpc.StatusCode.CANCELLED, "the call was cancelled while it waited", None)
-            raise self._busy(ticket.pool, f"server busy: no room in the {ticket.pool} pool within "
-                                          f"{time.monotonic() - ticket.arrived:.1f} s of waiting")
-        if ticket.refusal is not None:
-            raise ticket.refusal
 
     def _give_up(self, ticket: _Ticket) -> bool:
         """Take a waiting ticket out of its queue (True); False if it was decided meanwhile (granted, or refused

@@ -3,6 +3,8 @@ when the queue is full, health never starved."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import queue
 import threading
 import time
@@ -34,75 +36,103 @@ def _wait_until(condition, timeout_s: float = 30.0) -> None:
         time.sleep(0.005)
 
 
+@pytest.fixture(scope="module")
+def loop():
+    """An event loop on a thread of its own, as the server's interceptors run on one (serving_loop.py)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield loop
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    loop.close()
+
+
 class _Caller:
-    """admit() on a thread of its own: `result` is the release once admitted, or the _Refusal."""
+    """admit_async() as a call on the loop: `result` is the release once admitted, or the _Refusal; ``give_up``
+    cancels the call, as grpc.aio does when its client goes."""
 
-    def __init__(self, admission: Admission, *args, **kwargs) -> None:
+    def __init__(self, loop, admission: Admission, *args, **kwargs) -> None:
         self.result = None
-        self._thread = threading.Thread(target=self._run, args=(admission, args, kwargs), daemon=True)
-        self._thread.start()
+        self._future = asyncio.run_coroutine_threadsafe(self._run(admission, args, kwargs), loop)
 
-    def _run(self, admission, args, kwargs):
+    async def _run(self, admission, args, kwargs):
         try:
-            self.result = admission.admit(*args, **kwargs)
+            self.result = await admission.admit_async(*args, **kwargs)
         except _Refusal as refusal:
             self.result = refusal
-
-    def outcome(self, timeout_s: float = 30.0):
-        self._thread.join(timeout_s)
-        assert not self._thread.is_alive(), "admit() never returned"
         return self.result
 
+    def give_up(self) -> None:
+        self._future.cancel()
 
-def test_a_call_that_finds_no_room_waits_and_runs_when_room_frees():
+    def outcome(self, timeout_s: float = 30.0):
+        return self._future.result(timeout_s)
+
+
+@pytest.fixture()
+def admit(loop):
+    """admit_async() from the test's thread, for a call that is admitted or refused at once: its release."""
+    def admit_now(admission: Admission, *args, **kwargs):
+        return asyncio.run_coroutine_threadsafe(admission.admit_async(*args, **kwargs), loop).result(30)
+
+    return admit_now
+
+
+@pytest.fixture()
+def caller(loop):
+    return lambda admission, *args, **kwargs: _Caller(loop, admission, *args, **kwargs)
+
+
+def test_a_call_that_finds_no_room_waits_and_runs_when_room_frees(admit, caller):
     admission = Admission(LIMITS)
-    first = admission.admit("f2i", "alice")
-    admission.admit("f2i", "bob")
-    waiting = _Caller(admission, "f2i", "carol")
+    first = admit(admission, "f2i", "alice")
+    admit(admission, "f2i", "bob")
+    waiting = caller(admission, "f2i", "carol")
     _wait_until(lambda: admission.waiting("f2i") == 1)
     assert waiting.result is None  # queued, neither refused nor admitted
-    admission.admit("feature", "carol", units=10)()  # another pool is unaffected
+    admit(admission, "feature", "carol", units=10)()  # another pool is unaffected
     first()
     first()  # idempotent: a second release must not free a slot someone else holds
     assert callable(waiting.outcome())
     assert admission.in_use("f2i") == 2 and admission.waiting("f2i") == 0 and admission.refusals["f2i"] == 0
 
 
-def test_images_are_the_unit_of_the_feature_pool_and_one_key_leaves_a_quarter_to_others():
+def test_images_are_the_unit_of_the_feature_pool_and_one_key_leaves_a_quarter_to_others(admit, caller):
     admission = Admission(AdmissionLimits(LIMITS.pools, max_held_calls=100, calls_per_key=100))
     for _ in range(25):  # many small calls of one key run at once: 75 images, its share
-        admission.admit("feature", "heavy", units=3)
+        admit(admission, "feature", "heavy", units=3)
     assert admission.in_use("feature") == 75
-    queued = _Caller(admission, "feature", "heavy", units=3)  # over its share: waits
+    queued = caller(admission, "feature", "heavy", units=3)  # over its share: waits
     _wait_until(lambda: admission.waiting("feature") == 1)
-    light = admission.admit("feature", "light", units=4)  # another key is admitted at once beside it
+    light = admit(admission, "feature", "light", units=4)  # another key is admitted at once beside it
     assert admission.in_use("feature") == 79
     light()
     assert queued.result is None
 
 
-def test_an_image_pool_queues_at_most_its_queue_in_images_and_refuses_a_request_that_does_not_fit():
+def test_an_image_pool_queues_at_most_its_queue_in_images_and_refuses_a_request_that_does_not_fit(admit, caller):
     """Every held request is in memory: a big one that can neither run nor queue is refused with a hint."""
     pools = {**LIMITS.pools, "feature": PoolLimit(capacity=100, key_share=75, queue=20)}
     admission = Admission(AdmissionLimits(pools, max_held_calls=100, calls_per_key=100))
-    admission.admit("feature", "heavy", units=75)
-    admission.admit("feature", "other", units=25)  # the pool is full
-    small = _Caller(admission, "feature", "light", units=15)
+    admit(admission, "feature", "heavy", units=75)
+    admit(admission, "feature", "other", units=25)  # the pool is full
+    small = caller(admission, "feature", "light", units=15)
     _wait_until(lambda: admission.waiting("feature") == 1)
     with pytest.raises(_Refusal) as refused:
-        admission.admit("feature", "light", units=10)  # 15 + 10 > the queue's 20 images
+        admit(admission, "feature", "light", units=10)  # 15 + 10 > the queue's 20 images
     assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue has no room" in refused.value.message
     assert refused.value.retry_after_s is not None and admission.in_flight == 3
     assert small.result is None
 
 
-def test_when_room_frees_the_key_holding_least_goes_first():
+def test_when_room_frees_the_key_holding_least_goes_first(admit, caller):
     """A key beside one running many slow calls is admitted within one slot time, before the heavy key's queue."""
     admission = Admission(LIMITS)
-    heavy = [admission.admit("f2i", "heavy"), admission.admit("f2i", "heavy")]
-    heavy_queued = _Caller(admission, "f2i", "heavy")
+    heavy = [admit(admission, "f2i", "heavy"), admit(admission, "f2i", "heavy")]
+    heavy_queued = caller(admission, "f2i", "heavy")
     _wait_until(lambda: admission.waiting("f2i") == 1)
-    light = _Caller(admission, "f2i", "light")
+    light = caller(admission, "f2i", "light")
     _wait_until(lambda: admission.waiting("f2i") == 2)
     heavy[0]()
     assert callable(light.outcome())  # light arrived later but holds nothing: it goes first
@@ -111,65 +141,66 @@ def test_when_room_frees_the_key_holding_least_goes_first():
     assert callable(heavy_queued.outcome())
 
 
-def test_a_keys_running_call_limit_queues_its_calls_instead_of_failing_them():
+def test_a_keys_running_call_limit_queues_its_calls_instead_of_failing_them(admit, caller):
     admission = Admission(LIMITS)
-    releases = [admission.admit("feature", "alice", units=1, key_limit=2) for _ in range(2)]
-    third = _Caller(admission, "feature", "alice", units=1, key_limit=2)
+    releases = [admit(admission, "feature", "alice", units=1, key_limit=2) for _ in range(2)]
+    third = caller(admission, "feature", "alice", units=1, key_limit=2)
     _wait_until(lambda: admission.waiting("feature") == 1)
-    admission.admit("feature", "bob", units=1)()  # another key is not held up
+    admit(admission, "feature", "bob", units=1)()  # another key is not held up
     releases[0]()
     assert callable(third.outcome())
 
 
-def test_the_queue_is_bounded_and_a_refusal_carries_the_reason_and_a_retry_hint():
+def test_the_queue_is_bounded_and_a_refusal_carries_the_reason_and_a_retry_hint(admit, caller):
     admission = Admission(LIMITS)  # 6 calls held at most, a key 4 of them
     for _ in range(2):
-        admission.admit("f2i", "alice")
-    waiters = [_Caller(admission, "f2i", "alice") for _ in range(2)]
+        admit(admission, "f2i", "alice")
+    waiters = [caller(admission, "f2i", "alice") for _ in range(2)]
     _wait_until(lambda: admission.waiting("f2i") == 2)
     with pytest.raises(_Refusal) as refused:
-        admission.admit("f2i", "alice")  # alice holds 4 of the 6: her share of the queue
+        admit(admission, "f2i", "alice")  # alice holds 4 of the 6: her share of the queue
     assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "share of the queue" in refused.value.message and "retry after" in refused.value.message
     assert Admission.MIN_RETRY_S <= refused.value.retry_after_s <= Admission.MAX_RETRY_S
-    waiters += [_Caller(admission, "f2i", "bob") for _ in range(2)]
+    waiters += [caller(admission, "f2i", "bob") for _ in range(2)]
     _wait_until(lambda: admission.in_flight == 6)
     with pytest.raises(_Refusal) as refused:
-        admission.admit("feature", "carol", units=1)  # nothing more may be held, whatever the pool
+        admit(admission, "feature", "carol", units=1)  # nothing more may be held, whatever the pool
     assert "server busy" in refused.value.message and refused.value.retry_after_s is not None
     assert all(w.result is None for w in waiters)
     assert "carol" not in admission._held_by_key  # noqa: SLF001 - a refused caller leaves no trace (open access
     # makes a key of every connection: remembering refused ones would grow without bound)
 
 
-def test_a_waiting_call_leaves_the_queue_when_its_client_gives_up_or_its_wait_runs_out():
+def test_a_waiting_call_leaves_the_queue_when_its_client_gives_up_or_its_wait_runs_out(admit, caller):
     admission = Admission(AdmissionLimits(LIMITS.pools, max_held_calls=6, calls_per_key=4, max_wait_s=0.2))
-    admission.admit("f2i", "alice")
-    admission.admit("f2i", "alice")
-    gone = threading.Event()
-    gives_up = _Caller(admission, "f2i", "bob", still_wanted=lambda: not gone.is_set())
+    admit(admission, "f2i", "alice")
+    admit(admission, "f2i", "alice")
+    gives_up = caller(admission, "f2i", "bob")
     _wait_until(lambda: admission.waiting("f2i") == 1)
-    gone.set()
-    assert gives_up.outcome().code == grpc.StatusCode.CANCELLED
-    times_out = _Caller(admission, "f2i", "bob")  # max_wait_s 0.2
+    gives_up.give_up()  # its client went away: grpc.aio cancels the call
+    _wait_until(lambda: admission.waiting("f2i") == 0)
+    with pytest.raises(concurrent.futures.CancelledError):
+        gives_up.outcome()
+    times_out = caller(admission, "f2i", "bob")  # max_wait_s 0.2
     refusal = times_out.outcome()
     assert refusal.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "waiting" in refusal.message
-    past_deadline = _Caller(admission, "f2i", "bob", deadline=time.monotonic())
+    past_deadline = caller(admission, "f2i", "bob", deadline=time.monotonic())
     assert past_deadline.outcome().code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert admission.waiting("f2i") == 0 and admission.in_flight == 2  # nothing of them is left held
 
 
-def test_draining_refuses_new_and_waiting_calls_as_unavailable_and_waits_for_the_running_ones():
+def test_draining_refuses_new_and_waiting_calls_as_unavailable_and_waits_for_the_running_ones(admit, caller):
     admission = Admission(LIMITS)
-    release = admission.admit("f2i", "alice")
-    admission.admit("f2i", "alice")()
-    admission.admit("f2i", "alice")
-    waiting = _Caller(admission, "f2i", "bob")
+    release = admit(admission, "f2i", "alice")
+    admit(admission, "f2i", "alice")()
+    admit(admission, "f2i", "alice")
+    waiting = caller(admission, "f2i", "bob")
     _wait_until(lambda: admission.waiting("f2i") == 1)
     admission.start_draining()
     assert waiting.outcome().code == grpc.StatusCode.UNAVAILABLE
     with pytest.raises(_Refusal) as refused:
-        admission.admit("feature", "bob")
+        admit(admission, "feature", "bob")
     assert refused.value.code == grpc.StatusCode.UNAVAILABLE
     assert admission.in_flight == 2 and not admission.wait_idle(timeout_s=0)
     release()
