@@ -14,12 +14,12 @@ import contextvars
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 from google.protobuf.message import Message
 
 from reaas_client.retry import RETRY_PUSHBACK_HEADER
+from reaas_server.compute import BackgroundCompute
 from reaas_server.ledger import ANONYMOUS, ApiKey, LedgerUnavailable, QuotaExceeded, QuotaHold, SqlLedger
 from reaas_server.quotas import QuotaBook
 from reaas_server.validation import RequestError
@@ -225,7 +225,7 @@ class Caller:
     key: ApiKey | None
 
 
-# Set by AccountInterceptor for the duration of a call, in the handler's thread: admission reads the caller's
+# Set by AccountInterceptor for the duration of a call, in the call's task: admission reads the caller's
 # concurrency limit from it, GetUsage whose usage to report.
 CURRENT_CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("reaas_caller", default=None)
 # Set by AccountInterceptor for the duration of a call: charges an answer where the answer is made, on the thread
@@ -259,11 +259,11 @@ class AccountInterceptor(PerMethodInterceptor):
     health checks.
     """
 
-    def __init__(self, ledger: SqlLedger, quotas: QuotaBook, io: Any) -> None:
+    def __init__(self, ledger: SqlLedger, quotas: QuotaBook, io: BackgroundCompute) -> None:
         super().__init__()
         self._ledger = ledger
         self._quotas = quotas
-        self._io = io  # compute.BackgroundCompute at niceness 0: `await io.run(work, *args)`
+        self._io = io  # threads at normal priority: `await io.run(work, *args)`
 
     async def _caller(self, context: grpc.aio.ServicerContext) -> Caller:
         try:
