@@ -12,6 +12,7 @@ them. An interceptor outside it (observation) sees the marker, which answers ``B
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -66,6 +67,9 @@ def _guard_unary_unary(behavior: Callable, method: str) -> Callable:
 
 
 def _guard_unary_stream(behavior: Callable, method: str) -> Callable:
+    if inspect.iscoroutinefunction(behavior):  # the reader-writer style (health's Watch writes with context.write)
+        return _guard_unary_unary(behavior, method)
+
     async def guarded(request, context):
         if isinstance(request, UndecodableRequest):
             await _reject(request, method, context)
@@ -85,6 +89,9 @@ async def _decoded_prefix(requests: AsyncIterator, undecodable: list[Undecodable
 
 
 def _guard_stream_stream(behavior: Callable, method: str) -> Callable:
+    if inspect.iscoroutinefunction(behavior):  # the reader-writer style: responses go out by context.write
+        return _guard_stream_unary(behavior, method)
+
     async def guarded(request_iterator, context):
         undecodable: list[UndecodableRequest] = []
         async for response in behavior(_decoded_prefix(request_iterator, undecodable), context):

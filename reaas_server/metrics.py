@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
 import logging
 import threading
 import time
@@ -236,7 +237,7 @@ class ObservingInterceptor(PerMethodInterceptor):
 
         def started(request_or_requests, raw_context) -> tuple[_Call, _ObservedContext, object]:
             context = _ObservedContext(raw_context)
-            call = _Call(metrics, rpc, context)
+            call = context.call = _Call(metrics, rpc, context)
             CALLER_NAMED.set(call.name_caller)
             if streaming_in:
                 request_or_requests = call.tap(request_or_requests)
@@ -252,7 +253,7 @@ class ObservingInterceptor(PerMethodInterceptor):
                 except BaseException as error:
                     call.end(final_code(context, error))
                     raise
-                if response is not None:  # None is the servicer's bug: gRPC answers an error
+                if response is not None:  # None: a writer (its writes were counted) or the servicer's bug
                     call.sent(response)
                 call.end(final_code(context, None))
                 return response
@@ -273,18 +274,30 @@ class ObservingInterceptor(PerMethodInterceptor):
 
             return observed
 
-        return _with_behavior(handler, observe_stream if handler.response_streaming else observe_unary)
+        def observe(behavior: Callable) -> Callable:
+            # a response stream is an async generator, or a coroutine that writes with context.write (grpc.aio's
+            # reader-writer style: health's Watch), whose writes the observed context counts
+            streams = handler.response_streaming and not inspect.iscoroutinefunction(behavior)
+            return observe_stream(behavior) if streams else observe_unary(behavior)
+
+        return _with_behavior(handler, observe)
 
 
 class _ObservedContext:
     """The call's context as the behaviours inside observation see it: the same, except that an ``abort`` leaves
     its code behind (grpc.aio sends an aborted status without recording it where ``code()`` would read it)."""
 
-    __slots__ = ("_context", "aborted")
+    __slots__ = ("_context", "aborted", "call")
 
     def __init__(self, context: grpc.aio.ServicerContext) -> None:
         self._context = context
         self.aborted: grpc.StatusCode | None = None
+        self.call: _Call | None = None  # set once the call is observed: counts what a writer sends
+
+    async def write(self, message: Message) -> None:
+        if self.call is not None:
+            self.call.sent(message)
+        await self._context.write(message)
 
     async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: tuple = ()) -> None:
         if self.aborted is None:

@@ -31,6 +31,21 @@ def test_health_reports_serving(reaas_address):
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_health_watch_streams_serving_then_not_serving_when_the_server_drains(demo_encoder):
+    """The health protocol's Watch (load balancers such as Envoy subscribe to it): its updates go out through the
+    server's interceptors like any call's."""
+    running = start_server(ServerConfig(port=0, bound_cost_budget_s=0.0), demo_encoder)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=30)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            running.enter_graceful_shutdown()
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            watch.cancel()
+    finally:
+        running.stop(grace_s=0)
+
+
 def test_a_client_built_from_reflection_alone_decodes_features(reaas_address, client, make_images):
     """What a client in another language does: descriptors from the server, raw little-endian bytes."""
     from google.protobuf import descriptor_pool, message_factory

@@ -103,6 +103,27 @@ def test_concurrent_charges_are_each_committed_and_a_failed_commit_fails_every_c
     ledger.close()
 
 
+def test_deferred_commits_commit_a_passs_rows_together_when_the_block_ends_and_none_if_it_fails(ledger_path):
+    """The batcher's worker charges a pass's calls inside deferred_commits: one transaction when the block ends,
+    before any reply leaves; a block that fails commits none of its rows."""
+    ledger = UsageLedger(ledger_path)
+    reader = UsageLedger(ledger_path)
+    with ledger.deferred_commits():
+        for queries in (1, 2, 3):
+            ledger.charge("anonymous", "Feature", queries=queries, request_bytes=1, response_bytes=1)
+        with ledger.deferred_commits():  # nested: the outer block commits
+            ledger.charge("anonymous", "Feature", queries=4, request_bytes=1, response_bytes=1)
+        assert list(reader.rows()) == []  # nothing committed before the block ends
+    assert sorted(row[3] for row in reader.rows()) == [1, 2, 3, 4]
+    with pytest.raises(RuntimeError), ledger.deferred_commits():
+        ledger.charge("anonymous", "Feature", queries=5, request_bytes=1, response_bytes=1)
+        raise RuntimeError("the pass failed")
+    charge_one(ledger)  # outside a block: committed at once, as ever
+    assert sorted(row[3] for row in reader.rows()) == [1, 1, 2, 3, 4]
+    reader.close()
+    ledger.close()
+
+
 def charge_one(ledger: UsageLedger) -> None:
     ledger.charge("anonymous", "Feature", queries=1, request_bytes=1, response_bytes=1)
 
