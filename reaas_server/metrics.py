@@ -213,10 +213,17 @@ class _Call:
         series.in_flight.dec()  # last: a scrape that sees the call gone sees everything it recorded
 
 
+# a call the servicer ended because its client was gone (servicer._answered): the client saw its own deadline or
+# cancel, and the metric says which, as for a call whose task was cancelled
+_GAVE_UP = (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
 def final_code(context: _ObservedContext, error: BaseException | None) -> grpc.StatusCode:
     """The status the client got, given how the behaviour ended (`error`: None for a normal end, else what it
     raised); see the module docstring for the rules."""
     if isinstance(error, asyncio.CancelledError) or (error is None and context.cancelled()):
+        return _client_gone_code(context)
+    if context.aborted in _GAVE_UP:  # the work stopped because the client went or its deadline passed: which one
         return _client_gone_code(context)
     if context.aborted is not None:
         return context.aborted

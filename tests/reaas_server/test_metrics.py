@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from reaas.v1 import encoder_service_pb2 as pb
 from reaas.v1 import encoder_service_pb2_grpc as pb_grpc
 from reaas_client.wire import encode_tensor
-from reaas_server import ServerConfig, start_server
+from reaas_server import ServerConfig, metrics, start_server
 from reaas_server.access_log import access_line, key_label
 from reaas_server.cli import parse_args
 from reaas_server.ledger import UsageLedger
@@ -241,3 +241,29 @@ def test_metrics_bound_beyond_loopback_warn_and_metrics_host_keeps_them_local(de
                         demo_encoder):
             pass
         assert not any("metrics on" in r.getMessage() for r in caplog.records)
+
+
+class _EndedContext:
+    """What final_code reads of a call's context: how it was aborted, and the time its deadline had left."""
+
+    def __init__(self, aborted, remaining_s) -> None:
+        self.aborted, self._remaining = aborted, remaining_s
+
+    def cancelled(self) -> bool:
+        return False
+
+    def time_remaining(self):
+        return self._remaining
+
+
+@pytest.mark.parametrize(("aborted", "remaining_s", "expected"), [
+    # the servicer saw the deadline pass before the client's cancel arrived (make stress counted 1 of 4 CANCELLED)
+    (grpc.StatusCode.CANCELLED, 0.0, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (grpc.StatusCode.CANCELLED, None, grpc.StatusCode.CANCELLED),  # no deadline: the client cancelled
+    (grpc.StatusCode.CANCELLED, 30.0, grpc.StatusCode.CANCELLED),
+    (grpc.StatusCode.INVALID_ARGUMENT, 0.0, grpc.StatusCode.INVALID_ARGUMENT),  # a refusal keeps its own code
+    (None, 30.0, grpc.StatusCode.OK),
+])
+def test_a_call_the_server_gave_up_on_is_counted_as_what_its_client_saw(aborted, remaining_s, expected):
+    error = None if aborted is None else grpc.aio.AbortError("aborted")  # what an aborted behaviour raises
+    assert metrics.final_code(_EndedContext(aborted, remaining_s), error) == expected

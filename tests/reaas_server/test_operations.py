@@ -20,7 +20,7 @@ import bounds.f2i
 from reaas.v1 import encoder_service_pb2 as pb
 from reaas.v1 import encoder_service_pb2_grpc as pb_grpc
 from reaas_client import EncoderClient, encode_tensor
-from reaas_server import ServerConfig, run_server, start_server
+from reaas_server import ServerConfig, start_server
 
 
 def test_health_reports_serving(reaas_address):
@@ -137,12 +137,26 @@ def _f2i_past_its_deadline(port: int, images, watch, *, api_key: str = "anonymou
 def test_deadline_stops_the_bound_computation(demo_encoder, make_images, monkeypatch):
     """Within one bound evaluation of the deadline the server stops: no evaluation starts after it, and the search
     is abandoned (image_radii returns None) instead of running to its end."""
-    with run_server(ServerConfig(port=0), demo_encoder) as (_, port):
+    running = start_server(ServerConfig(port=0), demo_encoder)
+    try:
         watch = _watch_the_search(demo_encoder, monkeypatch)
-        assert _f2i_past_its_deadline(port, make_images(8), watch) == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert _f2i_past_its_deadline(running.port, make_images(8), watch) == grpc.StatusCode.DEADLINE_EXCEEDED
         assert watch.returned.wait(120), "the search was still running 120 s after the deadline"
+        # the server stopped the search itself (the deadline passed) before the client's cancel arrived: still
+        # counted as what the client saw
+        assert _wait_until(lambda: _calls_counted(running, "F2IPerturb") == 1, 60)
+        assert _calls_counted(running, "F2IPerturb", "DEADLINE_EXCEEDED") == 1
+    finally:
+        running.stop(grace_s=0)
     assert watch.outcome == [None], f"the search ran on for a caller that had given up: {watch.outcome}"
     assert len(watch.started) == 1, f"{len(watch.started) - 1} bound evaluations started after the deadline"
+
+
+def _calls_counted(running, rpc: str, code: str | None = None) -> int:
+    """reaas_rpc_calls_total of `rpc` (with status `code`, or all)."""
+    return sum(int(sample.value) for metric in running.metrics.calls.collect() for sample in metric.samples
+               if sample.name.endswith("_total") and sample.labels["rpc"] == rpc
+               and code in (None, sample.labels["code"]))
 
 
 def test_an_expired_f2i_call_is_not_billed(demo_encoder, make_images, monkeypatch):
