@@ -83,7 +83,7 @@ def bare_handler(feature_dim: int, input_shape: tuple[int, int, int], max_batch_
 
 def bare_aio_handler(feature_dim: int, input_shape: tuple[int, int, int], max_batch_size: int,
                      max_message_bytes: int) -> grpc.GenericRpcHandler:
-    """The same service for ``grpc.aio`` (one event loop, no handler threads): what adopting grpc.aio would give."""
+    """The same service for ``grpc.aio`` (one event loop, no handler threads), the transport reaas-server runs on."""
     info = minimal_encoder_info(feature_dim, input_shape, max_batch_size, max_message_bytes)
 
     async def feature(request: pb.FeatureRequest, context) -> pb.FeatureResponse:
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--feature-dim", type=int, required=True, help="features per image in each reply")
     parser.add_argument("--input-shape", default="1,28,28", help="C,H,W reported by GetEncoderInfo")
-    parser.add_argument("--workers", type=int, default=128, help="handler threads (the real server's default)")
+    parser.add_argument("--workers", type=int, default=128, help="handler threads (the earlier thread-pool server's default)")
     parser.add_argument("--max-message-mb", type=float, default=64.0)
     parser.add_argument("--aio", action="store_true", help="serve with grpc.aio (an event loop, no handler threads)")
     args = parser.parse_args(argv)

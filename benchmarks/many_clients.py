@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         + (shared_cores_note() if shared else "The load stayed below the core count. ")
         + "Every row measures the bare server and `reaas-server` in the same run, taking turns round by round under "
         "the same load, so the ratio column is the number to compare across runs.\n\n"
-        "`bare`: `benchmarks.bare_server`, a gRPC Python server (128 handler threads, the real server's default) "
+        "`bare`: `benchmarks.bare_server`, a gRPC Python server (128 handler threads, as the earlier thread-pool server) "
         "that parses each FeatureRequest and answers zeros of the real reply's size, no encoder, no interceptors, no "
         "admission. `bare aio`: the same service on `grpc.aio` (one event loop, no handler threads), in brackets "
         "its rate over the thread-pool one. `aio prototype with the work`: "

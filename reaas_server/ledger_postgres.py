@@ -2,7 +2,7 @@
 
 ``--ledger postgresql://USER:PASSWORD@HOST:5432/DB`` (any libpq connection URL). The server creates the tables
 on start if they are missing (``reaas-keys`` too), so a new database needs no migration step. Each operation
-takes a connection from a small pool (psycopg_pool): a replica's handler threads commit side by side, and the
+takes a connection from a small pool (psycopg_pool): a replica's io and batcher threads commit side by side, and the
 database serialises only what must be (a key's quota count, with ``SELECT … FOR UPDATE``).
 
 When the database cannot be reached, an operation raises ``LedgerUnavailable`` after at most

@@ -1,6 +1,6 @@
 """Process-wide heap policy for the server (``--heap``): what glibc keeps of the memory a request frees.
 
-glibc's defaults suit short programs, not a server whose handler threads each decode multi-megabyte requests:
+glibc's defaults suit short programs, not a server whose threads each decode multi-megabyte requests:
 every thread may get its own heap arena (up to 8 per core), and the mmap threshold *rises* to the largest
 block freed, so later 12 MB tensors come from arenas that fragment and never shrink. Measured on the load
 benchmark (50 streaming clients, 4 096-image requests): peak RSS 2.25× idle with the defaults.
@@ -9,9 +9,9 @@ benchmark (50 streaming clients, 4 096-image requests): peak RSS 2.25× idle wit
 most 32 MiB stays free at the top of each arena. A forward chunk of 256 MNIST-sized images (800 KB of input, the
 non-robust CNN's 3.2 MB and 1.6 MB activations, a stream's parsed messages) is then served from memory the previous
 pass freed, while a 4 096-image request (12.8 MB) or a search workspace is mapped and unmapped. Measured on the load
-benchmark (`benchmarks/results/load_admission.md`, phases streams / f2i / heavy key, 30 s each): peak RSS 1.78× /
-1.86× / 1.49× idle, the CNN streams phase 60.6k images/s and the heavy key's 4 096-image calls 55.6k. The previous
-lean policy (blocks of 1 MiB and more mapped, glibc's 128 KiB trim) gave 1.71× / 1.76× / 1.59× at 28.2k and 42.7k
+benchmark (`benchmarks/results/load_admission.md`, phases streams / f2i / heavy key, 30 s each): peak RSS 1.68× /
+1.80× / 1.70× idle, the CNN streams phase 64.7k images/s and the heavy key's 4 096-image calls 62.5k (on the
+grpc.aio server; 1.78× / 1.86× / 1.49× at 60.6k and 55.6k on the thread-pool one). The previous lean policy (blocks of 1 MiB and more mapped, glibc's 128 KiB trim) gave 1.71× / 1.76× / 1.59× at 28.2k and 42.7k
 images/s: each activation a fresh mmap whose pages the kernel zeroes on first touch, and the heap's top given back
 after every pass. In-process, one torch thread, 256-image CNN passes ran at 15-19k images/s under the old policy's
 settings and 52-59k under these.
