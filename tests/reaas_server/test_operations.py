@@ -159,6 +159,26 @@ def _calls_counted(running, rpc: str, code: str | None = None) -> int:
                and code in (None, sample.labels["code"]))
 
 
+def test_a_cancelled_f2i_call_stops_its_search(demo_encoder, make_images, monkeypatch):
+    """A client that cancels (no deadline) stops the search too: grpc.aio's context.done() and cancelled() stay
+    False after a cancel, and a search that asked them ran on for seconds (bench-load: 7.3 s)."""
+    running = start_server(ServerConfig(port=0), demo_encoder)
+    try:
+        watch = _watch_the_search(demo_encoder, monkeypatch)
+        request = pb.F2IPerturbRequest(images=encode_tensor(make_images(8).numpy()), feature_radii=[0.5] * 8,
+                                       bound="crown")
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            call = pb_grpc.EncoderServiceStub(channel).F2IPerturb.future(request, timeout=300)
+            assert _wait_until(lambda: watch.started, 60), "the search never started"
+            call.cancel()
+            watch.client_gave_up.set()
+            assert watch.returned.wait(120), "the search was still running 120 s after the cancel"
+    finally:
+        running.stop(grace_s=0)
+    assert watch.outcome == [None], f"the search ran on for a caller that had cancelled: {watch.outcome}"
+    assert len(watch.started) == 1, f"{len(watch.started) - 1} bound evaluations started after the cancel"
+
+
 def test_an_expired_f2i_call_is_not_billed(demo_encoder, make_images, monkeypatch):
     running = start_server(ServerConfig(port=0), demo_encoder)
     try:
