@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
 import grpc
 import pytest
 import torch
@@ -77,3 +80,16 @@ def postgres_url(postgres_server, request):
     yield postgres_server.get_uri(database=name)
     with psycopg.connect(admin_url, autocommit=True) as connection:
         connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(scope="module")
+def loop():
+    """An event loop on a thread of its own, as the server's handlers run on one (serving_loop.py): for tests that
+    drive the batcher's or admission's coroutines directly."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield loop
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    loop.close()

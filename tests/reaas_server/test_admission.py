@@ -36,18 +36,6 @@ def _wait_until(condition, timeout_s: float = 30.0) -> None:
         time.sleep(0.005)
 
 
-@pytest.fixture(scope="module")
-def loop():
-    """An event loop on a thread of its own, as the server's interceptors run on one (serving_loop.py)."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield loop
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    loop.close()
-
-
 class _Caller:
     """admit_async() as a call on the loop: `result` is the release once admitted, or the _Refusal; ``give_up``
     cancels the call, as grpc.aio does when its client goes."""

@@ -95,18 +95,6 @@ def test_errors_reach_every_caller_of_the_pass():
     batcher.close()
 
 
-@pytest.fixture()
-def loop():
-    """An event loop on a thread of its own, as the server's handlers run on one (serving_loop.py)."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield loop
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    loop.close()
-
-
 def test_the_worker_decodes_and_replies_for_each_caller_and_a_bad_request_fails_only_its_own(held, loop):
     """Callers on the loop only wait: decoding and the reply run on the worker, and a request that does not decode
     is its caller's error alone, not the pass's."""
