@@ -83,8 +83,13 @@ def encode_tensor(array: np.ndarray | torch.Tensor) -> pb.Tensor:
     return pb.Tensor(dtype=wire_dtype, shape=list(values.shape), raw_data=little_endian.tobytes())
 
 
-def decode_tensor(tensor: pb.Tensor, *, name: str = "tensor", dtypes: Collection[int] | None = None) -> np.ndarray:
+def decode_tensor(tensor: pb.Tensor, *, name: str = "tensor", dtypes: Collection[int] | None = None,
+                  writable: bool = True) -> np.ndarray:
     """Decode a ``reaas.v1.Tensor`` into a numpy array of its own dtype (native byte order).
+
+    ``writable=False`` returns a read-only view of the bytes read out of the message where no byte swap is needed
+    (every little-endian host): one copy of the payload fewer, for a caller that only reads it (the server's
+    decode of a 4 096-image request holds 12.8 MB less while it is computed).
 
     Raises TensorDecodeError, and nothing else, whatever the peer sent: the dtype is unknown or not one of
     ``dtypes`` (default: every dtype of the codec), the rank exceeds MAX_RANK, a dimension is negative, the shape's
@@ -113,5 +118,8 @@ def decode_tensor(tensor: pb.Tensor, *, name: str = "tensor", dtypes: Collection
             f"{name}: raw_data has {len(raw)} bytes but shape {list(shape)} of {dtype_name(tensor.dtype)} needs "
             f"{expected}"
         )
+    view = np.frombuffer(raw, dtype=dtype).reshape(shape)
+    if not writable and view.dtype.isnative:
+        return view
     # astype copies: the array owns writable memory in native byte order (frombuffer's view is read-only)
-    return np.frombuffer(raw, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+    return view.astype(dtype.newbyteorder("="))

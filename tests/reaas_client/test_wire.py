@@ -18,6 +18,17 @@ def test_round_trip_is_exact(dtype):
     np.testing.assert_array_equal(decoded, values)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint8])
+def test_a_read_only_decode_is_the_same_array_and_the_default_stays_writable(dtype):
+    values = (np.random.default_rng(0).random((2, 3, 4)) * 200).astype(dtype)
+    tensor = encode_tensor(values)
+    view, copy = decode_tensor(tensor, writable=False), decode_tensor(tensor)
+    np.testing.assert_array_equal(view, values)
+    assert view.dtype.isnative and copy.flags.writeable
+    # a little-endian host needs no byte swap: the view is the bytes read out of the message, not a copy of them
+    assert view.flags.writeable is (np.dtype(dtype).byteorder == ">")
+
+
 def test_torch_tensors_and_float64_are_accepted():
     values = torch.rand(2, 3, dtype=torch.float64)
     decoded = decode_tensor(encode_tensor(values))
