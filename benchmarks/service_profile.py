@@ -1,9 +1,11 @@
 """Where a server's time goes under many small clients (issue 22, item 2): server CPU per call and a py-spy profile.
 
-Starts the server (``reaas-server`` with its default admission, or ``benchmarks.bare_server``), runs the many-clients
-load (``client_swarm.swarm``, raw stubs) and, while it runs, ``py-spy record`` on the server's process (all threads,
-idle frames dropped, collapsed stacks). Prints the server's CPU seconds per handled call (answered + refused, from
-/proc), and the functions holding the most samples, inclusive, so a reader sees which layer costs what.
+Starts the server (``reaas-server`` with its default admission, ``benchmarks.bare_server``, or the grpc.aio prototype
+``benchmarks.aio_feature_server``), runs the many-clients load (``client_swarm.swarm``, raw stubs) or one stream and,
+while it runs, ``py-spy record`` on the server's process (all threads, idle frames dropped, collapsed stacks). Prints
+the server's CPU seconds per handled call (answered + refused, from /proc) split by thread kind, the client's for a
+stream (it runs in this process: on 2 shared cores the client's CPU is part of the budget), and the functions holding
+the most samples, inclusive, so a reader sees which layer costs what.
 py-spy is not a project dependency: ``pip install --target /tmp/pyspy py-spy``, then ``--py-spy /tmp/pyspy/bin/py-spy``.
 Findings go, by hand, into ``benchmarks/results/service_profile.md``.
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.aio_feature_server import aio_feature_server_process
 from benchmarks.bare_server import bare_server_process
 from benchmarks.batching import feature_request
 from benchmarks.client_swarm import SwarmOutcome, swarm
@@ -46,6 +49,19 @@ def context_switches(pid: int) -> int:
     return total
 
 
+def cpu_by_thread_kind(pid: int) -> Counter[str]:
+    """CPU seconds so far of a process's live threads, by kind: the OS thread name and niceness (reaas-server's
+    compute threads run at niceness 10, its event loop and io threads at 0; gRPC's own threads are named
+    event_engine or grpc_*)."""
+    kinds: Counter[str] = Counter()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            name = (task / "comm").read_text().strip()
+            kinds[f"{name} (nice {fields[16]})"] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return kinds
+
+
 def inclusive_samples(collapsed: Path) -> tuple[Counter[str], Counter[str], int]:
     """Per function: samples with it anywhere on the stack (inclusive) and on top (self); and the total."""
     inclusive: Counter[str] = Counter()
@@ -68,6 +84,9 @@ def _server(kind: str, encoder: str, server_args: tuple[str, ...]):
     if kind == "bare":
         with bare_server_process(64) as (process, address):
             yield process, address
+    elif kind == "proto":
+        with aio_feature_server_process(encoder) as (process, address):
+            yield process, address
     else:
         extra = ("--demo-kind", encoder, "--log-level", "WARNING", "--bound-cost-budget", "0", *server_args)
         with background_server_process(extra_args=extra) as server:
@@ -87,7 +106,9 @@ def stream_load(address: str, batch: int, seconds: float) -> SwarmOutcome:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--server", choices=("reaas", "bare"), default="reaas")
+    parser.add_argument("--server", choices=("reaas", "bare", "proto"), default="reaas",
+                        help="reaas-server, the bare gRPC server (benchmarks.bare_server) or the grpc.aio prototype "
+                             "with the work and no service layers (benchmarks.aio_feature_server)")
     parser.add_argument("--encoder", default="pca", help="--demo-kind of the reaas server")
     parser.add_argument("--server-args", default="",
                         help="more reaas-server flags, space-separated, e.g. '--max-feature-images 128' (a "
@@ -112,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
             swarm(address, "Feature", feature_request(args.images), args.clients, args.seconds)
             if args.load == "unary" else stream_load(address, args.stream_batch, args.seconds)))
         cpu_before, switches_before = cpu_seconds(process.pid), context_switches(process.pid)
+        kinds_before, client_before = cpu_by_thread_kind(process.pid), os.times()
         load.start()
         if args.py_spy:
             # the swarm's processes take a few seconds to connect; sample the middle of the window
@@ -120,6 +142,9 @@ def main(argv: list[str] | None = None) -> None:
                             *(["--gil"] if args.gil else []), "--nonblocking", "--output", str(args.output)], check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         load.join()
+        client_after = os.times()
+        kinds = cpu_by_thread_kind(process.pid)
+        kinds.subtract(kinds_before)
         cpu = cpu_seconds(process.pid) - cpu_before
         switches = context_switches(process.pid) - switches_before
     result = outcome[0]
@@ -128,6 +153,12 @@ def main(argv: list[str] | None = None) -> None:
           f"in {result.elapsed_s:.1f} s; server CPU {cpu:.2f} s (incl. connection set-up) = "
           f"{1e3 * cpu / max(handled, 1):.3f} ms per handled call, {switches / max(handled, 1):.1f} context switches "
           "per handled call")
+    per_call = 1e3 / max(handled, 1)
+    print("  by thread kind (ms per handled call): " + ", ".join(
+        f"{kind} {seconds * per_call:.3f}" for kind, seconds in kinds.most_common() if seconds * per_call >= 0.005))
+    if args.load == "stream":  # the unary swarm's clients are processes of their own
+        client = (client_after.user - client_before.user) + (client_after.system - client_before.system)
+        print(f"  client (this process) {client * per_call:.3f} ms of CPU per message")
     if args.py_spy:
         inclusive, own, total = inclusive_samples(args.output)
         print(f"{total} samples (all threads, idle dropped); inclusive % / self % / function")
