@@ -54,6 +54,23 @@ def test_streaming_equals_unary(client, make_images):
         assert_same_features(features, client.features(batch))
 
 
+def test_a_stream_window_larger_than_its_messages_serves_the_same_features(demo_encoder, make_images):
+    batches = [make_images(n, seed=n) for n in (256, 3, 300)]  # 803 KB, 9 KB, 941 KB: one window holds any
+    with run_server(ServerConfig(port=0, stream_window_bytes=1024 * 1024, bound_cost_budget_s=0.0),
+                    demo_encoder) as (_, port), EncoderClient(f"127.0.0.1:{port}") as client:
+        streamed = list(client.stream_features((b, None) for b in batches))
+    for batch, features in zip(batches, streamed, strict=True):
+        assert_same_features(features, local_features(demo_encoder, batch))
+
+
+def test_a_stream_window_out_of_range_is_a_usage_error(capsys):
+    from reaas_server.cli import parse_args
+
+    with pytest.raises(SystemExit) as refused:
+        parse_args(["--stream-window-kib", "0"])
+    assert refused.value.code == 2 and "--stream-window-kib 1 to 2097151" in capsys.readouterr().err
+
+
 def test_uint8_and_float16_decode_onto_the_declared_range(client, make_images):
     pixels = (make_images(4) * 255).round().to(torch.uint8)
     as_float = pixels.float() / 255
