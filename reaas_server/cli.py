@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.stream_window_bytes // 1024,
         help="HTTP/2 receive window per call in KiB: what a client may send ahead of what the server has read. "
              "Every held call may buffer this much; a window that holds a whole message speeds a lone stream "
-             "(1024 KiB: one 256-image stream +15%%) at that memory cost per held call (default: %(default)s)",
+             "(1024 KiB: one 256-image stream +4 to +15%%) at that memory cost per held call (default: %(default)s)",
     )
     parser.add_argument(
         "--ledger",

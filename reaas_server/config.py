@@ -35,8 +35,9 @@ class ServerConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     # HTTP/2 receive window of each call (flow control; BDP probing stays off so it never grows): the bytes a client
     # may send ahead of what the server has read. Every held call may buffer this much, so it trades memory for the
-    # speed of a lone stream: 1 MiB (a 256-image float32 message fits) served one PCA stream 0.81 of the bare server
-    # against 0.70 at gRPC's 64 KiB, but took bench-load's 50 streams to 1.98-2.01x idle RSS (goal 2x) against 1.69x
+    # speed of a lone stream: 1 MiB (a 256-image float32 message fits) served one PCA stream 0.73-0.85 of the bare
+    # server against 0.65-0.77 at gRPC's 64 KiB (+4 to +15 %, four runs of alternating rounds), but took bench-load's
+    # 50 streams to 1.98-2.01x idle RSS (goal 2x) against 1.69x
     stream_window_bytes: int = 64 * 1024
     # API keys, usage and quota counts (ledger.py): a SQLite file, or a postgresql:// URL (str) replicas share;
     # None keeps them in memory, lost at exit (tests, embedding)
