@@ -24,6 +24,7 @@ from torch import nn
 
 from benchmarks.attack_radius import AttackConfig, Tightness, certificate_tightness
 from benchmarks.environment import RESULTS, invoked_command, machine_summary
+from benchmarks.pattern_ceiling import ceiling_radius, largest_pattern_gradients, patterns_at
 from bounds import MaxMin, certify_feature_radius, pgd_margin_attack
 from reaas_client.augment import augmented_copies
 from reaas_client.downstream import TrainConfig, train_classifier, training_rows
@@ -79,6 +80,21 @@ def stable_pair_share(h: nn.Sequential, features: torch.Tensor, radius: torch.Te
         return float((gap > slope * radius[radius > 0, None].to(gap.dtype)).float().mean())
 
 
+def pattern_ceiling_acr(h: nn.Sequential, features: torch.Tensor, labels: torch.Tensor) -> tuple[float, float] | None:
+    """(ACR ceiling of any pattern-blind Lipschitz certificate, mean over class pairs of the largest pattern gradient
+    / ||w_y - w_j||) for a MaxMin margin head; None for another head (benchmarks.pattern_ceiling)."""
+    if not any(isinstance(m, MaxMin) for m in h):
+        return None
+    largest = largest_pattern_gradients(h, patterns_at(h, features[:32]))
+    last = [m for m in h if isinstance(m, nn.Linear)][-1].weight.detach().double()
+    spread = (last[:, None] - last[None]).norm(dim=-1)
+    pairs = ~torch.eye(len(last), dtype=torch.bool)
+    radius = ceiling_radius(h, features, largest)
+    with torch.no_grad():
+        correct = h(features).argmax(dim=1) == labels
+    return float(torch.where(correct, radius, 0.0).mean()), float((largest[pairs] / spread[pairs]).mean())
+
+
 def parse_head(spec: str, base: TrainConfig) -> TrainConfig:
     """"linear:1", "lipschitz:4" or "mlp" -> a TrainConfig on top of `base`."""
     head, _, margin = spec.partition(":")
@@ -113,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tightness-targets", type=int, default=3,
                         help="targeted PGD toward this many nearest runner-up classes at each probe (besides the "
                              "untargeted one)")
+    parser.add_argument("--pattern-ceiling", action="store_true",
+                        help="the ACR no Lipschitz certificate blind to MaxMin patterns can exceed "
+                             "(benchmarks.pattern_ceiling): is a finer global bound worth building?")
     parser.add_argument("--save-dir", default="", help="save each trained h here (<head>-<eps>.pt)")
     parser.add_argument("--load-dir", default="",
                         help="evaluate the heads --save-dir saved there (same flags) instead of training them")
@@ -148,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                                      generator=torch.Generator().manual_seed(0))
         tight = end_to_end.tightness(h, test_labels, radius, attack) if args.tightness else None
         stable = stable_pair_share(h, test, radius)
+        ceiling = pattern_ceiling_acr(h, test, test_labels) if args.pattern_ceiling else None
         if args.save_dir:
             Path(args.save_dir).mkdir(parents=True, exist_ok=True)
             torch.save(h, Path(args.save_dir) / stored)
@@ -157,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(f"| {config.head} | {config.margin:g} | {training} | {1 + args.augment} | "
                     f"{correct.float().mean():.3f} | "
                     f"{radius.mean():.3f} | {int((worst < 0).sum())} | "
-                    f"{'n/a' if stable is None else f'{stable:.3f}'} | " + (
+                    f"{'n/a' if stable is None else f'{stable:.3f}'} | "
+                    + ("" if ceiling is None else f"{ceiling[0]:.3f} | {ceiling[1]:.3f} | ") + (
                         f"{tight.mean_attack:.3f} | {tight.ratio:.3f} | {tight.censored} | {tight.violations} | "
                         if tight else "") + ("loaded" if args.load_dir else f"{trained:.0f}") + " |")
         print(rows[-1], flush=True)
@@ -165,9 +186,16 @@ def main(argv: list[str] | None = None) -> int:
         f"`{invoked_command()}`  ", machine_summary(), "",
         "| head | eps | training | q/train | clean acc | BC ACR (feature = image radius, L = 1) | PGD flips inside R_F | "
         "layer-1 MaxMin pairs stable on B(z, R) | "
+        + ("ACR ceiling of any pattern-blind Lipschitz bound | largest pattern gradient / ‖w_y − w_j‖ (mean) | "
+           if args.pattern_ceiling else "")
         + ("end-to-end attack radius (mean) | certified / attack | censored | attack < certified | "
            if args.tightness else "") + "train s |",
-        "|---|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if args.tightness else ""), *rows, ""])
+        "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if args.pattern_ceiling else "")
+        + ("---|---|---|---|" if args.tightness else ""), *rows, ""])
+    if args.pattern_ceiling:
+        table += ("\nPattern ceiling: per class pair, the largest gradient norm of the margin over MaxMin patterns "
+                  "found by sign ascent from the patterns at 32 test digits and 8 random ones (a lower bound on what "
+                  "any pattern-blind global bound must allow); min_j m_j / that, averaged with wrong digits as 0.\n")
     if args.tightness:
         table += f"\nTightness attack: {attack.describe()}, on pixel -> PCA -> h (all test digits).\n"
     title = "# Downstream heads on PCA-64 features of the embedded digits (1 000 test digits)\n\n"
