@@ -162,7 +162,11 @@ def test_a_stream_its_client_cancels_ends_cancelled(auth, running, channel, make
         samples = scrape_when(running, lambda s: sample(s, "reaas_rpc_in_flight", rpc="StreamFeatures") == 0)
     finally:
         more.set()
-    assert sample(samples, "reaas_rpc_calls_total", rpc="StreamFeatures", code="CANCELLED") == 1, {
+    # CANCELLED as the client saw it, unless the cancel reached the servicer first as the end of its requests: grpc.aio
+    # reads EOF for both and exposes neither (the metrics module docstring); one of the two, counted once
+    ended = {code: sample(samples, "reaas_rpc_calls_total", rpc="StreamFeatures", code=code)
+             for code in ("CANCELLED", "OK")}
+    assert sorted(ended.values()) == [0, 1], {
         k: v for k, v in samples.items() if k[0] == "reaas_rpc_calls_total" and v and ("rpc", "StreamFeatures") in k[1]}
     assert sample(samples, "reaas_rpc_in_flight", rpc="StreamFeatures") == 0
     assert sample(samples, "reaas_rpc_queries_total", rpc="StreamFeatures") == 2
