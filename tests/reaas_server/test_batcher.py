@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -143,9 +144,13 @@ def test_a_cancelled_caller_on_the_loop_is_dropped_from_the_pass(held, loop):
     gone, kept = answer(2), answer(3)
     while len(batcher._queue) < 2:  # noqa: SLF001
         threading.Event().wait(0.001)
-    gone.cancel()  # cancels the awaiting task on the loop
+    gone.cancel()  # cancels the awaiting task on the loop, soon: this future says cancelled at once
     with pytest.raises(concurrent.futures.CancelledError):
         gone.result(30)
+    gone_job = next(job for job in batcher._queue if job.size == 2)  # noqa: SLF001
+    deadline = time.monotonic() + 30
+    while not gone_job.abandoned and time.monotonic() < deadline:  # the loop has run the task's cancellation
+        threading.Event().wait(0.001)
     held.release.set()
     assert first.result(30) == 1 and kept.result(30) == 3
     assert held.batches == [1, 3]
