@@ -12,29 +12,24 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import time
 
 import numpy as np
 
 from benchmarks.aio_feature_server import aio_feature_server_process
 from benchmarks.bare_server import bare_server_process
 from benchmarks.environment import load_line, machine_summary
+from benchmarks.service_throughput import images_per_second
 from reaas_client import EncoderClient
 from reaas_client.background_server import background_server
 
 
 def stream_rate(address: str, batch: np.ndarray, seconds: float, messages_per_call: int = 16) -> float:
-    """Images/s of one EncoderClient streaming `batch` in calls of `messages_per_call` messages for `seconds` (after
-    one call to warm the connection)."""
+    """Images/s of one EncoderClient streaming `batch` in calls of `messages_per_call` messages for `seconds`
+    (service_throughput.images_per_second: one warm-up call first, as many_clients measures its stream row)."""
     with EncoderClient(address, timeout_s=120) as client:
-        def call() -> int:
-            return sum(r.shape[0] for r in client.stream_features((batch, None) for _ in range(messages_per_call)))
-
-        call()
-        images, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            images += call()
-        return images / (time.perf_counter() - start)
+        return images_per_second(
+            lambda: sum(r.shape[0] for r in client.stream_features((batch, None) for _ in range(messages_per_call))),
+            seconds)
 
 
 def _start(spec: str, encoder: str, stack: contextlib.ExitStack) -> str:
