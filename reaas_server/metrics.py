@@ -9,8 +9,8 @@ away — cancelled, or past its deadline — is cancelled as a task (its behavio
 CANCELLED, or DEADLINE_EXCEEDED once the deadline passed, and that is recorded. One race this cannot see: a client
 that cancels a request stream while the behaviour waits for its next message may reach the behaviour as the end of
 the stream (grpc.aio's read gives EOF for both, and exposes neither the client's half-close nor the cancellation)
-before the task is cancelled; the behaviour then ends normally and the call counts OK (1 in 10 runs of
-tests/reaas_server/test_metrics.py's cancelled-stream test beside two CPU hogs). Calls to methods the server does not serve are answered
+before the task is cancelled; the behaviour then ends normally and the call counts OK (1 in 10 runs beside two CPU
+hogs of a test that cancelled there; tests/reaas_server/test_metrics.py now pins the case that is decidable). Calls to methods the server does not serve are answered
 UNIMPLEMENTED by gRPC before any interceptor can wrap them, and are not counted (their names are the caller's
 to choose: a label per name would let any client grow the registry).
 
