@@ -13,7 +13,8 @@ where a lower bound of ||J(x)|| proves the local bounds cannot beat it by the se
 Supported layers (anything else raises UnsupportedLayerError): nn.Sequential, nn.Linear, nn.Conv2d (zero padding,
 any stride), nn.ReLU, MaxMin, nn.Flatten, nn.AvgPool2d, nn.PixelUnshuffle, nn.Identity, Residual,
 nn.BatchNorm1d/2d (eval mode). AOLLinear / AOLConv2d train 1-Lipschitz layers; `materialize` turns them into
-plain nn.Linear / nn.Conv2d before bounding.
+plain nn.Linear / nn.Conv2d before bounding. A downstream head Linear -> ClassMax (max-affine: a nearest-prototype
+classifier) is certified exactly by bounds.max_affine instead of by propagation.
 
 Cancellation: `f2i_radius(..., should_stop=...)` polls the callable before every bound evaluation and inside each,
 and raises SearchCancelled (never a partial radius) once it returns True (bounds.cancellation).
@@ -40,9 +41,10 @@ from bounds.feature_certification import (
 )
 from bounds.feature_distance import feature_distance_upper
 from bounds.graph import BoundGraph, build_graph
-from bounds.layers import MaxMin, Residual, UnsupportedLayerError, require_ieee_float32
+from bounds.layers import ClassMax, MaxMin, Residual, UnsupportedLayerError, require_ieee_float32
 from bounds.lipschitz import global_lipschitz_upper
 from bounds.lipschitz_layers import AOLConv2d, AOLLinear, SpectralNormLinear, materialize
+from bounds.max_affine import max_affine_radius
 from bounds.propagation import InputBall, compute_bounds, concretize, crown_backward
 from bounds.spectral import layer_product_lipschitz_upper, operator_norm_upper
 
@@ -57,6 +59,7 @@ __all__ = [
     "SAFETY_MARGIN",
     "SpectralNormLinear",
     "BoundGraph",
+    "ClassMax",
     "F2IResult",
     "FeatureCertificate",
     "InputBall",
@@ -77,6 +80,7 @@ __all__ = [
     "layer_product_lipschitz_upper",
     "lipschitz_margin_radius",
     "materialize",
+    "max_affine_radius",
     "operator_norm_upper",
     "require_ieee_float32",
     "pgd_feature_distance",

@@ -13,6 +13,9 @@ For the prediction y = argmax h(z), the margins m_j(z') = h_y(z') - h_j(z') (j !
   stays > 0 for ||d||_2 < min_j m_j(z) / (||w_y - w_j||_2 · L_body). Exact for a linear h (g = id, L_body = 1),
   and what a head trained with the Lipschitz-margin loss (reaas_client.heads) maximises.
 
+A max-affine h (nn.Linear then bounds.layers.ClassMax: the prototype heads) is certified exactly instead, whatever
+the method (bounds.max_affine): its decision regions are polyhedra, so the radius is a least distance to them.
+
 Activations are ReLU or MaxMin (the Lipschitz heads); the search starts where the Lipschitz margin left off, so
 it only ever adds to it. Returned radii are the verified radius times (1 - SAFETY_MARGIN), which covers float32
 rounding (~1e-6 relative) in the margin bounds.
@@ -35,8 +38,9 @@ from torch import nn
 
 from bounds.f2i import SAFETY_MARGIN
 from bounds.graph import BoundGraph, build_graph
-from bounds.layers import MaxMin, UnsupportedLayerError
+from bounds.layers import ClassMax, MaxMin, UnsupportedLayerError
 from bounds.lipschitz import global_lipschitz_upper
+from bounds.max_affine import max_affine_radius
 from bounds.operators import MaxMinOperator
 from bounds.propagation import InputBall, compute_bounds, concretize, crown_backward
 from bounds.search import batched_binary_search
@@ -125,6 +129,14 @@ def lipschitz_margin_radius(classifier: nn.Module, features: torch.Tensor, predi
     return ratios.min(dim=1).values if logits.shape[1] > 1 else torch.full_like(logits[:, 0], math.inf)
 
 
+def max_affine_parts(classifier: nn.Module) -> tuple[nn.Linear, int] | None:
+    """(Linear, pieces per class) when `classifier` is Sequential(Linear, ClassMax), the max-affine form; else None."""
+    layers = list(classifier) if isinstance(classifier, nn.Sequential) else []
+    if len(layers) == 2 and isinstance(layers[0], nn.Linear) and isinstance(layers[1], ClassMax):
+        return layers[0], layers[1].pieces
+    return None
+
+
 def certify_feature_radius(
     classifier: nn.Module,
     features: torch.Tensor,
@@ -136,15 +148,24 @@ def certify_feature_radius(
     """Prediction and certified feature-space l2 radius for each row of `features` [batch, feature_dim].
 
     Guarantee: for every z' with ||z' - z||_2 < feature_radius, argmax h(z') = prediction (the larger of two sound
-    radii, see the module docstring). `classifier` is a Sequential of Linear / ReLU / MaxMin ending in a Linear;
-    `method`: "crown" or "ibp" (bound propagation, searched upward from the margin radius), "margin" (the
-    Lipschitz-margin radius alone) or "auto" (see CERTIFY_METHODS).
+    radii, see the module docstring). `classifier` is a Sequential of Linear / ReLU / MaxMin ending in a Linear,
+    or Linear then ClassMax (certified exactly by bounds.max_affine whatever the method); `method`: "crown" or
+    "ibp" (bound propagation, searched upward from the margin radius), "margin" (the Lipschitz-margin radius
+    alone) or "auto" (see CERTIFY_METHODS).
     """
     if method not in CERTIFY_METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {CERTIFY_METHODS}")
     if features.dim() != 2:
         raise ValueError(f"features must be [batch, feature_dim], got {tuple(features.shape)}")
     device = next(classifier.parameters()).device
+    max_affine = max_affine_parts(classifier)
+    if max_affine is not None:
+        with torch.no_grad():
+            logits = classifier(features.to(device=device, dtype=torch.float32))
+        prediction = logits.argmax(dim=1).cpu()
+        radius = max_affine_radius(max_affine[0].weight, max_affine[0].bias, max_affine[1], features, prediction,
+                                   rounding_allowance(logits))
+        return FeatureCertificate(prediction, radius * (1 - SAFETY_MARGIN))
     graph = build_graph(classifier, (features.shape[1],), dtype=torch.float32, device=device)
     z = features.to(device=device, dtype=torch.float32)
     with torch.no_grad():

@@ -66,3 +66,27 @@ def require_ieee_float32(device: torch.device | str) -> None:
     if torch.device(device).type == "cuda":
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
+
+
+class ClassMax(nn.Module):
+    """Per-class maximum of piece scores: [batch, classes * pieces] -> [batch, classes], class k the max of columns
+    k * pieces ... (k + 1) * pieces - 1.
+
+    After an nn.Linear it makes a max-affine classifier h_k(z) = max_p (w_kp · z + b_kp), whose decision regions
+    are polyhedra: bounds.max_affine certifies it exactly (a nearest-prototype classifier is one). Bound
+    propagation does not take it (bounds.build_graph raises UnsupportedLayerError); nothing needs it to.
+    """
+
+    def __init__(self, pieces: int) -> None:
+        super().__init__()
+        if pieces < 1:
+            raise ValueError(f"ClassMax needs >= 1 piece per class, got {pieces}")
+        self.pieces = pieces
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] % self.pieces:
+            raise ValueError(f"ClassMax({self.pieces}) needs [batch, classes * {self.pieces}], got {tuple(x.shape)}")
+        return x.view(x.shape[0], -1, self.pieces).amax(dim=2)
+
+    def extra_repr(self) -> str:
+        return f"pieces={self.pieces}"
