@@ -7,8 +7,8 @@ Public face:
   ``vocabulary``), ``QueryLedger``, the reply dataclasses (``TextInputInfo`` for text encoders),
   ``ServiceError``, and the one tensor codec shared with the server (``encode_tensor`` / ``decode_tensor``);
 * the downstream classifier: ``fetch_features`` (1 query per training input, cached), ``train_classifier``
-  (head kinds "mlp", "linear", "lipschitz" by ``TrainConfig.head``), ``select_head`` / ``HeadSearch`` (the head
-  chosen on held-out training features);
+  (head kinds ``HEAD_KINDS``: "mlp", "linear", "lipschitz", "orthogonal", "prototype", by ``TrainConfig.head``),
+  ``select_head`` / ``HeadSearch`` (the head chosen on held-out training features);
 * smoothing: ``Smooth`` (Cohen et al. PREDICT / CERTIFY), with ``GaussianFeatureSamples`` (REaaS-SC, noise on
   f(x) locally) or ``StreamedImageSamples`` (SEaaS-SC, noisy images through StreamFeatures, rounded to a wire dtype by
   ``WireRounding``) as sample source;

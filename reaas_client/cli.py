@@ -116,15 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="kind of h: mlp (the paper's ReLU MLP, cross-entropy, CROWN-certified), linear (one "
                             "Linear trained with a Lipschitz-margin loss; its feature radius margin/||w_y - w_j|| "
                             "is exact), lipschitz (1-Lipschitz AOL + MaxMin body of --hidden widths and a last "
-                            "Linear, same loss; radius margin/(||w_y - w_j|| L_body)) or orthogonal (the same with "
-                            "orthogonal layers: a tighter certificate). With --select-head, a "
-                            "comma-separated list of kinds to choose from")
+                            "Linear, same loss; radius margin/(||w_y - w_j|| L_body)), orthogonal (the same with "
+                            "orthogonal layers: a tighter certificate) or prototype (--prototypes points per "
+                            "class, the nearest one's class wins; its radius is exact and it trains in seconds). "
+                            "With --select-head, a comma-separated list of kinds to choose from")
     train.add_argument("--margin", default="1",
-                       help="eps of the Lipschitz-margin loss, in feature-space units: the radius the linear and "
-                            "lipschitz heads are trained to certify (larger: more robust, less accurate; scale it "
+                       help="eps of the Lipschitz-margin loss, in feature-space units: the radius the linear, "
+                            "lipschitz, orthogonal and prototype heads are trained to certify (larger: more robust, less accurate; scale it "
                             "with the encoder's feature spread). With --select-head, a comma-separated grid")
     train.add_argument("--temperature", type=float, default=TrainConfig.temperature,
-                       help="temperature of the margin heads' cross-entropy on offset logits")
+                       help="temperature of the margin heads' distance-unit loss, in feature-space units")
     train.add_argument("--margin-warmup", type=float, default=TrainConfig.margin_warmup,
                        help="share of the training steps over which the margin ramps up from 0")
     train.add_argument("--select-head", action="store_true",
@@ -138,8 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="--select-head: only candidates with at least this validation accuracy may win")
     train.add_argument("--hidden", default="256,256",
                        help="hidden layer widths of the mlp or of the lipschitz body (even), comma-separated")
+    train.add_argument("--prototypes", type=int, default=TrainConfig.prototypes,
+                       help="prototypes per class of a prototype head")
     train.add_argument("--epochs", type=int, default=60, help="training epochs")
-    train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    train.add_argument("--lr", type=float, default=None,
+                       help="Adam learning rate (default: 0.05 for a prototype head, 0.001 for the networks)")
     train.add_argument("--augment", type=int, default=0,
                        help="REaaS paths: also train h on K shifted / elastic copies of each training image "
                             "(reaas_client.augment), each copy one more Feature query: 1 + K per training input")
@@ -183,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             sample_batch_size=args.sample_batch_size, seaas_wire_dtype=args.seaas_wire_dtype, augment=args.augment,
             train=TrainConfig(hidden=tuple(int(w) for w in args.hidden.split(",") if w), epochs=args.epochs,
                               lr=args.lr, head=heads[0], margin=margins[0], temperature=args.temperature,
-                              margin_warmup=args.margin_warmup),
+                              margin_warmup=args.margin_warmup, prototypes=args.prototypes),
         )
     except ValueError as error:
         parser.error(str(error))

@@ -61,7 +61,7 @@ class DemoDefaults:
     margins: str
     min_val_accuracy: float
     margin_unit: str
-    lr: float = 1e-3
+    lr: float | None = None  # None: each head kind's own (TrainConfig.learning_rate)
     weight_decay: float = 1e-4
     temperature: float = TrainConfig.temperature
     test_size: int = 20
@@ -161,8 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "default: the data set's, " + ", ".join(f"{name}: {d.min_val_accuracy:g}"
                                                                      for name, d in DEMO_DEFAULTS.items()) + ")")
     parser.add_argument("--epochs", type=int, default=40, help="training epochs of every head")
-    parser.add_argument("--lr", type=float, default=None, help="Adam learning rate of the REaaS heads (default: the data "
-                        "set's, " + ", ".join(f"{name}: {d.lr:g}" for name, d in DEMO_DEFAULTS.items()) + ")")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="Adam learning rate of the REaaS heads (default: the data set's, " + ", ".join(
+                            f"{name}: {'per head kind' if d.lr is None else f'{d.lr:g}'}"
+                            for name, d in DEMO_DEFAULTS.items()) + ")")
     parser.add_argument("--weight-decay", type=float, default=None,
                         help="Adam weight decay of the REaaS heads (default: the data set's, "
                              + ", ".join(f"{name}: {d.weight_decay:g}" for name, d in DEMO_DEFAULTS.items()) + ")")

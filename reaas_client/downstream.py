@@ -1,8 +1,8 @@
 """The client's side of training: features fetched once through the service, and the downstream classifier h.
 
 h is the paper's fully connected Linear/ReLU network or one of the margin heads of reaas_client.heads (a linear
-h, a 1-Lipschitz MaxMin body with a last Linear); all are plain Sequentials that `bounds.certify_feature_radius`
-certifies as they are. For SC, h is trained with Gaussian noise added *in feature space*, the
+h, a 1-Lipschitz MaxMin body with a last Linear, a nearest-prototype head); all are plain Sequentials that
+`bounds.certify_feature_radius` certifies as they are. For SC, h is trained with Gaussian noise added *in feature space*, the
 distribution Cohen's CERTIFY will query it on.
 """
 
@@ -21,10 +21,15 @@ from torch import nn
 from reaas_client.augment import augmented_copies
 from reaas_client.heads import (
     HEAD_KINDS,
+    PROTOTYPE_SOFTNESS,
+    PrototypeHead,
     build_margin_head,
     consistency_penalty,
     finalize_margin_head,
+    finalize_prototype_head,
+    initial_prototypes,
     lipschitz_margin_loss,
+    prototype_margin_loss,
 )
 from reaas_client.progress import bar, step
 from reaas_client.seaas import noisy_copies
@@ -220,6 +225,9 @@ class TrainConfig:
     over which the margin ramps linearly from 0 up to `margin` (0: the full margin from the first step).
     `consistency` > 0 and noise_sigma > 0 (it is a no-op without noise, so one config serves BC and SC): each step sees `consistency_copies` noisy views of every input and adds
     reaas_client.heads.consistency_penalty at that weight (Jeong & Shin 2020's lambda), for SC heads.
+    "prototype": `prototypes` per class (reaas_client.heads), trained in features centred and scaled by their
+    spread / sqrt(d) like the mlp's, with margin and temperature scaled alike, so they stay in feature units.
+    `lr`: Adam's; None takes the kind's measured default (`learning_rate`).
     Defaults measured on PCA-64 digit features (lipschitz 512-512; benchmarks/results/heads.md): temperature 0.25
     (t = 4 per feature unit, issue 21), and the ramp keeps large eps from trading accuracy away early.
     """
@@ -227,7 +235,7 @@ class TrainConfig:
     hidden: tuple[int, ...] = (256, 256)
     epochs: int = 60
     batch_size: int = 256
-    lr: float = 1e-3
+    lr: float | None = None
     weight_decay: float = 1e-4
     noise_sigma: float = 0.0
     seed: int = 0
@@ -237,6 +245,15 @@ class TrainConfig:
     margin_warmup: float = 0.5
     consistency: float = 0.0
     consistency_copies: int = 2
+    prototypes: int = 20
+
+    @property
+    def learning_rate(self) -> float:
+        """`lr`, or the kind's default: 5e-2 for prototypes (a point moves a feature unit in ~20 steps; 1e-2 lost
+        0.02 ACR and 3e-3 0.09 on PCA-64 digits at 100 epochs), 1e-3 for networks."""
+        if self.lr is not None:
+            return self.lr
+        return 5e-2 if self.head == "prototype" else 1e-3
 
     def __post_init__(self) -> None:
         if self.head not in HEAD_KINDS:
@@ -246,6 +263,8 @@ class TrainConfig:
         if self.consistency < 0 or self.consistency_copies < 2:
             raise ValueError(f"need consistency >= 0 and >= 2 copies, got {self.consistency}, "
                              f"{self.consistency_copies}")
+        if self.prototypes < 1 or (self.lr is not None and self.lr <= 0):
+            raise ValueError(f"need >= 1 prototype per class and lr > 0, got {self.prototypes}, {self.lr}")
         if not 0 <= self.margin_warmup <= 1:
             raise ValueError(f"margin_warmup must be in [0, 1], got {self.margin_warmup}")
 
@@ -269,23 +288,26 @@ def train_classifier(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     "mlp": cross-entropy on features centred and scaled by their spread (encoders' feature scales differ by
     orders of magnitude); the affine map is then folded into h's first Linear. "linear" / "lipschitz": the
     Lipschitz-margin loss on centred, unscaled features (a scale would change the Lipschitz constant in feature
-    units); the centring is folded into the first bias and AOL layers are materialised. Either way the returned h
-    takes raw features and is a Sequential of Linear / ReLU / MaxMin that bounds/ certifies. Runs on CUDA when
-    available; returns h on the CPU in eval mode.
+    units); the centring is folded into the first bias and AOL layers are materialised. "prototype": the
+    prototype loss on features centred and scaled like the mlp's, the prototypes mapped back to raw units at the
+    end. Either way the returned h takes raw features and is a Sequential of Linear / ReLU / MaxMin (or Linear ->
+    ClassMax) that bounds/ certifies. Runs on CUDA when available; returns h on the CPU in eval mode.
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     features = features.to(torch.float32)
     mean = features.mean(dim=0)
-    if config.head == "mlp":
+    if config.head in ("mlp", "prototype"):
         scale = max(feature_spread(features), 1e-12) / features.shape[1] ** 0.5  # unit variance per coordinate
-        model = build_mlp(features.shape[1], num_classes, config.hidden)
+        model = (build_mlp(features.shape[1], num_classes, config.hidden) if config.head == "mlp" else
+                 PrototypeHead(initial_prototypes((features - mean) / scale, labels, num_classes, config.prototypes,
+                                                  generator), config.prototypes))
     else:
         scale = 1.0
         model = build_margin_head(config.head, features.shape[1], num_classes, config.hidden)
     model = model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     grouped = copies_per_input > 1 and config.consistency > 0
     if grouped and (features.shape[0] % copies_per_input or copies_per_input < config.consistency_copies):
         raise ValueError(f"{features.shape[0]} rows are not groups of {copies_per_input} copies, or fewer copies "
@@ -309,12 +331,19 @@ def train_classifier(features: torch.Tensor, labels: torch.Tensor, num_classes: 
                 inputs, targets = features[batch].repeat(views, 1), labels[batch].repeat(views)
             if config.noise_sigma > 0:
                 inputs = inputs + config.noise_sigma * torch.randn(inputs.shape, generator=generator)
-            logits = model(((inputs - mean) / scale).to(device))
+            inputs = ((inputs - mean) / scale).to(device)
             targets = targets.to(device)
+            margin = config.margin * min(1.0, step / warmup_steps) if warmup_steps > 0 else config.margin
             if config.head == "mlp":
+                logits = model(inputs)
                 loss = nn.functional.cross_entropy(logits, targets)
+            elif config.head == "prototype":  # distances in scaled units: margin and temperature scale alike
+                temperature = config.temperature / scale
+                logits = model(inputs)
+                distance = model.certified_distance(inputs, targets, PROTOTYPE_SOFTNESS * temperature)
+                loss = prototype_margin_loss(distance, margin=margin / scale, temperature=temperature)
             else:  # the AOL or orthogonal body is 1-Lipschitz by construction, so L_body = 1 while training
-                margin = config.margin * min(1.0, step / warmup_steps) if warmup_steps > 0 else config.margin
+                logits = model(inputs)
                 loss = lipschitz_margin_loss(logits, targets, model[-1].weight, margin=margin,
                                              temperature=config.temperature)
             if views > 1:
@@ -324,6 +353,8 @@ def train_classifier(features: torch.Tensor, labels: torch.Tensor, num_classes: 
             optimizer.step()
             schedule.step()
             step += 1
+    if config.head == "prototype":
+        return finalize_prototype_head(model, mean, scale)
     if config.head != "mlp":
         return finalize_margin_head(model, mean)
     model = model.cpu().eval()

@@ -35,6 +35,23 @@ def test_cli_certifies_with_two_queries_per_test_input(tmp_path) -> None:
     assert (tmp_path / "certified_accuracy.png").stat().st_size > 0
 
 
+def test_cli_certifies_a_prototype_head_end_to_end(tmp_path) -> None:
+    with run_server(ServerConfig(port=0, mode="reaas")) as (_, port):
+        code = cli.main(["--server", f"127.0.0.1:{port}", "--dataset", "mnist-embedded", "--path", "reaas-bc",
+                         "--train-size", "60", "--test-size", "10", "--epochs", "20", "--head", "prototype",
+                         "--prototypes", "2", "--margin", "1", "--bound", "lipschitz", "--no-cache", "--quiet",
+                         "--out", str(tmp_path)])
+    assert code == 0
+    with (tmp_path / "records.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 10
+    # the exact feature radius goes through F2IPerturb like any other; a wrong prediction certifies nothing
+    assert any(float(r["certified_radius"]) > 0 for r in rows)
+    for r in rows:
+        assert (float(r["image_radius"]) > 0) == (float(r["feature_radius"]) > 0)
+        assert (float(r["certified_radius"]) > 0) == (float(r["image_radius"]) > 0 and r["prediction"] == r["label"])
+
+
 def test_cli_certifies_movie_reviews_through_a_text_encoder(tmp_path) -> None:
     """--dataset rt-embedded: the reviews tokenized with the provider's vocabulary, ids sent, 2 queries each."""
     config = ServerConfig(port=0, mode="reaas", demo_kind="text-pca")

@@ -87,3 +87,14 @@ def test_a_head_no_better_than_the_majority_class_is_never_chosen_for_its_radius
     monkeypatch.setattr(head_selection, "train_classifier", tagged)
     chosen = select_head(train, labels, 3, candidates, seed=1)
     assert chosen.chosen.margin == 1.0
+
+
+def test_a_prototype_head_competes_in_the_selection_at_every_margin() -> None:
+    train, labels = blobs(150, 0)
+    candidates = HeadSearch(heads=("linear", "prototype"), margins=(0.5, 1.5)).candidates(
+        TrainConfig(epochs=15, prototypes=3))
+    assert [(c.head, c.margin) for c in candidates] == [("linear", 0.5), ("linear", 1.5), ("prototype", 0.5),
+                                                         ("prototype", 1.5)]
+    selection = select_head(train, labels, 3, candidates, seed=1)
+    assert all(s.validation_accuracy > 0.8 for s in selection.scores if s.config.head == "prototype")
+    assert all(s.validation_acr > 0 for s in selection.scores)

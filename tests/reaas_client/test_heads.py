@@ -1,6 +1,6 @@
-"""Margin heads: the loss is in distance units (no collapse at a large eps), the linear head's certificate is exact (no attack flips it
-inside R_F, the nearest boundary point just outside does), the lipschitz head's survives PGD, and every head
-kind trains on noisy features."""
+"""Margin heads: the loss is in distance units (no collapse at a large eps), the linear and prototype heads'
+certificates are exact (no attack flips them inside R_F, the nearest boundary point just outside does), the
+lipschitz head's survives PGD, and every head kind trains on noisy features."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from torch import nn
 
 from bounds import SAFETY_MARGIN, certify_feature_radius, pgd_margin_attack
 from bounds.feature_certification import rounding_allowance
-from bounds.layers import MaxMin
+from bounds.layers import ClassMax, MaxMin
 from reaas_client.downstream import TrainConfig, accuracy, train_classifier
-from reaas_client.heads import HEAD_KINDS, lipschitz_margin_loss
+from reaas_client.heads import HEAD_KINDS, PrototypeHead, lipschitz_margin_loss
 
 
 def blobs(count: int, seed: int, spacing: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,9 +45,9 @@ def test_a_head_at_a_margin_beyond_reach_does_not_collapse_to_one_class() -> Non
     separate the classes rather than merge its rows into one answer."""
     train, labels = blobs(300, 0)
     z, z_labels = blobs(60, 1)
-    for head in ("linear", "lipschitz", "orthogonal"):
+    for head in ("linear", "lipschitz", "orthogonal", "prototype"):
         h = train_classifier(train, labels, 3, TrainConfig(head=head, hidden=(32, 32), margin=6.0, epochs=30,
-                                                           lr=1e-2))
+                                                           lr=None if head == "prototype" else 1e-2))
         with torch.no_grad():
             predicted = h(z).argmax(dim=1)
         assert predicted.unique().numel() == 3, head
@@ -110,6 +110,35 @@ def test_lipschitz_head_is_servable_and_its_certificate_survives_pgd(head: str) 
     worst, _ = pgd_margin_attack(h, z[certified], cert.prediction[certified], cert.feature_radius[certified].float(),
                                  steps=100, restarts=5, generator=torch.Generator().manual_seed(0))
     assert (worst > 0).all()
+
+
+def test_prototype_head_is_served_max_affine_and_certified_exactly() -> None:
+    train, labels = blobs(300, 0)
+    h = train_classifier(train, labels, 3, TrainConfig(head="prototype", prototypes=4, margin=1.5, epochs=40))
+    assert len(h) == 2 and isinstance(h[0], nn.Linear) and isinstance(h[1], ClassMax) and h[1].pieces == 4
+    centres = h[0].weight.detach().double() / 2  # piece p scores 2 c_p · z - ||c_p||^2
+    torch.testing.assert_close(h[0].bias.detach().double(), -centres.square().sum(dim=1), rtol=1e-5, atol=1e-4)
+    z, z_labels = blobs(60, 1)
+    with torch.no_grad():  # the served form answers the nearest prototype's class
+        assert torch.equal(h(z).argmax(dim=1), torch.cdist(z.double(), centres).argmin(dim=1) // 4)
+    assert accuracy(h, z, z_labels) > 0.9
+    cert = certify_feature_radius(h, z)
+    certified = cert.feature_radius > 0
+    assert cert.feature_radius[certified].mean() > 0.5
+    # the training bound (unsmoothed) is a sound radius the exact certificate can only improve on
+    # (less the rounding allowance it keeps every margin above: at most allowance / min ||w_a - w_b|| in distance)
+    with torch.no_grad():
+        trained = PrototypeHead(centres, 4).certified_distance(z.double(), cert.prediction, softness=0.0)
+        allowance = rounding_allowance(h(z)) / (2 * torch.pdist(centres).min())
+    assert (cert.feature_radius >= (trained.clamp(min=0) - allowance) * (1 - SAFETY_MARGIN) - 1e-9).all()
+    worst, _ = pgd_margin_attack(h.double(), z[certified].double(), cert.prediction[certified],
+                                 cert.feature_radius[certified], steps=100, restarts=5,
+                                 generator=torch.Generator().manual_seed(0))
+    assert (worst > 0).all()
+    beyond, _ = pgd_margin_attack(h.double(), z[certified].double(), cert.prediction[certified],
+                                  cert.feature_radius[certified] * 1.01, steps=200, restarts=5,
+                                  generator=torch.Generator().manual_seed(0))
+    assert (beyond < 0).float().mean() > 0.8  # exact: 1 % further out, the label changes
 
 
 def test_a_larger_margin_certifies_larger_radii() -> None:
