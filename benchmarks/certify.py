@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--head-hidden", type=lambda t: tuple(int(v) for v in t.split(",")), default=(512, 512),
         help="hidden widths of the lipschitz and mlp heads")
     add("--head-epochs", type=int, default=100, help="training epochs of every head")
-    add("--head-lr", type=float, default=TrainConfig.lr, help="Adam learning rate of the REaaS margin heads")
+    add("--head-lr", type=float, default=None,
+        help="Adam learning rate of the REaaS margin heads (default: the head kind's, TrainConfig.learning_rate)")
     add("--head-weight-decay", type=float, default=TrainConfig.weight_decay,
         help="Adam weight decay of the REaaS margin heads (text: 0, measured by bench-text-encoders)")
     add("--head-temperature", type=float, default=TrainConfig.temperature,

@@ -96,7 +96,7 @@ def pattern_ceiling_acr(h: nn.Sequential, features: torch.Tensor, labels: torch.
 
 
 def parse_head(spec: str, base: TrainConfig) -> TrainConfig:
-    """"linear:1", "lipschitz:4" or "mlp" -> a TrainConfig on top of `base`."""
+    """"linear:1", "lipschitz:4", "prototype:4" or "mlp" -> a TrainConfig on top of `base`."""
     head, _, margin = spec.partition(":")
     return replace(base, head=head, margin=float(margin or base.margin))
 
@@ -112,7 +112,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="temperature of the distance-unit margin loss (feature units)")
     parser.add_argument("--margin-warmup", type=float, default=TrainConfig.margin_warmup,
                         help="share of the steps over which the margin ramps up from 0")
-    parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="Adam learning rate")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="Adam learning rate (default: the head kind's, TrainConfig.learning_rate)")
+    parser.add_argument("--prototypes", type=int, default=TrainConfig.prototypes,
+                        help="prototypes per class of a prototype head")
     parser.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay, help="Adam weight decay")
     parser.add_argument("--noise-sigma", type=float, default=0.0,
                         help="Gaussian noise added to the training features at every step (feature units)")
@@ -145,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     end_to_end = EndToEnd(load_demo_encoder("pca").model.eval(), load_embedded_mnist().downstream_test.images)
     base = TrainConfig(hidden=tuple(int(w) for w in args.hidden.split(",")), epochs=args.epochs,
                        batch_size=args.batch_size, temperature=args.temperature, margin_warmup=args.margin_warmup,
-                       lr=args.lr, weight_decay=args.weight_decay, noise_sigma=args.noise_sigma, seed=args.seed)
+                       lr=args.lr, weight_decay=args.weight_decay, noise_sigma=args.noise_sigma, seed=args.seed,
+                       prototypes=args.prototypes)
     views = pca_views(args.augment, args.seed) if args.augment else None
     train, train_labels = training_rows(train, train_labels, views)
     rows = []
@@ -171,8 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.save_dir:
             Path(args.save_dir).mkdir(parents=True, exist_ok=True)
             torch.save(h, Path(args.save_dir) / stored)
-        training = (f"{'-'.join(map(str, config.hidden))}, {config.epochs} ep, tau {config.temperature:g}, ramp "
-                    f"{config.margin_warmup:g}, lr {config.lr:g}, wd {config.weight_decay:g}"
+        shape = (f"{config.prototypes} per class" if config.head == "prototype"
+                 else "-".join(map(str, config.hidden)))
+        training = (f"{shape}, {config.epochs} ep, batch {config.batch_size}, tau {config.temperature:g}, ramp "
+                    f"{config.margin_warmup:g}, lr {config.learning_rate:g}, wd {config.weight_decay:g}"
                     + (f", noise {config.noise_sigma:g}" if config.noise_sigma else ""))
         rows.append(f"| {config.head} | {config.margin:g} | {training} | {1 + args.augment} | "
                     f"{correct.float().mean():.3f} | "

@@ -4,6 +4,8 @@ Rows, every radius an l2 radius in pixel space:
 
 * REaaS-BC: the 1-Lipschitz margin head on the shipped PCA-64 features (L = 1, so the feature radius is the image
   radius); 1 + --bc-augment queries per training input, 2 per test input (Feature + F2IPerturb). All test digits.
+* REaaS-BC, prototype head (`reaas-bc-prototype`): a nearest-prototype head (reaas_client.heads, --proto-* flags)
+  on the same features, its radius exact (bounds.max_affine); 1 query per training input, 2 per test input.
 * REaaS-SC: the paper's MLP (optionally consistency-trained, --sc-heads) on noisy PCA-64 features, Cohen CERTIFY in
   feature space (no query); head and sigma_F chosen on held-out training features
   (reaas_client.smoothing_selection). --smooth-test class-balanced test digits.
@@ -49,7 +51,7 @@ from reaas_client.smoothing_selection import select_smoothing, smoothing_candida
 from robust_pretrain import load_demo_encoder, load_embedded_mnist  # noqa: E402
 
 RADII = (0.5, 1.0, 1.5, 2.0, 2.5)
-ROW_KINDS = ("reaas-bc", "reaas-sc", "pixel", "cohen")
+ROW_KINDS = ("reaas-bc", "reaas-bc-prototype", "reaas-sc", "pixel", "cohen")
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         help="REaaS-BC head kind (reaas_client.heads: AOL or orthogonal 1-Lipschitz body)")
     add("--bc-hidden", default="512,512", help="REaaS-BC 1-Lipschitz body widths")
     add("--bc-temperature", type=float, default=TrainConfig.temperature, help="REaaS-BC loss temperature")
+    # the prototype row's defaults: the best ACR of benchmarks/results/heads.md's prototype rows
+    add("--proto-margin", type=float, default=4.0, help="prototype head's margin eps (feature units)")
+    add("--proto-epochs", type=int, default=100, help="prototype head's training epochs")
+    add("--prototypes", type=int, default=TrainConfig.prototypes, help="prototype head's prototypes per class")
     add("--sc-fractions", type=floats, default=(0.05, 0.1, 0.15, 0.2, 0.3, 0.4),
         help="REaaS-SC sigma grid, fractions of the feature spread, selected on 200 held-out training features")
     add("--sc-heads", default="mlp,mlp+cr",
@@ -249,6 +255,18 @@ def main(argv: list[str] | None = None) -> int:
                               note=f"{args.bc_head} {'-'.join(map(str, bc_hidden))}, eps {args.bc_margin:g}, "
                                    f"{args.bc_epochs} epochs{augmented}",
                               end_to_end=(nn.Sequential(load_demo_encoder("pca").model.eval(), bc), test),
+                              tightness=tightness, **pgd))
+
+    if "reaas-bc-prototype" in args.rows:
+        started = time.perf_counter()
+        config = TrainConfig(head="prototype", margin=args.proto_margin, epochs=args.proto_epochs,
+                             prototypes=args.prototypes, seed=args.seed)
+        prototype = train_classifier(features, labels, 10, config)
+        log(deterministic_row("REaaS-BC, prototype head", prototype, test_features, test_labels,
+                              queries="1 train + 2 test", train_s=time.perf_counter() - started,
+                              note=f"{args.prototypes} prototypes per class, eps {args.proto_margin:g}, "
+                                   f"{args.proto_epochs} epochs, exact certificate",
+                              end_to_end=(nn.Sequential(load_demo_encoder("pca").model.eval(), prototype), test),
                               tightness=tightness, **pgd))
 
     if "reaas-sc" in args.rows:

@@ -62,4 +62,4 @@ def test_unknown_rows_are_refused_before_any_work(capsys) -> None:
     with pytest.raises(SystemExit) as ended:
         main(["--rows", "reaas-bc,cohen-lenet"])
     assert ended.value.code == 2
-    assert "unknown --rows cohen-lenet; choose from reaas-bc, reaas-sc, pixel, cohen" in capsys.readouterr().err
+    assert "unknown --rows cohen-lenet; choose from reaas-bc, reaas-bc-prototype, reaas-sc, pixel, cohen" in capsys.readouterr().err
