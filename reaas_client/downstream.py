@@ -2,8 +2,8 @@
 
 h is the paper's fully connected Linear/ReLU network or one of the margin heads of reaas_client.heads (a linear
 h, a 1-Lipschitz MaxMin body with a last Linear, a nearest-prototype head); all are plain Sequentials that
-`bounds.certify_feature_radius` certifies as they are. For SC, h is trained with Gaussian noise added *in feature space*, the
-distribution Cohen's CERTIFY will query it on.
+`bounds.certify_feature_radius` certifies as they are. For SC, h is trained with Gaussian noise added *in feature
+space*, the distribution Cohen's CERTIFY will query it on.
 """
 
 from __future__ import annotations
@@ -339,7 +339,7 @@ def train_classifier(features: torch.Tensor, labels: torch.Tensor, num_classes: 
                 loss = nn.functional.cross_entropy(logits, targets)
             elif config.head == "prototype":  # distances in scaled units: margin and temperature scale alike
                 temperature = config.temperature / scale
-                logits = model(inputs)
+                logits = model(inputs) if views > 1 else None  # only the consistency term reads them
                 distance = model.certified_distance(inputs, targets, PROTOTYPE_SOFTNESS * temperature)
                 loss = prototype_margin_loss(distance, margin=margin / scale, temperature=temperature)
             else:  # the AOL or orthogonal body is 1-Lipschitz by construction, so L_body = 1 while training
