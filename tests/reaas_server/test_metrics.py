@@ -145,10 +145,11 @@ def test_streams_are_counted_per_message(auth, running, channel, make_images):
 
 
 def test_a_stream_its_client_cancels_ends_cancelled(demo_encoder, secret, tmp_path, make_images, monkeypatch):
-    """Cancelled while its message is computed, a stream counts CANCELLED, as its client saw it. (Cancelled while the
-    servicer waits for its next message, grpc.aio may hand the servicer EOF first: see the metrics docstring; that
-    case cannot be told from a half-close, so it is not what this test pins.) A message larger than one forward
-    chunk is computed before the next is read, so no read is outstanding when the cancel arrives."""
+    """Cancelled while its message is computed, a stream counts CANCELLED, as its client saw it, and its answer is
+    not billed. (Cancelled while the servicer waits for its next message, grpc.aio may hand the servicer EOF first:
+    see the metrics docstring; that case cannot be told from a half-close, so it is not what this test pins.) A
+    message larger than one forward chunk is computed before the next is read, so no read is outstanding when the
+    cancel arrives."""
     computing, release = threading.Event(), threading.Event()
     features = demo_encoder.features
 
@@ -179,6 +180,14 @@ def test_a_stream_its_client_cancels_ends_cancelled(demo_encoder, secret, tmp_pa
     assert sample(samples, "reaas_rpc_calls_total", rpc="StreamFeatures", code="CANCELLED") == 1, {
         k: v for k, v in samples.items() if k[0] == "reaas_rpc_calls_total" and v and ("rpc", "StreamFeatures") in k[1]}
     assert sample(samples, "reaas_rpc_in_flight", rpc="StreamFeatures") == 0
+    # and nothing is billed: the held pass, released after the cancel, finds the call no longer wanted before its
+    # first chunk (stop() has joined the compute threads, so the ledger is final)
+    assert sample(samples, "reaas_rpc_queries_total", rpc="StreamFeatures") == 0
+    ledger = UsageLedger(tmp_path / "ledger.sqlite3")
+    try:
+        assert [t for t in ledger.totals("metrics") if t.rpc == "StreamFeatures"] == []
+    finally:
+        ledger.close()
 
 
 def test_admission_refusals_are_seen(auth, running, channel, make_images):
