@@ -10,9 +10,10 @@ CANCELLED, or DEADLINE_EXCEEDED once the deadline passed, and that is recorded. 
 that cancels a request stream while the behaviour waits for its next message may reach the behaviour as the end of
 the stream (grpc.aio's read gives EOF for both, and exposes neither the client's half-close nor the cancellation)
 before the task is cancelled; the behaviour then ends normally and the call counts OK (1 in 10 runs beside two CPU
-hogs of a test that cancelled there; tests/reaas_server/test_metrics.py now pins the case that is decidable). Calls to methods the server does not serve are answered
-UNIMPLEMENTED by gRPC before any interceptor can wrap them, and are not counted (their names are the caller's
-to choose: a label per name would let any client grow the registry).
+hogs of a test that cancelled there; tests/reaas_server/test_metrics.py now pins the case that is decidable).
+Calls to methods the server does not serve are answered UNIMPLEMENTED by gRPC before any interceptor can wrap
+them, and are not counted (their names are the caller's to choose: a label per name would let any client grow the
+registry).
 
 Each server owns a ``CollectorRegistry`` (not prometheus_client's global one), so servers in one process —
 tests — keep separate counts; ``serve_http`` exposes it on ``--metrics-port``.

@@ -149,7 +149,8 @@ def test_a_cancelled_caller_on_the_loop_is_dropped_from_the_pass(held, loop):
         gone.result(30)
     gone_job = next(job for job in batcher._queue if job.size == 2)  # noqa: SLF001
     deadline = time.monotonic() + 30
-    while not gone_job.abandoned and time.monotonic() < deadline:  # the loop has run the task's cancellation
+    while not gone_job.abandoned:  # until the loop has run the task's cancellation
+        assert time.monotonic() < deadline, "the cancelled caller's job was never marked abandoned"
         threading.Event().wait(0.001)
     held.release.set()
     assert first.result(30) == 1 and kept.result(30) == 3
