@@ -31,16 +31,26 @@ import torch
 from scipy.optimize import nnls
 
 
-def _dual_distance(pair_weights: np.ndarray, gaps: np.ndarray) -> float:
-    """A sound lower bound of dist(z, C_b), exact up to NNLS's convergence: `pair_weights` [na, d] rows
-    w_a - w_b, `gaps` [na] the g_a (module docstring); inf when C_b is empty (no z' lets b catch every a), 0 when
-    the multipliers prove nothing."""
-    system = np.vstack([-pair_weights.T, gaps[None, :]])  # least distance min ||u|| s.t. -(w_a - w_b) u >= g_a
+def least_distance(pair_weights: np.ndarray, gaps: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Lawson and Hanson's least-distance program min ||u|| s.t. -(w_a - w_b) · u >= g_a, by NNLS:
+    (multipliers [na] >= 0, the minimiser u [d] or None where the constraints are inconsistent, C_b empty).
+    `pair_weights` [na, d] rows w_a - w_b, `gaps` [na] the g_a (module docstring). Raises RuntimeError where NNLS
+    does not converge. Its output is a candidate only: `dual_distance` turns the multipliers into a bound."""
+    system = np.vstack([-pair_weights.T, gaps[None, :]])
     target = np.zeros(system.shape[0])
     target[-1] = 1.0
+    multipliers, _ = nnls(system, target, maxiter=50 * system.shape[1])
+    residual = system @ multipliers - target
+    return multipliers, (None if residual[-1] == 0 else -residual[:-1] / residual[-1])
+
+
+def dual_distance(pair_weights: np.ndarray, gaps: np.ndarray) -> float:
+    """A sound lower bound of dist(z, C_b), exact up to NNLS's convergence: weak duality at the least-distance
+    program's multipliers (`least_distance`'s arguments); inf when C_b is empty (no z' lets b catch every a), 0
+    when the multipliers prove nothing or NNLS did not converge (the single-pair bounds then stand alone)."""
     try:
-        multipliers, _ = nnls(system, target, maxiter=50 * system.shape[1])
-    except RuntimeError:  # NNLS did not converge: the single-pair bounds stand alone
+        multipliers, _ = least_distance(pair_weights, gaps)
+    except RuntimeError:
         return 0.0
     # float64 sums of na terms err by < na * 2^-53 of the sum of |terms|: 1e-12 of it covers any na < 4e3
     numerator = float(gaps @ multipliers) - 1e-12 * float(np.abs(gaps) @ multipliers)
@@ -75,6 +85,6 @@ def max_affine_radius(weight: torch.Tensor, bias: torch.Tensor, pieces: int, fea
             if single[index] >= best:
                 break
             b = other[index]
-            best = min(best, max(single[index], _dual_distance(w[own] - w[b], gaps[index])))
+            best = min(best, max(single[index], dual_distance(w[own] - w[b], gaps[index])))
         radius[row] = best
     return torch.from_numpy(radius)

@@ -9,11 +9,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy.optimize import nnls
 from torch import nn
 
 from bounds import SAFETY_MARGIN, ClassMax, certify_feature_radius, pgd_margin_attack
 from bounds.feature_certification import rounding_allowance
+from bounds.max_affine import least_distance
 
 
 def random_max_affine(dim: int, classes: int, pieces: int, seed: int) -> nn.Sequential:
@@ -78,23 +78,19 @@ def test_the_certificate_is_exact_in_two_dimensions(seed: int) -> None:
 
 def nearest_leaving_point(h: nn.Sequential, centre: torch.Tensor, label: int, allowance: float) -> torch.Tensor:
     """The nearest z' where some other class's piece b comes within `allowance` of all of the label's pieces:
-    for each b the least-distance point of those half-spaces (Lawson and Hanson's LDP via NNLS, 1e-9 inside
-    them). A witness only: the caller checks it on h."""
+    for each b the least-distance point of those half-spaces, 1e-9 inside them. A witness only: the caller checks
+    it on h, so nothing of bounds.max_affine is trusted here."""
     weight, bias = h[0].weight.detach().double().numpy(), h[0].bias.detach().double().numpy()
     owner = np.arange(weight.shape[0]) // h[1].pieces
     own = np.flatnonzero(owner == label)
     best = None
     for b in np.flatnonzero(owner != label):
-        normals = weight[own] - weight[b]  # need normals @ (centre + u) + bias gap <= allowance - 1e-9
-        needed = normals @ centre.numpy() + bias[own] - bias[b] - allowance + 1e-9
-        system = np.vstack([-normals.T, needed[None, :]])
-        target = np.zeros(system.shape[0])
-        target[-1] = 1.0
-        multipliers, _ = nnls(system, target)
-        residual = system @ multipliers - target
-        if abs(residual[-1]) < 1e-12:
+        normals = weight[own] - weight[b]
+        gaps = normals @ centre.numpy() + bias[own] - bias[b] - allowance + 1e-9
+        _, offset = least_distance(normals, gaps)
+        if offset is None:
             continue  # b never catches every one of the label's pieces
-        point = centre + torch.from_numpy(-residual[:-1] / residual[-1])
+        point = centre + torch.from_numpy(offset)
         if leaves_certified_region(h, point[None], label, allowance).all() and (
                 best is None or (point - centre).norm() < (best - centre).norm()):
             best = point
